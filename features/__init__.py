@@ -1,0 +1,1 @@
+"""Feature definitions and their two engines: online (Redis) and offline (pandas)."""

@@ -1,0 +1,1 @@
+"""The model side: River model factory, learner, registry, drift and retrain."""

@@ -1,0 +1,246 @@
+"""Every Prometheus metric of every Weir process, built in one place.
+
+Each process builds its metrics from an injected :class:`CollectorRegistry`
+(a fresh one per test), so names are defined once and the dashboards and alert
+rules in ``dashboards/`` and ``deploy/prometheus/`` can be checked against them.
+Names carry their units (``_seconds``, ``_messages``, ``_total``); every series
+has a ``pipeline`` label so one Prometheus can watch many pipelines.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+
+import weir
+
+# Latency buckets: event-to-prediction spans ~1 ms (a quiet worker) to seconds
+# (a backlog after a restart); doubling steps keep p50/p95/p99 resolvable there.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)
+# Redis round trips are sub-millisecond on loopback, tens of ms under load.
+REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+# Batches are 1..scoring.batch_size events (default 500).
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Label delays range from seconds (tests) to the label horizon (hours).
+DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+
+
+def _build_info(registry: CollectorRegistry, role: str) -> Info:
+    info = Info("weir_build", "Weir version and process role.", registry=registry)
+    info.info({"version": weir.__version__, "role": role})
+    return info
+
+
+@dataclass
+class WorkerMetrics:
+    """Metrics of a scoring worker (``weir worker SPEC``)."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        _build_info(r, "worker")
+        self.events = Counter(
+            "weir_events_total", "Events read from the events topic.", ["pipeline"], registry=r
+        )
+        self.predictions = Counter(
+            "weir_predictions_total",
+            "Predictions published.",
+            ["pipeline", "model", "model_version"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "weir_dead_letters_total",
+            "Messages sent to the dead-letter topic, by reason.",
+            ["pipeline", "reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "weir_duplicate_events_total",
+            "Redelivered events (same event_id) served from stored features.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.late_events = Counter(
+            "weir_late_events_total",
+            "Events later than the spec's lateness, by what was done with them.",
+            ["pipeline", "policy"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "weir_batch_size_events",
+            "Events per processed batch.",
+            ["pipeline"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "weir_batch_processing_seconds",
+            "Wall time to process one batch (validate, features, score, produce).",
+            ["pipeline"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "weir_event_to_prediction_seconds",
+            "From the event's Kafka timestamp to its prediction being sent.",
+            ["pipeline"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "weir_consumer_lag_messages",
+            "Messages behind the partition's high watermark.",
+            ["pipeline", "topic", "partition"],
+            registry=r,
+        )
+        self.redis_seconds = Histogram(
+            "weir_redis_roundtrip_seconds",
+            "Redis round trips, by operation.",
+            ["pipeline", "op"],
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "weir_model_version_info",
+            "1 for the model version this process scores with.",
+            ["pipeline", "model", "model_version"],
+            registry=r,
+        )
+        self.snapshot_age = Gauge(
+            "weir_snapshot_age_seconds",
+            "Age of the model snapshot this process scores with (0 with a live model).",
+            ["pipeline", "model"],
+            registry=r,
+        )
+        self.feature_freshness = Gauge(
+            "weir_feature_last_event_timestamp_seconds",
+            "Event time of the newest event whose features were computed.",
+            ["pipeline"],
+            registry=r,
+        )
+
+
+@dataclass
+class LearnerMetrics:
+    """Metrics of the learner (label join, online learning, online evaluation)."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        _build_info(r, "learner")
+        self.labels = Counter(
+            "weir_labels_total", "Labels read from the labels topic.", ["pipeline"], registry=r
+        )
+        self.joins = Counter(
+            "weir_label_joins_total",
+            "Label join outcomes: hit, early (held), duplicate, unknown, expired, invalid.",
+            ["pipeline", "outcome"],
+            registry=r,
+        )
+        self.expiries = Counter(
+            "weir_label_expiries_total",
+            "Served events whose label never came within the horizon.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.label_delay = Histogram(
+            "weir_label_delay_seconds",
+            "From an event's time to its label's time.",
+            ["pipeline"],
+            buckets=DELAY_BUCKETS,
+            registry=r,
+        )
+        self.learned = Counter(
+            "weir_labels_learned_total",
+            "Labels the model learned from.",
+            ["pipeline", "model"],
+            registry=r,
+        )
+        self.online_metric = Gauge(
+            "weir_online_metric",
+            "Prequential metric of a model version; window is 'all' or 'rolling'.",
+            ["pipeline", "model", "model_version", "metric", "window"],
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "weir_snapshots_published_total",
+            "Model snapshots published for the scorers.",
+            ["pipeline", "model"],
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "weir_model_version_info",
+            "1 for the model version this process learns.",
+            ["pipeline", "model", "model_version"],
+            registry=r,
+        )
+
+
+@dataclass
+class MonitorMetrics:
+    """Metrics of drift monitoring and the retrain loop."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        _build_info(r, "retrainer")
+        self.drift_statistic = Gauge(
+            "weir_drift_statistic",
+            "Latest drift statistic (kind: feature, prediction, performance).",
+            ["pipeline", "kind", "name", "statistic"],
+            registry=r,
+        )
+        self.drift_detected = Gauge(
+            "weir_drift_detected",
+            "1 while the latest check of this statistic is past its threshold.",
+            ["pipeline", "kind", "name"],
+            registry=r,
+        )
+        self.drift_events = Counter(
+            "weir_drift_events_total",
+            "Drift detections.",
+            ["pipeline", "kind"],
+            registry=r,
+        )
+        self.retrains = Counter(
+            "weir_retrains_total",
+            "Retrain decisions by trigger and outcome (skipped, trained, failed, promoted, rejected).",
+            ["pipeline", "trigger", "outcome"],
+            registry=r,
+        )
+        self.promotions = Counter(
+            "weir_promotions_total", "Challengers promoted to champion.", ["pipeline"], registry=r
+        )
+        self.rollbacks = Counter(
+            "weir_rollbacks_total", "Champions rolled back to their predecessor.", ["pipeline"],
+            registry=r,
+        )
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP for one registry; ``stop()`` shuts it down cleanly."""
+
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+        self._server: Any
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port: int = self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

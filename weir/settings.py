@@ -1,0 +1,225 @@
+"""Process settings: the one place ``WEIR_*`` environment variables are read.
+
+Every field below is documented with its environment variable and default; the
+README's configuration table is generated from the same docstrings
+(``weir config --markdown``). Secrets are :class:`~pydantic.SecretStr` and are
+never logged or printed (``weir config`` shows them as ``**********``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from weir.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Settings of one Weir process, read from ``WEIR_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIR_", extra="forbid", frozen=True)
+
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        description="`WEIR_KAFKA_BOOTSTRAP`: Kafka bootstrap servers, comma separated.",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="`WEIR_KAFKA_SECURITY_PROTOCOL`: how to talk to the brokers."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="`WEIR_KAFKA_SASL_MECHANISM`: SASL mechanism when the protocol is SASL_*."
+    )
+    kafka_sasl_username: str | None = Field(
+        None, description="`WEIR_KAFKA_SASL_USERNAME`: SASL user name."
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="`WEIR_KAFKA_SASL_PASSWORD`: SASL password (secret)."
+    )
+    kafka_ssl_cafile: str | None = Field(
+        None, description="`WEIR_KAFKA_SSL_CAFILE`: CA bundle for TLS to the brokers."
+    )
+    kafka_ssl_certfile: str | None = Field(
+        None, description="`WEIR_KAFKA_SSL_CERTFILE`: client certificate for mutual TLS."
+    )
+    kafka_ssl_keyfile: str | None = Field(
+        None, description="`WEIR_KAFKA_SSL_KEYFILE`: client key for mutual TLS."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="`WEIR_REDIS_URL`: Redis URL; `rediss://` for TLS.",
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="`WEIR_REDIS_PASSWORD`: Redis password (secret), if not in the URL."
+    )
+    redis_ssl_ca_certs: str | None = Field(
+        None, description="`WEIR_REDIS_SSL_CA_CERTS`: CA bundle for `rediss://` URLs."
+    )
+    metrics_port: int = Field(
+        9300,
+        ge=0,
+        le=65535,
+        description="`WEIR_METRICS_PORT`: port of this process's `/metrics` (0 = pick a free one).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="`WEIR_METRICS_HOST`: address `/metrics` listens on."
+    )
+    model_key: SecretStr | None = Field(
+        None,
+        description="`WEIR_MODEL_KEY`: HMAC key for model snapshots (secret); "
+        "when set, snapshots without a valid HMAC are refused.",
+    )
+    data_dir: str = Field(
+        ".weir", description="`WEIR_DATA_DIR`: where Weir keeps local state, logs and reports."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="`WEIR_LOG_LEVEL`: log level."
+    )
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, v: str) -> str:
+        for part in v.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"each bootstrap server must be host:port, got {part!r}; "
+                    "e.g. WEIR_KAFKA_BOOTSTRAP=127.0.0.1:9092"
+                )
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix://, got {v!r}; "
+                "e.g. WEIR_REDIS_URL=redis://127.0.0.1:6379/0"
+            )
+        return v
+
+    # -- client configurations -------------------------------------------------
+
+    def confluent_config(self) -> dict[str, Any]:
+        """librdkafka configuration for confluent-kafka clients (secrets included)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol.lower(),
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            conf["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_cafile:
+            conf["ssl.ca.location"] = self.kafka_ssl_cafile
+        if self.kafka_ssl_certfile:
+            conf["ssl.certificate.location"] = self.kafka_ssl_certfile
+        if self.kafka_ssl_keyfile:
+            conf["ssl.key.location"] = self.kafka_ssl_keyfile
+        return conf
+
+    def faust_broker(self) -> str:
+        """The broker URL list in faust's ``kafka://host:port;host:port`` form."""
+        return ";".join(f"kafka://{s.strip()}" for s in self.kafka_bootstrap.split(","))
+
+    def faust_broker_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`faust.App` carrying the security settings."""
+        import ssl
+
+        import faust
+
+        proto = self.kafka_security_protocol
+        if proto == "PLAINTEXT":
+            return {}
+        ctx = None
+        if proto in ("SSL", "SASL_SSL"):
+            ctx = ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+            if self.kafka_ssl_certfile:
+                ctx.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        if proto == "SSL":
+            return {"broker_credentials": faust.SSLCredentials(ctx)}
+        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        creds = faust.SASLCredentials(
+            username=self.kafka_sasl_username or "",
+            password=password,
+            ssl_context=ctx,
+            mechanism=self.kafka_sasl_mechanism or "PLAIN",
+        )
+        return {"broker_credentials": creds}
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis.from_url`` (secrets included)."""
+        kw: dict[str, Any] = {}
+        if self.redis_password:
+            kw["password"] = self.redis_password.get_secret_value()
+        if self.redis_ssl_ca_certs:
+            kw["ssl_ca_certs"] = self.redis_ssl_ca_certs
+        return kw
+
+    def redis(self) -> Any:
+        """A synchronous Redis client."""
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, **self.redis_kwargs())
+
+    def redis_async(self) -> Any:
+        """An asyncio Redis client."""
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis.from_url(self.redis_url, **self.redis_kwargs())
+
+    def safe_dump(self) -> dict[str, Any]:
+        """Settings for display: secrets masked."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            out[name] = "**********" if isinstance(v, SecretStr) else v
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, turning pydantic's errors into a :class:`ConfigError`."""
+    import difflib
+    import os
+
+    known = {f"WEIR_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith("WEIR_") and k not in known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        raise ConfigError(
+            "unknown Weir setting(s): " + ", ".join(hints)
+            + "; unset them or see `weir config` for the known ones"
+        )
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            env = f"WEIR_{field.upper()}"
+            lines.append(f"{env}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid Weir settings:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
+
+
+def settings_markdown() -> str:
+    """The configuration reference as a markdown table (kept in the README)."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for info in Settings.model_fields.values():
+        desc = info.description or ""
+        env, _, text = desc.partition(": ")
+        default = info.default
+        rows.append(f"| {env} | `{default!r}` | {text} |")
+    return "\n".join(rows)

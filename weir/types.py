@@ -1,0 +1,96 @@
+"""The domain types, named once and used everywhere.
+
+These are the in-process shapes; the wire contracts (JSON on Kafka) are in
+:mod:`streams.contracts` and documented in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+#: A raw field value after validation.
+Value: TypeAlias = float | str | bool | None
+#: A feature value as served: numbers, categorical strings, or None when undefined.
+FeatureValue: TypeAlias = float | str | None
+#: The feature vector served to the model, by feature name.
+FeatureVector: TypeAlias = dict[str, FeatureValue]
+#: A label: class (bool/int/str) or target (float).
+LabelValue: TypeAlias = bool | int | float | str
+
+
+@dataclass(slots=True)
+class Event:
+    """A validated event: what upstream producers publish to the events topic."""
+
+    event_id: str
+    entity_id: str
+    ts: float
+    data: dict[str, Value]
+
+
+@dataclass(slots=True)
+class Label:
+    """A validated delayed label for an earlier event."""
+
+    event_id: str
+    label: LabelValue
+    ts: float
+
+
+@dataclass(slots=True)
+class Prediction:
+    """What Weir publishes for every scored event."""
+
+    event_id: str
+    entity_id: str
+    ts: float
+    model: str
+    model_version: str
+    prediction: LabelValue | None
+    proba: dict[str, float] | None
+    features: FeatureVector
+    scored_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "entity_id": self.entity_id,
+            "ts": self.ts,
+            "model": self.model,
+            "model_version": self.model_version,
+            "prediction": self.prediction,
+            "proba": self.proba,
+            "features": self.features,
+            "scored_at": self.scored_at,
+        }
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message that broke its contract, kept whole with why and where it came from."""
+
+    reason: str
+    detail: str
+    topic: str
+    partition: int | None
+    offset: int | None
+    value: bytes | None
+    key: bytes | None = None
+    at: float = 0.0
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """A stored model version's metadata (the blob is stored beside it)."""
+
+    id: str
+    model: str
+    parent: str | None
+    created: float
+    trigger: str
+    reason: str
+    blob_sha256: str
+    river_version: str
+    spec_hash: str
+    meta: dict[str, Any] = field(default_factory=dict)
