@@ -1,0 +1,1 @@
+"""``weir`` subcommands. Each module here defines ``register(subparsers)``; the CLI finds them all."""
