@@ -28,7 +28,7 @@ class StackError(WeirError):
     """A server (Kafka, Redis, Prometheus) is unreachable or misbehaving."""
 
 
-class InvalidMessage(WeirError):  # noqa: N818 - reads better at call sites
+class InvalidMessage(WeirError):
     """A message on a topic breaks its contract; it goes to the dead-letter topic.
 
     ``reason`` is a short machine-readable code (used as a metric label),

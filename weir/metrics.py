@@ -21,7 +21,20 @@ import weir
 # Latency buckets: event-to-prediction spans ~1 ms (a quiet worker) to seconds
 # (a backlog after a restart); doubling steps keep p50/p95/p99 resolvable there.
 LATENCY_BUCKETS = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
 )
 # Redis round trips are sub-millisecond on loopback, tens of ms under load.
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
@@ -221,7 +234,9 @@ class MonitorMetrics:
             "weir_promotions_total", "Challengers promoted to champion.", ["pipeline"], registry=r
         )
         self.rollbacks = Counter(
-            "weir_rollbacks_total", "Champions rolled back to their predecessor.", ["pipeline"],
+            "weir_rollbacks_total",
+            "Champions rolled back to their predecessor.",
+            ["pipeline"],
             registry=r,
         )
 

@@ -194,7 +194,8 @@ def load_settings(**overrides: Any) -> Settings:
             close = difflib.get_close_matches(k, known, n=1)
             hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
         raise ConfigError(
-            "unknown Weir setting(s): " + ", ".join(hints)
+            "unknown Weir setting(s): "
+            + ", ".join(hints)
             + "; unset them or see `weir config` for the known ones"
         )
     try:

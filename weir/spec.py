@@ -31,9 +31,7 @@ from weir.errors import SpecError
 
 Task = Literal["binary", "multiclass", "regression"]
 FieldType = Literal["numeric", "categorical", "boolean"]
-Agg = Literal[
-    "raw", "count", "sum", "mean", "min", "max", "std", "last", "distinct", "since_prev"
-]
+Agg = Literal["raw", "count", "sum", "mean", "min", "max", "std", "last", "distinct", "since_prev"]
 #: Aggregates that need a numeric (or boolean, read as 0/1) field.
 NUMERIC_AGGS: frozenset[str] = frozenset({"sum", "mean", "min", "max", "std"})
 #: Aggregates that need no field at all.
@@ -237,9 +235,7 @@ class PipelineSpec(_Strict):
     name: str
     task: Task
     entity_field: str = "entity_id"
-    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]] = Field(
-        min_length=1
-    )
+    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]] = Field(min_length=1)
     features: list[FeatureSpec] = Field(min_length=1)
     lateness: Duration = 60.0
     """Events older than the entity's newest event by more than this are late."""
@@ -385,9 +381,7 @@ def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
         model = _model_in(ann)
     if model is None or not hasattr(model, "model_fields"):
         return []
-    return [
-        (info.alias or name) for name, info in model.model_fields.items()
-    ]
+    return [(info.alias or name) for name, info in model.model_fields.items()]
 
 
 def _model_in(ann: Any) -> Any:

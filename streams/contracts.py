@@ -1,0 +1,255 @@
+"""Wire contracts: the JSON messages on Weir's topics, parsed and validated.
+
+Producers and consumers outside Weir rely on these shapes (documented in the
+README). Parsing is pure: a bad message raises :class:`~weir.errors.InvalidMessage`
+whose ``reason`` is a short code (a metric label and the dead letter's ``reason``)
+and whose text names the field, the bad value and the fix.
+
+Event, key = entity id::
+
+    {"event_id": str, "entity_id": str, "ts": epoch seconds | ISO-8601, "data": {field: value}}
+
+Label::
+
+    {"event_id": str, "label": bool | int | float | str, "ts": epoch seconds | ISO-8601}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from weir.errors import InvalidMessage
+from weir.spec import PipelineSpec
+from weir.types import DeadLetter, Event, Label, Prediction, Value
+
+MAX_ID_LEN = 256
+# Epoch seconds above this are almost surely milliseconds (year 5138 otherwise).
+_MS_SUSPECT = 1e11
+
+
+def _loads(raw: bytes | None) -> Any:
+    if raw is None:
+        raise InvalidMessage("empty", "message has no value (a tombstone?); send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses NaN/Infinity; tell that apart from plain garbage.
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        snippet = raw[:60]
+        raise InvalidMessage("not_json", f"value is not JSON ({exc}); got {snippet!r}") from None
+    raise InvalidMessage(
+        "not_finite",
+        "value contains NaN or Infinity, which JSON does not allow; send finite numbers",
+    )
+
+
+def parse_ts(value: Any, field: str, spec: PipelineSpec, now: float | None = None) -> float:
+    """Epoch seconds from a number or an ISO-8601 string, within the spec's bounds."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidMessage(
+            "bad_timestamp",
+            f"{field} must be epoch seconds or an ISO-8601 string, got {value!r}",
+        )
+    if isinstance(value, int | float):
+        ts = float(value)
+        if not math.isfinite(ts):
+            raise InvalidMessage("not_finite", f"{field} must be finite, got {value!r}")
+        if ts > _MS_SUSPECT:
+            raise InvalidMessage(
+                "absurd_timestamp",
+                f"{field}={value!r} looks like epoch milliseconds; send seconds (divide by 1000)",
+            )
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise InvalidMessage(
+                "bad_timestamp",
+                f"{field}={value!r} is not ISO-8601; use e.g. '2026-11-22T10:00:00Z' or epoch seconds",
+            ) from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        ts = dt.timestamp()
+    else:
+        raise InvalidMessage(
+            "bad_timestamp",
+            f"{field} must be epoch seconds or an ISO-8601 string, got {type(value).__name__}",
+        )
+    now = time.time() if now is None else now
+    if ts < spec.scoring.min_ts:
+        raise InvalidMessage(
+            "absurd_timestamp",
+            f"{field}={value!r} is before scoring.min_ts={spec.scoring.min_ts:.0f}; "
+            "check the producer's clock or lower scoring.min_ts",
+        )
+    if ts > now + spec.scoring.max_future:
+        raise InvalidMessage(
+            "absurd_timestamp",
+            f"{field}={value!r} is more than scoring.max_future={spec.scoring.max_future:.0f}s "
+            "ahead of this worker's clock; check the producer's clock",
+        )
+    return ts
+
+
+def _id(obj: dict[str, Any], field: str) -> str:
+    v = obj.get(field)
+    if v is None:
+        raise InvalidMessage("missing_field", f"{field} is missing; every message needs one")
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise InvalidMessage("bad_type", f"{field} must be a string, got {type(v).__name__} {v!r}")
+    s = str(v)
+    if not s or len(s) > MAX_ID_LEN:
+        raise InvalidMessage(
+            "bad_type", f"{field} must be 1..{MAX_ID_LEN} characters, got {len(s)}"
+        )
+    return s
+
+
+def _value(name: str, ftype: str, v: Any) -> Value:
+    where = f"data.{name}"
+    if ftype == "numeric":
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidMessage(
+                "bad_type", f"{where} must be a number, got {type(v).__name__} {v!r}"
+            )
+        f = float(v)
+        if not math.isfinite(f):
+            raise InvalidMessage("not_finite", f"{where} must be finite, got {v!r}")
+        return f
+    if ftype == "boolean":
+        if not isinstance(v, bool):
+            raise InvalidMessage(
+                "bad_type", f"{where} must be true or false, got {type(v).__name__} {v!r}"
+            )
+        return v
+    # categorical
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise InvalidMessage(
+            "bad_type", f"{where} must be a string (category), got {type(v).__name__} {v!r}"
+        )
+    return str(v)
+
+
+def parse_event(raw: bytes | None, spec: PipelineSpec, now: float | None = None) -> Event:
+    """Validate one event message. Extra keys in ``data`` are ignored."""
+    if raw is not None and len(raw) > spec.scoring.max_event_bytes:
+        raise InvalidMessage(
+            "too_large",
+            f"message is {len(raw)} bytes, over scoring.max_event_bytes="
+            f"{spec.scoring.max_event_bytes}; send less or raise the limit",
+        )
+    obj = _loads(raw)
+    if not isinstance(obj, dict):
+        raise InvalidMessage(
+            "not_object", f"an event must be a JSON object, got {type(obj).__name__}"
+        )
+    event_id = _id(obj, "event_id")
+    entity_id = _id(obj, spec.entity_field)
+    if "ts" not in obj:
+        raise InvalidMessage("missing_field", "ts is missing; send epoch seconds or ISO-8601")
+    ts = parse_ts(obj["ts"], "ts", spec, now)
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise InvalidMessage(
+            "missing_field" if data is None else "bad_type",
+            f"data must be an object of field values, got {type(data).__name__}",
+        )
+    values: dict[str, Value] = {}
+    for name, fspec in spec.fields.items():
+        v = data.get(name)
+        if v is None:
+            if fspec.required:
+                raise InvalidMessage(
+                    "missing_field",
+                    f"data.{name} is missing; it is a required {fspec.type} field "
+                    "(mark it `required: false` in the spec if it may be absent)",
+                )
+            values[name] = None
+            continue
+        values[name] = _value(name, fspec.type, v)
+    return Event(event_id=event_id, entity_id=entity_id, ts=ts, data=values)
+
+
+def parse_label(raw: bytes | None, spec: PipelineSpec, now: float | None = None) -> Label:
+    """Validate one label message; the label's type is checked against the task."""
+    obj = _loads(raw)
+    if not isinstance(obj, dict):
+        raise InvalidMessage(
+            "not_object", f"a label must be a JSON object, got {type(obj).__name__}"
+        )
+    event_id = _id(obj, "event_id")
+    if "label" not in obj or obj["label"] is None:
+        raise InvalidMessage("missing_field", "label is missing; send the true value")
+    y = obj["label"]
+    if isinstance(y, float) and not math.isfinite(y):
+        raise InvalidMessage("not_finite", f"label must be finite, got {y!r}")
+    if not isinstance(y, bool | int | float | str):
+        raise InvalidMessage("label_type", f"label must be a scalar, got {type(y).__name__}")
+    if spec.task == "regression" and (isinstance(y, bool) or not isinstance(y, int | float)):
+        raise InvalidMessage("label_type", f"a regression label must be a number, got {y!r}")
+    ts = (
+        parse_ts(obj["ts"], "ts", spec, now)
+        if "ts" in obj
+        else (time.time() if now is None else now)
+    )
+    return Label(event_id=event_id, label=y, ts=ts)
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire form of an event (used by ``weir produce`` and tests)."""
+    return orjson.dumps(
+        {
+            "event_id": event.event_id,
+            "entity_id": event.entity_id,
+            "ts": event.ts,
+            "data": event.data,
+        }
+    )
+
+
+def encode_prediction(pred: Prediction) -> bytes:
+    return orjson.dumps(pred.to_dict())
+
+
+def encode_dead_letter(dl: DeadLetter) -> bytes:
+    """Dead-letter record: the original bytes (base64), the reason, and where it came from."""
+    text: str | None = None
+    if dl.value is not None:
+        try:
+            text = dl.value.decode("utf-8")[:2000]
+        except UnicodeDecodeError:
+            text = None
+    return orjson.dumps(
+        {
+            "reason": dl.reason,
+            "detail": dl.detail,
+            "topic": dl.topic,
+            "partition": dl.partition,
+            "offset": dl.offset,
+            "key_b64": base64.b64encode(dl.key).decode() if dl.key is not None else None,
+            "value_b64": base64.b64encode(dl.value).decode() if dl.value is not None else None,
+            "value_text": text,
+            "at": dl.at or time.time(),
+        }
+    )
+
+
+def decode_dead_letter(raw: bytes) -> dict[str, Any]:
+    """A dead-letter record with ``value`` restored to the original bytes."""
+    rec: dict[str, Any] = orjson.loads(raw)
+    rec["value"] = base64.b64decode(rec["value_b64"]) if rec.get("value_b64") else None
+    rec["key"] = base64.b64decode(rec["key_b64"]) if rec.get("key_b64") else None
+    return rec
