@@ -112,9 +112,7 @@ def _id(obj: dict[str, Any], field: str) -> str:
         raise InvalidMessage("bad_type", f"{field} must be a string, got {type(v).__name__} {v!r}")
     s = str(v)
     if not s or len(s) > MAX_ID_LEN:
-        raise InvalidMessage(
-            "bad_type", f"{field} must be 1..{MAX_ID_LEN} characters, got {len(s)}"
-        )
+        raise InvalidMessage("bad_type", f"{field} must be 1..{MAX_ID_LEN} characters, got {len(s)}")
     return s
 
 
@@ -122,24 +120,18 @@ def _value(name: str, ftype: str, v: Any) -> Value:
     where = f"data.{name}"
     if ftype == "numeric":
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise InvalidMessage(
-                "bad_type", f"{where} must be a number, got {type(v).__name__} {v!r}"
-            )
+            raise InvalidMessage("bad_type", f"{where} must be a number, got {type(v).__name__} {v!r}")
         f = float(v)
         if not math.isfinite(f):
             raise InvalidMessage("not_finite", f"{where} must be finite, got {v!r}")
         return f
     if ftype == "boolean":
         if not isinstance(v, bool):
-            raise InvalidMessage(
-                "bad_type", f"{where} must be true or false, got {type(v).__name__} {v!r}"
-            )
+            raise InvalidMessage("bad_type", f"{where} must be true or false, got {type(v).__name__} {v!r}")
         return v
     # categorical
     if isinstance(v, bool) or not isinstance(v, str | int):
-        raise InvalidMessage(
-            "bad_type", f"{where} must be a string (category), got {type(v).__name__} {v!r}"
-        )
+        raise InvalidMessage("bad_type", f"{where} must be a string (category), got {type(v).__name__} {v!r}")
     return str(v)
 
 
@@ -153,9 +145,7 @@ def parse_event(raw: bytes | None, spec: PipelineSpec, now: float | None = None)
         )
     obj = _loads(raw)
     if not isinstance(obj, dict):
-        raise InvalidMessage(
-            "not_object", f"an event must be a JSON object, got {type(obj).__name__}"
-        )
+        raise InvalidMessage("not_object", f"an event must be a JSON object, got {type(obj).__name__}")
     event_id = _id(obj, "event_id")
     entity_id = _id(obj, spec.entity_field)
     if "ts" not in obj:
@@ -187,9 +177,7 @@ def parse_label(raw: bytes | None, spec: PipelineSpec, now: float | None = None)
     """Validate one label message; the label's type is checked against the task."""
     obj = _loads(raw)
     if not isinstance(obj, dict):
-        raise InvalidMessage(
-            "not_object", f"a label must be a JSON object, got {type(obj).__name__}"
-        )
+        raise InvalidMessage("not_object", f"a label must be a JSON object, got {type(obj).__name__}")
     event_id = _id(obj, "event_id")
     if "label" not in obj or obj["label"] is None:
         raise InvalidMessage("missing_field", "label is missing; send the true value")
@@ -200,11 +188,7 @@ def parse_label(raw: bytes | None, spec: PipelineSpec, now: float | None = None)
         raise InvalidMessage("label_type", f"label must be a scalar, got {type(y).__name__}")
     if spec.task == "regression" and (isinstance(y, bool) or not isinstance(y, int | float)):
         raise InvalidMessage("label_type", f"a regression label must be a number, got {y!r}")
-    ts = (
-        parse_ts(obj["ts"], "ts", spec, now)
-        if "ts" in obj
-        else (time.time() if now is None else now)
-    )
+    ts = parse_ts(obj["ts"], "ts", spec, now) if "ts" in obj else (time.time() if now is None else now)
     return Label(event_id=event_id, label=y, ts=ts)
 
 

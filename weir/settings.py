@@ -32,9 +32,7 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
         None, description="`WEIR_KAFKA_SASL_MECHANISM`: SASL mechanism when the protocol is SASL_*."
     )
-    kafka_sasl_username: str | None = Field(
-        None, description="`WEIR_KAFKA_SASL_USERNAME`: SASL user name."
-    )
+    kafka_sasl_username: str | None = Field(None, description="`WEIR_KAFKA_SASL_USERNAME`: SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(
         None, description="`WEIR_KAFKA_SASL_PASSWORD`: SASL password (secret)."
     )
@@ -63,9 +61,7 @@ class Settings(BaseSettings):
         le=65535,
         description="`WEIR_METRICS_PORT`: port of this process's `/metrics` (0 = pick a free one).",
     )
-    metrics_host: str = Field(
-        "127.0.0.1", description="`WEIR_METRICS_HOST`: address `/metrics` listens on."
-    )
+    metrics_host: str = Field("127.0.0.1", description="`WEIR_METRICS_HOST`: address `/metrics` listens on.")
     model_key: SecretStr | None = Field(
         None,
         description="`WEIR_MODEL_KEY`: HMAC key for model snapshots (secret); "

@@ -125,9 +125,7 @@ class FeatureSpec(_Strict):
                 parts.append(format_duration(self.window))
             object.__setattr__(self, "name", "_".join(parts))
         if not _NAME_RX.match(self.name):
-            raise ValueError(
-                f"feature name must match [a-z][a-z0-9_]*, got {self.name!r}; rename it"
-            )
+            raise ValueError(f"feature name must match [a-z][a-z0-9_]*, got {self.name!r}; rename it")
         return self
 
 
@@ -158,9 +156,7 @@ class ModelSpec(_Strict):
     """The model: River components chained into a pipeline, first to last."""
 
     name: str = ""
-    steps: list[Annotated[ComponentSpec, BeforeValidator(_component_shorthand)]] = Field(
-        min_length=1
-    )
+    steps: list[Annotated[ComponentSpec, BeforeValidator(_component_shorthand)]] = Field(min_length=1)
 
 
 class LabelsSpec(_Strict):
@@ -294,8 +290,7 @@ class PipelineSpec(_Strict):
             for j, name in enumerate(self.drift.features):
                 if name not in names:
                     problems.append(
-                        f"drift.features[{j}]: {name!r} is not a feature; "
-                        f"use one of {sorted(names)}"
+                        f"drift.features[{j}]: {name!r} is not a feature; use one of {sorted(names)}"
                     )
         if self.task == "regression" and self.classes:
             problems.append("classes: a regression task has no classes; remove `classes`")
@@ -406,9 +401,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
         problems = _explain(exc, data)
-        raise SpecError(
-            f"{source} is invalid:\n  " + "\n  ".join(problems), problems=problems
-        ) from None
+        raise SpecError(f"{source} is invalid:\n  " + "\n  ".join(problems), problems=problems) from None
 
 
 def load_spec(path: str | Path) -> PipelineSpec:

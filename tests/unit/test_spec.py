@@ -79,11 +79,11 @@ def test_durations():
 
 def test_settings_reject_unknown_and_bad_values(monkeypatch):
     monkeypatch.setenv("WEIR_REDIS_URLL", "redis://x")
-    with pytest.raises(ConfigError, match="WEIR_REDIS_URLL .did you mean WEIR_REDIS_URL"):
+    with pytest.raises(ConfigError, match=r"WEIR_REDIS_URLL .did you mean WEIR_REDIS_URL"):
         load_settings()
     monkeypatch.delenv("WEIR_REDIS_URLL")
     monkeypatch.setenv("WEIR_KAFKA_BOOTSTRAP", "localhost")
-    with pytest.raises(ConfigError, match="WEIR_KAFKA_BOOTSTRAP: .*host:port"):
+    with pytest.raises(ConfigError, match=r"WEIR_KAFKA_BOOTSTRAP: .*host:port"):
         load_settings()
 
 
