@@ -1,0 +1,247 @@
+"""Build River models from the spec, and the three calls every process makes on them.
+
+``build_model(spec.model)`` imports each step by dotted path, builds nested components
+(a parameter that is a mapping with a ``class`` key), checks the result is a River
+estimator and chains the steps with ``|``. ``predict``, ``learn`` and ``coerce_label``
+are the only places that know how a task's labels look to the model:
+
+* binary: ``bool`` (``True`` is the positive class). ``proba`` is ``{"False": p, "True": q}``.
+* multiclass: ``str``. ``proba`` is ``{class: p}``.
+* regression: ``float``. ``proba`` is ``None``.
+
+Examples:
+    >>> from weir.spec import ModelSpec
+    >>> spec = ModelSpec.model_validate({"steps": [
+    ...     "river.preprocessing.StandardScaler",
+    ...     {"class": "river.linear_model.LogisticRegression",
+    ...      "params": {"optimizer": {"class": "river.optim.SGD", "params": {"lr": 0.1}}}},
+    ... ]})
+    >>> model = build_model(spec)
+    >>> predict(model, {"a": 1.0}, "binary")
+    (False, {'False': 0.5, 'True': 0.5})
+    >>> learn(model, {"a": 1.0}, "1", "binary")
+    >>> predict(model, {"a": 1.0}, "binary")[0]
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from weir.errors import InvalidMessage, ModelError
+from weir.types import FeatureVector, LabelValue
+
+if TYPE_CHECKING:
+    from weir.spec import ComponentSpec, ModelSpec, PipelineSpec, Task
+
+_TRUE = {"1", "true", "yes", "t"}
+_FALSE = {"0", "false", "no", "f"}
+
+
+def _import(path: str, where: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = ""
+        parent, _, leaf = module_name.rpartition(".")
+        if parent:
+            try:
+                pmod = importlib.import_module(parent)
+                close = difflib.get_close_matches(leaf, dir(pmod), n=1)
+                if close:
+                    hint = f" (did you mean '{parent}.{close[0]}.{attr}'?)"
+            except ImportError:
+                pass
+        raise ModelError(
+            f"{where}: cannot import module {module_name!r} of {path!r}: {exc}{hint}; "
+            "give the full dotted path, e.g. 'river.linear_model.LogisticRegression'"
+        ) from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, public, n=3)
+        hint = (
+            f"did you mean {', '.join(repr(f'{module_name}.{c}') for c in close)}?"
+            if close
+            else f"{module_name} has: {', '.join(sorted(public)[:20])}"
+        )
+        raise ModelError(f"{where}: {module_name!r} has no {attr!r} (got {path!r}); {hint}") from None
+
+
+def _is_component(value: Any) -> bool:
+    return isinstance(value, dict) and "class" in value
+
+
+def _build_value(value: Any, where: str) -> Any:
+    if _is_component(value):
+        extra = set(value) - {"class", "params"}
+        if extra:
+            raise ModelError(
+                f"{where}: a component takes only 'class' and 'params', got keys {sorted(extra)}"
+            )
+        return _build(str(value["class"]), dict(value.get("params") or {}), where)
+    if isinstance(value, list):
+        return [_build_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _build_value(v, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def _build(path: str, params: dict[str, Any], where: str) -> Any:
+    target = _import(path, f"{where}.class")
+    kwargs = {k: _build_value(v, f"{where}.params.{k}") for k, v in params.items()}
+    if not callable(target):
+        raise ModelError(f"{where}.class: {path!r} is not a class or factory; name a River class")
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        if not accepts_any:
+            unknown = [k for k in kwargs if k not in sig.parameters]
+            if unknown:
+                known = [n for n in sig.parameters if n != "self"]
+                close = difflib.get_close_matches(unknown[0], known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"{path} takes {known}"
+                raise ModelError(f"{where}.params: unknown parameter(s) {unknown}; {hint}")
+    try:
+        return target(**kwargs)
+    except Exception as exc:  # a River constructor rejecting a value
+        raise ModelError(f"{where}: {path}(**{params!r}) failed: {exc}") from None
+
+
+def build_component(component: ComponentSpec, where: str = "component") -> Any:
+    """Build one component (estimator, optimizer, loss...) with its nested components."""
+    return _build(component.cls, dict(component.params), where)
+
+
+def build_model(model_spec: ModelSpec) -> Any:
+    """Build the River estimator described by ``model_spec`` (steps chained with ``|``).
+
+    Raises:
+        ModelError: naming ``steps[i].class`` (or ``.params``), the bad value and the fix.
+    """
+    from river import base
+
+    model: Any = None
+    for i, step in enumerate(model_spec.steps):
+        where = f"model.steps[{i}]"
+        built = build_component(step, where)
+        if not isinstance(built, base.Estimator):
+            raise ModelError(
+                f"{where}.class: {step.cls!r} builds a {type(built).__name__}, not a River "
+                "estimator; steps must be River transformers or a final predictor"
+            )
+        model = built if model is None else model | built
+    last = model_spec.steps[-1]
+    final = model[-1] if isinstance(model, _pipeline_type()) else model
+    if isinstance(final, base.Transformer) and not isinstance(final, base.Classifier | base.Regressor):
+        raise ModelError(
+            f"model.steps[{len(model_spec.steps) - 1}].class: {last.cls!r} is a transformer; "
+            "the last step must be a classifier or regressor"
+        )
+    return model
+
+
+def _pipeline_type() -> type:
+    from river import compose
+
+    return compose.Pipeline
+
+
+def check_task(model: Any, task: Task) -> None:
+    """Raise ModelError when the model cannot do the spec's task."""
+    from river import base
+
+    final = model[-1] if isinstance(model, _pipeline_type()) else model
+    want = base.Regressor if task == "regression" else base.Classifier
+    if not isinstance(final, want):
+        raise ModelError(
+            f"model: the task is {task!r} but the last step is a {type(final).__name__}; "
+            f"use a {'regressor' if task == 'regression' else 'classifier'}"
+        )
+    if task == "multiclass" and not getattr(final, "_multiclass", True):
+        raise ModelError(
+            f"model: task 'multiclass' but {type(final).__name__} is binary only; wrap it in "
+            "river.multiclass.OneVsRestClassifier or pick a multiclass model"
+        )
+
+
+def model_input(features: FeatureVector) -> dict[str, Any]:
+    """The model's ``x``: the served features without the undefined (None) ones."""
+    return {k: v for k, v in features.items() if v is not None}
+
+
+def predict(model: Any, x: dict[str, Any], task: Task) -> tuple[LabelValue | None, dict[str, float] | None]:
+    """``(prediction, proba)``. A classifier that has seen no class yet gives ``(None, None)``.
+
+    For classification the prediction is River's ``predict_one`` (the most probable
+    class, first one on ties) computed from the same ``predict_proba_one`` call.
+    """
+    if task == "regression":
+        y = model.predict_one(x)
+        return (None if y is None else float(y)), None
+    raw = model.predict_proba_one(x)
+    if not raw:
+        return None, None
+    best = max(raw, key=raw.get)
+    return best, {str(k): float(v) for k, v in raw.items()}
+
+
+def learn(model: Any, x: dict[str, Any], y: LabelValue, task: Task) -> None:
+    """Learn one example; ``y`` is coerced to the task's label type first."""
+    model.learn_one(x, _coerce_for_task(y, task, None))
+
+
+def coerce_label(value: Any, spec: PipelineSpec) -> LabelValue:
+    """The label as the model learns it, or InvalidMessage('label_type' | 'label_class').
+
+    With two ``classes`` declared for a binary task, ``classes[1]`` is ``True``.
+    """
+    return _coerce_for_task(value, spec.task, spec.classes)
+
+
+def _coerce_for_task(value: Any, task: Task, classes: list[str] | None) -> LabelValue:
+    if task == "binary":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            v = value.strip()
+            if classes and len(classes) == 2 and v in classes:
+                return v == classes[1]
+            if v.lower() in _TRUE:
+                return True
+            if v.lower() in _FALSE:
+                return False
+        raise InvalidMessage(
+            "label_type",
+            f"label: a binary label must be true/false, 0/1 or '0'/'1', got {value!r}",
+        )
+    if task == "multiclass":
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise InvalidMessage("label_type", f"label: a multiclass label must be a string, got {value!r}")
+        label = str(value)
+        if classes and label not in classes:
+            raise InvalidMessage(
+                "label_class", f"label: {label!r} is not one of the spec's classes {classes}"
+            )
+        return label
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidMessage("label_type", f"label: a regression target must be a number, got {value!r}")
+    try:
+        y = float(value)
+    except ValueError:
+        raise InvalidMessage(
+            "label_type", f"label: a regression target must be a number, got {value!r}"
+        ) from None
+    if y != y or y in (float("inf"), float("-inf")):
+        raise InvalidMessage("label_type", f"label: a regression target must be finite, got {y}")
+    return y
