@@ -140,7 +140,7 @@ def build_model(model_spec: ModelSpec) -> Any:
             )
         model = built if model is None else model | built
     last = model_spec.steps[-1]
-    final = model[-1] if isinstance(model, _pipeline_type()) else model
+    final = _last_step(model)
     if isinstance(final, base.Transformer) and not isinstance(final, base.Classifier | base.Regressor):
         raise ModelError(
             f"model.steps[{len(model_spec.steps) - 1}].class: {last.cls!r} is a transformer; "
@@ -149,17 +149,17 @@ def build_model(model_spec: ModelSpec) -> Any:
     return model
 
 
-def _pipeline_type() -> type:
+def _last_step(model: Any) -> Any:
     from river import compose
 
-    return compose.Pipeline
+    return list(model.steps.values())[-1] if isinstance(model, compose.Pipeline) else model
 
 
 def check_task(model: Any, task: Task) -> None:
     """Raise ModelError when the model cannot do the spec's task."""
     from river import base
 
-    final = model[-1] if isinstance(model, _pipeline_type()) else model
+    final = _last_step(model)
     want = base.Regressor if task == "regression" else base.Classifier
     if not isinstance(final, want):
         raise ModelError(
