@@ -1,0 +1,828 @@
+#!/usr/bin/env python3
+"""The local stack: a real Kafka broker, Redis and Prometheus as plain processes.
+
+Usage (with the project's virtualenv python)::
+
+    python deploy/local/stack.py up       # start what is not running, wait until healthy
+    python deploy/local/stack.py status   # one line per server; exit 1 if any is down
+    python deploy/local/stack.py logs [kafka|redis|prometheus] [-n 50] [-f]
+    python deploy/local/stack.py down     # stop all three, verify no process is left
+
+No Docker: Kafka 3.9.2 (KRaft, one combined broker+controller) runs from jars fetched by
+Maven into ``~/.cache/weir/kafka-3.9.2/libs`` (shared by every clone), Redis and
+Prometheus are Debian's ``redis-server`` and ``prometheus``. Everything else (config,
+data, pid files, logs) lives in ``<repo>/.weir/stack/``. Every server listens on
+127.0.0.1 only. See docs/stack.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+STATE = REPO / ".weir" / "stack"
+LOGS = STATE / "logs"
+PIDS = STATE / "pids"
+
+KAFKA_VERSION = "3.9.2"  # keep in step with deploy/local/kafka/pom.xml
+KAFKA_PORT = 9092
+KAFKA_CONTROLLER_PORT = 9093
+REDIS_PORT = 6379
+PROMETHEUS_PORT = 9090
+HOST = "127.0.0.1"
+DEFAULT_TARGET_PORTS = range(9300, 9306)
+
+# Kafka on 2 cores needs up to ~60 s to reach RUNNING on a cold JVM; leave headroom.
+KAFKA_READY_TIMEOUT = 90.0
+REDIS_READY_TIMEOUT = 15.0
+PROMETHEUS_READY_TIMEOUT = 30.0
+# Kafka's controlled shutdown on one node takes a few seconds; after this, SIGKILL.
+STOP_TIMEOUT = {"kafka": 30.0, "redis": 10.0, "prometheus": 15.0}
+
+KAFKA_READY_LINE = "Transitioning from RECOVERY to RUNNING"
+
+INSTALL = {
+    "java": "apt-get install -y openjdk-17-jre-headless",
+    "mvn": "apt-get install -y maven",
+    "redis-server": "apt-get install -y redis-server",
+    "prometheus": "apt-get install -y prometheus",
+    "promtool": "apt-get install -y prometheus",
+}
+
+
+class StackFailure(Exception):
+    """Raised for every expected failure; main() prints the message and exits 1."""
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- processes and ports ----------------------------------------------------------------
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ('' if it is gone or not ours to read)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def pids_with(marker: str) -> list[int]:
+    """Pids whose command line contains ``marker`` (our state dir paths are unique)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            pid = int(entry.name)
+            if marker in cmdline(pid) and alive(pid):
+                found.append(pid)
+    return sorted(found)
+
+
+def port_in_use(port: int) -> bool:
+    # SO_REUSEADDR: a socket in TIME_WAIT (left by a server we just stopped) does not
+    # count, only a listener does.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_owner(port: int) -> tuple[int, str] | None:
+    """(pid, command line) of the process listening on ``port``, if this user can see it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    return int(entry.name), cmdline(int(entry.name))
+        except OSError:
+            continue
+    return None
+
+
+def port_taken_message(port: int, what: str) -> str:
+    owner = port_owner(port)
+    if owner is None:
+        who = f"a process this user cannot see (find it with `ss -ltnp 'sport = :{port}'`, as root)"
+        fix = "stop it"
+    else:
+        pid, cmd = owner
+        who = f"pid {pid} ({cmd or '?'})"
+        fix = f"stop it (`kill {pid}`)"
+        if "prometheus" in cmd:
+            who += ", probably the prometheus service Debian's package starts"
+            fix = f"stop it (`systemctl disable --now prometheus`, or `kill {pid}` where there is no systemd)"
+        elif "redis-server" in cmd:
+            fix = (
+                "stop it (`systemctl disable --now redis-server`, or `redis-cli -p "
+                f"{port} shutdown nosave`), or point Weir at it with WEIR_REDIS_URL "
+                "and do not start the local stack"
+            )
+        elif "kafka" in cmd.lower():
+            fix = (
+                f"stop it (`kill {pid}`), or point Weir at it with WEIR_KAFKA_BOOTSTRAP "
+                "and do not start the local stack"
+            )
+    return (
+        f"{what}: port {HOST}:{port} is already taken by {who}, not by this stack "
+        f"(state {STATE}); {fix}, then run `stack.py up` again"
+    )
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(lines[-n:]) or f"(empty log {path})"
+
+
+def rotate(log: Path) -> None:
+    """Keep the previous run's log as ``<log>.prev`` so a start reads only its own lines."""
+    if log.exists():
+        log.replace(log.with_name(log.name + ".prev"))
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def need(*programs: str) -> None:
+    missing = [p for p in programs if find_program(p) is None]
+    if missing:
+        cmds = sorted({INSTALL[p] for p in missing})
+        raise StackFailure(
+            "missing program(s): "
+            + ", ".join(missing)
+            + "; install with `sudo "
+            + " && sudo ".join(cmds)
+            + "` (or run `sudo deploy/local/install-debian.sh`)"
+        )
+
+
+def find_program(name: str) -> str | None:
+    if name == "java" and os.environ.get("JAVA_HOME"):
+        candidate = Path(os.environ["JAVA_HOME"]) / "bin" / "java"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which(name)
+
+
+def spawn(argv: list[str], log: Path) -> int:
+    """Start a long-running server detached from us (own session, output to ``log``)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in the terminal or pytest must not reach it
+            close_fds=True,
+        )
+    return proc.pid
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One server of the stack. Subclasses know how to start it and check its health."""
+
+    name: str
+    address: str
+    ports: tuple[int, ...]
+    log: Path
+    #: A substring of the server's command line that only our instance has.
+    marker: str
+    pidfile: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pidfile = PIDS / f"{self.name}.pid"
+
+    # Subclass hooks
+    def healthy(self, timeout: float = 2.0) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> int:
+        raise NotImplementedError
+
+    def wait_ready(self, pid: int) -> None:
+        raise NotImplementedError
+
+    def prerequisites(self) -> None:
+        """Raise StackFailure naming the install command for what is missing."""
+
+    def on_reuse(self) -> None:
+        """Called when ``up`` finds the server already running and healthy."""
+
+    # Shared logic
+    def pids(self) -> list[int]:
+        pids = set(pids_with(self.marker))
+        pid = read_pid(self.pidfile)
+        if pid is not None and alive(pid) and self.marker in cmdline(pid):
+            pids.add(pid)
+        return sorted(pids)
+
+    def up(self) -> None:
+        pids = self.pids()
+        if pids:
+            if not self.healthy():
+                say(f"{self.name}: running (pid {pids[0]}) but not healthy yet; waiting")
+                self.wait_ready(pids[0])
+            self.pidfile.write_text(f"{pids[0]}\n")
+            self.on_reuse()
+            say(f"{self.name}: already running, reused (pid {pids[0]}, {self.address})")
+            return
+        if self.pidfile.exists():
+            say(f"{self.name}: removing stale pid file {self.pidfile}")
+            self.pidfile.unlink()
+        for port in self.ports:
+            if port_in_use(port):
+                raise StackFailure(port_taken_message(port, self.name))
+        self.prerequisites()
+        t0 = time.monotonic()
+        pid = self.start()
+        self.pidfile.write_text(f"{pid}\n")
+        self.wait_ready(pid)
+        say(f"{self.name}: ready in {time.monotonic() - t0:.1f}s (pid {pid}, {self.address})")
+
+    def fail_start(self, why: str, pid: int | None = None) -> StackFailure:
+        extra = ""
+        if pid is not None and alive(pid):
+            extra = f" (still running as pid {pid}; `stack.py down` stops it)"
+        return StackFailure(
+            f"{self.name} {why}{extra}\n--- last lines of {self.log} ---\n{tail(self.log)}\n"
+            f"--- full log: {self.log}"
+        )
+
+    def wait_healthy(self, pid: int, timeout: float, what: str) -> None:
+        def check() -> bool:
+            if not alive(pid):
+                raise self.fail_start(f"exited while starting (pid {pid})")
+            return self.healthy()
+
+        if not wait_until(check, timeout):
+            raise self.fail_start(f"not {what} after {timeout:.0f}s", pid)
+
+
+class Kafka(Server):
+    def __init__(self) -> None:
+        self.dir = STATE / "kafka"
+        self.props = self.dir / "server.properties"
+        super().__init__(
+            name="kafka",
+            address=f"{HOST}:{KAFKA_PORT} (controller {HOST}:{KAFKA_CONTROLLER_PORT})",
+            ports=(KAFKA_PORT, KAFKA_CONTROLLER_PORT),
+            log=LOGS / "kafka.log",
+            marker=str(self.props),
+        )
+
+    @staticmethod
+    def libs() -> Path:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "weir" / f"kafka-{KAFKA_VERSION}" / "libs"
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            from confluent_kafka.admin import AdminClient
+        except ImportError as exc:  # pragma: no cover - the venv has it
+            raise StackFailure(
+                "confluent-kafka is not importable: run stack.py with the project's "
+                "virtualenv python (`pip install -e '.[dev]'`)"
+            ) from exc
+        # log_level 0: librdkafka would print a connection-refused line per retry.
+        admin = AdminClient({"bootstrap.servers": f"{HOST}:{KAFKA_PORT}", "log_level": 0})
+        try:
+            md = admin.list_topics(timeout=timeout)
+        except Exception:
+            return False
+        return bool(md.brokers)
+
+    def prerequisites(self) -> None:
+        need("java")
+        if not (self.libs() / ".complete").exists():
+            need("mvn")
+
+    def fetch_libs(self) -> Path:
+        libs = self.libs()
+        if (libs / ".complete").exists():
+            return libs
+        tmp = libs.with_name(f"libs.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        say(f"kafka: fetching Kafka {KAFKA_VERSION} jars with Maven into {libs} (once)")
+        t0 = time.monotonic()
+        argv = [
+            find_program("mvn") or "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(HERE / "kafka" / "pom.xml"),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ]
+        res = subprocess.run(argv, capture_output=True, text=True)
+        jar = tmp / f"kafka_2.13-{KAFKA_VERSION}.jar"
+        if res.returncode != 0 or not jar.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StackFailure(
+                f"kafka: Maven could not fetch the broker jars (exit {res.returncode}); "
+                "it needs Maven Central (or a mirror in ~/.m2/settings.xml).\n"
+                f"command: {' '.join(argv)}\n{(res.stdout + res.stderr)[-3000:]}"
+            )
+        (tmp / ".complete").write_text(f"kafka {KAFKA_VERSION}\n")
+        if libs.exists():  # a half-written folder from an older, interrupted layout
+            shutil.rmtree(libs)
+        tmp.rename(libs)
+        say(f"kafka: {len(list(libs.glob('*.jar')))} jars fetched in {time.monotonic() - t0:.1f}s")
+        return libs
+
+    def cluster_id(self) -> str:
+        path = self.dir / "cluster-id"
+        if path.exists():
+            return path.read_text().strip()
+        while True:
+            # Kafka's format: 16 random bytes, url-safe base64 without padding (22 chars).
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            if not cid.startswith("-"):  # would read as a command-line option
+                break
+        path.write_text(cid + "\n")
+        return cid
+
+    def write_config(self) -> None:
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.props.write_text(
+            f"""# Generated by deploy/local/stack.py; edits are overwritten on `up`.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{HOST}:{KAFKA_CONTROLLER_PORT}
+listeners=PLAINTEXT://{HOST}:{KAFKA_PORT},CONTROLLER://{HOST}:{KAFKA_CONTROLLER_PORT}
+advertised.listeners=PLAINTEXT://{HOST}:{KAFKA_PORT}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs={data}
+
+# One node: every replication factor and min ISR at 1.
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+# The default of 50 partitions makes the first consumer-group join slow.
+offsets.topic.num.partitions=1
+transaction.state.log.num.partitions=1
+group.initial.rebalance.delay.ms=0
+
+# Topics are created on purpose (streams.admin.ensure_topics; Faust declares its own),
+# so a misspelt topic name fails instead of silently creating a new topic.
+auto.create.topics.enable=false
+delete.topic.enable=true
+num.partitions=1
+
+# Small machine, local data: few threads, one day of retention.
+num.network.threads=2
+num.io.threads=4
+log.retention.hours=24
+log.segment.bytes=67108864
+"""
+        )
+        (self.dir / "log4j.properties").write_text(
+            f"""# Generated by deploy/local/stack.py: the broker logs to {self.log}.
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.RollingFileAppender
+log4j.appender.file.File={self.log}
+log4j.appender.file.MaxFileSize=50MB
+log4j.appender.file.MaxBackupIndex=2
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+# Per-request and per-partition chatter.
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+log4j.logger.kafka.log.LogCleaner=WARN
+log4j.logger.org.apache.kafka.storage.internals.log=WARN
+"""
+        )
+        (self.dir / "tools-log4j.properties").write_text(
+            "log4j.rootLogger=WARN, stderr\n"
+            "log4j.appender.stderr=org.apache.log4j.ConsoleAppender\n"
+            "log4j.appender.stderr.Target=System.err\n"
+            "log4j.appender.stderr.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
+        )
+
+    def java(self, libs: Path, log4j: str, *args: str, heap: bool = False) -> list[str]:
+        argv = [find_program("java") or "java"]
+        if heap:
+            argv += ["-Xms512m", "-Xmx512m"]
+        argv += [
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.dir / log4j}",
+            f"-Dkafka.logs.dir={LOGS}",
+            "-cp",
+            f"{libs}/*",
+            *args,
+        ]
+        return argv
+
+    def start(self) -> int:
+        libs = self.fetch_libs()
+        self.write_config()
+        if not (self.dir / "data" / "meta.properties").exists():
+            argv = self.java(
+                libs,
+                "tools-log4j.properties",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                self.cluster_id(),
+                "-c",
+                str(self.props),
+                "--ignore-formatted",
+            )
+            res = subprocess.run(argv, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise StackFailure(
+                    f"kafka: formatting the storage in {self.dir / 'data'} failed "
+                    f"(exit {res.returncode}):\n{res.stdout}{res.stderr}\n"
+                    f"if the data dir is from another cluster, `stack.py down` and remove "
+                    f"{self.dir} to start afresh"
+                )
+        rotate(self.log)
+        stdout = LOGS / "kafka.stdout.log"
+        rotate(stdout)
+        # JVM-level output (crash reports, OutOfMemoryError) lands in kafka.stdout.log;
+        # the broker itself logs to kafka.log through log4j.
+        return spawn(self.java(libs, "log4j.properties", "kafka.Kafka", str(self.props), heap=True), stdout)
+
+    def fail_start(self, why: str, pid: int | None = None) -> StackFailure:
+        err = super().fail_start(why, pid)
+        jvm = LOGS / "kafka.stdout.log"
+        if jvm.exists() and jvm.stat().st_size:
+            return StackFailure(f"{err}\n--- JVM output {jvm} ---\n{tail(jvm, 20)}")
+        return err
+
+    def wait_ready(self, pid: int) -> None:
+        def log_says_running() -> bool:
+            if not alive(pid):
+                raise self.fail_start(f"exited while starting (pid {pid})")
+            try:
+                return KAFKA_READY_LINE in self.log.read_text(errors="replace")
+            except OSError:
+                return False
+
+        t0 = time.monotonic()
+        if self.healthy(timeout=1.0):
+            return
+        if not wait_until(log_says_running, KAFKA_READY_TIMEOUT, interval=0.5):
+            raise self.fail_start(f"did not log {KAFKA_READY_LINE!r} within {KAFKA_READY_TIMEOUT:.0f}s", pid)
+        left = max(5.0, KAFKA_READY_TIMEOUT - (time.monotonic() - t0))
+        self.wait_healthy(pid, left, "answering metadata requests")
+
+
+class Redis(Server):
+    def __init__(self) -> None:
+        self.dir = STATE / "redis"
+        self.conf = self.dir / "redis.conf"
+        super().__init__(
+            name="redis",
+            address=f"redis://{HOST}:{REDIS_PORT}/0",
+            ports=(REDIS_PORT,),
+            log=LOGS / "redis.log",
+            marker=str(self.conf),
+        )
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        import redis
+
+        client = redis.Redis(host=HOST, port=REDIS_PORT, socket_timeout=timeout)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def prerequisites(self) -> None:
+        need("redis-server")
+
+    def start(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Redis rewrites its process title; the template keeps the config path in it so
+        # that `down` recognises our instance even without the pid file.
+        self.conf.write_text(
+            f"""# Generated by deploy/local/stack.py; edits are overwritten on `up`.
+bind {HOST}
+port {REDIS_PORT}
+protected-mode yes
+daemonize yes
+pidfile {self.pidfile}
+logfile {self.log}
+dir {self.dir}
+proc-title-template "{{title}} {{listen-addr}} {{server-mode}} {{config-file}}"
+# Features are rebuilt from Kafka; no persistence for the local stack.
+save ""
+appendonly no
+"""
+        )
+        rotate(self.log)
+        self.pidfile.unlink(missing_ok=True)
+        res = subprocess.run(
+            [find_program("redis-server") or "redis-server", str(self.conf)],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            raise self.fail_start(f"failed to start (exit {res.returncode}): {res.stderr}")
+        # daemonize: the server forks and writes its pid file itself.
+        if not wait_until(lambda: read_pid(self.pidfile) is not None, REDIS_READY_TIMEOUT):
+            raise self.fail_start(f"wrote no pid file {self.pidfile}")
+        return read_pid(self.pidfile) or 0
+
+    def wait_ready(self, pid: int) -> None:
+        self.wait_healthy(pid, REDIS_READY_TIMEOUT, "answering PING")
+
+
+class Prometheus(Server):
+    def __init__(self) -> None:
+        self.dir = STATE / "prometheus"
+        self.config = self.dir / "prometheus.yml"
+        self.targets = self.dir / "targets"
+        super().__init__(
+            name="prometheus",
+            address=f"http://{HOST}:{PROMETHEUS_PORT}",
+            ports=(PROMETHEUS_PORT,),
+            log=LOGS / "prometheus.log",
+            marker=str(self.config),
+        )
+
+    def http(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://{HOST}:{PROMETHEUS_PORT}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError):
+            return 0, ""
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        return self.http("/-/ready", timeout=timeout)[0] == 200
+
+    def prerequisites(self) -> None:
+        need("prometheus", "promtool")
+
+    def render(self) -> bool:
+        """Write the config from the template; True if it changed."""
+        self.targets.mkdir(parents=True, exist_ok=True)
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        default = self.targets / "default.json"
+        if not default.exists():
+            entries = [{"targets": [f"{HOST}:{p}" for p in DEFAULT_TARGET_PORTS]}]
+            default.write_text(json.dumps(entries, indent=2) + "\n")
+        text = (HERE / "prometheus.yml").read_text()
+        text = text.replace("${STATE}", str(STATE)).replace("${REPO}", str(REPO))
+        text = "# Generated by deploy/local/stack.py from deploy/local/prometheus.yml.\n" + text
+        old = self.config.read_text() if self.config.exists() else None
+        self.config.write_text(text)
+        self.check_config()
+        return old != text
+
+    def check_config(self) -> None:
+        promtool = find_program("promtool")
+        if promtool is None:
+            return
+        res = subprocess.run([promtool, "check", "config", str(self.config)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise StackFailure(
+                f"prometheus: `promtool check config {self.config}` failed; a rule file in "
+                f"{REPO / 'deploy/prometheus/rules'} or deploy/local/prometheus.yml is "
+                f"invalid:\n{res.stdout}{res.stderr}"
+            )
+
+    def on_reuse(self) -> None:
+        if self.render():
+            status, body = self.http("/-/reload", method="POST", timeout=10.0)
+            if status != 200:
+                raise StackFailure(f"prometheus: config reload failed ({status}): {body}")
+            say("prometheus: configuration changed, reloaded")
+
+    def start(self) -> int:
+        self.render()
+        rotate(self.log)
+        argv = [
+            find_program("prometheus") or "prometheus",
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address={HOST}:{PROMETHEUS_PORT}",
+            "--web.enable-lifecycle",
+        ]
+        return spawn(argv, self.log)
+
+    def wait_ready(self, pid: int) -> None:
+        self.wait_healthy(pid, PROMETHEUS_READY_TIMEOUT, "ready (/-/ready)")
+
+
+def servers() -> list[Server]:
+    return [Kafka(), Redis(), Prometheus()]
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Serialise `up` and `down` (two test sessions starting the stack at once)."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "stack.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    for d in (LOGS, PIDS):
+        d.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with locked():
+        for server in servers():
+            server.up()
+    say(f"stack up in {time.monotonic() - t0:.1f}s; logs in {LOGS}")
+    return 0
+
+
+def stop(server: Server) -> list[int]:
+    pids = server.pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    return pids
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    if not STATE.exists():
+        say("stack: nothing to stop")
+        return 0
+    with locked():
+        # SIGTERM everything first so the three shut down in parallel.
+        stopping = {s.name: (s, stop(s)) for s in servers()}
+        left: list[str] = []
+        for name, (server, pids) in stopping.items():
+            if not pids:
+                say(f"{name}: not running")
+            for pid in pids:
+                t0 = time.monotonic()
+
+                def gone(p: int = pid) -> bool:
+                    return not alive(p)
+
+                if not wait_until(gone, STOP_TIMEOUT[name]):
+                    say(f"{name}: pid {pid} ignored SIGTERM for {STOP_TIMEOUT[name]:.0f}s, SIGKILL")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    wait_until(gone, 5.0)
+                if alive(pid):
+                    left.append(f"{name} pid {pid}")
+                else:
+                    say(f"{name}: stopped pid {pid} in {time.monotonic() - t0:.1f}s")
+            server.pidfile.unlink(missing_ok=True)
+            left += [f"{name} pid {p}" for p in server.pids()]
+    if left:
+        say("stack: still running after down: " + ", ".join(sorted(set(left))))
+        return 1
+    return 0
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    down = 0
+    for server in servers():
+        pids = server.pids()
+        ok = server.healthy()
+        pid = str(pids[0]) if pids else "-"
+        state = "healthy" if ok else "down"
+        note = ""
+        if ok and not pids:
+            owner = next((port_owner(p) for p in server.ports), None)
+            note = f"  (not started by this stack: {owner[1] if owner else 'unknown process'})"
+        elif pids and not ok:
+            note = "  (process running but not answering; see its log)"
+        down += not ok
+        say(f"{server.name:<11} {state:<8} pid {pid:<8} {server.address:<45} {server.log}{note}")
+    return 1 if down else 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    names = [s.name for s in servers()]
+    unknown = [n for n in args.server if n not in names]
+    if unknown:
+        raise StackFailure(f"unknown server(s) {unknown}; choose from {names}")
+    chosen = [s for s in servers() if not args.server or s.name in args.server]
+    if args.follow:
+        paths = [str(s.log) for s in chosen]
+        os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *paths])
+    for server in chosen:
+        say(f"==> {server.log} <==")
+        say(tail(server.log, args.lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stack.py", description="Weir's local Kafka, Redis and Prometheus (no Docker)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start what is not running and wait until healthy").set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop all three servers").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="health of each server; exit 1 if any is down").set_defaults(
+        func=cmd_status
+    )
+    logs = sub.add_parser("logs", help="print (or follow) the servers' logs")
+    logs.add_argument("server", nargs="*", help="kafka, redis and/or prometheus (default: all)")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.set_defaults(func=cmd_logs)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StackFailure as exc:
+        print(f"stack.py {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stack.py {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
