@@ -1,0 +1,279 @@
+"""Topic administration and server checks, with confluent-kafka's AdminClient.
+
+``check_broker`` and ``check_redis`` fail fast with a :class:`~weir.errors.StackError`
+that names the address tried and the fix, instead of a worker hanging on a dead
+bootstrap address. ``ensure_topics`` creates a pipeline's topics idempotently;
+``delete_topics`` removes topics (tests clean up after themselves with it).
+
+Examples:
+    >>> from weir.settings import load_settings
+    >>> ensure_topics(load_settings(), spec)            # doctest: +SKIP
+    {'weir.demo.events': 'created', ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+
+from weir.errors import StackError
+from weir.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from weir.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TopicStatus = Literal["created", "exists"]
+
+_KAFKA_FIX = (
+    "start the local stack with `make up`, or set WEIR_KAFKA_BOOTSTRAP to reachable "
+    "brokers (host:port[,host:port])"
+)
+_REDIS_FIX = "start the local stack with `make up`, or set WEIR_REDIS_URL to a reachable Redis"
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    """An AdminClient for the settings' brokers (security settings included).
+
+    librdkafka's own log lines (one per failed connection attempt) go to the
+    ``streams.admin.librdkafka`` logger instead of stderr.
+    """
+    conf: dict[str, Any] = dict(settings.confluent_config())
+    conf["logger"] = logging.getLogger(f"{__name__}.librdkafka")
+    return AdminClient(conf)
+
+
+def check_broker(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
+    """Ask the brokers for cluster metadata; raise StackError if none answers in time.
+
+    Returns:
+        The cluster metadata (``.brokers``, ``.topics``, ``.cluster_id``).
+    """
+    try:
+        md = admin_client(settings).list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise StackError(
+            f"Kafka at {settings.kafka_bootstrap} did not answer within {timeout:g}s "
+            f"({_kafka_reason(exc)}); {_KAFKA_FIX}"
+        ) from None
+    if not md.brokers:
+        raise StackError(f"Kafka at {settings.kafka_bootstrap} answered with no brokers; {_KAFKA_FIX}")
+    return md
+
+
+def check_redis(settings: Settings, timeout: float = 5.0) -> None:
+    """PING Redis; raise StackError naming the URL (password hidden) if it does not answer."""
+    import redis
+
+    url = redact_url(settings.redis_url)
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **settings.redis_kwargs(),
+        )
+    except ValueError as exc:
+        raise StackError(f"WEIR_REDIS_URL {url!r} is not a valid Redis URL ({exc})") from None
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise StackError(
+            f"Redis at {url} refused the credentials ({exc}); check WEIR_REDIS_PASSWORD "
+            "or the password in WEIR_REDIS_URL"
+        ) from None
+    except (redis.RedisError, OSError) as exc:
+        raise StackError(f"Redis at {url} is unreachable ({exc}); {_REDIS_FIX}") from None
+    finally:
+        client.close()
+
+
+def ensure_topics(
+    settings: Settings,
+    spec_or_names: PipelineSpec | Iterable[str] | Mapping[str, str],
+    partitions: int | None = None,
+    replication_factor: int | None = None,
+    *,
+    config: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> dict[str, TopicStatus]:
+    """Create the topics that do not exist yet; existing ones are left as they are.
+
+    Args:
+        settings: where the brokers are.
+        spec_or_names: a pipeline spec (all of ``spec.topics.names()``), a role -> name
+            mapping, or topic names.
+        partitions: partitions of each new topic; default: the spec's
+            ``topics.partitions``, or 1 for plain names.
+        replication_factor: default: the spec's ``topics.replication_factor``, or 1.
+        config: topic configs for new topics (e.g. ``{"retention.ms": "3600000"}``).
+        timeout: seconds to wait for the creation and for the new topics' leaders.
+
+    Returns:
+        Topic name -> ``"created"`` or ``"exists"``. An existing topic whose partition
+        count differs from ``partitions`` is logged as a warning, not changed
+        (Kafka cannot shrink a topic, and growing it re-keys partitioned state).
+    """
+    names, spec_partitions, spec_rf = _topic_names(spec_or_names)
+    partitions = partitions if partitions is not None else spec_partitions
+    replication_factor = replication_factor if replication_factor is not None else spec_rf
+    if partitions < 1:
+        raise StackError(f"partitions must be >= 1, got {partitions!r}")
+    if replication_factor < 1:
+        raise StackError(f"replication_factor must be >= 1, got {replication_factor!r}")
+    if not names:
+        return {}
+
+    check_broker(settings, timeout=min(timeout, 10.0))
+    admin = admin_client(settings)
+    new = [
+        NewTopic(
+            n, num_partitions=partitions, replication_factor=replication_factor, config=dict(config or {})
+        )
+        for n in names
+    ]
+    futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
+    status: dict[str, TopicStatus] = {}
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout + 5)
+            status[name] = "created"
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                status[name] = "exists"
+                continue
+            raise StackError(
+                f"could not create topic {name!r} ({partitions} partitions, replication factor "
+                f"{replication_factor}) on {settings.kafka_bootstrap}: {_kafka_reason(exc)}"
+            ) from None
+        except TimeoutError:
+            raise StackError(
+                f"creating topic {name!r} on {settings.kafka_bootstrap} took over {timeout:g}s; "
+                "check the broker's log (`make logs`)"
+            ) from None
+    md = _wait_for_leaders(admin, settings, names, timeout)
+    for name, state in status.items():
+        have = len(md.topics[name].partitions)
+        if state == "exists" and have != partitions:
+            log.warning(
+                "topic %r exists with %d partitions, asked for %d; left unchanged "
+                "(delete it or choose the spec's topics.partitions to match)",
+                name,
+                have,
+                partitions,
+            )
+    return {n: status[n] for n in names}
+
+
+def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 30.0) -> list[str]:
+    """Delete topics; unknown ones are ignored. Waits until the metadata no longer lists them.
+
+    Returns:
+        The topics that existed and were deleted.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        return []
+    admin = admin_client(settings)
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    deleted = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout + 5)
+            deleted.append(name)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise StackError(
+                f"could not delete topic {name!r} on {settings.kafka_bootstrap}: {_kafka_reason(exc)}"
+            ) from None
+        except TimeoutError:
+            raise StackError(
+                f"deleting topic {name!r} on {settings.kafka_bootstrap} took over {timeout:g}s"
+            ) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        still = [n for n in deleted if n in md.topics]
+        if not still:
+            return sorted(deleted)
+        if time.monotonic() >= deadline:
+            raise StackError(f"topics {still} still listed {timeout:g}s after deletion")
+        time.sleep(0.1)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe for messages and logs).
+
+    Examples:
+        >>> redact_url("redis://:s3cret@cache:6379/0")
+        'redis://:***@cache:6379/0'
+        >>> redact_url("redis://127.0.0.1:6379/0")
+        'redis://127.0.0.1:6379/0'
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _topic_names(
+    spec_or_names: PipelineSpec | Iterable[str] | Mapping[str, str],
+) -> tuple[list[str], int, int]:
+    if isinstance(spec_or_names, PipelineSpec):
+        t = spec_or_names.topics
+        return list(dict.fromkeys(t.names().values())), t.partitions, t.replication_factor
+    if isinstance(spec_or_names, str):
+        raise StackError(
+            f"ensure_topics wants a spec or a list of topic names, got the string "
+            f"{spec_or_names!r}; wrap it in a list: [{spec_or_names!r}]"
+        )
+    if isinstance(spec_or_names, Mapping):
+        return list(dict.fromkeys(spec_or_names.values())), 1, 1
+    return list(dict.fromkeys(spec_or_names)), 1, 1
+
+
+def _wait_for_leaders(
+    admin: AdminClient, settings: Settings, names: list[str], timeout: float
+) -> ClusterMetadata:
+    # A topic is usable once every partition has a leader; right after creation the
+    # metadata can still lack it and a producer would get UNKNOWN_TOPIC_OR_PART.
+    deadline = time.monotonic() + timeout
+    while True:
+        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        missing = [
+            n
+            for n in names
+            if n not in md.topics
+            or md.topics[n].error is not None
+            or not md.topics[n].partitions
+            or any(p.leader < 0 for p in md.topics[n].partitions.values())
+        ]
+        if not missing:
+            return md
+        if time.monotonic() >= deadline:
+            raise StackError(
+                f"topics {missing} have no leader {timeout:g}s after creation on "
+                f"{settings.kafka_bootstrap}; check the broker's log (`make logs`)"
+            )
+        time.sleep(0.1)
+
+
+def _kafka_reason(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError):
+        return err.str()
+    return str(exc)

@@ -1,0 +1,110 @@
+"""streams.admin without servers: unreachable addresses fail fast with a useful StackError."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from streams import admin
+from weir.errors import StackError
+from weir.settings import load_settings
+from weir.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _no_weir_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("WEIR_"):
+            monkeypatch.delenv(key)
+
+
+def test_check_broker_unreachable_names_address_and_fix(dead_port: int) -> None:
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}")
+    t0 = time.monotonic()
+    with pytest.raises(StackError, match=rf"Kafka at 127\.0\.0\.1:{dead_port} .*WEIR_KAFKA_BOOTSTRAP"):
+        admin.check_broker(settings, timeout=0.5)
+    assert time.monotonic() - t0 < 5, "the timeout must bound the check"
+
+
+def test_check_broker_message_says_make_up(dead_port: int) -> None:
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}")
+    with pytest.raises(StackError, match=r"make up"):
+        admin.check_broker(settings, timeout=0.3)
+
+
+def test_check_redis_unreachable_names_url(dead_port: int) -> None:
+    settings = load_settings(redis_url=f"redis://127.0.0.1:{dead_port}/0")
+    with pytest.raises(StackError, match=rf"Redis at redis://127\.0\.0\.1:{dead_port}/0 .*WEIR_REDIS_URL"):
+        admin.check_redis(settings, timeout=0.5)
+
+
+def test_check_redis_hides_password(dead_port: int) -> None:
+    settings = load_settings(redis_url=f"redis://:s3cret@127.0.0.1:{dead_port}/0")
+    with pytest.raises(StackError) as info:
+        admin.check_redis(settings, timeout=0.5)
+    assert "s3cret" not in str(info.value)
+    assert f":***@127.0.0.1:{dead_port}" in str(info.value)
+
+
+def test_ensure_topics_unreachable_broker_raises(dead_port: int) -> None:
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}")
+    with pytest.raises(StackError, match=rf"127\.0\.0\.1:{dead_port}"):
+        admin.ensure_topics(settings, ["weir.test.x"], 1, 1, timeout=0.5)
+
+
+@pytest.mark.parametrize(("partitions", "rf", "msg"), [(0, 1, "partitions"), (1, 0, "replication_factor")])
+def test_ensure_topics_rejects_bad_counts(partitions: int, rf: int, msg: str) -> None:
+    with pytest.raises(StackError, match=rf"{msg} must be >= 1, got 0"):
+        admin.ensure_topics(load_settings(), ["t"], partitions, rf)
+
+
+def test_ensure_topics_with_no_names_needs_no_broker(dead_port: int) -> None:
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}")
+    assert admin.ensure_topics(settings, [], 1, 1) == {}
+
+
+def test_ensure_topics_refuses_a_bare_string() -> None:
+    with pytest.raises(StackError, match=r"wrap it in a list"):
+        admin.ensure_topics(load_settings(), "weir.demo.events", 1, 1)
+
+
+def test_topic_names_from_spec_mapping_and_list() -> None:
+    spec = load_spec(REPO / "examples" / "demo.yaml")
+    names, partitions, rf = admin._topic_names(spec)
+    assert names == list(spec.topics.names().values())
+    assert (partitions, rf) == (spec.topics.partitions, spec.topics.replication_factor)
+    assert admin._topic_names({"events": "a", "labels": "b"}) == (["a", "b"], 1, 1)
+    assert admin._topic_names(iter(["a", "b", "a"])) == (["a", "b"], 1, 1)
+
+
+def test_delete_topics_with_no_names_needs_no_broker(dead_port: int) -> None:
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}")
+    assert admin.delete_topics(settings, []) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:pw@h/1", "rediss://user:***@h/1"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert admin.redact_url(url) == shown
