@@ -1,0 +1,209 @@
+"""The Lua script the online engine runs once per event, generated from the spec.
+
+The windows, aggregates, lateness and TTLs are baked into the script text, so Redis does
+no spec interpretation per event. Call contract (``EVALSHA sha 3 KEYS... ARGV...``):
+
+* ``KEYS[1]`` ZSET of the entity's accepted events: score = ts, member =
+  ``<12-digit arrival seq>|<token>|<token>...`` (one token per used field); the zero-padded
+  seq makes members unique and orders equal timestamps by arrival.
+* ``KEYS[2]`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``.
+* ``KEYS[3]`` the event's served features (dedupe and the label join).
+* ``ARGV[1]`` ts as ``repr(float)``; ``ARGV[2]`` the event's tokens joined by ``|``.
+
+Tokens (see :mod:`features.online`): '' for missing; numbers as ``repr(float)`` (exact
+through ``tonumber``); booleans ``0``/``1``; categoricals ``s`` + the string with ``%`` and
+``|`` percent-escaped, so any string is safe and distinct strings stay distinct.
+
+Returns one string: ``l`` (late), or ``o|`` / ``d|`` (ok / duplicate) followed by one token
+per feature joined by ``|``. Numbers are formatted ``%.17g`` (exact round trip), because
+numbers returned to Redis would be truncated to integers; '' stands for None.
+"""
+
+from __future__ import annotations
+
+from features.base import entity_ttl, max_window, served_ttl, used_fields
+from weir.errors import FeatureError
+from weir.spec import FeatureSpec, PipelineSpec
+
+_PRELUDE = r"""
+local ts_s = ARGV[1]
+local ts = tonumber(ts_s)
+local served = redis.call('GET', KEYS[3])
+if served then return 'd|' .. served end
+local meta = redis.call('HMGET', KEYS[2], 'wm', 'seq')
+local wm = tonumber(meta[1])
+if wm and ts < wm - LATENESS then return 'l' end
+local seq = (tonumber(meta[2]) or 0) + 1
+
+local function split(s)
+  local t, i, m = {}, 1, 0
+  while true do
+    local j = string.find(s, '|', i, true)
+    m = m + 1
+    if j then t[m] = string.sub(s, i, j - 1); i = j + 1 else t[m] = string.sub(s, i); return t end
+  end
+end
+local function fmt(x) return string.format('%.17g', x) end
+local own = split(ARGV[2])
+
+-- The window events (arrived earlier, ts in (ts - LISTW, ts]), by (ts, arrival).
+local n, sc, tok = 0, {}, {}
+if LISTW > 0 then
+  local r = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. fmt(ts - LISTW), ts_s, 'WITHSCORES')
+  for k = 1, #r, 2 do
+    n = n + 1
+    tok[n] = split(r[k])
+    sc[n] = tonumber(r[k + 1])
+  end
+end
+-- First list index inside the window (ts - w, ts]: the in-window events are a suffix.
+local function first(w)
+  local lo, s = ts - w, n + 1
+  while s > 1 and sc[s - 1] > lo do s = s - 1 end
+  return s
+end
+-- Present tokens of field fi in the window from list index s, then the event's own.
+local function toks(s, fi)
+  local v, m = {}, 0
+  for k = s, n do
+    local x = tok[k][fi + 1]
+    if x ~= '' then m = m + 1; v[m] = x end
+  end
+  local x = own[fi]
+  if x ~= '' then m = m + 1; v[m] = x end
+  return v, m
+end
+local function nums(s, fi)
+  local v, m = toks(s, fi)
+  for k = 1, m do v[k] = tonumber(v[k]) end
+  return v, m
+end
+
+local A = {}
+function A.count(v, m) return fmt(m) end
+function A.sum(v, m)
+  local t = 0
+  for k = 1, m do t = t + v[k] end
+  return fmt(t)
+end
+function A.mean(v, m)
+  if m == 0 then return '' end
+  local t = 0
+  for k = 1, m do t = t + v[k] end
+  return fmt(t / m)
+end
+function A.min(v, m)
+  if m == 0 then return '' end
+  local x = v[1]
+  for k = 2, m do if v[k] < x then x = v[k] end end
+  return fmt(x)
+end
+function A.max(v, m)
+  if m == 0 then return '' end
+  local x = v[1]
+  for k = 2, m do if v[k] > x then x = v[k] end end
+  return fmt(x)
+end
+function A.std(v, m)
+  if m == 0 then return '' end
+  local t = 0
+  for k = 1, m do t = t + v[k] end
+  local mean, ss = t / m, 0
+  for k = 1, m do local d = v[k] - mean; ss = ss + d * d end
+  return fmt(math.sqrt(ss / m))
+end
+function A.last(v, m)
+  if m == 0 then return '' end
+  return v[m]
+end
+function A.distinct(v, m)
+  local seen, d = {}, 0
+  for k = 1, m do
+    if not seen[v[k]] then seen[v[k]] = true; d = d + 1 end
+  end
+  return fmt(d)
+end
+local function since_prev_list(s)
+  if s <= n then return fmt(ts - sc[n]) end
+  return ''
+end
+local function since_prev_zset(w)
+  local r = redis.call('ZREVRANGEBYSCORE', KEYS[1], ts_s, '(' .. fmt(ts - w),
+                       'WITHSCORES', 'LIMIT', 0, 1)
+  if r[2] then return fmt(ts - tonumber(r[2])) end
+  return ''
+end
+local function count_zset(w)
+  return fmt(redis.call('ZCOUNT', KEYS[1], '(' .. fmt(ts - w), ts_s) + 1)
+end
+
+local out = {}
+"""
+
+_EPILOGUE = r"""
+local fv = table.concat(out, '|')
+redis.call('ZADD', KEYS[1], ts_s, string.format('%012d', seq) .. '|' .. ARGV[2])
+if not wm or ts > wm then wm = ts end
+redis.call('HSET', KEYS[2], 'wm', fmt(wm), 'seq', string.format('%d', seq))
+-- Nothing at or below this score can be in the window of an event that is not late.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt((wm - LATENESS) - MAXW))
+redis.call('EXPIRE', KEYS[1], ENTITY_TTL)
+redis.call('EXPIRE', KEYS[2], ENTITY_TTL)
+redis.call('SET', KEYS[3], fv, 'EX', SERVED_TTL)
+return 'o|' .. fv
+"""
+
+#: Aggregates whose windowed value needs the list of window events (not a ZSET count).
+_LIST_AGGS = frozenset({"count", "sum", "mean", "min", "max", "std", "last", "distinct"})
+#: Aggregates computed on numbers (tokens parsed with tonumber) rather than raw tokens.
+_NUMERIC = frozenset({"sum", "mean", "min", "max", "std"})
+
+
+def _needs_list(f: FeatureSpec) -> bool:
+    return f.window is not None and f.agg in _LIST_AGGS and f.field is not None
+
+
+def list_window(spec: PipelineSpec) -> float:
+    """The window of events the script fetches per event: longest window needing values."""
+    return max((f.window for f in spec.features if _needs_list(f) and f.window), default=0.0)
+
+
+def build_script(spec: PipelineSpec) -> str:
+    """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis)."""
+    fields = used_fields(spec)
+    index = {name: i + 1 for i, name in enumerate(fields)}  # own[i] / tok[k][i + 1]
+    listw = list_window(spec)
+    lines = [f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit"]
+    lines.append(_PRELUDE.replace("LATENESS", repr(float(spec.lateness))).replace("LISTW", repr(listw)))
+    starts: dict[float, str] = {}
+    for i, f in enumerate(spec.features):
+        slot = f"out[{i + 1}]"
+        w = f.window
+        if f.agg == "raw":
+            assert f.field is not None
+            lines.append(f"{slot} = own[{index[f.field]}]  -- {f.name}")
+            continue
+        assert w is not None
+        covered = w <= listw
+        if covered and w not in starts:
+            starts[w] = f"s{len(starts) + 1}"
+            lines.append(f"local {starts[w]} = first({w!r})")
+        s = starts.get(w)
+        if f.agg == "since_prev":
+            call = f"since_prev_list({s})" if covered else f"since_prev_zset({w!r})"
+        elif f.agg == "count" and f.field is None:
+            call = f"fmt(n - {s} + 2)" if covered else f"count_zset({w!r})"
+        elif f.agg in _LIST_AGGS:
+            assert f.field is not None and s is not None
+            get = "nums" if f.agg in _NUMERIC else "toks"
+            call = f"A.{f.agg}({get}({s}, {index[f.field]}))"
+        else:  # pragma: no cover - spec.Agg and this list are kept in step
+            raise FeatureError(f"aggregate {f.agg!r} has no Lua implementation; see docs/features.md")
+        lines.append(f"{slot} = {call}  -- {f.name}")
+    lines.append(
+        _EPILOGUE.replace("LATENESS", repr(float(spec.lateness)))
+        .replace("MAXW", repr(float(max_window(spec))))
+        .replace("ENTITY_TTL", str(entity_ttl(spec)))
+        .replace("SERVED_TTL", str(served_ttl(spec)))
+    )
+    return "\n".join(lines)

@@ -1,0 +1,299 @@
+"""The online feature engine: per-entity windows in Redis, one round trip per batch.
+
+Each event runs the spec's generated Lua script (:mod:`features.lua`) with ``EVALSHA``;
+a batch is one pipeline, so a batch of 500 events costs one network round trip. Events of
+the same entity in a batch are applied in arrival order because a pipeline runs in order.
+The script atomically: answers a duplicate from its stored served features, rejects a late
+event, computes the features from the entity's window ZSET, stores the event, trims what no
+acceptable window can reach, and renews every TTL (docs/features.md).
+
+Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL:
+
+* ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s.
+* ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count); same TTL.
+* ``{prefix}:fv:{event_id}`` the served features; TTL max(labels.horizon, max window +
+  lateness). It makes redelivery idempotent and is what the label join reads
+  (:meth:`RedisFeatureStore.served_features`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError, RedisError
+
+from features.base import (
+    FeatureResult,
+    bad_value,
+    check_ts,
+    missing_value,
+    output_type,
+    used_fields,
+)
+from features.lua import build_script
+from weir.errors import FeatureError
+from weir.spec import FieldSpec, PipelineSpec
+from weir.types import Event, FeatureValue, FeatureVector
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+_Encoder = Callable[[Any, Any], str]
+_Decoder = Callable[[str], FeatureValue]
+
+
+def _escape(s: str) -> str:
+    return s.replace("%", "%25").replace("|", "%7C")
+
+
+def _unescape(s: str) -> str:
+    # Every '%' of an escaped string starts '%25' or '%7C', so this order is exact.
+    return s.replace("%7C", "|").replace("%25", "%")
+
+
+def _encoder(name: str, fs: FieldSpec) -> _Encoder:
+    """Field value -> token (see features.lua); raises FeatureError for a bad value."""
+    required = fs.required
+
+    def missing(event_id: Any) -> str:
+        if required:
+            raise missing_value(name, event_id)
+        return ""
+
+    if fs.type == "numeric":
+
+        def enc_num(v: Any, event_id: Any) -> str:
+            tv = type(v)
+            if tv is float:
+                if v - v == 0.0:  # finite; NaN and inf give NaN
+                    return repr(v + 0.0)  # -0.0 -> 0.0
+                if v != v:
+                    return missing(event_id)
+                raise bad_value(name, "numeric", v, event_id)
+            if v is None:
+                return missing(event_id)
+            if tv is int or tv is bool:
+                return repr(float(v))
+            if isinstance(v, int | float) and not isinstance(v, str):
+                return enc_num(float(v), event_id)
+            raise bad_value(name, "numeric", v, event_id)
+
+        return enc_num
+
+    if fs.type == "boolean":
+
+        def enc_bool(v: Any, event_id: Any) -> str:
+            if v is True:
+                return "1"
+            if v is False:
+                return "0"
+            if v is None or v != v:  # None, or NaN (pandas' missing)
+                return missing(event_id)
+            raise bad_value(name, "boolean", v, event_id)
+
+        return enc_bool
+
+    def enc_cat(v: Any, event_id: Any) -> str:
+        if type(v) is str:
+            if "%" in v or "|" in v:
+                return "s" + _escape(v)
+            return "s" + v
+        if v is None or v != v:  # None, or NaN (pandas' missing)
+            return missing(event_id)
+        raise bad_value(name, "categorical", v, event_id)
+
+    return enc_cat
+
+
+def _dec_number(p: str) -> FeatureValue:
+    return float(p) if p else None
+
+
+def _dec_string(p: str) -> FeatureValue:
+    return _unescape(p[1:]) if p else None
+
+
+_STATUS = {"o": "ok", "d": "duplicate"}
+
+
+class RedisFeatureStore:
+    """The online engine for one pipeline spec.
+
+    Args:
+        spec: The pipeline spec; its features, fields, lateness, label horizon and
+            ``redis_prefix`` define the script, the keys and their TTLs.
+
+    Attributes:
+        script: The generated Lua source; ``sha`` its sha1 (the ``EVALSHA`` name).
+
+    Use one instance per process and spec; it holds no connection and no per-entity state,
+    so it is safe to share between threads and tasks.
+    """
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self.script = build_script(spec)
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
+        self._prefix = spec.redis_prefix
+        self._fields = used_fields(spec)
+        self._encoders = [(n, _encoder(n, spec.fields[n])) for n in self._fields]
+        self._names = spec.feature_names
+        kinds = [output_type(spec, i) for i in range(len(spec.features))]
+        self._all_numbers = all(k == "number" for k in kinds)
+        self._decoders: list[_Decoder] = [_dec_string if k == "string" else _dec_number for k in kinds]
+
+    def __repr__(self) -> str:
+        return f"RedisFeatureStore(spec={self.spec.name!r})"
+
+    # -- keys -------------------------------------------------------------------------
+
+    def window_key(self, entity_id: str) -> str:
+        """The ZSET of the entity's accepted events."""
+        return f"{self._prefix}:win:{entity_id}"
+
+    def meta_key(self, entity_id: str) -> str:
+        """The hash holding the entity's watermark and arrival sequence."""
+        return f"{self._prefix}:meta:{entity_id}"
+
+    def served_key(self, event_id: str) -> str:
+        """The string holding the features served for the event."""
+        return f"{self._prefix}:fv:{event_id}"
+
+    # -- encoding, shared by the sync and async paths ---------------------------------
+
+    def _commands(self, events: Sequence[Event]) -> list[tuple[Any, ...]]:
+        """One EVALSHA argument tuple per event; validates every event before any runs."""
+        sha, prefix, encoders = self.sha, self._prefix, self._encoders
+        cmds = []
+        for e in events:
+            eid, ent, data = e.event_id, e.entity_id, e.data
+            ts = e.ts
+            if type(ts) is not float or ts - ts != 0.0:
+                ts = check_ts(ts, eid)
+            payload = "|".join([enc(data.get(name), eid) for name, enc in encoders])
+            cmds.append(
+                (
+                    "EVALSHA",
+                    sha,
+                    3,
+                    f"{prefix}:win:{ent}",
+                    f"{prefix}:meta:{ent}",
+                    f"{prefix}:fv:{eid}",
+                    repr(ts + 0.0),
+                    payload,
+                )
+            )
+        return cmds
+
+    def _features(self, body: str) -> FeatureVector:
+        parts = body.split("|")
+        if self._all_numbers:
+            return dict(zip(self._names, [float(p) if p else None for p in parts], strict=True))
+        return {n: d(p) for n, d, p in zip(self._names, self._decoders, parts, strict=True)}
+
+    def _decode(self, reply: Any) -> FeatureResult:
+        s = reply.decode() if isinstance(reply, bytes) else reply
+        if s == "l":
+            return FeatureResult("late", None)
+        return FeatureResult("ok" if s[0] == "o" else "duplicate", self._features(s[2:]))
+
+    def _check(self, replies: list[Any]) -> list[int]:
+        """Indices that failed with NOSCRIPT; raises FeatureError for any other error."""
+        retry = []
+        for i, r in enumerate(replies):
+            if isinstance(r, NoScriptError):
+                retry.append(i)
+            elif isinstance(r, Exception):
+                raise FeatureError(
+                    f"the feature script failed in Redis: {r}; check the Redis server "
+                    "(version >= 6.2) and that the spec is valid"
+                ) from r
+        return retry
+
+    # -- sync -------------------------------------------------------------------------
+
+    def compute_batch(self, client: redis.Redis, events: Sequence[Event]) -> list[FeatureResult]:
+        """Compute and record the features of a batch in one round trip.
+
+        Args:
+            client: A ``redis.Redis`` (bytes or decoded responses).
+            events: Validated events in arrival order.
+
+        Returns:
+            One :class:`FeatureResult` per event, in order.
+
+        Raises:
+            FeatureError: an event breaks the spec (nothing of the batch is applied), or
+                Redis answered with an error.
+        """
+        if not events:
+            return []
+        cmds = self._commands(events)
+        replies = self._run(client, cmds)
+        retry = self._check(replies)
+        if retry:
+            # The script cache was empty (restart, SCRIPT FLUSH): load it, redo those events.
+            client.script_load(self.script)
+            again = self._run(client, [cmds[i] for i in retry])
+            if self._check(again):
+                raise FeatureError("Redis lost the feature script twice in a row; retry later")
+            for i, r in zip(retry, again, strict=True):
+                replies[i] = r
+        return [self._decode(r) for r in replies]
+
+    @staticmethod
+    def _run(client: redis.Redis, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        try:
+            return pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise FeatureError(f"Redis failed during a feature batch: {exc}") from exc
+
+    def served_features(self, client: redis.Redis, event_id: str) -> FeatureVector | None:
+        """The features served when ``event_id`` was accepted; None if unknown or expired."""
+        raw = client.get(self.served_key(event_id))
+        if raw is None:
+            return None
+        return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+
+    # -- async ------------------------------------------------------------------------
+
+    async def acompute_batch(
+        self, client: redis.asyncio.Redis, events: Sequence[Event]
+    ) -> list[FeatureResult]:
+        """:meth:`compute_batch` for ``redis.asyncio.Redis`` (the Faust worker)."""
+        if not events:
+            return []
+        cmds = self._commands(events)
+        replies = await self._arun(client, cmds)
+        retry = self._check(replies)
+        if retry:
+            await client.script_load(self.script)
+            again = await self._arun(client, [cmds[i] for i in retry])
+            if self._check(again):
+                raise FeatureError("Redis lost the feature script twice in a row; retry later")
+            for i, r in zip(retry, again, strict=True):
+                replies[i] = r
+        return [self._decode(r) for r in replies]
+
+    @staticmethod
+    async def _arun(client: redis.asyncio.Redis, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        try:
+            return await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise FeatureError(f"Redis failed during a feature batch: {exc}") from exc
+
+    async def aserved_features(self, client: redis.asyncio.Redis, event_id: str) -> FeatureVector | None:
+        """:meth:`served_features` for ``redis.asyncio.Redis``."""
+        raw = await client.get(self.served_key(event_id))
+        if raw is None:
+            return None
+        return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
