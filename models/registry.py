@@ -1,0 +1,323 @@
+"""Model versions, aliases and scorer snapshots, stored in Redis.
+
+Keys, all under ``{spec.redis_prefix}:registry:``:
+
+* ``seq`` - counter behind version ids ``v1``, ``v2``...
+* ``versions`` - list of version ids, oldest first
+* ``meta:{id}`` / ``blob:{id}`` - a version's metadata (JSON) and pickled model
+* ``alias:{champion|challenger}`` - the version an alias points at;
+  ``alias_history:{name}`` - its earlier targets, newest first (for rollback)
+* ``snapseq:{version}`` - counter behind snapshot ids ``v1.1``, ``v1.2``...
+* ``snapshot:latest`` - the newest snapshot id (the scorers' one cheap GET)
+* ``snapshots`` - list of snapshot ids, newest first; only the last ``keep_snapshots`` are kept
+* ``snapmeta:{sid}`` / ``snapblob:{sid}`` - a snapshot's metadata and pickled model
+
+Every blob is stored with its sha256 and, when the registry has a key
+(``WEIR_MODEL_KEY``), an HMAC-SHA256. Loading checks both *before* unpickling and
+refuses a mismatch with :class:`~weir.errors.IntegrityError`: pickle runs code, so an
+unchecked blob is never loaded. With a key, a blob stored without an HMAC is refused too.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import hmac
+import pickle
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+
+from weir.errors import IntegrityError, ModelError
+from weir.types import ModelVersion
+
+if TYPE_CHECKING:
+    import redis
+
+    from weir.settings import Settings
+    from weir.spec import PipelineSpec
+
+Alias = Literal["champion", "challenger"]
+ALIASES: tuple[str, ...] = ("champion", "challenger")
+
+
+def _river_version() -> str:
+    import river
+
+    return str(river.__version__)
+
+
+def registry_key(settings: Settings) -> bytes | None:
+    """The HMAC key from the settings (``WEIR_MODEL_KEY``), or None."""
+    if settings.model_key is None:
+        return None
+    return settings.model_key.get_secret_value().encode()
+
+
+class ModelRegistry:
+    """Model versions and snapshots of one pipeline.
+
+    Args:
+        client: a synchronous Redis client.
+        spec: the pipeline spec (its ``redis_prefix`` and ``spec_hash()`` are used).
+        key: HMAC key; when given, every blob is signed and checked.
+        keep_snapshots: how many snapshots to keep; older ones are deleted.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        spec: PipelineSpec,
+        key: bytes | None = None,
+        keep_snapshots: int = 5,
+    ) -> None:
+        self.client: Any = client  # redis-py's stubs type replies as bytes | str
+        self.spec = spec
+        self.key = key
+        self.keep_snapshots = max(1, keep_snapshots)
+        self.prefix = f"{spec.redis_prefix}:registry:"
+
+    # -- blobs -------------------------------------------------------------------
+
+    def _sign(self, blob: bytes) -> str | None:
+        if self.key is None:
+            return None
+        return hmac.new(self.key, blob, hashlib.sha256).hexdigest()
+
+    def _verify(self, what: str, blob: bytes | None, sha: str, mac: str | None) -> Any:
+        if blob is None:
+            raise IntegrityError(f"{what}: the model blob is missing from Redis; it cannot load")
+        got = hashlib.sha256(blob).hexdigest()
+        if not hmac.compare_digest(got, sha):
+            raise IntegrityError(
+                f"{what}: blob sha256 mismatch (stored {sha[:12]}..., computed {got[:12]}...); "
+                "the blob was altered or corrupted and was NOT unpickled"
+            )
+        if self.key is not None:
+            if not mac:
+                raise IntegrityError(
+                    f"{what}: the blob has no HMAC but WEIR_MODEL_KEY is set; it was saved "
+                    "without the key and was NOT unpickled. Re-save it with the key"
+                )
+            want = self._sign(blob) or ""
+            if not hmac.compare_digest(want, mac):
+                raise IntegrityError(
+                    f"{what}: blob HMAC mismatch; it was signed with another WEIR_MODEL_KEY or "
+                    "tampered with and was NOT unpickled"
+                )
+        return pickle.loads(blob)
+
+    # -- versions ----------------------------------------------------------------
+
+    def save(
+        self,
+        model: Any,
+        *,
+        parent: str | None,
+        trigger: str,
+        reason: str,
+        meta: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Store a new version; returns its metadata (id ``v<N>``)."""
+        blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        n = int(self.client.incr(self.prefix + "seq"))
+        version = ModelVersion(
+            id=f"v{n}",
+            model=self.spec.model.name,
+            parent=parent,
+            created=time.time(),
+            trigger=trigger,
+            reason=reason,
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            river_version=_river_version(),
+            spec_hash=self.spec.spec_hash(),
+            meta=dict(meta or {}),
+        )
+        record = dataclasses.asdict(version)
+        record["blob_hmac"] = self._sign(blob)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.prefix + f"blob:{version.id}", blob)
+        pipe.set(self.prefix + f"meta:{version.id}", orjson.dumps(record, default=str))
+        pipe.rpush(self.prefix + "versions", version.id)
+        pipe.execute()
+        return version
+
+    def ids(self) -> list[str]:
+        return [v.decode() for v in self.client.lrange(self.prefix + "versions", 0, -1)]
+
+    def _record(self, version_id: str) -> dict[str, Any]:
+        raw = self.client.get(self.prefix + f"meta:{version_id}")
+        if raw is None:
+            known = self.ids()
+            raise ModelError(
+                f"model version {version_id!r} is unknown; known versions: "
+                f"{', '.join(known) if known else '(none yet)'}"
+            )
+        return dict(orjson.loads(raw))
+
+    @staticmethod
+    def _version(record: dict[str, Any]) -> ModelVersion:
+        fields = {f.name for f in dataclasses.fields(ModelVersion)}
+        return ModelVersion(**{k: v for k, v in record.items() if k in fields})
+
+    def get(self, version_id: str) -> ModelVersion:
+        return self._version(self._record(version_id))
+
+    def list(self) -> list[ModelVersion]:
+        ids = self.ids()
+        if not ids:
+            return []
+        raws = self.client.mget([self.prefix + f"meta:{i}" for i in ids])
+        return [self._version(orjson.loads(r)) for r in raws if r is not None]
+
+    def load(self, version_id: str) -> tuple[Any, ModelVersion]:
+        """The model of a version, after its sha256/HMAC check."""
+        record = self._record(version_id)
+        blob = self.client.get(self.prefix + f"blob:{version_id}")
+        model = self._verify(
+            f"model version {version_id}", blob, record["blob_sha256"], record.get("blob_hmac")
+        )
+        return model, self._version(record)
+
+    def update_meta(self, version_id: str, **meta: Any) -> ModelVersion:
+        """Merge ``meta`` into a version's ``meta`` (e.g. shadow metrics)."""
+        key = self.prefix + f"meta:{version_id}"
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.reset()
+                        self._record(version_id)  # raises with the known ids
+                    record = dict(orjson.loads(raw))  # type: ignore[arg-type]
+                    record["meta"] = {**record.get("meta", {}), **meta}
+                    pipe.multi()
+                    pipe.set(key, orjson.dumps(record, default=str))
+                    pipe.execute()
+                    return self._version(record)
+                except Exception as exc:
+                    import redis as _redis
+
+                    if isinstance(exc, _redis.WatchError):
+                        continue
+                    raise
+
+    # -- aliases -----------------------------------------------------------------
+
+    def _check_alias(self, name: str) -> None:
+        if name not in ALIASES:
+            raise ModelError(f"alias must be one of {list(ALIASES)}, got {name!r}")
+
+    def set_alias(self, alias: Alias, version_id: str | None) -> None:
+        """Point ``alias`` at a version (None removes it); the old target goes to history."""
+        self._check_alias(alias)
+        if version_id is not None:
+            self._record(version_id)  # unknown -> ModelError
+        key = self.prefix + f"alias:{alias}"
+        old = self.client.get(key)
+        pipe = self.client.pipeline(transaction=True)
+        if old is not None and old.decode() != version_id:
+            pipe.lpush(self.prefix + f"alias_history:{alias}", old)
+            pipe.ltrim(self.prefix + f"alias_history:{alias}", 0, 99)
+        if version_id is None:
+            pipe.delete(key)
+        else:
+            pipe.set(key, version_id)
+        pipe.execute()
+
+    def alias(self, name: str) -> str | None:
+        self._check_alias(name)
+        raw = self.client.get(self.prefix + f"alias:{name}")
+        return None if raw is None else raw.decode()
+
+    def alias_history(self, name: str) -> builtins.list[str]:
+        """Earlier targets of an alias, newest first."""
+        self._check_alias(name)
+        return [v.decode() for v in self.client.lrange(self.prefix + f"alias_history:{name}", 0, -1)]
+
+    def rollback(self, alias: Alias = "champion") -> str:
+        """Point ``alias`` back at its previous target; returns that version id."""
+        self._check_alias(alias)
+        hist = self.prefix + f"alias_history:{alias}"
+        prev = self.client.lpop(hist)
+        if prev is None:
+            current = self.alias(alias)
+            parent = self.get(current).parent if current else None
+            if parent is None:
+                raise ModelError(f"cannot roll back {alias!r}: it has no previous version")
+            prev = parent.encode()
+        target = prev.decode() if isinstance(prev, bytes) else str(prev)
+        self._record(target)
+        self.client.set(self.prefix + f"alias:{alias}", target)
+        return target
+
+    # -- snapshots ---------------------------------------------------------------
+
+    def publish_snapshot(
+        self,
+        model: Any,
+        *,
+        version_id: str,
+        labels_learned: int,
+        offsets: dict[int, int],
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Store the live model for the scorers; returns the snapshot id ``<version>.<n>``.
+
+        ``offsets`` are the labels topic's next offsets to read, per partition: a learner
+        restarting from this snapshot seeks there. ``extra`` is stored with the metadata.
+        """
+        blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        n = int(self.client.incr(self.prefix + f"snapseq:{version_id}"))
+        sid = f"{version_id}.{n}"
+        meta = {
+            "snapshot_id": sid,
+            "version_id": version_id,
+            "labels_learned": labels_learned,
+            "offsets": {str(p): int(o) for p, o in offsets.items()},
+            "created": time.time(),
+            "blob_sha256": hashlib.sha256(blob).hexdigest(),
+            "blob_hmac": self._sign(blob),
+            **(extra or {}),
+        }
+        lst = self.prefix + "snapshots"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.prefix + f"snapblob:{sid}", blob)
+        pipe.set(self.prefix + f"snapmeta:{sid}", orjson.dumps(meta, default=str))
+        pipe.lpush(lst, sid)
+        pipe.set(self.prefix + "snapshot:latest", sid)
+        pipe.lrange(lst, self.keep_snapshots, -1)
+        pipe.ltrim(lst, 0, self.keep_snapshots - 1)
+        results = pipe.execute()
+        old = [s.decode() for s in results[4]]
+        if old:
+            keys = [self.prefix + f"snap{kind}:{s}" for s in old for kind in ("blob", "meta")]
+            self.client.delete(*keys)
+        return sid
+
+    def latest_snapshot(self) -> str | None:
+        """The newest snapshot id (one GET), or None before the first snapshot."""
+        raw = self.client.get(self.prefix + "snapshot:latest")
+        return None if raw is None else raw.decode()
+
+    def snapshot_meta(self, snapshot_id: str) -> dict[str, Any]:
+        raw = self.client.get(self.prefix + f"snapmeta:{snapshot_id}")
+        if raw is None:
+            known = [s.decode() for s in self.client.lrange(self.prefix + "snapshots", 0, -1)]
+            raise ModelError(
+                f"snapshot {snapshot_id!r} is unknown or pruned; kept snapshots: "
+                f"{', '.join(known) if known else '(none)'}"
+            )
+        meta = dict(orjson.loads(raw))
+        meta["offsets"] = {int(p): int(o) for p, o in meta.get("offsets", {}).items()}
+        return meta
+
+    def load_snapshot(self, snapshot_id: str) -> tuple[Any, dict[str, Any]]:
+        """``(model, meta)``; meta has version_id, labels_learned, offsets, created."""
+        meta = self.snapshot_meta(snapshot_id)
+        blob = self.client.get(self.prefix + f"snapblob:{snapshot_id}")
+        model = self._verify(f"snapshot {snapshot_id}", blob, meta["blob_sha256"], meta.get("blob_hmac"))
+        return model, meta

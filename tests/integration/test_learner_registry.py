@@ -1,0 +1,165 @@
+"""ModelRegistry against the real Redis: versions, aliases, snapshots and integrity."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+
+from models.factory import build_model, learn, predict
+from models.registry import ModelRegistry
+from weir.errors import IntegrityError, ModelError
+from weir.spec import PipelineSpec, parse_spec
+
+pytestmark = pytest.mark.integration
+
+
+def unique_name(unique: Any) -> str:
+    """A pipeline name unique to the test (the ``unique`` fixture may be a str or a factory)."""
+    raw = unique() if callable(unique) else str(unique)
+    return "t" + "".join(c for c in raw.lower() if c.isalnum() or c in "-_")[:40]
+
+
+def make_spec(unique: Any, **over: Any) -> PipelineSpec:
+    data: dict[str, Any] = {
+        "name": unique_name(unique),
+        "task": "binary",
+        "fields": {"a": "numeric"},
+        "features": [{"agg": "raw", "field": "a"}],
+        "model": {
+            "name": "lr",
+            "steps": ["river.preprocessing.StandardScaler", "river.linear_model.LogisticRegression"],
+        },
+    }
+    data.update(over)
+    return parse_spec(data)
+
+
+@pytest.fixture
+def spec(unique: Any) -> PipelineSpec:
+    return make_spec(unique)
+
+
+@pytest.fixture
+def registry(redis_client: Any, spec: PipelineSpec) -> ModelRegistry:
+    return ModelRegistry(redis_client, spec, key=b"k1")
+
+
+def _trained(spec: PipelineSpec) -> Any:
+    model = build_model(spec.model)
+    for i in range(20):
+        learn(model, {"a": float(i)}, i > 10, "binary")
+    return model
+
+
+def test_save_load_roundtrip(registry: ModelRegistry, spec: PipelineSpec) -> None:
+    model = _trained(spec)
+    v1 = registry.save(model, parent=None, trigger="bootstrap", reason="first", meta={"rows": 20})
+    v2 = registry.save(model, parent="v1", trigger="drift", reason="psi", meta={})
+    assert (v1.id, v2.id) == ("v1", "v2")
+    loaded, meta = registry.load("v1")
+    assert meta == v1 and meta.meta == {"rows": 20} and meta.spec_hash == spec.spec_hash()
+    assert predict(loaded, {"a": 3.0}, "binary") == predict(model, {"a": 3.0}, "binary")
+    assert [v.id for v in registry.list()] == ["v1", "v2"]
+    assert registry.get("v2").parent == "v1"
+    updated = registry.update_meta("v2", shadow_accuracy=0.9)
+    assert updated.meta == {"shadow_accuracy": 0.9}
+    assert registry.get("v2").meta["shadow_accuracy"] == 0.9
+
+
+def test_unknown_version_lists_known(registry: ModelRegistry, spec: PipelineSpec) -> None:
+    registry.save(_trained(spec), parent=None, trigger="t", reason="r", meta={})
+    with pytest.raises(ModelError, match=r"'v9' is unknown; known versions: v1"):
+        registry.load("v9")
+    with pytest.raises(ModelError, match="unknown"):
+        registry.update_meta("v9", x=1)
+    with pytest.raises(ModelError, match="unknown"):
+        registry.set_alias("champion", "v9")
+
+
+class _Boom:
+    """Unpickling this runs code: proves the corrupt blob is never unpickled."""
+
+    def __reduce__(self) -> Any:
+        return (pytest.fail, ("a refused blob was unpickled",))
+
+
+def test_corrupt_blob_refused(registry: ModelRegistry, redis_client: Any, spec: PipelineSpec) -> None:
+    registry.save(_trained(spec), parent=None, trigger="t", reason="r", meta={})
+    redis_client.set(registry.prefix + "blob:v1", pickle.dumps(_Boom()))
+    with pytest.raises(IntegrityError, match=r"model version v1: blob sha256 mismatch.*NOT unpickled"):
+        registry.load("v1")
+
+
+def test_hmac_mismatch_refused(redis_client: Any, spec: PipelineSpec) -> None:
+    ModelRegistry(redis_client, spec, key=b"k1").save(
+        _trained(spec), parent=None, trigger="t", reason="r", meta={}
+    )
+    other = ModelRegistry(redis_client, spec, key=b"another-key")
+    with pytest.raises(IntegrityError, match=r"v1: blob HMAC mismatch"):
+        other.load("v1")
+
+
+def test_tampered_blob_with_matching_sha_refused_by_hmac(
+    registry: ModelRegistry, redis_client: Any, spec: PipelineSpec
+) -> None:
+    import hashlib
+
+    import orjson
+
+    registry.save(_trained(spec), parent=None, trigger="t", reason="r", meta={})
+    evil = pickle.dumps(_Boom())
+    record = orjson.loads(redis_client.get(registry.prefix + "meta:v1"))
+    record["blob_sha256"] = hashlib.sha256(evil).hexdigest()  # an attacker fixes the sha
+    redis_client.set(registry.prefix + "meta:v1", orjson.dumps(record))
+    redis_client.set(registry.prefix + "blob:v1", evil)
+    with pytest.raises(IntegrityError, match="HMAC mismatch"):
+        registry.load("v1")
+
+
+def test_unsigned_blob_refused_when_key_set(redis_client: Any, spec: PipelineSpec) -> None:
+    ModelRegistry(redis_client, spec).save(_trained(spec), parent=None, trigger="t", reason="r")
+    with pytest.raises(IntegrityError, match="has no HMAC but WEIR_MODEL_KEY is set"):
+        ModelRegistry(redis_client, spec, key=b"k1").load("v1")
+    # Without a key the sha256 alone is checked.
+    ModelRegistry(redis_client, spec).load("v1")
+
+
+def test_aliases_and_rollback(registry: ModelRegistry, spec: PipelineSpec) -> None:
+    m = _trained(spec)
+    for _ in range(3):
+        registry.save(m, parent=None, trigger="t", reason="r", meta={})
+    assert registry.alias("champion") is None
+    registry.set_alias("champion", "v1")
+    registry.set_alias("champion", "v2")
+    registry.set_alias("challenger", "v3")
+    assert registry.alias("champion") == "v2" and registry.alias("challenger") == "v3"
+    assert registry.rollback() == "v1"
+    assert registry.alias("champion") == "v1"
+    registry.set_alias("challenger", None)
+    assert registry.alias("challenger") is None
+    with pytest.raises(ModelError, match="alias must be one of"):
+        registry.alias("best")
+
+
+def test_snapshots_publish_load_prune(redis_client: Any, registry: ModelRegistry, spec: PipelineSpec) -> None:
+    m = _trained(spec)
+    registry.save(m, parent=None, trigger="t", reason="r", meta={})
+    assert registry.latest_snapshot() is None
+    ids = [
+        registry.publish_snapshot(m, version_id="v1", labels_learned=10 * i, offsets={0: i, 3: 7})
+        for i in range(1, 9)
+    ]
+    assert ids[0] == "v1.1" and ids[-1] == "v1.8"
+    assert registry.latest_snapshot() == "v1.8"
+    model, meta = registry.load_snapshot("v1.8")
+    assert meta["version_id"] == "v1" and meta["labels_learned"] == 80
+    assert meta["offsets"] == {0: 8, 3: 7} and meta["created"] > 0
+    assert predict(model, {"a": 1.0}, "binary") == predict(m, {"a": 1.0}, "binary")
+    with pytest.raises(ModelError, match="unknown or pruned"):
+        registry.load_snapshot("v1.1")
+    assert not redis_client.exists(registry.prefix + "snapblob:v1.1")
+    redis_client.set(registry.prefix + "snapblob:v1.8", pickle.dumps(_Boom()))
+    with pytest.raises(IntegrityError, match=r"snapshot v1.8: blob sha256 mismatch"):
+        registry.load_snapshot("v1.8")
