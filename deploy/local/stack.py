@@ -712,12 +712,13 @@ def locked() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cmd_up(_: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
+    picked = chosen(args.server)
     for d in (LOGS, PIDS):
         d.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with locked():
-        for server in servers():
+        for server in picked:
             server.up()
     say(f"stack up in {time.monotonic() - t0:.1f}s; logs in {LOGS}")
     return 0
@@ -731,13 +732,23 @@ def stop(server: Server) -> list[int]:
     return pids
 
 
-def cmd_down(_: argparse.Namespace) -> int:
+def chosen(names: list[str]) -> list[Server]:
+    """The servers named (all when none is), in start order."""
+    known = [s.name for s in servers()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise StackFailure(f"unknown server(s) {unknown}; choose from {known}")
+    return [s for s in servers() if not names or s.name in names]
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    picked = chosen(args.server)
     if not STATE.exists():
         say("stack: nothing to stop")
         return 0
     with locked():
-        # SIGTERM everything first so the three shut down in parallel.
-        stopping = {s.name: (s, stop(s)) for s in servers()}
+        # SIGTERM everything first so the servers shut down in parallel.
+        stopping = {s.name: (s, stop(s)) for s in picked}
         left: list[str] = []
         for name, (server, pids) in stopping.items():
             if not pids:
@@ -765,9 +776,9 @@ def cmd_down(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(_: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     down = 0
-    for server in servers():
+    for server in chosen(args.server):
         pids = server.pids()
         ok = server.healthy()
         pid = str(pids[0]) if pids else "-"
@@ -784,15 +795,11 @@ def cmd_status(_: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    names = [s.name for s in servers()]
-    unknown = [n for n in args.server if n not in names]
-    if unknown:
-        raise StackFailure(f"unknown server(s) {unknown}; choose from {names}")
-    chosen = [s for s in servers() if not args.server or s.name in args.server]
+    picked = chosen(args.server)
     if args.follow:
-        paths = [str(s.log) for s in chosen]
+        paths = [str(s.log) for s in picked]
         os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *paths])
-    for server in chosen:
+    for server in picked:
         say(f"==> {server.log} <==")
         say(tail(server.log, args.lines))
     return 0
@@ -803,16 +810,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="stack.py", description="Weir's local Kafka, Redis and Prometheus (no Docker)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start what is not running and wait until healthy").set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop all three servers").set_defaults(func=cmd_down)
-    sub.add_parser("status", help="health of each server; exit 1 if any is down").set_defaults(
-        func=cmd_status
-    )
-    logs = sub.add_parser("logs", help="print (or follow) the servers' logs")
-    logs.add_argument("server", nargs="*", help="kafka, redis and/or prometheus (default: all)")
-    logs.add_argument("-n", "--lines", type=int, default=50)
-    logs.add_argument("-f", "--follow", action="store_true")
-    logs.set_defaults(func=cmd_logs)
+    commands = {
+        "up": (cmd_up, "start what is not running and wait until healthy"),
+        "down": (cmd_down, "stop the servers, SIGKILL after a timeout"),
+        "status": (cmd_status, "health of each server; exit 1 if any is down"),
+        "logs": (cmd_logs, "print (or follow) the servers' logs"),
+    }
+    for name, (func, text) in commands.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("server", nargs="*", help="kafka, redis and/or prometheus (default: all)")
+        cmd.set_defaults(func=func)
+        if name == "logs":
+            cmd.add_argument("-n", "--lines", type=int, default=50)
+            cmd.add_argument("-f", "--follow", action="store_true")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
