@@ -1,0 +1,329 @@
+"""The learner's per-batch logic, with no Kafka: parse, join, evaluate, learn, snapshot.
+
+:class:`LearnerCore` is the only writer of its model. Per batch of label messages it
+
+1. parses and validates each label (``streams.contracts.parse_label`` then the task's label
+   type via :func:`models.factory.coerce_label`); a bad one becomes a dead letter;
+2. joins the labels with the served records (:class:`models.join.LabelJoiner`);
+3. for each joined example, first scores the prediction that was *served* for the event
+   (prequential: what users actually got), then learns the *served* features;
+4. records the examples for the training-log topic and advances the offsets;
+5. publishes a snapshot every ``learner.snapshot_every_labels`` labels or
+   ``learner.snapshot_every_seconds`` seconds, recording the next offsets to read.
+
+The process around it (:mod:`streams.learner`) consumes and produces; the single-process
+scoring worker can embed a core and score with ``core.model`` directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from models.evaluation import OnlineEvaluator
+from models.factory import build_model, check_task, coerce_label, learn, model_input
+from models.join import Example, JoinResult, LabelJoiner, Lineage, dead_letter
+from weir.errors import InvalidMessage
+from weir.types import Label
+
+if TYPE_CHECKING:
+    from models.registry import ModelRegistry
+    from weir.metrics import LearnerMetrics
+    from weir.spec import PipelineSpec
+
+
+@dataclass(slots=True)
+class LabelMessage:
+    """One message of the labels topic."""
+
+    value: bytes | None
+    partition: int = 0
+    offset: int = -1
+    key: bytes | None = None
+
+
+@dataclass
+class StepOutput:
+    """What a step asks the process to produce, and what happened."""
+
+    training_log: list[bytes] = field(default_factory=list)
+    dead_letters: list[bytes] = field(default_factory=list)
+    results: list[JoinResult] = field(default_factory=list)
+    snapshot_id: str | None = None
+    expiries: int = 0
+
+
+def status_key(spec: PipelineSpec) -> str:
+    return f"{spec.redis_prefix}:status"
+
+
+class LearnerCore:
+    """One model's learner.
+
+    Args:
+        spec: the pipeline spec.
+        model: the River model to learn (shared with an embedded scorer, if any).
+        registry: where snapshots go; None learns without publishing (tests, replays).
+        client: synchronous Redis client of the join.
+        version_id: the model version being learned (``v1``...).
+        metrics: Prometheus metrics; None for none.
+        labels_learned: labels learned so far (restored from a snapshot).
+        offsets: next labels-topic offset per partition (restored from a snapshot).
+        lineage: which learned markers the model contains (restored from a snapshot).
+        clock: wall clock, for snapshots and the sweep.
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        model: Any,
+        registry: ModelRegistry | None,
+        client: Any,
+        *,
+        version_id: str,
+        metrics: LearnerMetrics | None = None,
+        labels_learned: int = 0,
+        offsets: dict[int, int] | None = None,
+        lineage: Lineage | None = None,
+        evaluator: OnlineEvaluator | None = None,
+        clock: Callable[[], float] = time.time,
+        snapshot_id: str | None = None,
+    ) -> None:
+        check_task(model, spec.task)
+        self.spec = spec
+        self.model = model
+        self.registry = registry
+        self.client = client
+        self.version_id = version_id
+        self.metrics = metrics
+        self.labels_learned = labels_learned
+        self.offsets: dict[int, int] = dict(offsets or {})
+        self.evaluator = evaluator or OnlineEvaluator(spec.task)
+        self.clock = clock
+        self.joiner = LabelJoiner(spec, client, lineage)
+        self.joiner.published_seq = labels_learned
+        self.snapshot_id = snapshot_id
+        self.snapshot_created: float | None = None
+        self.joins: Counter[str] = Counter()
+        self.expiries = 0
+        self.labels_seen = 0
+        self._learned_at_snapshot = labels_learned
+        self._offsets_at_snapshot = dict(self.offsets)
+        self._last_snapshot = clock()
+        self._pipeline = spec.name
+        self._model_name = spec.model.name
+        if metrics is not None:
+            metrics.model_version.labels(self._pipeline, self._model_name, version_id).set(1)
+
+    # -- start -------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        spec: PipelineSpec,
+        registry: ModelRegistry,
+        client: Any,
+        metrics: LearnerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> LearnerCore:
+        """Resume from the latest snapshot, or bootstrap a fresh champion ``v1``.
+
+        When the champion alias moved while no learner ran, the champion is learned from
+        the snapshot's offsets on.
+        """
+        sid = registry.latest_snapshot()
+        champion = registry.alias("champion")
+        if sid is not None:
+            model, meta = registry.load_snapshot(sid)
+            version = str(meta["version_id"])
+            lineage = Lineage(ancestors=dict(meta.get("lineage") or {}))
+            if champion is not None and champion != version:
+                model, _ = registry.load(champion)
+                version = champion
+            return cls(
+                spec,
+                model,
+                registry,
+                client,
+                version_id=version,
+                metrics=metrics,
+                labels_learned=int(meta["labels_learned"]),
+                offsets=meta["offsets"],
+                lineage=lineage,
+                clock=clock,
+                snapshot_id=sid,
+            )
+        if champion is not None:
+            model, mv = registry.load(champion)
+            version = mv.id
+        else:
+            model = build_model(spec.model)
+            mv = registry.save(
+                model, parent=None, trigger="bootstrap", reason="fresh model from the spec", meta={}
+            )
+            registry.set_alias("champion", mv.id)
+            version = mv.id
+        return cls(spec, model, registry, client, version_id=version, metrics=metrics, clock=clock)
+
+    # -- per batch ---------------------------------------------------------------
+
+    def _parse(self, msg: LabelMessage, now: float) -> Label:
+        from streams.contracts import parse_label
+
+        lab = parse_label(msg.value, self.spec, now=now)
+        lab.label = coerce_label(lab.label, self.spec)
+        return lab
+
+    def process(self, messages: Sequence[LabelMessage], now: float | None = None) -> StepOutput:
+        """Handle one batch of label messages; returns what to produce."""
+        now = self.clock() if now is None else now
+        out = StepOutput()
+        labels: list[Label] = []
+        for msg in messages:
+            self.labels_seen += 1
+            try:
+                labels.append(self._parse(msg, now))
+            except InvalidMessage as exc:
+                self._count("invalid")
+                out.dead_letters.append(
+                    dead_letter(
+                        exc.reason,
+                        str(exc),
+                        self.spec.topics.labels,
+                        msg.partition,
+                        msg.offset,
+                        msg.value,
+                        msg.key,
+                    )
+                )
+                out.results.append(JoinResult("invalid", "", detail=str(exc)))
+            if msg.offset >= 0:
+                self.offsets[msg.partition] = max(self.offsets.get(msg.partition, 0), msg.offset + 1)
+        if self.metrics is not None and messages:
+            self.metrics.labels.labels(self._pipeline).inc(len(messages))
+        results = self.joiner.join(labels, now=now)
+        self._apply(results, out)
+        out.snapshot_id = self.maybe_snapshot(now)
+        return out
+
+    def sweep(self, now: float | None = None) -> StepOutput:
+        """Count expiries, resolve held (early) labels, snapshot if due. Call every second or so."""
+        now = self.clock() if now is None else now
+        out = StepOutput()
+        expiries, results = self.joiner.sweep(now)
+        self.expiries += expiries
+        out.expiries = expiries
+        if self.metrics is not None and expiries:
+            self.metrics.expiries.labels(self._pipeline).inc(expiries)
+        self._apply(results, out)
+        out.snapshot_id = self.maybe_snapshot(now)
+        return out
+
+    def _count(self, outcome: str) -> None:
+        self.joins[outcome] += 1
+        if self.metrics is not None:
+            self.metrics.joins.labels(self._pipeline, outcome).inc()
+
+    def _apply(self, results: list[JoinResult], out: StepOutput) -> None:
+        learned: list[tuple[str, int]] = []
+        for res in results:
+            self._count(res.outcome)
+            out.results.append(res)
+            if res.example is not None and res.outcome in ("hit", "resolved"):
+                self.learn_example(res.example)
+                learned.append((res.event_id, self.labels_learned))
+                out.training_log.append(orjson.dumps(res.example.to_record()))
+        self.joiner.mark_learned(learned)
+        if self.metrics is not None and learned:
+            self.metrics.learned.labels(self._pipeline, self._model_name).inc(len(learned))
+
+    def learn_example(self, ex: Example) -> None:
+        """Prequential step: score what was served, then learn the served features."""
+        self.evaluator.update(ex.label, ex.prediction, ex.proba, model_version=ex.model_version)
+        learn(self.model, model_input(ex.features), ex.label, self.spec.task)
+        self.labels_learned += 1
+        if self.metrics is not None:
+            self.metrics.label_delay.labels(self._pipeline).observe(max(0.0, ex.delay))
+
+    # -- snapshots ---------------------------------------------------------------
+
+    def _due(self, now: float) -> bool:
+        new_labels = self.labels_learned - self._learned_at_snapshot
+        if new_labels >= self.spec.learner.snapshot_every_labels:
+            return True
+        dirty = new_labels > 0 or self.offsets != self._offsets_at_snapshot
+        return dirty and now - self._last_snapshot >= self.spec.learner.snapshot_every_seconds
+
+    def maybe_snapshot(self, now: float | None = None, force: bool = False) -> str | None:
+        """Publish a snapshot when due (or ``force``); also follows a champion change."""
+        now = self.clock() if now is None else now
+        if self.registry is None:
+            return None
+        if not (force or self._due(now)):
+            return None
+        self.follow_champion()
+        lineage = self.joiner.lineage.for_snapshot(self.labels_learned, now, self.spec.labels.horizon)
+        sid = self.registry.publish_snapshot(
+            self.model,
+            version_id=self.version_id,
+            labels_learned=self.labels_learned,
+            offsets=self.offsets,
+            extra={"lineage": lineage, "run_id": self.joiner.lineage.run_id},
+        )
+        self.snapshot_id = sid
+        self.snapshot_created = now
+        self.joiner.published_seq = self.labels_learned
+        self._learned_at_snapshot = self.labels_learned
+        self._offsets_at_snapshot = dict(self.offsets)
+        self._last_snapshot = now
+        if self.metrics is not None:
+            self.metrics.snapshots.labels(self._pipeline, self._model_name).inc()
+            self.evaluator.export(self.metrics, self._pipeline, self._model_name)
+        self.write_status(now)
+        return sid
+
+    def follow_champion(self) -> bool:
+        """Switch to the champion version if the alias moved (promotion or rollback)."""
+        if self.registry is None:
+            return False
+        champion = self.registry.alias("champion")
+        if champion is None or champion == self.version_id:
+            return False
+        model, _ = self.registry.load(champion)
+        check_task(model, self.spec.task)
+        if self.metrics is not None:
+            self.metrics.model_version.labels(self._pipeline, self._model_name, self.version_id).set(0)
+            self.metrics.model_version.labels(self._pipeline, self._model_name, champion).set(1)
+        self.model = model
+        self.version_id = champion
+        return True
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = self.clock() if now is None else now
+        return {
+            "pipeline": self.spec.name,
+            "model": self._model_name,
+            "version_id": self.version_id,
+            "snapshot_id": self.snapshot_id,
+            "snapshot_created": self.snapshot_created,
+            "labels_seen": self.labels_seen,
+            "labels_learned": self.labels_learned,
+            "joins": dict(self.joins),
+            "expiries": self.expiries,
+            "unscored": self.evaluator.unscored,
+            "metrics": self.evaluator.snapshot(),
+            "offsets": {str(p): o for p, o in self.offsets.items()},
+            "run_id": self.joiner.lineage.run_id,
+            "updated": now,
+        }
+
+    def write_status(self, now: float | None = None) -> None:
+        """The summary ``weir status`` prints, at ``{prefix}:status``."""
+        self.client.set(status_key(self.spec), orjson.dumps(self.status(now), default=str))

@@ -1,0 +1,232 @@
+"""Label join outcomes and crash recovery against the real Redis (LabelJoiner + LearnerCore)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from models.factory import build_model, predict
+from models.join import ServedStore
+from models.learner import LabelMessage, LearnerCore, status_key
+from models.registry import ModelRegistry
+from streams.contracts import decode_dead_letter
+from weir.metrics import LearnerMetrics
+from weir.spec import PipelineSpec
+from weir.types import Prediction
+
+from .test_learner_registry import make_spec
+
+pytestmark = pytest.mark.integration
+
+
+def serve(client: Any, spec: PipelineSpec, core: LearnerCore, eid: str, a: float, ts: float) -> Prediction:
+    features = {"a": a, "b": None}
+    pred, proba = predict(core.model, {"a": a}, spec.task)
+    p = Prediction(
+        event_id=eid,
+        entity_id="ent-" + eid,
+        ts=ts,
+        model=spec.model.name,
+        model_version=f"{core.version_id}.0",
+        prediction=pred,
+        proba=proba,
+        features=features,
+        scored_at=time.time(),
+    )
+    pipe = client.pipeline(transaction=False)
+    ServedStore(spec).add_to_pipeline(pipe, [p])
+    pipe.execute()
+    return p
+
+
+def label_msg(eid: str, label: Any, ts: float, offset: int, partition: int = 0) -> LabelMessage:
+    body = orjson.dumps({"event_id": eid, "label": label, "ts": ts})
+    return LabelMessage(value=body, partition=partition, offset=offset)
+
+
+@pytest.fixture
+def metrics() -> LearnerMetrics:
+    return LearnerMetrics(CollectorRegistry())
+
+
+def _core(spec: PipelineSpec, client: Any, metrics: LearnerMetrics | None = None) -> LearnerCore:
+    return LearnerCore(spec, build_model(spec.model), None, client, version_id="v1", metrics=metrics)
+
+
+def _joins(metrics: LearnerMetrics, spec: PipelineSpec, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "weir_label_joins_total", {"pipeline": spec.name, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def test_hit_learns_served_features(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
+    spec = make_spec(unique)
+    core = _core(spec, redis_client, metrics)
+    now = time.time()
+    served = serve(redis_client, spec, core, "e1", 4.0, now - 5)
+    out = core.process([label_msg("e1", 1, now, offset=0)])
+    assert [r.outcome for r in out.results] == ["hit"]
+    rec = orjson.loads(out.training_log[0])
+    assert rec["features"] == {"a": 4.0, "b": None}  # as served, not recomputed
+    assert rec["label"] is True and rec["prediction"] == served.prediction
+    assert rec["model_version"] == "v1.0" and rec["event_ts"] == pytest.approx(now - 5)
+    assert core.labels_learned == 1 and core.offsets == {0: 1}
+    assert core.evaluator.count("v1") == 1
+    assert _joins(metrics, spec, "hit") == 1
+    delay = metrics.registry.get_sample_value("weir_label_delay_seconds_sum", {"pipeline": spec.name})
+    assert delay == pytest.approx(5, abs=0.01)
+    learned = metrics.registry.get_sample_value(
+        "weir_labels_learned_total", {"pipeline": spec.name, "model": "lr"}
+    )
+    assert learned == 1
+
+
+def test_duplicate_label_learned_once(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
+    spec = make_spec(unique)
+    core = _core(spec, redis_client, metrics)
+    now = time.time()
+    serve(redis_client, spec, core, "e1", 1.0, now)
+    out = core.process([label_msg("e1", 1, now, 0), label_msg("e1", 1, now, 1)])
+    assert [r.outcome for r in out.results] == ["hit", "duplicate"]
+    out = core.process([label_msg("e1", 0, now, 2)])
+    assert [r.outcome for r in out.results] == ["duplicate"]
+    assert core.labels_learned == 1 and _joins(metrics, spec, "duplicate") == 2
+
+
+def test_early_label_held_then_resolved_by_sweep(
+    redis_client: Any, unique: Any, metrics: LearnerMetrics
+) -> None:
+    spec = make_spec(unique)
+    core = _core(spec, redis_client, metrics)
+    now = time.time()
+    out = core.process([label_msg("e1", "true", now, 0)])
+    assert [r.outcome for r in out.results] == ["early"] and core.labels_learned == 0
+    assert redis_client.exists(f"{spec.redis_prefix}:early:e1")
+    # a second label for the same held event is a duplicate
+    assert [r.outcome for r in core.process([label_msg("e1", 1, now, 1)]).results] == ["duplicate"]
+    assert core.sweep().results == []  # still not served
+    serve(redis_client, spec, core, "e1", 2.0, now - 1)
+    out = core.sweep()
+    assert [r.outcome for r in out.results] == ["resolved"]
+    assert core.labels_learned == 1 and len(out.training_log) == 1
+    assert core.sweep().results == []  # not learned twice
+    # once a snapshot contains it, the held label is cleaned up
+    core.joiner.published_seq = core.labels_learned
+    core.sweep()
+    assert not redis_client.exists(f"{spec.redis_prefix}:early:e1")
+
+
+def test_unknown_when_event_never_served(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
+    spec = make_spec(unique, labels={"horizon": 0.3})
+    core = _core(spec, redis_client, metrics)
+    now = time.time()
+    assert [r.outcome for r in core.process([label_msg("e9", 0, now, 0)]).results] == ["early"]
+    time.sleep(0.4)
+    out = core.sweep()
+    assert [r.outcome for r in out.results] == ["unknown"]
+    assert _joins(metrics, spec, "unknown") == 1
+    assert not redis_client.zcard(f"{spec.redis_prefix}:join:early")
+
+
+def test_expired_label_and_expiry_counted(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
+    spec = make_spec(unique, labels={"horizon": 0.3})
+    core = _core(spec, redis_client, metrics)
+    serve(redis_client, spec, core, "e1", 1.0, time.time())
+    serve(redis_client, spec, core, "e2", 1.0, time.time())
+    time.sleep(0.4)
+    out = core.sweep()
+    assert out.expiries == 2 and core.expiries == 2
+    assert metrics.registry.get_sample_value("weir_label_expiries_total", {"pipeline": spec.name}) == 2
+    out = core.process([label_msg("e1", 1, time.time(), 0)])
+    assert [r.outcome for r in out.results] == ["expired"] and core.labels_learned == 0
+
+
+def test_hit_removes_pending_so_no_expiry(redis_client: Any, unique: Any) -> None:
+    spec = make_spec(unique, labels={"horizon": 0.3})
+    core = _core(spec, redis_client)
+    serve(redis_client, spec, core, "e1", 1.0, time.time())
+    core.process([label_msg("e1", 1, time.time(), 0)])
+    time.sleep(0.4)
+    assert core.sweep().expiries == 0
+
+
+def test_invalid_labels_dead_lettered(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
+    spec = make_spec(unique)
+    core = _core(spec, redis_client, metrics)
+    now = time.time()
+    msgs = [
+        LabelMessage(value=b"not json", partition=2, offset=7),
+        label_msg("e1", "maybe", now, 8, partition=2),
+        LabelMessage(value=b'{"event_id": "e2"}', partition=2, offset=9),
+    ]
+    out = core.process(msgs)
+    assert [r.outcome for r in out.results] == ["invalid"] * 3
+    dls = [decode_dead_letter(d) for d in out.dead_letters]
+    assert [d["reason"] for d in dls] == ["not_json", "label_type", "missing_field"]
+    assert dls[1]["partition"] == 2 and dls[1]["offset"] == 8
+    assert dls[1]["topic"] == spec.topics.labels and "binary label" in dls[1]["detail"]
+    assert core.offsets == {2: 10} and _joins(metrics, spec, "invalid") == 3
+
+
+def test_status_written(redis_client: Any, unique: Any) -> None:
+    spec = make_spec(unique, learner={"snapshot_every_labels": 2})
+    registry = ModelRegistry(redis_client, spec)
+    core = LearnerCore.start(spec, registry, redis_client)
+    now = time.time()
+    for i in range(2):
+        serve(redis_client, spec, core, f"e{i}", float(i), now)
+    out = core.process([label_msg(f"e{i}", i, now, i) for i in range(2)])
+    assert out.snapshot_id == "v1.1"
+    status = orjson.loads(redis_client.get(status_key(spec)))
+    assert status["labels_learned"] == 2 and status["joins"] == {"hit": 2}
+    assert status["snapshot_id"] == "v1.1" and status["metrics"]["v1"]["n"] == 2
+
+
+def test_crash_recovery_no_loss_no_double_learning(redis_client: Any, unique: Any) -> None:
+    """Learn 3, snapshot, learn 2 more, die; the restart replays from the snapshot's offsets:
+    the 2 lost-with-the-process labels are learned again, the first 3 are not."""
+    spec = make_spec(unique, learner={"snapshot_every_labels": 1000, "snapshot_every_seconds": 3600})
+    registry = ModelRegistry(redis_client, spec, key=b"k")
+    core = LearnerCore.start(spec, registry, redis_client)
+    assert core.version_id == "v1" and registry.alias("champion") == "v1"
+    now = time.time()
+    msgs = []
+    for i in range(5):
+        serve(redis_client, spec, core, f"e{i}", float(i), now)
+        msgs.append(label_msg(f"e{i}", i % 2, now, offset=100 + i))
+    core.process(msgs[:3])
+    sid = core.maybe_snapshot(force=True)
+    assert sid == "v1.1"
+    core.process(msgs[3:])
+    assert core.labels_learned == 5
+    del core  # SIGKILL: nothing after the snapshot survives except Redis markers
+
+    again = LearnerCore.start(spec, registry, redis_client)
+    assert again.labels_learned == 3 and again.offsets == {0: 103}
+    out = again.process(msgs[3:])  # what the consumer reads after seeking to 103
+    assert [r.outcome for r in out.results] == ["hit", "hit"]
+    assert again.labels_learned == 5
+    # a redelivery of an already-snapshotted label is a duplicate
+    assert [r.outcome for r in again.process(msgs[:1]).results] == ["duplicate"]
+    # and the markers of this run are honoured within the run
+    assert [r.outcome for r in again.process(msgs[3:4]).results] == ["duplicate"]
+    # after the next restart, the new run's snapshotted markers count as learned
+    again.maybe_snapshot(force=True)
+    third = LearnerCore.start(spec, registry, redis_client)
+    assert third.labels_learned == 5
+    assert [r.outcome for r in third.process(msgs[3:]).results] == ["duplicate", "duplicate"]
+
+
+def test_follow_champion(redis_client: Any, unique: Any) -> None:
+    spec = make_spec(unique)
+    registry = ModelRegistry(redis_client, spec)
+    core = LearnerCore.start(spec, registry, redis_client)
+    v2 = registry.save(build_model(spec.model), parent="v1", trigger="drift", reason="test", meta={})
+    registry.set_alias("champion", v2.id)
+    sid = core.maybe_snapshot(force=True)
+    assert core.version_id == "v2" and sid == "v2.1"
