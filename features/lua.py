@@ -4,11 +4,13 @@ The windows, aggregates, lateness and TTLs are baked into the script text, so Re
 no spec interpretation per event. Call contract (``EVALSHA sha 3 KEYS... ARGV...``):
 
 * ``KEYS[1]`` ZSET of the entity's accepted events: score = ts, member =
-  ``<12-digit arrival seq>|<token>|<token>...`` (one token per used field); the zero-padded
-  seq makes members unique and orders equal timestamps by arrival.
+  ``<12-digit arrival seq>|<token>|<token>...`` (one token per field a windowed aggregate
+  reads; raw-only fields are not stored); the zero-padded seq makes members unique and
+  orders equal timestamps by arrival.
 * ``KEYS[2]`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``.
 * ``KEYS[3]`` the event's served features (dedupe and the label join).
-* ``ARGV[1]`` ts as ``repr(float)``; ``ARGV[2]`` the event's tokens joined by ``|``.
+* ``ARGV[1]`` ts as ``repr(float)``; ``ARGV[2]`` the event's tokens (every used field)
+  joined by ``|``.
 
 Tokens (see :mod:`features.online`): '' for missing; numbers as ``repr(float)`` (exact
 through ``tonumber``); booleans ``0``/``1``; categoricals ``s`` + the string with ``%`` and
@@ -21,7 +23,7 @@ numbers returned to Redis would be truncated to integers; '' stands for None.
 
 from __future__ import annotations
 
-from features.base import entity_ttl, max_window, served_ttl, used_fields
+from features.base import entity_ttl, served_ttl, used_fields
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
@@ -62,19 +64,20 @@ local function first(w)
   while s > 1 and sc[s - 1] > lo do s = s - 1 end
   return s
 end
--- Present tokens of field fi in the window from list index s, then the event's own.
-local function toks(s, fi)
+-- Present tokens of a field in the window from list index s, then the event's own:
+-- si is its place in a stored member (after the seq), oi its place in ARGV[2].
+local function toks(s, si, oi)
   local v, m = {}, 0
   for k = s, n do
-    local x = tok[k][fi + 1]
+    local x = tok[k][si + 1]
     if x ~= '' then m = m + 1; v[m] = x end
   end
-  local x = own[fi]
+  local x = own[oi]
   if x ~= '' then m = m + 1; v[m] = x end
   return v, m
 end
-local function nums(s, fi)
-  local v, m = toks(s, fi)
+local function nums(s, si, oi)
+  local v, m = toks(s, si, oi)
   for k = 1, m do v[k] = tonumber(v[k]) end
   return v, m
 end
@@ -142,11 +145,10 @@ local out = {}
 
 _EPILOGUE = r"""
 local fv = table.concat(out, '|')
-redis.call('ZADD', KEYS[1], ts_s, string.format('%012d', seq) .. '|' .. ARGV[2])
+redis.call('ZADD', KEYS[1], ts_s, string.format('%012d', seq)STORED)
 if not wm or ts > wm then wm = ts end
 redis.call('HSET', KEYS[2], 'wm', fmt(wm), 'seq', string.format('%d', seq))
--- Nothing at or below this score can be in the window of an event that is not late.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt((wm - LATENESS) - MAXW))
+TRIM
 redis.call('EXPIRE', KEYS[1], ENTITY_TTL)
 redis.call('EXPIRE', KEYS[2], ENTITY_TTL)
 redis.call('SET', KEYS[3], fv, 'EX', SERVED_TTL)
@@ -168,10 +170,45 @@ def list_window(spec: PipelineSpec) -> float:
     return max((f.window for f in spec.features if _needs_list(f) and f.window), default=0.0)
 
 
+def stored_fields(spec: PipelineSpec) -> list[str]:
+    """The fields kept in the window ZSET: those of windowed aggregates (not raw ones)."""
+    wanted = {f.field for f in spec.features if _needs_list(f)}
+    return [name for name in used_fields(spec) if name in wanted]
+
+
+def _trim(spec: PipelineSpec) -> str:
+    """Lua that drops the stored events no acceptable event's features can depend on.
+
+    An accepted event has ``ts >= wm - lateness``, so an event at or below
+    ``(wm - lateness) - W`` is outside all its windows of at most ``W``. ``since_prev``
+    only needs the newest stored event at or below ``wm - lateness`` (it dominates older
+    ones), so a long ``since_prev`` window does not keep a long history.
+    """
+    lateness = repr(float(spec.lateness))
+    full = [f.window for f in spec.features if f.window is not None and f.agg != "since_prev"]
+    since = [f.window for f in spec.features if f.window is not None and f.agg == "since_prev"]
+    full_w = max(full, default=None)
+    horizon = f"local horizon = wm - {lateness}"
+    if not since or (full_w is not None and max(since) <= full_w):
+        bound = max(full_w or 0.0, *since) if since else (full_w or 0.0)
+        return f"{horizon}\nredis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(horizon - {bound!r}))"
+    cut = "math.huge" if full_w is None else f"horizon - {full_w!r}"
+    return f"""{horizon}
+local cut = {cut}
+local p = redis.call('ZREVRANGEBYSCORE', KEYS[1], fmt(horizon), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if p[2] then
+  if cut < tonumber(p[2]) then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(cut))
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. p[2])
+  end
+end"""
+
+
 def build_script(spec: PipelineSpec) -> str:
     """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis)."""
-    fields = used_fields(spec)
-    index = {name: i + 1 for i, name in enumerate(fields)}  # own[i] / tok[k][i + 1]
+    own = {name: i + 1 for i, name in enumerate(used_fields(spec))}  # own[i]
+    stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}  # tok[k][i + 1]
     listw = list_window(spec)
     lines = [f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit"]
     lines.append(_PRELUDE.replace("LATENESS", repr(float(spec.lateness))).replace("LISTW", repr(listw)))
@@ -181,7 +218,7 @@ def build_script(spec: PipelineSpec) -> str:
         w = f.window
         if f.agg == "raw":
             assert f.field is not None
-            lines.append(f"{slot} = own[{index[f.field]}]  -- {f.name}")
+            lines.append(f"{slot} = own[{own[f.field]}]  -- {f.name}")
             continue
         assert w is not None
         covered = w <= listw
@@ -196,13 +233,14 @@ def build_script(spec: PipelineSpec) -> str:
         elif f.agg in _LIST_AGGS:
             assert f.field is not None and s is not None
             get = "nums" if f.agg in _NUMERIC else "toks"
-            call = f"A.{f.agg}({get}({s}, {index[f.field]}))"
+            call = f"A.{f.agg}({get}({s}, {stored[f.field]}, {own[f.field]}))"
         else:  # pragma: no cover - spec.Agg and this list are kept in step
             raise FeatureError(f"aggregate {f.agg!r} has no Lua implementation; see docs/features.md")
         lines.append(f"{slot} = {call}  -- {f.name}")
+    member = "".join(f" .. '|' .. own[{own[name]}]" for name in stored)
     lines.append(
-        _EPILOGUE.replace("LATENESS", repr(float(spec.lateness)))
-        .replace("MAXW", repr(float(max_window(spec))))
+        _EPILOGUE.replace("STORED", member)
+        .replace("TRIM", _trim(spec))
         .replace("ENTITY_TTL", str(entity_ttl(spec)))
         .replace("SERVED_TTL", str(served_ttl(spec)))
     )

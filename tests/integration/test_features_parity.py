@@ -29,22 +29,10 @@ WINDOWS = ["1m", "15m", "1h", "1d"]
 AGGS_NUMERIC = ["count", "sum", "mean", "min", "max", "std", "last", "distinct"]
 
 
-def _spec(unique: str, lateness: float = 120.0) -> PipelineSpec:
+def _spec(unique: str, lateness: float = 120.0, features: list[dict[str, Any]] | None = None) -> PipelineSpec:
     name = re.sub(r"[^a-z0-9_-]", "-", f"fparity-{unique}".lower())[:63]
-    features: list[dict[str, Any]] = [
-        {"agg": "raw", "field": f} for f in ("amount", "score", "country", "flag")
-    ]
-    for w in WINDOWS:
-        features.append({"agg": "count", "window": w})
-        features.append({"agg": "since_prev", "window": w})
-        for agg in AGGS_NUMERIC:
-            features.append({"agg": agg, "field": "amount", "window": w})
-        for agg in ("count", "mean", "std", "min", "max"):
-            features.append({"agg": agg, "field": "score", "window": w})
-        for agg in ("count", "last", "distinct"):
-            features.append({"agg": agg, "field": "country", "window": w})
-        for agg in ("sum", "mean", "last", "distinct"):
-            features.append({"agg": agg, "field": "flag", "window": w})
+    if features is None:
+        features = _every_aggregate()
     return parse_spec(
         {
             "name": name,
@@ -60,6 +48,44 @@ def _spec(unique: str, lateness: float = 120.0) -> PipelineSpec:
             "model": {"steps": ["river.linear_model.LogisticRegression"]},
         }
     )
+
+
+def _every_aggregate() -> list[dict[str, Any]]:
+    features: list[dict[str, Any]] = [
+        {"agg": "raw", "field": f} for f in ("amount", "score", "country", "flag")
+    ]
+    for w in WINDOWS:
+        features.append({"agg": "count", "window": w})
+        features.append({"agg": "since_prev", "window": w})
+        for agg in AGGS_NUMERIC:
+            features.append({"agg": agg, "field": "amount", "window": w})
+        for agg in ("count", "mean", "std", "min", "max"):
+            features.append({"agg": agg, "field": "score", "window": w})
+        for agg in ("count", "last", "distinct"):
+            features.append({"agg": agg, "field": "country", "window": w})
+        for agg in ("sum", "mean", "last", "distinct"):
+            features.append({"agg": agg, "field": "flag", "window": w})
+    return features
+
+
+#: since_prev windows longer than every other window: the ZSET keeps only what since_prev
+#: can still need (the trim path that looks up the newest event behind the horizon).
+SINCE_PREV_LONGEST: list[dict[str, Any]] = [
+    {"agg": "raw", "field": "amount"},
+    {"agg": "raw", "field": "country"},
+    {"agg": "since_prev", "window": "1d"},
+    {"agg": "since_prev", "window": "1h"},
+    {"agg": "since_prev", "window": "1m"},
+    {"agg": "count", "window": "10m"},
+    {"agg": "mean", "field": "amount", "window": "15m"},
+    {"agg": "last", "field": "country", "window": "1m"},
+    {"agg": "distinct", "field": "flag", "window": "5m"},
+]
+SINCE_PREV_ONLY: list[dict[str, Any]] = [
+    {"agg": "raw", "field": "flag"},
+    {"agg": "since_prev", "window": "1d"},
+    {"agg": "since_prev", "window": "2m"},
+]
 
 
 COUNTRIES = ["fr", "de", "a|b", "50%", "%7C", "", "zürich", "x" * 40]
@@ -156,7 +182,8 @@ def test_online_equals_offline_on_a_messy_stream(redis_client: redis.Redis, uniq
 
 
 def test_async_path_and_script_reload_match_offline(redis_client: redis.Redis, unique: str) -> None:
-    spec = _spec(unique + "a", lateness=0.0)  # lateness 0: any event behind the watermark is late
+    # lateness 0: any event behind the watermark is late
+    spec = _spec(unique + "a", lateness=0.0, features=SINCE_PREV_LONGEST)
     store = RedisFeatureStore(spec)
     events = _stream(3_000, 100, seed=11)
     conn = redis_client.connection_pool.connection_kwargs
@@ -176,6 +203,22 @@ def test_async_path_and_script_reload_match_offline(redis_client: redis.Redis, u
 
     online = asyncio.run(replay())
     _assert_parity(spec, events, online)
+
+
+@pytest.mark.parametrize("features", [SINCE_PREV_LONGEST, SINCE_PREV_ONLY])
+def test_trimming_keeps_what_since_prev_needs(
+    redis_client: redis.Redis, unique: str, features: list[dict[str, Any]]
+) -> None:
+    spec = _spec(unique + str(len(features)), features=features)
+    store = RedisFeatureStore(spec)
+    events = _stream(4_000, 60, seed=5)
+    online: list[FeatureResult] = []
+    for b in range(0, len(events), 500):
+        online.extend(store.compute_batch(redis_client, events[b : b + 500]))
+    _assert_parity(spec, events, online)
+    # Trimmed: a heavy entity keeps far fewer events than it had in the last day.
+    sizes = [redis_client.zcard(store.window_key(f"user:{i}")) for i in range(3)]
+    assert max(sizes) < 100, sizes
 
 
 def test_demo_spec_parity(redis_client: redis.Redis, unique: str) -> None:
