@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,12 +60,13 @@ STOP_TIMEOUT = {"kafka": 30.0, "redis": 10.0, "prometheus": 15.0}
 
 KAFKA_READY_LINE = "Transitioning from RECOVERY to RUNNING"
 
+# Program -> Debian package that provides it.
 INSTALL = {
-    "java": "apt-get install -y openjdk-17-jre-headless",
-    "mvn": "apt-get install -y maven",
-    "redis-server": "apt-get install -y redis-server",
-    "prometheus": "apt-get install -y prometheus",
-    "promtool": "apt-get install -y prometheus",
+    "java": "openjdk-17-jre-headless",
+    "mvn": "maven",
+    "redis-server": "redis-server",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 
 
@@ -162,7 +164,11 @@ def port_taken_message(port: int, what: str) -> str:
         pid, cmd = owner
         who = f"pid {pid} ({cmd or '?'})"
         fix = f"stop it (`kill {pid}`)"
-        if "prometheus" in cmd:
+        other = re.search(r"(/[^\s=:]*)/\.weir/stack/", cmd)
+        if other and Path(other.group(1) or "/") != REPO:
+            who += f", the local stack of another clone ({other.group(1)})"
+            fix = f"stop it (`python {other.group(1)}/deploy/local/stack.py down`)"
+        elif "prometheus" in cmd:
             who += ", probably the prometheus service Debian's package starts"
             fix = f"stop it (`systemctl disable --now prometheus`, or `kill {pid}` where there is no systemd)"
         elif "redis-server" in cmd:
@@ -216,13 +222,10 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.25
 def need(*programs: str) -> None:
     missing = [p for p in programs if find_program(p) is None]
     if missing:
-        cmds = sorted({INSTALL[p] for p in missing})
+        packages = " ".join(sorted({INSTALL[p] for p in missing}))
         raise StackFailure(
-            "missing program(s): "
-            + ", ".join(missing)
-            + "; install with `sudo "
-            + " && sudo ".join(cmds)
-            + "` (or run `sudo deploy/local/install-debian.sh`)"
+            f"missing program(s): {', '.join(missing)}; install with "
+            f"`sudo apt-get install -y {packages}` (or run `sudo deploy/local/install-debian.sh`)"
         )
 
 
@@ -670,11 +673,13 @@ class Prometheus(Server):
             )
 
     def on_reuse(self) -> None:
-        if self.render():
-            status, body = self.http("/-/reload", method="POST", timeout=10.0)
-            if status != 200:
-                raise StackFailure(f"prometheus: config reload failed ({status}): {body}")
-            say("prometheus: configuration changed, reloaded")
+        # Always reload: rule files in deploy/prometheus/rules/ are read only on (re)load,
+        # and a reload costs milliseconds. promtool has checked the config first.
+        changed = self.render()
+        status, body = self.http("/-/reload", method="POST", timeout=10.0)
+        if status != 200:
+            raise StackFailure(f"prometheus: config reload failed ({status}): {body}")
+        say(f"prometheus: {'configuration changed, ' if changed else ''}reloaded config and rules")
 
     def start(self) -> int:
         self.render()
