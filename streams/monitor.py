@@ -1,0 +1,563 @@
+"""The monitor process: drift statistics and the retrain loop, off the scoring hot path.
+
+``weir monitor SPEC`` runs :func:`run_monitor`: one confluent-kafka consumer reads
+
+* the predictions topic: feature drift (the features as served) and prediction drift;
+* the training-log topic (joined examples): performance drift, fresh-label counting,
+  the window a challenger is fitted on, and the shadow / rollback comparisons;
+* the model-control topic: ``{"command": "retrain", "reason": ...}`` requests
+  (``weir retrain SPEC``).
+
+Every ``check_every`` records (and at least every ``check_seconds`` while anything
+arrives) it publishes a :class:`~models.drift.DriftRecord` per ready statistic to the
+drift topic, updates :class:`~weir.metrics.MonitorMetrics`, and asks the
+:class:`~models.retrain.RetrainPolicy`. When that fires: fit a challenger on the
+training log -> ``registry.save`` -> alias ``challenger``; the challenger then scores
+and learns beside the champion on the incoming joined examples (the same labels) and
+the :class:`~models.shadow.ShadowGate` promotes it (alias ``champion``) or rejects it;
+after a promotion the :class:`~models.shadow.RollbackGuard` may point ``champion``
+back at the predecessor. The per-record logic is :class:`Monitor`, which needs no
+Kafka; :func:`run_monitor` is the loop around it. See ``docs/drift.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from models.drift import DriftRecord, DriftSuite, loss
+from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
+from models.shadow import RollbackGuard, ShadowGate, Verdict
+
+if TYPE_CHECKING:
+    from weir.metrics import MonitorMetrics
+    from weir.settings import Settings
+    from weir.spec import PipelineSpec
+
+log = logging.getLogger("weir.monitor")
+
+Publish = Callable[[DriftRecord], None]
+
+
+def version_of(model_version: str | None) -> str | None:
+    """A snapshot id ``v3.17`` counts for version ``v3``."""
+    return None if model_version is None else str(model_version).split(".", 1)[0]
+
+
+@dataclass
+class _Shadow:
+    version_id: str
+    trigger: str
+    model: Any
+    gate: ShadowGate
+
+
+@dataclass
+class _Guard:
+    champion_id: str
+    predecessor_id: str | None
+    model: Any
+    guard: RollbackGuard
+
+
+class Monitor:
+    """The monitor's state and decisions, fed decoded messages (no Kafka here).
+
+    Args:
+        spec: the pipeline spec.
+        registry: a ``models.registry.ModelRegistry`` (or anything with its API).
+        publish: called with every DriftRecord (the drift topic producer).
+        metrics: MonitorMetrics to update, or None.
+        check_every: records (predictions + examples) between two checks.
+        clock: wall clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        registry: Any,
+        publish: Publish,
+        metrics: MonitorMetrics | None = None,
+        check_every: int = 500,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.registry = registry
+        self.publish = publish
+        self.metrics = metrics
+        self.check_every = check_every
+        self.clock = clock
+        self.suite = DriftSuite(spec)
+        self.policy = RetrainPolicy(spec.retrain, spec.name, started=clock())
+        # Joined examples a challenger may be fitted on: at most window_labels are used.
+        self.buffer: collections.deque[dict[str, Any]] = collections.deque(maxlen=spec.retrain.window_labels)
+        self.champion_id: str | None = registry.alias("champion")
+        self.shadow: _Shadow | None = None
+        self.guard: _Guard | None = None
+        # Correctness (or abs error) of the served predictions of the current champion,
+        # over the last rollback_labels labels: its "last known rolling metric".
+        self._served: collections.deque[float] = collections.deque(maxlen=spec.retrain.rollback_labels)
+        self._was_drifted: dict[tuple[str, str], bool] = {}
+        self.since_check = 0
+        self.predictions_seen = 0
+        self.examples_seen = 0
+        self.checks = 0
+        self.retrains = 0
+        self.promotions: list[str] = []
+        self.rollbacks: list[str] = []
+        self.last_check = clock()
+
+    # -- input ---------------------------------------------------------------------------
+    def on_prediction(self, msg: dict[str, Any]) -> None:
+        self.suite.observe_prediction(msg.get("features") or {}, msg.get("prediction"))
+        self.predictions_seen += 1
+        self._count()
+
+    def on_example(self, msg: dict[str, Any]) -> None:
+        """One training-log record: event_id, ts, features, label, prediction, model_version."""
+        from models.factory import learn, model_input, predict
+
+        y: Any = msg.get("label")
+        served = msg.get("prediction")
+        if y is None:
+            log.warning("skipping a training-log record without a label: %r", msg.get("event_id"))
+            return
+        task = self.spec.task
+        self.examples_seen += 1
+        if self.suite.observe_label(y, served):
+            assert self.suite.performance is not None
+            rec = self.suite.performance.record(self.spec.name, self.champion_id, self.clock())
+            rec.detail = {
+                **(rec.detail or {}),
+                "event_id": msg.get("event_id"),
+                "event_ts": msg.get("ts"),
+                "labels_seen": self.examples_seen,
+            }
+            self._emit(rec)
+            self.suite.performance.acknowledge()
+            self.policy.note_performance_drift(
+                f"{self.suite.performance.statistic.upper()} on loss at label "
+                f"{self.examples_seen} (event {msg.get('event_id')})",
+                now=self.clock(),
+                event_ts=_float(msg.get("ts")),
+            )
+        self.policy.add_labels(1)
+        self.buffer.append(msg)
+        mv = version_of(msg.get("model_version"))
+        if mv == self.champion_id or self.champion_id is None:
+            err = loss(task, y, served)
+            if not math.isnan(err):
+                self._served.append(err)
+
+        x = model_input(msg.get("features") or {})
+        if self.shadow is not None:
+            pred = predict(self.shadow.model, x, task)[0]
+            learn(self.shadow.model, x, y, task)
+            verdict = self.shadow.gate.update(y, champion=served, challenger=pred)
+            if verdict is not None:
+                self._settle_shadow(verdict)
+        elif self.guard is not None:
+            g = self.guard
+            own = predict(g.model, x, task)[0]
+            learn(g.model, x, y, task)
+            # The served prediction once the learner serves the new version; until then
+            # the monitor's own copy of it.
+            new = served if mv == g.champion_id else own
+            verdict = g.guard.update(y, champion=new)
+            if verdict is not None:
+                self._settle_guard(verdict)
+        self._count()
+
+    def on_control(self, msg: dict[str, Any]) -> None:
+        if msg.get("command") == "retrain":
+            reason = str(msg.get("reason") or "requested")
+            log.info("manual retrain requested: %s", reason)
+            self.policy.note_manual(reason, self.clock())
+            self.check()
+        else:
+            log.warning("ignoring unknown model-control command %r", msg.get("command"))
+
+    def _count(self) -> None:
+        self.since_check += 1
+        if self.since_check >= self.check_every:
+            self.check()
+
+    # -- periodic check --------------------------------------------------------------------
+    def check(self) -> list[DriftRecord]:
+        """Publish the statistics, then take (and publish) the retrain decision."""
+        now = self.clock()
+        self.since_check = 0
+        self.last_check = now
+        self.checks += 1
+        self._follow_champion()
+        out = self.suite.check(self.champion_id, now)
+        for rec in out:
+            self._emit(rec)
+        self.policy.note_feature_drift(self.suite.drifted_features())
+        busy = None
+        if self.shadow is not None:
+            busy = (
+                f"challenger {self.shadow.version_id} in shadow "
+                f"({self.shadow.gate.labels}/{self.shadow.gate.labels_needed} labels)"
+            )
+        elif self.guard is not None:
+            busy = (
+                f"champion {self.guard.champion_id} under rollback watch "
+                f"({self.guard.guard.champion.n}/{self.guard.guard.labels} labels)"
+            )
+        decision = self.policy.decide(now, busy=busy, model_version=self.champion_id)
+        self._emit(decision.record)
+        out.append(decision.record)
+        if decision.fire:
+            self._retrain(decision.trigger, decision.reason, now)
+        elif decision.trigger != "none" and self.metrics is not None:
+            self.metrics.retrains.labels(self.spec.name, decision.trigger, "skipped").inc()
+        return out
+
+    def _follow_champion(self) -> None:
+        """Notice a champion set outside the monitor and watch it for rollback."""
+        current = self.registry.alias("champion")
+        if current == self.champion_id:
+            return
+        previous, self.champion_id = self.champion_id, current
+        log.info("champion changed outside the monitor: %s -> %s", previous, current)
+        self.suite.rebase()
+        if current is None or previous is None or self.guard is not None:
+            return
+        baseline = self._served_metric()
+        try:
+            model, _ = self.registry.load(current)
+        except Exception as exc:  # a bad blob must not stop the monitor
+            log.error("cannot load new champion %s for the rollback watch: %s", current, exc)
+            return
+        self._start_guard(current, previous, model, baseline)
+        self._served.clear()
+
+    def _served_metric(self) -> float | None:
+        if not self._served:
+            return None
+        mean = sum(self._served) / len(self._served)
+        return mean if self.spec.task == "regression" else 1.0 - mean
+
+    # -- retrain, shadow, promotion, rollback ----------------------------------------------
+    def _retrain(self, trigger: str, reason: str, now: float) -> None:
+        since = self.policy.drift_point if trigger == "performance" else None
+        self.policy.fired(now)
+        self.retrains += 1
+        frame = train_log_frame(list(self.buffer), features=self.spec.feature_names)
+        try:
+            # The champion's holdout score is that of its served predictions: the live
+            # champion learned online, its stored version did not.
+            result = fit_challenger(self.spec, frame, since_ts=since)
+            version = self.registry.save(
+                result.model,
+                parent=self.champion_id,
+                trigger=trigger,
+                reason=reason,
+                meta=result.as_meta(),
+            )
+            self.registry.set_alias("challenger", version.id)
+        except Exception as exc:  # RetrainError, a registry failure: the monitor goes on
+            log.exception("retrain (%s) failed", trigger)
+            self._decision("challenger", "failed", False, f"retrain failed: {exc}", now, trigger=trigger)
+            self._count_retrain(trigger, "failed")
+            return
+        self._count_retrain(trigger, "trained")
+        self._decision(
+            "challenger",
+            "trained",
+            True,
+            f"challenger {version.id} fitted on {result.train_rows} rows ({reason}); holdout "
+            f"{result.metric} {result.challenger_score:.4f} vs champion "
+            f"{result.champion_score:.4f}",
+            now,
+            value=result.improvement,
+            challenger=version.id,
+            trigger=trigger,
+            **result.as_meta(),
+        )
+        gate = ShadowGate(
+            self.spec.task,
+            labels_needed=self.spec.retrain.shadow_labels,
+            margin=self.spec.retrain.promote_margin,
+        )
+        self.shadow = _Shadow(version.id, trigger, result.model, gate)
+
+    def _settle_shadow(self, verdict: Verdict) -> None:
+        assert self.shadow is not None
+        sh, self.shadow = self.shadow, None
+        now = self.clock()
+        rec = verdict.record(
+            self.spec.name,
+            self.champion_id,
+            "promotion",
+            now,
+            margin=self.spec.retrain.promote_margin,
+            challenger=sh.version_id,
+        )
+        self._emit(rec)
+        meta = {"shadow": rec.detail}
+        try:
+            self.registry.update_meta(sh.version_id, **meta)
+        except Exception as exc:
+            log.warning("could not record the shadow result on %s: %s", sh.version_id, exc)
+        self.registry.set_alias("challenger", None)
+        if verdict.decision != "promote":
+            log.info("challenger %s rejected: %s", sh.version_id, verdict.reason)
+            self._count_retrain(sh.trigger, "rejected")
+            return
+        predecessor = self.champion_id
+        self.registry.set_alias("champion", sh.version_id)
+        self.champion_id = sh.version_id
+        self.promotions.append(sh.version_id)
+        log.info("challenger %s promoted: %s", sh.version_id, verdict.reason)
+        self._count_retrain(sh.trigger, "promoted")
+        if self.metrics is not None:
+            self.metrics.promotions.labels(self.spec.name).inc()
+        self.suite.rebase()
+        self._served.clear()
+        # The predecessor's last known metric: its score over the shadow labels.
+        self._start_guard(sh.version_id, predecessor, sh.model, verdict.incumbent)
+
+    def _start_guard(
+        self, champion_id: str, predecessor: str | None, model: Any, baseline: float | None
+    ) -> None:
+        if predecessor is None or baseline is None:
+            return
+        guard = RollbackGuard(
+            self.spec.task,
+            labels=self.spec.retrain.rollback_labels,
+            margin=self.spec.retrain.rollback_margin,
+            baseline=baseline,
+        )
+        self.guard = _Guard(champion_id, predecessor, model, guard)
+
+    def _settle_guard(self, verdict: Verdict) -> None:
+        assert self.guard is not None
+        g, self.guard = self.guard, None
+        now = self.clock()
+        rec = verdict.record(
+            self.spec.name,
+            g.champion_id,
+            "rollback",
+            now,
+            margin=self.spec.retrain.rollback_margin,
+            predecessor=g.predecessor_id,
+        )
+        self._emit(rec)
+        if verdict.decision != "rollback" or g.predecessor_id is None:
+            return
+        log.warning("rolling %s back to %s: %s", g.champion_id, g.predecessor_id, verdict.reason)
+        self.registry.set_alias("champion", g.predecessor_id)
+        try:
+            self.registry.update_meta(g.champion_id, rolled_back=rec.detail)
+        except Exception as exc:
+            log.warning("could not record the rollback on %s: %s", g.champion_id, exc)
+        self.champion_id = g.predecessor_id
+        self.rollbacks.append(g.champion_id)
+        self.suite.rebase()
+        self._served.clear()
+        if self.metrics is not None:
+            self.metrics.rollbacks.labels(self.spec.name).inc()
+
+    # -- output ----------------------------------------------------------------------------
+    def _decision(
+        self,
+        name: str,
+        statistic: str,
+        drifted: bool,
+        reason: str,
+        now: float,
+        value: float = math.nan,
+        **detail: Any,
+    ) -> None:
+        self._emit(
+            DriftRecord(
+                time=now,
+                pipeline=self.spec.name,
+                model_version=self.champion_id,
+                kind="decision",
+                name=name,
+                statistic=statistic,
+                value=value,
+                threshold=0.0,
+                drifted=drifted,
+                detail={"reason": reason, **detail},
+            )
+        )
+
+    def _count_retrain(self, trigger: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.retrains.labels(self.spec.name, trigger, outcome).inc()
+
+    def _emit(self, rec: DriftRecord) -> None:
+        m = self.metrics
+        if m is not None and rec.kind != "decision":
+            if math.isfinite(rec.value):
+                m.drift_statistic.labels(self.spec.name, rec.kind, rec.name, rec.statistic).set(rec.value)
+            m.drift_detected.labels(self.spec.name, rec.kind, rec.name).set(int(rec.drifted))
+            key = (rec.kind, rec.name)
+            # Count detections, not checks: a statistic that stays past its threshold
+            # counts once; every performance detection counts.
+            if rec.drifted and (rec.kind == "performance" or not self._was_drifted.get(key)):
+                m.drift_events.labels(self.spec.name, rec.kind).inc()
+            self._was_drifted[key] = rec.drifted
+        self.publish(rec)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# The Kafka loop
+# --------------------------------------------------------------------------------------
+
+
+def run_monitor(
+    spec: PipelineSpec,
+    settings: Settings,
+    stop: threading.Event | None = None,
+    *,
+    registry: Any = None,
+    metrics_registry: Any = None,
+    metrics_port: int | None = None,
+    check_every: int = 500,
+    check_seconds: float = 5.0,
+    on_ready: Callable[[Monitor], None] | None = None,
+) -> Monitor:
+    """Run the monitor until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
+
+    Args:
+        registry: the model registry; default ``ModelRegistry(settings.redis(), spec, key)``.
+        metrics_registry: a prometheus ``CollectorRegistry``; default a fresh one.
+        metrics_port: port of ``/metrics``; default ``settings.metrics_port``.
+        check_every: records between two checks.
+        check_seconds: at most this long between checks while records arrive.
+        on_ready: called with the :class:`Monitor` once it is built (tests watch it).
+
+    Returns:
+        The Monitor, after a clean stop (consumer closed, producer flushed).
+    """
+    from confluent_kafka import Consumer, KafkaError, Producer
+    from prometheus_client import CollectorRegistry
+
+    from weir.metrics import MetricsServer, MonitorMetrics
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+
+    if registry is None:
+        from models.registry import ModelRegistry, registry_key
+
+        registry = ModelRegistry(settings.redis(), spec, key=registry_key(settings))
+    metrics = MonitorMetrics(metrics_registry or CollectorRegistry())
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    server = MetricsServer(metrics.registry, settings.metrics_host, port)
+    log.info("monitor %s: /metrics on %s", spec.name, server.url)
+
+    producer = Producer({**settings.confluent_config(), "linger.ms": 20})
+    errors: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+            log.error("drift record not delivered to %s: %s", msg.topic(), err)
+
+    def publish(rec: DriftRecord) -> None:
+        producer.produce(
+            spec.topics.drift,
+            orjson.dumps(rec.to_dict()),
+            f"{rec.kind}:{rec.name}".encode(),
+            on_delivery=delivered,
+        )
+        producer.poll(0)
+
+    monitor = Monitor(spec, registry, publish, metrics, check_every=check_every)
+    if on_ready is not None:
+        on_ready(monitor)
+    t = spec.topics
+    consumer = Consumer(
+        {
+            **settings.confluent_config(),
+            "group.id": f"{spec.consumer_group}-monitor",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+            "enable.partition.eof": False,
+        }
+    )
+    consumer.subscribe([t.predictions, t.training_log, t.model_control])
+    handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+        t.predictions: monitor.on_prediction,
+        t.training_log: monitor.on_example,
+        t.model_control: monitor.on_control,
+    }
+    try:
+        while not stop.is_set():
+            batch = consumer.consume(500, timeout=0.2)
+            for msg in batch:
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consume error: %s", err.str())
+                    continue
+                try:
+                    obj = orjson.loads(msg.value() or b"null")
+                except orjson.JSONDecodeError:
+                    log.warning("skipping non-JSON message on %s @%s", msg.topic(), msg.offset())
+                    continue
+                handler = handlers.get(msg.topic() or "")
+                if handler is not None and isinstance(obj, dict):
+                    handler(obj)
+            if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
+                monitor.check()
+            producer.poll(0)
+    finally:
+        consumer.close()
+        producer.flush(10)
+        server.stop()
+        log.info(
+            "monitor %s stopped: %d predictions, %d examples, %d retrains",
+            spec.name,
+            monitor.predictions_seen,
+            monitor.examples_seen,
+            monitor.retrains,
+        )
+    return monitor
+
+
+def request_retrain(spec: PipelineSpec, settings: Settings, reason: str) -> None:
+    """Ask the monitor for a manual retrain (a message on the model-control topic)."""
+    from confluent_kafka import Producer
+
+    from weir.errors import StackError
+
+    producer = Producer(settings.confluent_config())
+    errors: list[str] = []
+    producer.produce(
+        spec.topics.model_control,
+        orjson.dumps({"command": "retrain", "reason": reason, "requested_at": time.time()}),
+        b"retrain",
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )
+    left = producer.flush(10)
+    if left or errors:
+        raise StackError(
+            f"could not send the retrain request to {spec.topics.model_control!r} "
+            f"({errors[0] if errors else 'timed out'}); is Kafka at "
+            f"{settings.kafka_bootstrap} up (`make up`)?"
+        )

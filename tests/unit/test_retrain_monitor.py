@@ -1,0 +1,217 @@
+"""The monitor's logic replayed offline: concept change -> drift -> challenger -> promotion.
+
+Same code as live (:class:`streams.monitor.Monitor`), fed decoded messages; the model
+registry is an in-memory stand-in with the registry's API.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from models.drift import DriftRecord
+from models.factory import build_model, learn, model_input, predict
+from streams.monitor import Monitor
+from weir.metrics import MonitorMetrics
+from weir.spec import PipelineSpec, parse_spec
+from weir.types import ModelVersion
+
+FEATS = ["salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan"]
+
+
+def make_spec(**retrain: Any) -> PipelineSpec:
+    return parse_spec(
+        {
+            "name": "mon",
+            "task": "binary",
+            "classes": ["0", "1"],
+            "fields": dict.fromkeys(FEATS, "numeric"),
+            "features": [{"agg": "raw", "field": k} for k in FEATS],
+            "model": {
+                "steps": [
+                    "river.preprocessing.StandardScaler",
+                    {
+                        "class": "river.linear_model.LogisticRegression",
+                        "params": {"optimizer": {"class": "river.optim.SGD", "params": {"lr": 0.05}}},
+                    },
+                ]
+            },
+            "drift": {"reference_size": 500, "window": 500, "min_samples": 200},
+            "retrain": {
+                "min_fresh_labels": 500,
+                "window_labels": 2000,
+                "cooldown": 60,
+                "shadow_labels": 500,
+                "rollback_labels": 500,
+                **retrain,
+            },
+        }
+    )
+
+
+class MemoryRegistry:
+    """The model registry's API over dicts (pickle round trips like the real one)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, tuple[bytes, ModelVersion]] = {}
+        self.aliases: dict[str, str | None] = {"champion": None, "challenger": None}
+
+    def save(
+        self, model: Any, *, parent: str | None, trigger: str, reason: str, meta: Any = None
+    ) -> ModelVersion:
+        vid = f"v{len(self.versions) + 1}"
+        mv = ModelVersion(vid, "m", parent, 0.0, trigger, reason, "", "", "", dict(meta or {}))
+        self.versions[vid] = (pickle.dumps(model), mv)
+        return mv
+
+    def load(self, vid: str) -> tuple[Any, ModelVersion]:
+        blob, mv = self.versions[vid]
+        return pickle.loads(blob), mv
+
+    def get(self, vid: str) -> ModelVersion:
+        return self.versions[vid][1]
+
+    def update_meta(self, vid: str, **meta: Any) -> ModelVersion:
+        self.versions[vid][1].meta.update(meta)
+        return self.versions[vid][1]
+
+    def set_alias(self, name: str, vid: str | None) -> None:
+        self.aliases[name] = vid
+
+    def alias(self, name: str) -> str | None:
+        return self.aliases[name]
+
+
+def agrawal_examples(
+    spec: PipelineSpec, champion: Any, fns: list[tuple[int, int]], seed: int = 7
+) -> list[dict[str, Any]]:
+    """Training-log records: (classification_function, count) segments, served by a frozen champion."""
+    from river.datasets import synth
+
+    out: list[dict[str, Any]] = []
+    for k, (fn, n) in enumerate(fns):
+        for x, y in itertools.islice(synth.Agrawal(fn, seed=seed + k), n):
+            i = len(out)
+            feats = {f: float(x[f]) for f in FEATS}
+            out.append(
+                {
+                    "event_id": f"e{i:06d}",
+                    "ts": 1_700_000_000.0 + i,
+                    "features": feats,
+                    "label": str(int(y)),
+                    "prediction": predict(champion, model_input(feats), spec.task)[0],
+                    "model_version": "v1.3",
+                }
+            )
+    return out
+
+
+def trained_champion(spec: PipelineSpec, fn: int = 6, n: int = 3000) -> Any:
+    from river.datasets import synth
+
+    model = build_model(spec.model)
+    for x, y in itertools.islice(synth.Agrawal(fn, seed=1), n):
+        learn(model, {f: float(x[f]) for f in FEATS}, str(int(y)), spec.task)
+    return model
+
+
+def run(
+    spec: PipelineSpec, records: list[dict[str, Any]], registry: MemoryRegistry
+) -> tuple[Monitor, list[DriftRecord], CollectorRegistry]:
+    out: list[DriftRecord] = []
+    prom = CollectorRegistry()
+    clock = iter(itertools.count(0.0, 0.05))  # 20 records a second
+    mon = Monitor(
+        spec, registry, out.append, MonitorMetrics(prom), check_every=100, clock=lambda: next(clock)
+    )
+    for r in records:
+        mon.on_prediction({"features": r["features"], "prediction": r["prediction"]})
+        mon.on_example(r)
+    return mon, out, prom
+
+
+def _setup(**retrain: Any) -> tuple[PipelineSpec, Any, MemoryRegistry]:
+    spec = make_spec(**retrain)
+    champion = trained_champion(spec)
+    reg = MemoryRegistry()
+    v = reg.save(champion, parent=None, trigger="initial", reason="bootstrap")
+    reg.set_alias("champion", v.id)
+    return spec, champion, reg
+
+
+def test_concept_change_is_detected_retrained_and_promoted() -> None:
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 2000), (7, 3000)])
+    mon, out, prom = run(spec, records, reg)
+
+    perf = [r for r in out if r.kind == "performance" and r.drifted]
+    assert perf, "no performance drift detected"
+    first = perf[0].detail or {}
+    assert 2000 < first["labels_seen"] <= 3000  # within 1,000 labels of the change
+    trained = [r for r in out if r.kind == "decision" and r.name == "challenger"]
+    assert [r.statistic for r in trained] == ["trained"]
+    assert reg.versions["v2"][1].trigger == "performance"
+    assert reg.versions["v2"][1].meta["window"]["since_ts"] >= records[2000]["ts"]
+    promo = [r for r in out if r.name == "promotion"]
+    assert [r.statistic for r in promo] == ["promote"], [r.detail for r in promo]
+    assert reg.alias("champion") == "v2" and reg.alias("challenger") is None
+    assert mon.promotions == ["v2"] and reg.versions["v2"][1].meta["shadow"]["labels"] == 500
+    keep = [r for r in out if r.name == "rollback"]
+    assert [r.statistic for r in keep] == ["keep"]
+    assert prom.get_sample_value("weir_promotions_total", {"pipeline": "mon"}) == 1.0
+    assert (
+        prom.get_sample_value(
+            "weir_retrains_total", {"pipeline": "mon", "trigger": "performance", "outcome": "trained"}
+        )
+        == 1.0
+    )
+    assert prom.get_sample_value("weir_drift_events_total", {"pipeline": "mon", "kind": "performance"}) >= 1.0
+
+
+def test_stationary_stream_never_retrains() -> None:
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 5000)])
+    mon, out, prom = run(spec, records, reg)
+    assert prom.get_sample_value("weir_promotions_total", {"pipeline": "mon"}) is None
+    assert mon.retrains == 0 and reg.alias("champion") == "v1" and len(reg.versions) == 1
+    decisions = [r for r in out if r.kind == "decision"]
+    assert len(decisions) == mon.checks and all(not r.drifted for r in decisions)
+    assert not any(r.drifted for r in out)
+    feats = {r.name for r in out if r.kind == "feature"}
+    assert feats == set(FEATS)
+
+
+def test_a_bad_champion_forced_in_is_rolled_back() -> None:
+    from river import dummy
+
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 3000)])
+    out: list[DriftRecord] = []
+    mon = Monitor(spec, reg, out.append, check_every=100)
+    for r in records[:1000]:
+        mon.on_example(r)
+    bad = reg.save(dummy.NoChangeClassifier(), parent="v1", trigger="manual", reason="forced")
+    reg.set_alias("champion", bad.id)  # an operator forces a bad model in
+    for r in records[1000:]:
+        mon.on_example({**r, "model_version": "v1.9"})  # the learner has not switched yet
+    rb = [r for r in out if r.name == "rollback"]
+    assert [r.statistic for r in rb] == ["rollback"], [r.detail for r in rb]
+    assert reg.alias("champion") == "v1" and mon.rollbacks == [bad.id]
+    assert "predecessor" in (rb[0].detail or {})["reason"]
+
+
+def test_manual_request_is_obeyed() -> None:
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 800)])
+    out: list[DriftRecord] = []
+    mon = Monitor(spec, reg, out.append, check_every=10_000)
+    for r in records:
+        mon.on_example(r)
+    mon.on_control({"command": "retrain", "reason": "new labels backfilled"})
+    trained = [r for r in out if r.name == "challenger"]
+    assert trained and trained[0].statistic == "trained"
+    assert reg.get("v2").trigger == "manual" and reg.alias("challenger") == "v2"
+    assert reg.get("v2").reason == "manual: new labels backfilled"
