@@ -92,7 +92,7 @@ def compute_offline(spec: PipelineSpec, events: pd.DataFrame) -> pd.DataFrame:
     except (TypeError, ValueError) as exc:
         raise FeatureError(f"column 'ts' must be epoch seconds (numbers): {exc}") from None
     if n and not np.isfinite(ts_all).all():
-        bad = events["ts"].iloc[int(np.argmin(np.isfinite(ts_all)))]
+        bad = float(ts_all[int(np.argmin(np.isfinite(ts_all)))])
         raise FeatureError(f"column 'ts' must be finite numbers, got {bad!r}")
     event_ids = events["event_id"].to_numpy(dtype=object)
     entity_codes, _ = pd.factorize(events["entity_id"], use_na_sentinel=False)
@@ -163,7 +163,8 @@ def _column(spec: PipelineSpec, name: str, events: pd.DataFrame, order: np.ndarr
                 "column, or declare the field `required: false`"
             )
         k = len(order)
-        return _Column(np.full(k, np.nan), np.zeros(k, bool), np.full(k, -1, np.int64), None)
+        uniques = np.array([], dtype=object) if fs.type == "categorical" else None
+        return _Column(np.full(k, np.nan), np.zeros(k, bool), np.full(k, -1, np.int64), uniques)
     series = events[name]
     missing = series.isna().to_numpy()
     if fs.required and missing.any():
@@ -198,7 +199,7 @@ def _column(spec: PipelineSpec, name: str, events: pd.DataFrame, order: np.ndarr
     num_all = np.full(len(raw), np.nan)
     num_all[present_all] = np.asarray(raw[present_all], dtype=np.float64)
     if not np.isfinite(num_all[present_all]).all():
-        bad_v = num_all[present_all][~np.isfinite(num_all[present_all])][0]
+        bad_v = float(num_all[present_all][~np.isfinite(num_all[present_all])][0])
         raise FeatureError(f"field {name!r} must hold finite numbers, got {bad_v!r}")
     num = num_all[order] + 0.0  # -0.0 -> 0.0: one distinct value, as online
     present = present_all[order]
