@@ -179,8 +179,14 @@ class LearnerCore:
         lab.label = coerce_label(lab.label, self.spec)
         return lab
 
-    def process(self, messages: Sequence[LabelMessage], now: float | None = None) -> StepOutput:
-        """Handle one batch of label messages; returns what to produce."""
+    def process(
+        self, messages: Sequence[LabelMessage], now: float | None = None, snapshot: bool = True
+    ) -> StepOutput:
+        """Handle one batch of label messages; returns what to produce.
+
+        With ``snapshot=False`` the caller snapshots (:meth:`snapshot_due`,
+        :meth:`maybe_snapshot`) once it has delivered this batch's training-log records.
+        """
         now = self.clock() if now is None else now
         out = StepOutput()
         labels: list[Label] = []
@@ -208,10 +214,11 @@ class LearnerCore:
             self.metrics.labels.labels(self._pipeline).inc(len(messages))
         results = self.joiner.join(labels, now=now)
         self._apply(results, out)
-        out.snapshot_id = self.maybe_snapshot(now)
+        if snapshot:
+            out.snapshot_id = self.maybe_snapshot(now)
         return out
 
-    def sweep(self, now: float | None = None) -> StepOutput:
+    def sweep(self, now: float | None = None, snapshot: bool = True) -> StepOutput:
         """Count expiries, resolve held (early) labels, snapshot if due. Call every second or so."""
         now = self.clock() if now is None else now
         out = StepOutput()
@@ -221,7 +228,8 @@ class LearnerCore:
         if self.metrics is not None and expiries:
             self.metrics.expiries.labels(self._pipeline).inc(expiries)
         self._apply(results, out)
-        out.snapshot_id = self.maybe_snapshot(now)
+        if snapshot:
+            out.snapshot_id = self.maybe_snapshot(now)
         return out
 
     def _count(self, outcome: str) -> None:
@@ -251,6 +259,10 @@ class LearnerCore:
             self.metrics.label_delay.labels(self._pipeline).observe(max(0.0, ex.delay))
 
     # -- snapshots ---------------------------------------------------------------
+
+    def snapshot_due(self, now: float | None = None) -> bool:
+        """True when ``snapshot_every_labels`` or ``snapshot_every_seconds`` has come."""
+        return self.registry is not None and self._due(self.clock() if now is None else now)
 
     def _due(self, now: float) -> bool:
         new_labels = self.labels_learned - self._learned_at_snapshot

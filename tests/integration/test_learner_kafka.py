@@ -1,0 +1,136 @@
+"""The learner process on the real Kafka and Redis: labels in, training log and dead letters
+out, snapshots; SIGKILL mid-stream and restart: every label learned exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from confluent_kafka import Producer
+
+from models.factory import build_model, predict
+from models.join import ServedStore
+from models.registry import ModelRegistry, registry_key
+from streams.contracts import decode_dead_letter
+from streams.learner import run_learner
+from weir.spec import PipelineSpec
+from weir.types import Prediction
+
+from .test_learner_registry import make_spec
+
+pytestmark = pytest.mark.integration
+
+
+def _serve_all(client: Any, spec: PipelineSpec, n: int, now: float) -> None:
+    model = build_model(spec.model)
+    preds = []
+    for i in range(n):
+        pred, proba = predict(model, {"a": float(i % 10)}, spec.task)
+        preds.append(
+            Prediction(
+                f"e{i}",
+                f"u{i % 7}",
+                now - 30,
+                spec.model.name,
+                "v1.0",
+                pred,
+                proba,
+                {"a": float(i % 10)},
+                now - 29,
+            )
+        )
+    pipe = client.pipeline(transaction=False)
+    ServedStore(spec).add_to_pipeline(pipe, preds)
+    pipe.execute()
+
+
+def _produce_labels(settings: Any, spec: PipelineSpec, ids: range, now: float) -> None:
+    p = Producer(settings.confluent_config())
+    for i in ids:
+        body = orjson.dumps({"event_id": f"e{i}", "label": int(i % 10 > 4), "ts": now})
+        p.produce(spec.topics.labels, body, key=f"e{i}".encode())
+    assert p.flush(10) == 0
+
+
+def _wait(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_learner_process_and_sigkill_recovery(
+    settings: Any, redis_client: Any, unique: str, make_topics: Any, consume_all: Any, tmp_path: Path
+) -> None:
+    spec = make_topics.for_spec(
+        make_spec(unique, learner={"snapshot_every_labels": 50, "snapshot_every_seconds": 3600}),
+        partitions=2,
+    )
+    registry = ModelRegistry(redis_client, spec, key=registry_key(settings))
+    now = time.time()
+    _serve_all(redis_client, spec, 200, now)
+    _produce_labels(settings, spec, range(120), now)
+    p = Producer(settings.confluent_config())
+    p.produce(spec.topics.labels, b'{"event_id": "bad", "label": "maybe"}')
+    p.flush(10)
+
+    # 1. a learner process; SIGKILL it once it has learned (and logged) all 120 labels
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.model_dump(by_alias=True, mode="json")))
+    code = (
+        "import sys; from weir.spec import load_spec; from weir.settings import load_settings;"
+        "from streams.learner import run_learner;"
+        "sys.exit(run_learner(load_spec(sys.argv[1]), load_settings(), metrics_port=0))"
+    )
+    env = {
+        **os.environ,
+        "WEIR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "WEIR_REDIS_URL": settings.redis_url,
+    }
+    proc = subprocess.Popen([sys.executable, "-c", code, str(spec_path)], env=env)
+    try:
+        logged = consume_all(spec.topics.training_log, 120, timeout=60)
+        assert {orjson.loads(m.value())["event_id"] for m in logged} == {f"e{i}" for i in range(120)}
+        dls = consume_all(spec.topics.dead_letters, 1, timeout=30)
+        assert decode_dead_letter(dls[0].value())["reason"] == "label_type"
+        sid = _wait(registry.latest_snapshot, 30, "a snapshot")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    _, meta = registry.load_snapshot(registry.latest_snapshot() or sid)
+    at_kill = meta["labels_learned"]
+    assert 50 <= at_kill <= 120
+
+    # 2. restart in-process, the rest of the labels arrive; stop cleanly
+    _produce_labels(settings, spec, range(120, 200), now)
+    stop, ready = threading.Event(), threading.Event()
+    result: list[int] = []
+    t = threading.Thread(
+        target=lambda: result.append(run_learner(spec, settings, stop, metrics_port=0, ready=ready))
+    )
+    t.start()
+    try:
+        assert ready.wait(30)
+        # every label after the snapshot is learned again (they were lost with the process)
+        consume_all(spec.topics.training_log, 120 + (120 - at_kill) + 80, timeout=60)
+    finally:
+        stop.set()
+        t.join(30)
+    assert result == [0]
+    _, final = registry.load_snapshot(registry.latest_snapshot() or "")
+    assert final["labels_learned"] == 200  # exactly once: none lost, none twice
+    assert sum(final["offsets"].values()) == 201  # 200 labels + 1 dead letter, both partitions
+    status = orjson.loads(redis_client.get(f"{spec.redis_prefix}:status"))
+    assert status["labels_learned"] == 200
