@@ -253,3 +253,25 @@ def test_demo_spec_parity(redis_client: redis.Redis, unique: str) -> None:
         if r.features is not None:
             for n in spec.feature_names:
                 assert isclose(r.features[n], offline[n].iat[i]), (i, n)
+
+
+def test_hand_computed_case_online(redis_client: redis.Redis, unique: str) -> None:
+    """The unit test's hand-computed table, through Redis, one event per batch and all in one."""
+    from tests.unit.test_features_offline import COLUMNS, EVENTS, EXPECTED
+    from tests.unit.test_features_offline import _spec as hand_spec
+
+    for batch in (1, len(EVENTS)):
+        name = re.sub(r"[^a-z0-9_-]", "-", f"fhand-{batch}-{unique}".lower())[:63]
+        store = RedisFeatureStore(hand_spec(name=name))
+        events = [Event(i, "u", ts, {"x": x, "c": c, "b": b}) for i, ts, x, c, b in EVENTS]
+        online: list[FeatureResult] = []
+        for k in range(0, len(events), batch):
+            online.extend(store.compute_batch(redis_client, events[k : k + batch]))
+        for res, (status, row) in zip(online, EXPECTED, strict=True):
+            assert res.status == status
+            if row is None:
+                assert res.features is None
+                continue
+            assert res.features is not None
+            for col, want in zip(COLUMNS, row, strict=True):
+                assert isclose(res.features[col], want, tol=1e-12), (col, res.features[col], want)
