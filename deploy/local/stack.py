@@ -293,7 +293,8 @@ class Server:
             pids.add(pid)
         return sorted(pids)
 
-    def up(self) -> None:
+    def up(self) -> bool:
+        """Start the server unless it runs; True if this call started it."""
         pids = self.pids()
         if pids:
             if not self.healthy():
@@ -302,7 +303,7 @@ class Server:
             self.pidfile.write_text(f"{pids[0]}\n")
             self.on_reuse()
             say(f"{self.name}: already running, reused (pid {pids[0]}, {self.address})")
-            return
+            return False
         if self.pidfile.exists():
             say(f"{self.name}: removing stale pid file {self.pidfile}")
             self.pidfile.unlink()
@@ -315,6 +316,7 @@ class Server:
         self.pidfile.write_text(f"{pid}\n")
         self.wait_ready(pid)
         say(f"{self.name}: ready in {time.monotonic() - t0:.1f}s (pid {pid}, {self.address})")
+        return True
 
     def fail_start(self, why: str, pid: int | None = None) -> StackFailure:
         extra = ""
@@ -722,10 +724,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     for d in (LOGS, PIDS):
         d.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    started = []
     with locked():
         for server in picked:
-            server.up()
+            if server.up():
+                started.append(server.name)
     say(f"stack up in {time.monotonic() - t0:.1f}s; logs in {LOGS}")
+    if args.json:
+        # Last line, for tests/integration/conftest.py: stop only what it started.
+        say(json.dumps({"started": started, "reused": [s.name for s in picked if s.name not in started]}))
     return 0
 
 
@@ -825,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("server", nargs="*", help="kafka, redis and/or prometheus (default: all)")
         cmd.set_defaults(func=func)
+        if name == "up":
+            cmd.add_argument("--json", action="store_true", help="end with a JSON line: started/reused")
         if name == "logs":
             cmd.add_argument("-n", "--lines", type=int, default=50)
             cmd.add_argument("-f", "--follow", action="store_true")

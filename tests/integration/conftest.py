@@ -188,27 +188,55 @@ def _healthy(settings: Settings) -> dict[str, bool]:
     }
 
 
+def _other_sessions(mine: Path) -> list[int]:
+    """Pids of other live test sessions holding a lease on the local stack."""
+    pids = []
+    for lease in mine.parent.glob("*.lease"):
+        if lease == mine:
+            continue
+        try:
+            pid = int(lease.stem)
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            lease.unlink(missing_ok=True)  # stale: that session is gone
+            continue
+        except PermissionError:
+            pass
+        pids.append(pid)
+    return pids
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     external = bool(os.environ.get("WEIR_KAFKA_BOOTSTRAP") or os.environ.get("WEIR_REDIS_URL"))
     base = load_settings()
     started: list[str] = []
+    # Several engineers' sessions share one local stack: each holds a lease, and the
+    # last one out stops only the servers its own `up` started.
+    lease = STATE_DIR / "sessions" / f"{os.getpid()}.lease"
     if not external:
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        lease.write_text(f"{os.getpid()}\n")
         down = [name for name, ok in _healthy(base).items() if not ok]
         if down:
-            res = _run_stack("up", *down, timeout=STACK_UP_TIMEOUT)
+            res = _run_stack("up", "--json", *down, timeout=STACK_UP_TIMEOUT)
             if res.returncode != 0:
+                lease.unlink(missing_ok=True)
                 pytest.fail(
                     f"`deploy/local/stack.py up {' '.join(down)}` failed (exit {res.returncode}):\n"
                     f"{res.stdout}{res.stderr}",
                     pytrace=False,
                 )
-            started = down
+            started = list(json.loads(res.stdout.strip().splitlines()[-1])["started"])
+    problem = None
     try:
         admin.check_broker(base, timeout=CHECK_TIMEOUT)
         admin.check_redis(base, timeout=CHECK_TIMEOUT)
     except StackError as exc:
-        pytest.fail(f"integration tests need the servers: {exc}", pytrace=False)
+        problem = str(exc)
+    if problem:  # failed outside the except block: no chained traceback in the report
+        lease.unlink(missing_ok=True)
+        pytest.fail(f"integration tests need the servers: {problem}", pytrace=False)
     st = Stack(
         kafka_bootstrap=base.kafka_bootstrap,
         redis_url=base.redis_url,
@@ -220,7 +248,11 @@ def stack() -> Iterator[Stack]:
         yield st
     finally:
         st.cleanup()
-        if started:
+        lease.unlink(missing_ok=True)
+        others = _other_sessions(lease) if started else []
+        if started and others:
+            print(f"\nlocal stack left running: test sessions {others} still use it", file=sys.stderr)
+        elif started:
             res = _run_stack("down", *started, timeout=60)
             if res.returncode != 0:
                 print(f"stack.py down {started} failed:\n{res.stdout}{res.stderr}", file=sys.stderr)
