@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -24,6 +25,15 @@ from weir.spec import PipelineSpec, parse_spec
 from weir.types import Event
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _drop_keys(redis_client: redis.Redis, unique: str) -> Iterator[None]:
+    """Every key expires anyway; dropping this test's keys keeps a shared Redis small."""
+    yield
+    for key in redis_client.scan_iter(match=f"weir:f*{unique}*", count=1000):
+        redis_client.unlink(key)
+
 
 WINDOWS = ["1m", "15m", "1h", "1d"]
 AGGS_NUMERIC = ["count", "sum", "mean", "min", "max", "std", "last", "distinct"]
