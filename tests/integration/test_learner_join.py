@@ -230,3 +230,34 @@ def test_follow_champion(redis_client: Any, unique: Any) -> None:
     registry.set_alias("champion", v2.id)
     sid = core.maybe_snapshot(force=True)
     assert core.version_id == "v2" and sid == "v2.1"
+
+
+def test_snapshot_every_seconds(redis_client: Any, unique: Any) -> None:
+    spec = make_spec(unique, learner={"snapshot_every_labels": 1000, "snapshot_every_seconds": 10})
+    clock = [1000.0]
+    registry = ModelRegistry(redis_client, spec)
+    core = LearnerCore.start(spec, registry, redis_client, clock=lambda: clock[0])
+    now = time.time()
+    serve(redis_client, spec, core, "e1", 1.0, now)
+    assert core.process([label_msg("e1", 1, now, 0)]).snapshot_id is None
+    clock[0] += 10
+    assert core.sweep().snapshot_id == "v1.1"
+    clock[0] += 60
+    assert core.sweep().snapshot_id is None  # nothing new: no snapshot
+
+
+def test_resolved_early_label_lost_in_crash_is_relearned(redis_client: Any, unique: Any) -> None:
+    spec = make_spec(unique, learner={"snapshot_every_labels": 1000, "snapshot_every_seconds": 3600})
+    registry = ModelRegistry(redis_client, spec)
+    core = LearnerCore.start(spec, registry, redis_client)
+    now = time.time()
+    core.process([label_msg("e1", 1, now, 0)])  # early, held
+    core.maybe_snapshot(force=True)  # offsets move past the label
+    serve(redis_client, spec, core, "e1", 1.0, now)
+    assert [r.outcome for r in core.sweep().results] == ["resolved"]
+    del core  # dies before the next snapshot
+    again = LearnerCore.start(spec, registry, redis_client)
+    assert again.labels_learned == 0
+    assert [r.outcome for r in again.sweep().results] == ["resolved"]  # learned again
+    assert again.labels_learned == 1
+    assert again.sweep().results == []
