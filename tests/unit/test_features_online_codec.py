@@ -101,3 +101,10 @@ def test_script_is_deterministic_and_bakes_the_spec() -> None:
     assert a.sha == b.sha and len(a.sha) == 40
     assert "wm - 30.0" in a.script and "'EX', 86430" in a.script
     assert repr(a) == "RedisFeatureStore(spec='codec')"
+
+
+def test_store_is_a_feature_engine() -> None:
+    from features.base import FeatureEngine
+
+    engine: FeatureEngine = RedisFeatureStore(_spec())
+    assert engine.spec.name == "codec"
