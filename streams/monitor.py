@@ -118,9 +118,13 @@ class Monitor:
 
     # -- input ---------------------------------------------------------------------------
     def on_prediction(self, msg: dict[str, Any]) -> None:
-        self.suite.observe_prediction(msg.get("features") or {}, msg.get("prediction"))
-        self.predictions_seen += 1
-        self._count()
+        self.on_predictions([msg])
+
+    def on_predictions(self, msgs: list[dict[str, Any]]) -> None:
+        """Served predictions, a consumed batch at once (the statistics are vectorised)."""
+        self.suite.observe_predictions([(m.get("features") or {}, m.get("prediction")) for m in msgs])
+        self.predictions_seen += len(msgs)
+        self._count(len(msgs))
 
     def on_example(self, msg: dict[str, Any]) -> None:
         """One training-log record: event_id, ts, features, label, prediction, model_version."""
@@ -186,8 +190,8 @@ class Monitor:
         else:
             log.warning("ignoring unknown model-control command %r", msg.get("command"))
 
-    def _count(self) -> None:
-        self.since_check += 1
+    def _count(self, n: int = 1) -> None:
+        self.since_check += n
         if self.since_check >= self.check_every:
             self.check()
 
@@ -502,10 +506,16 @@ def run_monitor(
     )
     consumer.subscribe([t.predictions, t.training_log, t.model_control])
     handlers: dict[str, Callable[[dict[str, Any]], None]] = {
-        t.predictions: monitor.on_prediction,
         t.training_log: monitor.on_example,
         t.model_control: monitor.on_control,
     }
+    predictions: list[dict[str, Any]] = []
+
+    def flush_predictions() -> None:
+        if predictions:
+            monitor.on_predictions(predictions)
+            predictions.clear()
+
     try:
         while not stop.is_set():
             batch = consumer.consume(500, timeout=0.2)
@@ -520,9 +530,16 @@ def run_monitor(
                 except orjson.JSONDecodeError:
                     log.warning("skipping non-JSON message on %s @%s", msg.topic(), msg.offset())
                     continue
+                if not isinstance(obj, dict):
+                    continue
+                if msg.topic() == t.predictions:
+                    predictions.append(obj)  # fed as one vectorised batch
+                    continue
+                flush_predictions()  # keep the order across topics
                 handler = handlers.get(msg.topic() or "")
-                if handler is not None and isinstance(obj, dict):
+                if handler is not None:
                     handler(obj)
+            flush_predictions()
             if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
                 monitor.check()
             producer.poll(0)

@@ -44,10 +44,31 @@ BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 
+def _existing(registry: CollectorRegistry, name: str) -> Any:
+    """A collector already registered under ``name``: a process with two roles
+    (``weir worker --role all`` scores and learns) shares the metrics both define."""
+    return registry._names_to_collectors.get(name)
+
+
 def _build_info(registry: CollectorRegistry, role: str) -> Info:
+    found = _existing(registry, "weir_build_info")
+    if found is not None:
+        return found  # type: ignore[no-any-return]
     info = Info("weir_build", "Weir version and process role.", registry=registry)
     info.info({"version": weir.__version__, "role": role})
     return info
+
+
+def _model_version_gauge(registry: CollectorRegistry, help_text: str) -> Gauge:
+    found = _existing(registry, "weir_model_version_info")
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    return Gauge(
+        "weir_model_version_info",
+        help_text,
+        ["pipeline", "model", "model_version"],
+        registry=registry,
+    )
 
 
 @dataclass
@@ -120,12 +141,7 @@ class WorkerMetrics:
             buckets=REDIS_BUCKETS,
             registry=r,
         )
-        self.model_version = Gauge(
-            "weir_model_version_info",
-            "1 for the model version this process scores with.",
-            ["pipeline", "model", "model_version"],
-            registry=r,
-        )
+        self.model_version = _model_version_gauge(r, "1 for the model version this process uses.")
         self.snapshot_age = Gauge(
             "weir_snapshot_age_seconds",
             "Age of the model snapshot this process scores with (0 with a live model).",
@@ -189,12 +205,7 @@ class LearnerMetrics:
             ["pipeline", "model"],
             registry=r,
         )
-        self.model_version = Gauge(
-            "weir_model_version_info",
-            "1 for the model version this process learns.",
-            ["pipeline", "model", "model_version"],
-            registry=r,
-        )
+        self.model_version = _model_version_gauge(r, "1 for the model version this process uses.")
 
 
 @dataclass

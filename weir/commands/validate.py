@@ -15,12 +15,9 @@ def run(args: argparse.Namespace) -> int:
     from weir.spec import load_spec
 
     spec = load_spec(args.spec)
-    try:
-        from models.factory import build_model
-    except ImportError:  # the model factory is optional until models/ lands
-        build_model = None
-    if build_model is not None:
-        build_model(spec.model)
+    from models.factory import build_model, check_task
+
+    check_task(build_model(spec.model), spec.task)
     print(
         f"{args.spec}: ok — pipeline {spec.name!r} ({spec.task}), "
         f"{len(spec.fields)} fields, {len(spec.features)} features, model {spec.model.name!r}"

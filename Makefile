@@ -1,0 +1,65 @@
+# Weir: `make help` lists the targets. Everything runs from the project's own .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+STAMP := $(VENV)/.installed
+SPEC ?= examples/demo.yaml
+DURATION ?= 60
+
+.DEFAULT_GOAL := help
+.PHONY: help install deps up down status logs test test-unit test-integration lint fmt demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+deps: ## Debian packages (redis-server, prometheus, maven, JDK) when run as root
+	@bash deploy/local/install-debian.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: deps $(STAMP) ## virtualenv with pinned Python packages, plus deps
+
+up: install ## start Kafka, Redis and Prometheus on 127.0.0.1 (idempotent)
+	$(PY) deploy/local/stack.py up
+
+down: ## stop the local stack; leaves no process behind
+	@if [ -x $(PY) ]; then $(PY) deploy/local/stack.py down; else python3 deploy/local/stack.py down; fi
+
+status: ## health of each server
+	$(PY) deploy/local/stack.py status
+
+logs: ## tail the servers' logs
+	$(PY) deploy/local/stack.py logs
+
+test: install ## unit + integration tests against the real stack (started and stopped by the tests)
+	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration --durations=15
+
+test-unit: $(STAMP) ## unit tests only (no servers)
+	$(PYTEST) -q tests/unit
+
+test-integration: install ## integration tests only
+	$(PYTEST) -q tests/integration
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(STAMP) ## format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo: up ## the demo: stack, topics, worker, a drifting stream, live summary (DURATION=60)
+	$(VENV)/bin/weir demo $(SPEC) --duration $(DURATION)
+
+bench: up ## end-to-end benchmark against a plain consume-and-produce baseline
+	$(PY) bench/e2e.py
+
+clean: down ## remove the virtualenv and local state
+	rm -rf $(VENV) .weir

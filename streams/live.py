@@ -1,0 +1,173 @@
+"""Where a scoring worker's model comes from, and the in-process learner of role ``all``.
+
+* :class:`LiveModel` (role ``all``): the scorer reads the very model object an embedded
+  :class:`models.learner.LearnerCore` learns, in the same event loop, so there is one
+  writer and every prediction uses everything learned so far. Predictions name the
+  model version (``v1``...).
+* :class:`SnapshotFollower` (role ``scorer``): between batches, at most every
+  ``poll_seconds``, one Redis GET asks for the learner's latest snapshot; a newer one is
+  loaded (its sha256/HMAC checked first) and swapped in atomically for the next batch.
+  Predictions name the snapshot (``v1.42``: version 1, 42nd snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from weir.errors import ModelError
+from weir.metrics import LearnerMetrics
+from weir.settings import Settings
+from weir.spec import PipelineSpec
+
+log = logging.getLogger("weir.worker")
+
+
+class LiveModel:
+    """The embedded learner's live model (role ``all``)."""
+
+    def __init__(self, core: Any, name: str) -> None:
+        self.core = core
+        self.name = name
+
+    def current(self) -> tuple[Any, str, str]:
+        return self.core.model, self.name, str(self.core.version_id)
+
+    def refresh(self) -> bool:
+        # A promotion or rollback moves the champion alias: follow it between batches.
+        return bool(self.core.follow_champion())
+
+    def age_seconds(self) -> float:
+        return 0.0
+
+
+class SnapshotFollower:
+    """Scores with the learner's newest snapshot (role ``scorer``)."""
+
+    def __init__(self, registry: Any, name: str, poll_seconds: float = 0.5) -> None:
+        self.registry = registry
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self.model: Any = None
+        self.snapshot_id: str | None = None
+        self.created = time.time()
+        self._checked = 0.0
+
+    def load_initial(self, timeout: float = 120.0) -> None:
+        """Wait for the learner's first snapshot (or the champion) before scoring."""
+        deadline = time.time() + timeout
+        warned = False
+        while True:
+            if self._load_latest():
+                return
+            champion = self.registry.alias("champion")
+            if champion is not None:
+                self.model, mv = self.registry.load(champion)
+                self.snapshot_id, self.created = champion, mv.created
+                return
+            if time.time() > deadline:
+                raise ModelError(
+                    f"no model to score with after {timeout:.0f}s: no snapshot and no champion in the "
+                    "registry; start the learner (`weir worker SPEC --role learner`) or run one worker "
+                    "with `--role all`"
+                )
+            if not warned:
+                log.warning(
+                    "waiting for the learner's first snapshot (start `weir worker SPEC --role learner`)"
+                )
+                warned = True
+            time.sleep(0.5)
+
+    def _load_latest(self) -> bool:
+        sid = self.registry.latest_snapshot()
+        if sid is None or sid == self.snapshot_id:
+            return False
+        model, meta = self.registry.load_snapshot(sid)
+        self.model, self.snapshot_id, self.created = model, sid, float(meta["created"])
+        return True
+
+    def current(self) -> tuple[Any, str, str]:
+        return self.model, self.name, str(self.snapshot_id)
+
+    def refresh(self) -> bool:
+        now = time.time()
+        if now - self._checked < self.poll_seconds:
+            return False
+        self._checked = now
+        try:
+            return self._load_latest()
+        except ModelError as exc:  # a pruned or refused snapshot: keep scoring with ours
+            log.error("keeping snapshot %s: %s", self.snapshot_id, exc)
+            return False
+
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.created)
+
+
+def _registry(spec: PipelineSpec, settings: Settings) -> Any:
+    from models.registry import ModelRegistry, registry_key
+
+    return ModelRegistry(settings.redis(), spec, key=registry_key(settings))
+
+
+def snapshot_wiring(spec: PipelineSpec, settings: Settings) -> tuple[Any, Any, Any]:
+    from models.join import ServedStore
+
+    follower = SnapshotFollower(_registry(spec, settings), spec.model.name)
+    follower.load_initial()
+    return follower, ServedStore(spec), None
+
+
+def live_wiring(spec: PipelineSpec, settings: Settings, app: Any) -> tuple[Any, Any, Any]:
+    """Role ``all``: an embedded learner on the labels topic sharing the scorer's model."""
+    from models.join import ServedStore
+    from models.learner import LabelMessage, LearnerCore
+
+    registry = _registry(spec, settings)
+    client = settings.redis()
+    state: dict[str, Any] = {}
+
+    core = LearnerCore.start(spec, registry, client, metrics=None)
+    state["core"] = core
+
+    def hook(app_: Any, _redis: Any) -> None:
+        from confluent_kafka import Producer
+
+        labels_topic = app_.topic(spec.topics.labels, key_serializer="raw", value_serializer="raw")
+        producer = Producer({**settings.confluent_config(), "linger.ms": 5, "enable.idempotence": True})
+
+        def emit(out: Any) -> None:
+            for rec in out.training_log:
+                producer.produce(spec.topics.training_log, rec)
+            for dl in out.dead_letters:
+                producer.produce(spec.topics.dead_letters, dl)
+            producer.poll(0)
+
+        @app_.agent(labels_topic, concurrency=1)
+        async def learn(stream: Any) -> None:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            try:
+                async for batch in stream.take_events(1000, within=0.2):
+                    msgs = [
+                        LabelMessage(e.message.value, e.message.partition, e.message.offset, e.message.key)
+                        for e in batch
+                    ]
+                    emit(core.process(msgs))
+                    await loop.run_in_executor(None, producer.flush, 30)
+            finally:
+                producer.flush(10)
+
+        @app_.timer(1.0)
+        async def sweep() -> None:
+            emit(core.sweep())
+
+    def attach_metrics(registry_: Any) -> None:
+        core.metrics = LearnerMetrics(registry_)
+
+    state["attach_metrics"] = attach_metrics
+    live = LiveModel(core, spec.model.name)
+    live.attach_metrics = attach_metrics  # type: ignore[attr-defined]
+    return live, ServedStore(spec), hook
