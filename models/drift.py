@@ -346,11 +346,22 @@ class _BinnedDrift(DriftStatistic):
     def _bin(self, x: Any) -> int:
         raise NotImplementedError
 
+    def _bins_many(self, values: Sequence[Any]) -> Any:
+        """Bin indices of many values (a numpy int array); subclasses vectorise this."""
+        import numpy as np
+
+        return np.fromiter((self._bin(v) for v in values), dtype=np.int64, count=len(values))
+
     def reset(self) -> None:
+        import numpy as np
+
         self._pending: list[Any] | None = []
         self._ref: list[int] = []
-        self._cur: list[int] = []
-        self._ring: list[int] = []
+        self._cur: Any = np.zeros(0, dtype=np.int64)
+        # The window as a ring of bin indices (small ints, not values); _pos is the
+        # oldest slot once it is full.
+        self._ring: Any = np.zeros(self.window, dtype=np.int32)
+        self._filled = 0
         self._pos = 0
 
     def set_reference(self, values: Iterable[Any]) -> None:
@@ -362,11 +373,11 @@ class _BinnedDrift(DriftStatistic):
         self._freeze(vals)
 
     def _freeze(self, vals: list[Any]) -> None:
+        import numpy as np
+
         n_bins = self._fix_bins(vals)
-        self._ref = [0] * n_bins
-        for v in vals:
-            self._ref[self._bin(v)] += 1
-        self._cur = [0] * n_bins
+        self._ref = np.bincount(self._bins_many(vals), minlength=n_bins).tolist()
+        self._cur = np.zeros(n_bins, dtype=np.int64)
         self._pending = None  # the raw reference values are dropped here
 
     def update(self, x: Any) -> None:
@@ -377,12 +388,52 @@ class _BinnedDrift(DriftStatistic):
             return
         b = self._bin(x)
         self._cur[b] += 1
-        if len(self._ring) < self.window:
-            self._ring.append(b)
+        if self._filled < self.window:
+            self._ring[self._filled] = b
+            self._filled += 1
         else:
             self._cur[self._ring[self._pos]] -= 1
             self._ring[self._pos] = b
             self._pos = (self._pos + 1) % self.window
+
+    def update_many(self, values: Sequence[Any]) -> None:
+        """Feed many values at once (vectorised: what the monitor does per consumed batch).
+
+        Same result as calling :meth:`update` on each, in order.
+        """
+        import numpy as np
+
+        vals = values
+        if self._pending is not None:
+            need = self.reference_size - len(self._pending)
+            self._pending.extend(vals[:need])
+            vals = vals[need:]
+            if len(self._pending) < self.reference_size:
+                return
+            self._freeze(self._pending)
+        if not len(vals):
+            return
+        b = self._bins_many(vals)
+        n_bins = len(self._cur)
+        w = self.window
+        if self._filled < w:
+            k = min(w - self._filled, len(b))
+            self._ring[self._filled : self._filled + k] = b[:k]
+            self._cur += np.bincount(b[:k], minlength=n_bins)
+            self._filled += k
+            b = b[k:]
+            if not len(b):
+                return
+        if len(b) >= w:
+            self._ring[:] = b[-w:]
+            self._cur = np.bincount(b[-w:], minlength=n_bins).astype(np.int64)
+            self._pos = 0
+            return
+        idx = (self._pos + np.arange(len(b))) % w
+        self._cur -= np.bincount(self._ring[idx], minlength=n_bins)
+        self._cur += np.bincount(b, minlength=n_bins)
+        self._ring[idx] = b
+        self._pos = int((self._pos + len(b)) % w)
 
     @property
     def has_reference(self) -> bool:
@@ -390,20 +441,20 @@ class _BinnedDrift(DriftStatistic):
 
     @property
     def n_samples(self) -> int:
-        return len(self._ring)
+        return self._filled
 
     @property
     def ready(self) -> bool:
-        return self._pending is None and len(self._ring) >= self.min_samples
+        return self._pending is None and self._filled >= self.min_samples
 
     def value(self) -> float:
         if not self.ready:
             return math.nan
-        return _DISTANCES[self.method](self._ref, self._cur)
+        return _DISTANCES[self.method](self._ref, self._cur.tolist())
 
     def counts(self) -> tuple[list[int], list[int]]:
         """(reference, current) counts per bin."""
-        return list(self._ref), list(self._cur)
+        return list(self._ref), self._cur.tolist()
 
 
 class NumericDrift(_BinnedDrift):
@@ -429,6 +480,21 @@ class NumericDrift(_BinnedDrift):
         if v is None:
             return len(self._edges) + 1
         return bisect.bisect_right(self._edges, v)
+
+    def _bins_many(self, values: Sequence[Any]) -> Any:
+        import numpy as np
+
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fiub":
+            # None (missing) makes an object array; a string (a producer bug) must count
+            # as missing, as update() does, not be parsed: per value then.
+            if arr.dtype.kind != "O" or any(isinstance(v, str) for v in values):
+                return super()._bins_many(values)
+            arr = arr.astype(float)  # None -> NaN
+        arr = arr.astype(float, copy=False)
+        out = np.searchsorted(self._edges, arr, side="right")
+        out[~np.isfinite(arr)] = len(self._edges) + 1
+        return out
 
     @property
     def edges(self) -> list[float]:
@@ -487,7 +553,7 @@ class CategoricalDrift(_BinnedDrift):
     def detail(self) -> dict[str, Any]:
         d: dict[str, Any] = {"n": self.n_samples, "categories": len(self._ref)}
         if self.ready:
-            stat, dof, p = chi_square(self._ref, self._cur)
+            stat, dof, p = chi_square(self._ref, self._cur.tolist())
             d["chi2"] = round(stat, 6)
             d["chi2_dof"] = dof
             d["chi2_p"] = p if math.isfinite(p) else None
@@ -703,6 +769,15 @@ class DriftSuite:
             stat.update(features.get(name))
         if self.prediction is not None:
             self.prediction.update(prediction)
+
+    def observe_predictions(self, batch: Sequence[tuple[dict[str, Any], Any]]) -> None:
+        """Feed many served predictions ``(features, prediction)`` at once (vectorised)."""
+        if not batch:
+            return
+        for name, stat in self.features.items():
+            stat.update_many([f.get(name) for f, _ in batch])
+        if self.prediction is not None:
+            self.prediction.update_many([p for _, p in batch])
 
     def observe_label(self, y_true: Any, y_pred: Any) -> bool:
         """Feed one joined label; True when performance drift is detected on it."""

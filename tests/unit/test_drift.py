@@ -314,3 +314,35 @@ def test_suite_builds_one_statistic_per_feature() -> None:
 def test_suite_watches_only_the_listed_features() -> None:
     suite = DriftSuite(_spec(features=["amount"]))
     assert list(suite.features) == ["amount"]
+
+
+@pytest.mark.parametrize("name", [k for k in sorted(STATISTICS) if "numeric" in k or "categ" in k])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1500])
+def test_contract_update_many_matches_update(name: str, chunk: int) -> None:
+    one, many = STATISTICS[name](), STATISTICS[name]()
+    assert isinstance(one, NumericDrift | CategoricalDrift)
+    assert isinstance(many, NumericDrift | CategoricalDrift)
+    rng = random.Random(4)
+    values: list[Any] = [_feed_value(one, rng) for _ in range(2500)]
+    values[100] = values[1200] = None
+    values[1300] = "oops"  # a string in a numeric stream counts as missing either way
+    for v in values:
+        one.update(v)
+    for i in range(0, len(values), chunk):
+        many.update_many(values[i : i + chunk])
+    assert one.counts() == many.counts() and one.n_samples == many.n_samples
+    assert one.value() == many.value()
+
+
+def test_suite_batch_equals_one_by_one() -> None:
+    a, b = DriftSuite(_spec()), DriftSuite(_spec())
+    rng = random.Random(5)
+    batch = [
+        ({"amount": rng.random(), "country": rng.choice("abc"), "events_count_1h": 2.0}, True)
+        for _ in range(450)
+    ]
+    for f, p in batch:
+        a.observe_prediction(f, p)
+    b.observe_predictions(batch[:33])
+    b.observe_predictions(batch[33:])
+    assert [r.to_dict() for r in a.check("v", 1.0)] == [r.to_dict() for r in b.check("v", 1.0)]
