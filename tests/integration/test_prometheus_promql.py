@@ -199,11 +199,13 @@ def scraped(stack: Any, metric_source: MetricSource) -> MetricSource:
     """The source, once Prometheus holds a few scrapes of every process (rates need two)."""
     p = metric_source.pipeline
     for metric in ("weir_events_total", "weir_labels_total", "weir_promotions_total"):
+        promql = f'count_over_time({metric}{{pipeline="{p}"}}[1m])'
+
+        def three_scrapes(promql: str = promql) -> bool:
+            return any(float(r["value"][1]) >= 3 for r in _query(stack.prometheus_url, promql)[1])
+
         _wait(
-            lambda metric=metric: any(
-                float(r["value"][1]) >= 3
-                for r in _query(stack.prometheus_url, f'count_over_time({metric}{{pipeline="{p}"}}[1m])')[1]
-            ),
+            three_scrapes,
             SCRAPED_TIMEOUT,
             f"three scrapes of {metric}{{pipeline={p!r}}}",
         )
@@ -265,8 +267,13 @@ def test_prometheus_loads_and_evaluates_the_rules(stack: Any, scraped: MetricSou
     assert not [r["lastError"] for r in rules.values() if r.get("lastError")]
     p = scraped.pipeline
     for record in ("pipeline:weir_events:rate5m", "pipeline:weir_event_to_prediction_seconds:p99_5m"):
+        promql = f'{record}{{pipeline="{p}"}}'
+
+        def has_data(promql: str = promql) -> bool:
+            return bool(_query(stack.prometheus_url, promql)[1])
+
         _wait(
-            lambda record=record: _query(stack.prometheus_url, f'{record}{{pipeline="{p}"}}')[1],
+            has_data,
             RULES_TIMEOUT,
             f"recording rule {record} to have data for {p}",
         )

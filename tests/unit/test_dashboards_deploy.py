@@ -107,6 +107,7 @@ def test_weir_commands_exist(compose: dict[str, Any], service: str) -> None:
     assert (REPO / command[2]).exists(), f"{service}: spec {command[2]} missing"
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert isinstance(subcommands, dict)
     if command[1] not in subcommands:
         pytest.xfail(f"`weir {command[1]}` is not implemented yet; {service} needs it")
     parser.parse_args(command[1:])

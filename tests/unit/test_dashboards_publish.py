@@ -65,7 +65,7 @@ def _handler(state: FakeGrafana) -> type[BaseHTTPRequestHandler]:
         def _handle(self, method: str) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
+            body: Any = json.loads(raw) if raw else None
             path = self.path.split("?")[0]
             state.calls.append(Call(method, path, body, self.headers.get("Authorization")))
             if state.status == 401:
@@ -102,7 +102,7 @@ def _handler(state: FakeGrafana) -> type[BaseHTTPRequestHandler]:
 def grafana() -> Iterator[FakeGrafana]:
     state = FakeGrafana()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_port}"
     try:
