@@ -131,7 +131,7 @@ def _drive(worker: WorkerMetrics, learner: LearnerMetrics, monitor: MonitorMetri
     for part in ("0", "1"):
         worker.lag.labels(p, f"{p}.events", part).set(1000 + 10 * time.time() % 500)
     worker.redis_seconds.labels(p, "features").observe(0.0008)
-    worker.redis_seconds.labels(p, "dedup").observe(0.0003)
+    worker.redis_seconds.labels(p, "served").observe(0.0003)
     worker.model_version.labels(p, m, "v1").set(1)
     worker.snapshot_age.labels(p, m).set(4.0)
     worker.feature_freshness.labels(p).set(time.time() - 2)
@@ -155,7 +155,7 @@ def _drive(worker: WorkerMetrics, learner: LearnerMetrics, monitor: MonitorMetri
     monitor.drift_detected.labels(p, "prediction", "score").set(0)
     monitor.drift_events.labels(p, "feature").inc()
     for outcome in ("trained", "failed", "promoted"):
-        monitor.retrains.labels(p, "drift", outcome).inc()
+        monitor.retrains.labels(p, "performance", outcome).inc()
     monitor.promotions.labels(p).inc()
     monitor.rollbacks.labels(p).inc()
 

@@ -101,3 +101,17 @@ def test_unknown_metric_fails() -> None:
         "rules: X: unknown metric 'weir_event_total' (not in weir/metrics.py, "
         "not a Prometheus built-in, not a recording rule)"
     ]
+
+
+def test_every_metric_and_alert_is_documented() -> None:
+    doc = (REPO / "docs/observability.md").read_text()
+    for name in sorted(catalogue_metric_names()):
+        if name.endswith(("_created", "_count", "_sum")):
+            continue
+        name = name.removesuffix("_bucket")  # a histogram is documented by its base name
+        assert f"`{name}`" in doc, f"{name} is not described in docs/observability.md"
+    rules = yaml.safe_load((RULES / "weir.rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert f"### {rule['alert']}\n" in doc, f"alert {rule['alert']} has no section"
