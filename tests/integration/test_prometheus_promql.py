@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,14 @@ def _drive(worker: WorkerMetrics, learner: LearnerMetrics, monitor: MonitorMetri
     monitor.rollbacks.labels(p).inc()
 
 
-@pytest.fixture
-def metric_source(stack: Any, unique: str) -> Iterator[MetricSource]:
-    """Synthetic exporters of all three metric classes, scraped by the stack's Prometheus."""
+@pytest.fixture(scope="module")
+def metric_source(stack: Any) -> Iterator[MetricSource]:
+    """Synthetic exporters of all three metric classes, scraped by the stack's Prometheus.
+
+    Module-scoped: the series keep moving for the whole module, so later tests need
+    not wait for new scrapes. Override this fixture to measure a real pipeline.
+    """
+    unique = f"t{uuid.uuid4().hex[:8]}"
     pipeline, model = f"promql-{unique}", "lr"
     registries = [CollectorRegistry() for _ in range(3)]
     worker, learner, monitor = (
@@ -194,7 +200,7 @@ def metric_source(stack: Any, unique: str) -> Iterator[MetricSource]:
             s.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def scraped(stack: Any, metric_source: MetricSource) -> MetricSource:
     """The source, once Prometheus holds a few scrapes of every process (rates need two)."""
     p = metric_source.pipeline
