@@ -15,6 +15,7 @@ Every check returns a :class:`DriftRecord`, the JSON contract of the drift topic
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time as _time
 from collections.abc import Iterable, Sequence
@@ -209,9 +210,9 @@ def chi_square(reference: Sequence[float], current: Sequence[float]) -> tuple[fl
     stat = sum((ci - n * ri) ** 2 / (n * ri) for ri, ci in zip(r, current, strict=True))
     dof = max(1, len(r) - 1)
     try:
-        from scipy.stats import chi2
+        from scipy.special import chdtrc  # chi2.sf as a bare ufunc: ~40x cheaper
 
-        p = float(chi2.sf(stat, dof))
+        p = float(chdtrc(dof, stat))
     except ImportError:  # scipy comes with river; keep the statistic usable without it
         p = math.nan
     return stat, dof, p
@@ -406,7 +407,8 @@ class _BinnedDrift(DriftStatistic):
         vals = values
         if self._pending is not None:
             need = self.reference_size - len(self._pending)
-            self._pending.extend(vals[:need])
+            head = vals[:need]
+            self._pending.extend(head.tolist() if hasattr(head, "tolist") else head)
             vals = vals[need:]
             if len(self._pending) < self.reference_size:
                 return
@@ -429,11 +431,17 @@ class _BinnedDrift(DriftStatistic):
             self._cur = np.bincount(b[-w:], minlength=n_bins).astype(np.int64)
             self._pos = 0
             return
-        idx = (self._pos + np.arange(len(b))) % w
-        self._cur -= np.bincount(self._ring[idx], minlength=n_bins)
-        self._cur += np.bincount(b, minlength=n_bins)
-        self._ring[idx] = b
-        self._pos = int((self._pos + len(b)) % w)
+        # Overwrite the oldest len(b) slots: at most two contiguous slices of the ring.
+        pos, m = self._pos, len(b)
+        first = min(m, w - pos)
+        old = self._ring[pos : pos + first]
+        if first < m:
+            old = np.concatenate((old, self._ring[: m - first]))
+        self._cur += np.bincount(b, minlength=n_bins) - np.bincount(old, minlength=n_bins)
+        self._ring[pos : pos + first] = b[:first]
+        if first < m:
+            self._ring[: m - first] = b[first:]
+        self._pos = (pos + m) % w
 
     @property
     def has_reference(self) -> bool:
@@ -472,7 +480,13 @@ class NumericDrift(_BinnedDrift):
         super().__init__(name, **kw)
 
     def _fix_bins(self, values: list[Any]) -> int:
-        self._edges = quantile_edges([_num(v) for v in values if _num(v) is not None], self.bins)  # type: ignore[misc]
+        import numpy as np
+
+        arr = self._floats(values)
+        if arr is None:
+            arr = np.asarray([_num(v) for v in values], dtype=float)
+        self._edges = quantile_edges(arr[np.isfinite(arr)].tolist(), self.bins)
+        self._edges_arr = np.asarray(self._edges, dtype=float)
         return len(self._edges) + 2  # value bins + the missing bin
 
     def _bin(self, x: Any) -> int:
@@ -481,19 +495,33 @@ class NumericDrift(_BinnedDrift):
             return len(self._edges) + 1
         return bisect.bisect_right(self._edges, v)
 
+    @staticmethod
+    def _floats(values: Sequence[Any]) -> Any:
+        """Values as a float array (None -> NaN), or None if some value is not a number."""
+        import numpy as np
+
+        arr = values if isinstance(values, np.ndarray) else np.asarray(values)
+        if arr.dtype.kind in "fiub":
+            return arr.astype(float, copy=False)
+        # None (missing) makes an object array; a string (a producer bug) must count as
+        # missing, as update() does, not be parsed: per value then.
+        if arr.dtype.kind != "O" or any(isinstance(v, str) for v in values):
+            return None
+        try:
+            return arr.astype(float)
+        except (TypeError, ValueError):
+            return None
+
     def _bins_many(self, values: Sequence[Any]) -> Any:
         import numpy as np
 
-        arr = np.asarray(values)
-        if arr.dtype.kind not in "fiub":
-            # None (missing) makes an object array; a string (a producer bug) must count
-            # as missing, as update() does, not be parsed: per value then.
-            if arr.dtype.kind != "O" or any(isinstance(v, str) for v in values):
-                return super()._bins_many(values)
-            arr = arr.astype(float)  # None -> NaN
-        arr = arr.astype(float, copy=False)
-        out = np.searchsorted(self._edges, arr, side="right")
-        out[~np.isfinite(arr)] = len(self._edges) + 1
+        arr = self._floats(values)
+        if arr is None:
+            return super()._bins_many(values)
+        out = np.searchsorted(self._edges_arr, arr, side="right")
+        finite = np.isfinite(arr)  # NaN (missing) and inf get the missing bin, as in _bin
+        if not finite.all():
+            out[~finite] = len(self._edges) + 1
         return out
 
     @property
@@ -505,7 +533,8 @@ class NumericDrift(_BinnedDrift):
 
 
 def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, str):
+    # A numeric string parses (as numpy does in the batch path); anything else is missing.
+    if x is None:
         return None
     try:
         v = float(x)
@@ -545,6 +574,26 @@ class CategoricalDrift(_BinnedDrift):
 
     def _bin(self, x: Any) -> int:
         return self._index.get(_cat(x), len(self._index))
+
+    def _bins_many(self, values: Sequence[Any]) -> Any:
+        import numpy as np
+
+        # Served values repeat (classes, categories): map each distinct raw value once.
+        # (True, 1 and 1.0 hash alike and canonicalise alike, so one key serves them.)
+        seen = self._seen
+        out = []
+        for v in values:
+            b = seen.get(v)
+            if b is None:
+                b = seen[v] = self._bin(v)
+                if len(seen) > 10 * self.max_categories + 100:
+                    seen.clear()  # unbounded distinct values: keep the cache small
+            out.append(b)
+        return np.asarray(out, dtype=np.int64)
+
+    def reset(self) -> None:
+        self._seen: dict[Any, int] = {}
+        super().reset()
 
     @property
     def categories(self) -> list[str]:
@@ -736,6 +785,7 @@ class DriftSuite:
     performance: PerformanceDrift | None = None
 
     def __post_init__(self) -> None:
+        self._drifted: set[str] = set()
         d = self.spec.drift
         common: dict[str, Any] = {
             "method": d.method,
@@ -774,10 +824,56 @@ class DriftSuite:
         """Feed many served predictions ``(features, prediction)`` at once (vectorised)."""
         if not batch:
             return
-        for name, stat in self.features.items():
-            stat.update_many([f.get(name) for f, _ in batch])
+        numeric = self._numeric_names
+        if numeric:
+            cols = self._numeric_matrix([f for f, _ in batch], numeric)
+            for j, name in enumerate(numeric):
+                col = cols[:, j] if cols is not None else [f.get(name) for f, _ in batch]
+                self.features[name].update_many(col)
+        for name in self._other_names:
+            self.features[name].update_many([f.get(name) for f, _ in batch])
         if self.prediction is not None:
             self.prediction.update_many([p for _, p in batch])
+
+    @property
+    def _numeric_names(self) -> list[str]:
+        return [n for n, s in self.features.items() if isinstance(s, NumericDrift)]
+
+    @property
+    def _other_names(self) -> list[str]:
+        return [n for n, s in self.features.items() if not isinstance(s, NumericDrift)]
+
+    @staticmethod
+    def _numeric_matrix(feats: list[dict[str, Any]], names: list[str]) -> Any:
+        """Rows x numeric features as one float array (None -> NaN), or None when a value
+        is not a number or a key is absent (then the per-feature path decides)."""
+        import operator
+
+        import numpy as np
+
+        get = operator.itemgetter(*names)
+        k = len(names)
+        if k > 1:
+            try:  # the common case, all present and numbers: no per-value Python objects kept
+                flat = itertools.chain.from_iterable(map(get, feats))
+                arr = np.fromiter(flat, dtype=float, count=len(feats) * k)
+                return arr.reshape(len(feats), k)
+            except (KeyError, TypeError, ValueError):
+                pass  # a missing key, a None or a string: the careful path below
+        try:
+            rows = [get(f) for f in feats]
+            if k == 1:
+                rows = [(r,) for r in rows]
+            arr = np.array(rows)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if arr.dtype.kind in "fiub":
+            return arr.astype(float, copy=False)  # the common case: all numbers
+        # None (missing) makes an object array; a string must count as missing, as
+        # update() does, not be parsed: the per-feature path then.
+        if arr.dtype.kind != "O" or any(isinstance(v, str) for r in rows for v in r):
+            return None
+        return arr.astype(float)
 
     def observe_label(self, y_true: Any, y_pred: Any) -> bool:
         """Feed one joined label; True when performance drift is detected on it."""
@@ -795,12 +891,17 @@ class DriftSuite:
     def check(self, model_version: str | None, now: float | None = None) -> list[DriftRecord]:
         """One record per statistic that is ready (plus a latched performance detection)."""
         now = _time.time() if now is None else now
-        return [
-            s.record(self.spec.name, model_version, now) for s in self.statistics() if s.ready or s.drifted
-        ]
+        out = []
+        for s in self.statistics():
+            # ``drifted`` of a binned statistic computes its value: ask only the detector.
+            if s.ready or (isinstance(s, PerformanceDrift) and s.drifted):
+                out.append(s.record(self.spec.name, model_version, now))
+        self._drifted = {r.name for r in out if r.kind == "feature" and r.drifted}
+        return out
 
     def drifted_features(self) -> list[str]:
-        return [n for n, s in self.features.items() if s.drifted]
+        """Features past their threshold at the latest :meth:`check`."""
+        return [n for n in self.features if n in self._drifted]
 
     def rebase(self) -> None:
         """Forget the references: after a promotion the new champion's data is the reference."""
