@@ -92,6 +92,14 @@ SINCE_PREV_LONGEST: list[dict[str, Any]] = [
     {"agg": "last", "field": "country", "window": "1m"},
     {"agg": "distinct", "field": "flag", "window": "5m"},
 ]
+#: One stored field (a categorical): members are parsed without a table per member.
+ONE_STORED_FIELD: list[dict[str, Any]] = [
+    {"agg": "raw", "field": "amount"},
+    {"agg": "since_prev", "window": "1d"},
+    {"agg": "last", "field": "country", "window": "1m"},
+    {"agg": "distinct", "field": "country", "window": "1h"},
+    {"agg": "count", "field": "country", "window": "15m"},
+]
 SINCE_PREV_ONLY: list[dict[str, Any]] = [
     {"agg": "raw", "field": "flag"},
     {"agg": "since_prev", "window": "1d"},
@@ -220,7 +228,7 @@ def test_async_path_and_script_reload_match_offline(redis_client: redis.Redis, u
     _assert_parity(spec, events, online)
 
 
-@pytest.mark.parametrize("features", [SINCE_PREV_LONGEST, SINCE_PREV_ONLY])
+@pytest.mark.parametrize("features", [SINCE_PREV_LONGEST, ONE_STORED_FIELD, SINCE_PREV_ONLY])
 def test_trimming_keeps_what_since_prev_needs(
     redis_client: redis.Redis, unique: str, features: list[dict[str, Any]]
 ) -> None:
