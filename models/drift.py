@@ -402,7 +402,6 @@ class _BinnedDrift(DriftStatistic):
 
         Same result as calling :meth:`update` on each, in order.
         """
-        import numpy as np
 
         vals = values
         if self._pending is not None:
@@ -415,7 +414,12 @@ class _BinnedDrift(DriftStatistic):
             self._freeze(self._pending)
         if not len(vals):
             return
-        b = self._bins_many(vals)
+        self.push_bins(self._bins_many(vals))
+
+    def push_bins(self, b: Any) -> None:
+        """Slide the window over already-binned values (a numpy int array, in order)."""
+        import numpy as np
+
         n_bins = len(self._cur)
         w = self.window
         if self._filled < w:
@@ -437,7 +441,9 @@ class _BinnedDrift(DriftStatistic):
         old = self._ring[pos : pos + first]
         if first < m:
             old = np.concatenate((old, self._ring[: m - first]))
-        self._cur += np.bincount(b, minlength=n_bins) - np.bincount(old, minlength=n_bins)
+        # One bincount for in and out: the old bins counted in a second block.
+        both = np.bincount(np.concatenate((b, old + n_bins)), minlength=2 * n_bins)
+        self._cur += both[:n_bins] - both[n_bins:]
         self._ring[pos : pos + first] = b[:first]
         if first < m:
             self._ring[: m - first] = b[first:]
@@ -827,9 +833,23 @@ class DriftSuite:
         numeric = self._numeric_names
         if numeric:
             cols = self._numeric_matrix([f for f, _ in batch], numeric)
-            for j, name in enumerate(numeric):
-                col = cols[:, j] if cols is not None else [f.get(name) for f, _ in batch]
-                self.features[name].update_many(col)
+            stats = [self.features[n] for n in numeric]
+            if cols is not None and all(s.has_reference for s in stats):
+                # All references fixed: bin every column here, skipping per-column checks.
+                import numpy as np
+
+                finite = np.isfinite(cols)
+                all_finite = bool(finite.all())
+                for j, st in enumerate(stats):
+                    assert isinstance(st, NumericDrift)
+                    b = np.searchsorted(st._edges_arr, cols[:, j], side="right")
+                    if not all_finite:
+                        b[~finite[:, j]] = len(st._edges) + 1
+                    st.push_bins(b)
+            else:
+                for j, name in enumerate(numeric):
+                    col = cols[:, j] if cols is not None else [f.get(name) for f, _ in batch]
+                    self.features[name].update_many(col)
         for name in self._other_names:
             self.features[name].update_many([f.get(name) for f, _ in batch])
         if self.prediction is not None:
