@@ -153,6 +153,15 @@ def create_app(
             _observe_lag(app, spec, metrics, batch)
             _observe_model(spec, metrics, scorer.models)
 
+    @app.timer(1.0)
+    async def follow_model() -> None:
+        # Idle scorers follow snapshots and promotions too; a batch in flight keeps the
+        # model it started with (it reads the model once, between awaits it does not).
+        if scorer.models.refresh():
+            _, name, version = scorer.models.current()
+            log.info("now scoring with %s %s", name, version)
+        _observe_model(spec, metrics, scorer.models)
+
     if learner_hook is not None:
         learner_hook(app, _redis)
 

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 class Worker:
     """A `weir worker` subprocess with its log; stopped with SIGTERM."""
 
-    def __init__(self, spec: PipelineSpec, tmp: Path, role: str = "all") -> None:
+    def __init__(self, spec: PipelineSpec, tmp: Path, role: str = "all", metrics_port: int = 0) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
         self.spec_path = tmp / f"{spec.name}.yaml"
         self.spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
         self.log_path = tmp / f"{spec.name}-{role}.log"
@@ -53,7 +54,7 @@ class Worker:
                 "--role",
                 role,
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 "--",
                 "--without-web",
                 "-l",
@@ -68,6 +69,10 @@ class Worker:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.role == "learner":
         from streams.learner import run_learner
 
-        run_learner(spec, settings, metrics_port=args.metrics_port)
-        return 0
+        return run_learner(spec, settings, metrics_port=args.metrics_port)
     from streams.worker import run_worker
 
     return run_worker(spec, settings, role=args.role, faust_args=extra, metrics_port=args.metrics_port)
