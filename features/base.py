@@ -93,8 +93,13 @@ def entity_ttl(spec: PipelineSpec) -> int:
 
 
 def served_ttl(spec: PipelineSpec) -> int:
-    """TTL (s) of an event's served-features key: long enough for its label and for dedupe."""
-    return max(1, math.ceil(max(spec.labels.horizon, max_window(spec) + spec.lateness)))
+    """TTL (s) of an event's served-features key: long enough for its label and for dedupe.
+
+    Redeliveries come within minutes of a crash, so the dedupe memory is
+    ``scoring.dedupe_horizon`` (default 1 h), not the longest window: a 1-day window would
+    keep a key per event for a day (hundreds of millions of keys at a few thousand events/s).
+    """
+    return max(1, math.ceil(max(spec.labels.horizon, spec.scoring.dedupe_horizon)))
 
 
 def check_ts(ts: Any, event_id: Any) -> float:

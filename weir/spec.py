@@ -183,6 +183,8 @@ class ScoringSpec(_Strict):
     """Events before this epoch time (default 2000-01-01) are dead-lettered as absurd."""
     max_future: Duration = 86_400.0
     """Events further than this in the future of the worker's clock are dead-lettered."""
+    dedupe_horizon: Duration = 3600.0
+    """How long an event_id is remembered, so a redelivered event is not counted twice."""
 
 
 class LearnerSpec(_Strict):

@@ -68,7 +68,7 @@ def test_decode_replies() -> None:
 def test_ttls_follow_the_spec() -> None:
     spec = _spec()
     assert entity_ttl(spec) == 86_400 + 30 + 300
-    assert served_ttl(spec) == 86_400 + 30  # max(horizon 2h, 1d + 30s)
+    assert served_ttl(spec) == 7200  # max(horizon 2h, dedupe_horizon 1h), not the 1-day window
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_nan_is_missing_for_optional_fields() -> None:
 def test_script_is_deterministic_and_bakes_the_spec() -> None:
     a, b = RedisFeatureStore(_spec()), RedisFeatureStore(_spec())
     assert a.sha == b.sha and len(a.sha) == 40
-    assert "wm - 30.0" in a.script and "'EX', 86430" in a.script
+    assert "wm - 30.0" in a.script and "'EX', 7200" in a.script
     assert repr(a) == "RedisFeatureStore(spec='codec')"
 
 
