@@ -185,11 +185,10 @@ def test_optional_field_column_may_be_absent() -> None:
     assert out["c_distinct"].tolist() == [0.0] and out["c_last"].tolist() == [None]
 
 
-def test_many_rows_in_reasonable_time() -> None:
-    import time
-
+def test_many_rows_vectorised_path() -> None:
+    # Speed is measured in bench/features.py, not here; this checks the large-frame path.
     rng = np.random.default_rng(0)
-    n = 100_000
+    n = 20_000
     frame = pd.DataFrame(
         {
             "event_id": np.arange(n).astype(str),
@@ -200,7 +199,6 @@ def test_many_rows_in_reasonable_time() -> None:
             "b": (rng.random(n) < 0.5).astype(object),
         }
     )
-    t = time.perf_counter()
     out = compute_offline(_spec(), frame)
-    assert time.perf_counter() - t < 30, "offline engine far slower than measured (~1-2 s)"
-    assert (out["status"] == "ok").mean() > 0.95
+    assert len(out) == n and (out["status"] == "ok").mean() > 0.95
+    assert set(out["status"]) <= {"ok", "late", "duplicate"}
