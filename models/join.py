@@ -140,7 +140,7 @@ class Example:
         return {
             "event_id": self.event_id,
             "entity_id": self.entity_id,
-            "event_ts": self.event_ts,
+            "ts": self.event_ts,  # the event's time: what retraining windows and sorts on
             "label_ts": self.label_ts,
             "features": self.features,
             "label": self.label,

@@ -74,7 +74,7 @@ def test_hit_learns_served_features(redis_client: Any, unique: Any, metrics: Lea
     rec = orjson.loads(out.training_log[0])
     assert rec["features"] == {"a": 4.0, "b": None}  # as served, not recomputed
     assert rec["label"] is True and rec["prediction"] == served.prediction
-    assert rec["model_version"] == "v1.0" and rec["event_ts"] == pytest.approx(now - 5)
+    assert rec["model_version"] == "v1.0" and rec["ts"] == pytest.approx(now - 5)
     assert core.labels_learned == 1 and core.offsets == {0: 1}
     assert core.evaluator.count("v1") == 1
     assert _joins(metrics, spec, "hit") == 1
