@@ -50,6 +50,31 @@ class Tally:
         self.hits: collections.deque[int] = collections.deque(maxlen=window)
         self.curve: list[tuple[float, int, float]] = []  # (time, n, rolling accuracy)
         self.pending: dict[str, Any] = {}
+        self.story: list[tuple[float, int, str, str]] = []  # (time, predictions, kind, text)
+        self.printed = 0
+
+    def on_drift(self, rec: dict[str, Any]) -> None:
+        """Keep the drift records that tell the story: detections and decisions taken."""
+        kind, detail = rec.get("kind"), rec.get("detail") or {}
+        reason = detail.get("reason") if isinstance(detail, dict) else None
+        if kind == "decision":
+            if rec.get("name") == "retrain" and not rec.get("drifted"):
+                return  # a retrain not taken (cooldown, too few labels): in the topic, not the story
+            text = f"{rec.get('name')} ({rec.get('statistic')}): {reason or ''}"
+            mark = "decision"
+        elif rec.get("drifted"):
+            text = (
+                f"{kind} drift on {rec.get('name')}: {rec.get('statistic')}="
+                f"{rec.get('value') if rec.get('value') is None else round(float(rec['value']), 3)}"
+                f" > {rec.get('threshold')}"
+            )
+            mark = "drift"
+        else:
+            return
+        with self.lock:
+            if self.story and self.story[-1][3] == text:
+                return
+            self.story.append((time.time(), self.predictions, mark, text))
 
     def on_prediction(self, rec: dict[str, Any], kafka_ts: float) -> None:
         with self.lock:
@@ -87,7 +112,7 @@ def _consume(
     conf = settings.confluent_config()
     conf.update({"group.id": f"weir-demo-{os.getpid()}-{int(time.time())}", "enable.auto.commit": False})
     c = Consumer(conf)
-    topics = [spec.topics.predictions, spec.topics.dead_letters]
+    topics = [spec.topics.predictions, spec.topics.dead_letters, spec.topics.drift]
     # Start at the current end of both topics: the demo shows only this run.
     assignment = []
     for t in topics:
@@ -105,6 +130,8 @@ def _consume(
                 rec = orjson.loads(msg.value() or b"{}")
                 if msg.topic() == spec.topics.predictions:
                     tally.on_prediction(rec, msg.timestamp()[1] / 1000.0)
+                elif msg.topic() == spec.topics.drift:
+                    tally.on_drift(rec)
                 else:
                     with tally.lock:
                         tally.dead[rec["reason"]] += 1
@@ -163,6 +190,25 @@ def run_demo(
                 str(metrics_port),
             ],
             stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    monitor_log = out / "monitor.log"
+    with open(monitor_log, "wb") as mlog:
+        monitor = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "weir.cli",
+                "monitor",
+                spec_path,
+                "--metrics-port",
+                str(metrics_port + 1),
+                "--check-every",
+                "250",
+            ],
+            stdout=mlog,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
@@ -235,6 +281,10 @@ def run_demo(
                 f"{acc:7.3f} {dead:5d}  {mix} {versions}",
                 flush=True,
             )
+            with tally.lock:
+                new, tally.printed = tally.story[tally.printed :], len(tally.story)
+            for _, at, _, text in new:
+                print(f"      >> at prediction {at}: {text}", flush=True)
             if not producer.is_alive() and n >= produced.get("events", n_total + 1):
                 break
     except KeyboardInterrupt:
@@ -242,13 +292,15 @@ def run_demo(
     finally:
         prod_stop.set()
         stop.set()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        for child in (proc, monitor):
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in (proc, monitor):
             try:
-                proc.wait(30)
+                child.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(10)
         if consumer.is_alive():
             consumer.join(5)
     with tally.lock:
@@ -268,24 +320,38 @@ def run_demo(
             "prediction_mix": dict(tally.mix),
             "model_versions": dict(tally.versions),
             "worker_exit_code": proc.returncode,
+            "monitor_exit_code": monitor.returncode,
+            "story": [{"at_prediction": at, "kind": kind, "text": text} for _, at, kind, text in tally.story],
         }
         curve = list(tally.curve)
+        story = list(tally.story)
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     if curve:
-        _plot(curve, out / "accuracy.png")
+        _plot(curve, story, out / "accuracy.png")
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {out / 'summary.json'}" + (f" and {out / 'accuracy.png'}" if curve else ""))
     return summary
 
 
-def _plot(curve: list[tuple[float, int, float]], path: Path) -> None:
+def _plot(
+    curve: list[tuple[float, int, float]], story: list[tuple[float, int, str, str]], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot([c[1] for c in curve], [c[2] for c in curve], lw=1.2)
+    ax.plot([c[1] for c in curve], [c[2] for c in curve], lw=1.2, label="rolling accuracy")
+    colors = {"drift": "tab:red", "decision": "tab:green"}
+    seen: set[str] = set()
+    for _, at, kind, text in story:
+        label = None if kind in seen else kind
+        seen.add(kind)
+        ax.axvline(at, color=colors.get(kind, "grey"), ls="--", lw=0.9, label=label)
+        if kind == "decision":
+            ax.annotate(text[:40], (at, 0.05), rotation=90, fontsize=7, color=colors[kind])
+    ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("predictions")
     ax.set_ylabel("rolling accuracy (last 500 labels)")
     ax.set_ylim(0, 1)
