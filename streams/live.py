@@ -27,15 +27,22 @@ log = logging.getLogger("weir.worker")
 class LiveModel:
     """The embedded learner's live model (role ``all``)."""
 
-    def __init__(self, core: Any, name: str) -> None:
+    def __init__(self, core: Any, name: str, poll_seconds: float = 0.5) -> None:
         self.core = core
         self.name = name
+        self.poll_seconds = poll_seconds
+        self._checked = 0.0
 
     def current(self) -> tuple[Any, str, str]:
         return self.core.model, self.name, str(self.core.version_id)
 
     def refresh(self) -> bool:
-        # A promotion or rollback moves the champion alias: follow it between batches.
+        # A promotion or rollback moves the champion alias: follow it between batches,
+        # asking Redis at most every poll_seconds.
+        now = time.time()
+        if now - self._checked < self.poll_seconds:
+            return False
+        self._checked = now
         return bool(self.core.follow_champion())
 
     def age_seconds(self) -> float:

@@ -151,7 +151,7 @@ class Scorer:
         self.reasons: Counter[str] = Counter()
 
     async def process(self, msgs: Sequence[RawMessage], redis: Any) -> BatchOutput:
-        """Validate, compute features (one Redis round trip), score and record what was served."""
+        """Validate, compute features (one Redis round trip) and score; see :meth:`record_served`."""
         now = time.time()
         good, dead = validate_batch(self.spec, msgs, now)
         out = BatchOutput(dead_letters=dead)
@@ -189,18 +189,24 @@ class Scorer:
                 if out.max_ts is None or event.ts > out.max_ts:
                     out.max_ts = event.ts
             out.predictions = score_events(self.spec, to_score, model, name, version, time.time())
-            if self.served is not None and out.predictions:
-                t1 = time.perf_counter()
-                pipe = redis.pipeline(transaction=False)
-                self.served.add_to_pipeline(pipe, out.predictions)
-                await pipe.execute()
-                if self.metrics is not None:
-                    self.metrics.redis_seconds.labels(self.spec.name, "served").observe(
-                        time.perf_counter() - t1
-                    )
         for d in out.dead_letters:
             self.reasons[d.reason] += 1
         return out
+
+    async def record_served(self, out: BatchOutput, redis: Any) -> None:
+        """Store what was served (the learner joins labels to it); one round trip.
+
+        The worker runs this concurrently with the Kafka flush of the same batch: both
+        finish before the batch's offsets can be committed.
+        """
+        if self.served is None or not out.predictions:
+            return
+        t1 = time.perf_counter()
+        pipe = redis.pipeline(transaction=False)
+        self.served.add_to_pipeline(pipe, out.predictions)
+        await pipe.execute()
+        if self.metrics is not None:
+            self.metrics.redis_seconds.labels(self.spec.name, "served").observe(time.perf_counter() - t1)
 
     def observe(self, msgs: Sequence[RawMessage], out: BatchOutput, seconds: float) -> None:
         """Record a processed batch in the metrics."""

@@ -146,9 +146,10 @@ def create_app(
             if scorer.models.refresh():
                 _, name, version = scorer.models.current()
                 log.info("now scoring with %s %s", name, version)
-            out = await scorer.process(msgs, await _redis())
+            redis = await _redis()
+            out = await scorer.process(msgs, redis)
             output.emit(out)
-            await output.flush()
+            await asyncio.gather(scorer.record_served(out, redis), output.flush())
             scorer.observe(msgs, out, time.perf_counter() - t0)
             _observe_lag(app, spec, metrics, batch)
             _observe_model(spec, metrics, scorer.models)
