@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,38 @@ def live_load(
     return sent
 
 
+def histogram(url: str | None, name: str = "weir_event_to_prediction_seconds") -> dict[float, float]:
+    """Cumulative bucket counts of a histogram scraped from a /metrics URL."""
+    if not url:
+        return {}
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[float, float] = {}
+    for line in body.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Upper bucket bounds holding p50/p95/p99 of the observations between two scrapes."""
+    if not after:
+        return {}
+    les = sorted(after)
+    counts = [after[le] - before.get(le, 0.0) for le in les]
+    total = counts[-1]
+    res: dict[str, Any] = {"observations": int(total)}
+    for q in (0.5, 0.95, 0.99):
+        bound = next((le for le, c in zip(les, counts, strict=True) if c >= q * total), les[-1])
+        res[f"p{int(q * 100)}_le_ms"] = None if bound == float("inf") else round(bound * 1000, 1)
+    return res
+
+
 def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
     lats = [got[k] - t for k, t in sent.items() if k in got]
+    times = sorted(sent.values())
     return {
+        "achieved_send_rate": round(len(times) / (times[-1] - times[0]), 1) if len(times) > 1 else None,
         "sent": len(sent),
         "received": len(lats),
         "p50_ms": round(pct(lats, 0.5) * 1000, 2) if lats else None,
@@ -178,6 +208,7 @@ def measure(
     id_of: Any,
     n: int,
     live_seconds: float,
+    metrics_url: str | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"system": name}
     start()
@@ -207,11 +238,15 @@ def measure(
         reader = OutputReader(settings, dst, id_of)
         reader.start()
         rid = f"{name}-live{int(frac * 100)}-{uuid.uuid4().hex[:6]}"
+        before = histogram(metrics_url)
         sent = live_load(settings, src, spec, rate, live_seconds, rid)
         reader.wait_for(len(sent), timeout=60)
         reader.stop.set()
         reader.join(5)
-        out[f"live_{int(frac * 100)}pct"] = {"rate": round(rate, 1), **latency_summary(sent, reader.times)}
+        phase = {"rate": round(rate, 1), **latency_summary(sent, reader.times)}
+        if metrics_url:
+            phase["worker_histogram"] = bucket_quantiles(before, histogram(metrics_url))
+        out[f"live_{int(frac * 100)}pct"] = phase
     stop()
     return out
 
@@ -273,6 +308,11 @@ def main() -> int:
     spec_path.write_text(yaml.safe_dump(d))
     log = open(REPO / ".weir" / f"bench-{tag}-worker.log", "wb")  # noqa: SIM115 - lives with the worker
     holder: dict[str, Any] = {}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
 
     def weir_start() -> None:
         proc = subprocess.Popen(
@@ -285,7 +325,7 @@ def main() -> int:
                 "--role",
                 "all",
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 "--",
                 "--without-web",
                 "-l",
@@ -321,6 +361,7 @@ def main() -> int:
         key_id,
         args.events,
         args.live_seconds,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     print(json.dumps(results["weir"], indent=1), flush=True)
     b, w = (
