@@ -55,11 +55,14 @@ fmt: $(STAMP) ## format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-demo: up ## the demo: stack, topics, worker, a drifting stream, live summary (DURATION=60)
-	$(VENV)/bin/weir demo $(SPEC) --duration $(DURATION)
+demo: up ## the demo: stack, worker, monitor, a drifting stream, live summary; stops all (DURATION=60)
+	@status=0; $(VENV)/bin/weir demo $(SPEC) --duration $(DURATION) || status=$$?; \
+	if [ -z "$(KEEP_STACK)" ]; then $(PY) deploy/local/stack.py down; fi; exit $$status
 
-bench: up ## end-to-end benchmark against a plain consume-and-produce baseline
+bench: up ## benchmarks against their baselines (results in bench/results/)
 	$(PY) bench/e2e.py
+	$(PY) bench/features.py
+	$(PY) bench/drift_overhead.py
 
 clean: down ## remove the virtualenv and local state
 	rm -rf $(VENV) .weir
