@@ -52,6 +52,7 @@ class Tally:
         self.pending: dict[str, Any] = {}
         self.story: list[tuple[float, int, str, str]] = []  # (time, predictions, kind, text)
         self.printed = 0
+        self.drifting: dict[str, bool] = {}
 
     def on_drift(self, rec: dict[str, Any]) -> None:
         """Keep the drift records that tell the story: detections and decisions taken."""
@@ -62,6 +63,19 @@ class Tally:
                 return  # a retrain not taken (cooldown, too few labels): in the topic, not the story
             text = f"{rec.get('name')} ({rec.get('statistic')}): {reason or ''}"
             mark = "decision"
+        elif kind in ("feature", "prediction"):
+            # Only the moment a statistic starts drifting belongs to the story.
+            key = f"{kind}:{rec.get('name')}"
+            was = self.drifting.get(key, False)
+            self.drifting[key] = bool(rec.get("drifted"))
+            if was or not rec.get("drifted"):
+                return
+            text = (
+                f"{kind} drift on {rec.get('name')}: {rec.get('statistic')}="
+                f"{rec.get('value') if rec.get('value') is None else round(float(rec['value']), 3)}"
+                f" > {rec.get('threshold')}"
+            )
+            mark = "drift"
         elif rec.get("drifted"):
             text = (
                 f"{kind} drift on {rec.get('name')}: {rec.get('statistic')}="
