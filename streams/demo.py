@@ -364,7 +364,7 @@ def _plot(
         seen.add(kind)
         ax.axvline(at, color=colors.get(kind, "grey"), ls="--", lw=0.9, label=label)
         if kind == "decision":
-            ax.annotate(text[:40], (at, 0.05), rotation=90, fontsize=7, color=colors[kind])
+            ax.annotate(text.split(":")[0], (at, 0.05), rotation=90, fontsize=7, color=colors[kind])
     ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("predictions")
     ax.set_ylabel("rolling accuracy (last 500 labels)")
