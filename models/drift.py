@@ -643,7 +643,9 @@ def make_detector(detector: Detector, params: dict[str, float] | None = None) ->
 
         if "min_instances" in params:
             params["min_instances"] = int(params["min_instances"])  # type: ignore[assignment]
-        return PageHinkley(**params)  # type: ignore[arg-type]
+        # A falling loss is no reason to retrain: watch for increases only.
+        kwargs: dict[str, Any] = {"mode": "up", **params}
+        return PageHinkley(**kwargs)
     raise DriftError(f"detector must be 'adwin' or 'page_hinkley', got {detector!r}")
 
 
@@ -711,6 +713,7 @@ class PerformanceDrift(DriftStatistic):
         self._sum = 0.0
         self._latched = False
         self.detections: list[int] = []
+        self.improvements: list[int] = []
         self.last_detection: int | None = None
 
     def update(self, x: Any) -> bool:  # type: ignore[override]
@@ -727,7 +730,14 @@ class PerformanceDrift(DriftStatistic):
             self._ring[self._pos] = v
             self._pos = (self._pos + 1) % self.window
         self._sum += v
+        before = getattr(self._det, "estimation", None)
         self._det.update(v)
+        # ADWIN flags a change either way; a falling loss (a model still warming up, or
+        # recovering) is an improvement, counted but not a drift to act on.
+        falling = before is not None and self.detector == "adwin" and self._det.estimation <= before
+        if self._det.drift_detected and falling:
+            self.improvements.append(self._seen)
+            return False
         if self._det.drift_detected and self._n >= self.min_samples:
             self._latched = True
             self.last_detection = self._seen

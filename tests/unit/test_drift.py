@@ -346,3 +346,19 @@ def test_suite_batch_equals_one_by_one() -> None:
     b.observe_predictions(batch[:33])
     b.observe_predictions(batch[33:])
     assert [r.to_dict() for r in a.check("v", 1.0)] == [r.to_dict() for r in b.check("v", 1.0)]
+
+
+@pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
+def test_performance_drift_ignores_a_falling_loss(detector: str) -> None:
+    """A model that gets better (warm-up, recovery) is no reason to retrain."""
+    import random
+
+    from models.drift import PerformanceDrift
+
+    rng = random.Random(3)
+    falling = PerformanceDrift(detector=detector, min_samples=50)
+    hits = [falling.update(float(rng.random() < (0.5 if i < 3000 else 0.1))) for i in range(6000)]
+    assert not any(hits)
+    rising = PerformanceDrift(detector=detector, min_samples=50)
+    hits = [rising.update(float(rng.random() < (0.1 if i < 3000 else 0.5))) for i in range(6000)]
+    assert any(hits) and 3000 <= hits.index(True) < 3400
