@@ -31,8 +31,9 @@ import importlib
 import inspect
 from typing import TYPE_CHECKING, Any
 
+from features.base import to_model_input
 from weir.errors import InvalidMessage, ModelError
-from weir.types import FeatureVector, LabelValue
+from weir.types import LabelValue
 
 if TYPE_CHECKING:
     from weir.spec import ComponentSpec, ModelSpec, PipelineSpec, Task
@@ -173,9 +174,9 @@ def check_task(model: Any, task: Task) -> None:
         )
 
 
-def model_input(features: FeatureVector) -> dict[str, Any]:
-    """The model's ``x``: the served features without the undefined (None) ones."""
-    return {k: v for k, v in features.items() if v is not None}
+#: The model's ``x``: the served features without the undefined (None) ones. One
+#: definition, shared with the scorer (:func:`features.base.to_model_input`).
+model_input = to_model_input
 
 
 def predict(model: Any, x: dict[str, Any], task: Task) -> tuple[LabelValue | None, dict[str, float] | None]:

@@ -23,7 +23,6 @@ and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (ne
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,7 @@ from typing import Any, Literal
 import orjson
 
 from weir.spec import PipelineSpec
-from weir.types import FeatureVector, Label, LabelValue, Prediction
+from weir.types import DeadLetter, FeatureVector, Label, LabelValue, Prediction
 
 Outcome = Literal["hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown"]
 OUTCOMES: tuple[str, ...] = (
@@ -363,21 +362,6 @@ def dead_letter(
     key: bytes | None = None,
 ) -> bytes:
     """A dead-letter record (the contract of :func:`streams.contracts.encode_dead_letter`)."""
-    try:
-        from streams.contracts import encode_dead_letter
-        from weir.types import DeadLetter
+    from streams.contracts import encode_dead_letter
 
-        return encode_dead_letter(
-            DeadLetter(reason, detail, topic, partition, offset, value, key, time.time())
-        )
-    except ImportError:  # pragma: no cover - contracts ship with the package
-        return orjson.dumps(
-            {
-                "reason": reason,
-                "detail": detail,
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "value_b64": None if value is None else base64.b64encode(value).decode(),
-            }
-        )
+    return encode_dead_letter(DeadLetter(reason, detail, topic, partition, offset, value, key, time.time()))

@@ -126,7 +126,8 @@ def _consume(
     conf = settings.confluent_config()
     conf.update({"group.id": f"weir-demo-{os.getpid()}-{int(time.time())}", "enable.auto.commit": False})
     c = Consumer(conf)
-    topics = [spec.topics.predictions, spec.topics.dead_letters, spec.topics.drift]
+    # Predictions are scored against the labels as they arrive on the labels topic.
+    topics = [spec.topics.predictions, spec.topics.dead_letters, spec.topics.drift, spec.topics.labels]
     # Start at the current end of both topics: the demo shows only this run.
     assignment = []
     for t in topics:
@@ -146,6 +147,8 @@ def _consume(
                     tally.on_prediction(rec, msg.timestamp()[1] / 1000.0)
                 elif msg.topic() == spec.topics.drift:
                     tally.on_drift(rec)
+                elif msg.topic() == spec.topics.labels:
+                    tally.on_truth(str(rec.get("event_id")), rec.get("label"))
                 else:
                     with tally.lock:
                         tally.dead[rec["reason"]] += 1
@@ -242,14 +245,6 @@ def run_demo(
         run_id = f"demo{int(time.time())}"
 
         def _produce() -> None:
-            # The demo's own copy of the truth, to score predictions as labels come in.
-            import itertools
-
-            from streams.produce import open_source
-
-            rows = list(itertools.islice(open_source(source), n_total))
-            for i, (_, y) in enumerate(rows):
-                tally.on_truth(f"{run_id}-{i}", y)
             produced.update(
                 produce(
                     spec,

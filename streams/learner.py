@@ -39,6 +39,45 @@ BATCH = 500
 SWEEP_EVERY = 1.0
 
 
+class StepEmitter:
+    """Produces what a :class:`LearnerCore` step asks for: training-log records and dead
+    letters. ``flush`` waits for delivery and raises if anything was not delivered, so a
+    caller never moves offsets (or a snapshot) past records that were lost.
+    """
+
+    def __init__(self, spec: PipelineSpec, settings: Settings, linger_ms: int = 20) -> None:
+        from confluent_kafka import Producer
+
+        self.spec = spec
+        self.producer = Producer(
+            {**settings.confluent_config(), "linger.ms": linger_ms, "enable.idempotence": True}
+        )
+        self.errors: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.errors.append(str(err))
+
+    def emit(self, out: StepOutput) -> None:
+        t = self.spec.topics
+        for rec in out.training_log:
+            self.producer.produce(t.training_log, rec, on_delivery=self._on_delivery)
+        for dl in out.dead_letters:
+            self.producer.produce(t.dead_letters, dl, on_delivery=self._on_delivery)
+        self.producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        from confluent_kafka import KafkaException
+
+        remaining = self.producer.flush(timeout)
+        if remaining or self.errors:
+            errors, self.errors = self.errors[:3], []
+            raise KafkaException(
+                f"learner: {remaining} training-log/dead-letter records undelivered ({errors}); "
+                "not moving past them"
+            )
+
+
 def learner_group(spec: PipelineSpec) -> str:
     """Consumer group the learner commits its offsets to (for lag monitoring only)."""
     return f"{spec.consumer_group}-learner"
@@ -63,7 +102,7 @@ def run_learner(
         metrics_registry: a prometheus ``CollectorRegistry``; default a fresh one.
         ready: set once partitions are assigned and the model is loaded.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
     from prometheus_client import CollectorRegistry
 
     stop = stop or threading.Event()
@@ -98,30 +137,14 @@ def run_learner(
             "enable.partition.eof": False,
         }
     )
-    producer = Producer({**settings.confluent_config(), "linger.ms": 20, "enable.idempotence": True})
-    errors: list[str] = []
-
-    def on_delivery(err: Any, _msg: Any) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    def produce(out: StepOutput) -> None:
-        for rec in out.training_log:
-            producer.produce(spec.topics.training_log, rec, on_delivery=on_delivery)
-        for dl in out.dead_letters:
-            producer.produce(spec.topics.dead_letters, dl, on_delivery=on_delivery)
-        producer.poll(0)
+    emitter = StepEmitter(spec, settings)
+    produce = emitter.emit
 
     def snapshot(force: bool = False) -> None:
         if not (force or core.snapshot_due()):
             return
         # Deliver the training log first: once the offsets move on it is never re-produced.
-        remaining = producer.flush(30)
-        if remaining or errors:
-            raise KafkaException(
-                f"learner: {remaining} training-log/dead-letter records undelivered "
-                f"({errors[:3]}); not snapshotting past them"
-            )
+        emitter.flush(30)
         sid = core.maybe_snapshot(force=force)
         if sid is not None and core.offsets:
             consumer.commit(
@@ -134,7 +157,8 @@ def run_learner(
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise KafkaException(
-                f"labels topic {topic!r} does not exist; create it with `weir topics create SPEC`"
+                f"labels topic {topic!r} does not exist; `weir worker SPEC` and `weir produce SPEC` "
+                "create the pipeline's topics"
             )
         assignment = [
             TopicPartition(topic, p, core.offsets.get(p, OFFSET_BEGINNING)) for p in sorted(meta.partitions)
@@ -165,7 +189,7 @@ def run_learner(
         return 0
     finally:
         try:
-            producer.flush(10)
+            emitter.producer.flush(10)
         finally:
             consumer.close()
             server.stop()

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from models.learner import LabelMessage, LearnerCore
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -28,7 +29,7 @@ class LiveModel:
     """The embedded learner's live model (role ``all``)."""
 
     def __init__(self, core: Any, name: str, poll_seconds: float = 0.5) -> None:
-        self.core = core
+        self.core: LearnerCore = core
         self.name = name
         self.poll_seconds = poll_seconds
         self._checked = 0.0
@@ -47,6 +48,10 @@ class LiveModel:
 
     def age_seconds(self) -> float:
         return 0.0
+
+    def attach_metrics(self, registry: Any) -> None:
+        """The embedded learner exports its metrics on the worker's registry."""
+        self.core.metrics = LearnerMetrics(registry)
 
 
 class SnapshotFollower:
@@ -118,43 +123,30 @@ def _registry(spec: PipelineSpec, settings: Settings) -> Any:
     return ModelRegistry(settings.redis(), spec, key=registry_key(settings))
 
 
-def snapshot_wiring(spec: PipelineSpec, settings: Settings) -> tuple[Any, Any, Any]:
+def snapshot_wiring(spec: PipelineSpec, settings: Settings) -> tuple[SnapshotFollower, Any]:
+    """Role ``scorer``: the learner's snapshots, and the served store the learner joins on."""
     from models.join import ServedStore
 
     follower = SnapshotFollower(_registry(spec, settings), spec.model.name)
     follower.load_initial()
-    return follower, ServedStore(spec), None
+    return follower, ServedStore(spec)
 
 
-def live_wiring(spec: PipelineSpec, settings: Settings, app: Any) -> tuple[Any, Any, Any]:
+def live_wiring(spec: PipelineSpec, settings: Settings) -> tuple[LiveModel, Any, Any]:
     """Role ``all``: an embedded learner on the labels topic sharing the scorer's model."""
     from models.join import ServedStore
-    from models.learner import LabelMessage, LearnerCore
+    from streams.learner import StepEmitter
 
-    registry = _registry(spec, settings)
-    client = settings.redis()
-    state: dict[str, Any] = {}
+    core = LearnerCore.start(spec, _registry(spec, settings), settings.redis(), metrics=None)
 
-    core = LearnerCore.start(spec, registry, client, metrics=None)
-    state["core"] = core
+    def hook(app: Any) -> None:
+        import asyncio
 
-    def hook(app_: Any, _redis: Any) -> None:
-        from confluent_kafka import Producer
+        labels_topic = app.topic(spec.topics.labels, key_serializer="raw", value_serializer="raw")
+        emitter = StepEmitter(spec, settings, linger_ms=5)
 
-        labels_topic = app_.topic(spec.topics.labels, key_serializer="raw", value_serializer="raw")
-        producer = Producer({**settings.confluent_config(), "linger.ms": 5, "enable.idempotence": True})
-
-        def emit(out: Any) -> None:
-            for rec in out.training_log:
-                producer.produce(spec.topics.training_log, rec)
-            for dl in out.dead_letters:
-                producer.produce(spec.topics.dead_letters, dl)
-            producer.poll(0)
-
-        @app_.agent(labels_topic, concurrency=1)
+        @app.agent(labels_topic, concurrency=1)
         async def learn(stream: Any) -> None:
-            import asyncio
-
             loop = asyncio.get_running_loop()
             try:
                 async for batch in stream.take_events(1000, within=0.2):
@@ -162,19 +154,13 @@ def live_wiring(spec: PipelineSpec, settings: Settings, app: Any) -> tuple[Any, 
                         LabelMessage(e.message.value, e.message.partition, e.message.offset, e.message.key)
                         for e in batch
                     ]
-                    emit(core.process(msgs))
-                    await loop.run_in_executor(None, producer.flush, 30)
+                    emitter.emit(core.process(msgs))
+                    await loop.run_in_executor(None, emitter.flush, 30)
             finally:
-                producer.flush(10)
+                emitter.producer.flush(10)
 
-        @app_.timer(1.0)
+        @app.timer(1.0)
         async def sweep() -> None:
-            emit(core.sweep())
+            emitter.emit(core.sweep())
 
-    def attach_metrics(registry_: Any) -> None:
-        core.metrics = LearnerMetrics(registry_)
-
-    state["attach_metrics"] = attach_metrics
-    live = LiveModel(core, spec.model.name)
-    live.attach_metrics = attach_metrics  # type: ignore[attr-defined]
-    return live, ServedStore(spec), hook
+    return LiveModel(core, spec.model.name), ServedStore(spec), hook

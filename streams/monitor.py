@@ -309,26 +309,19 @@ class Monitor:
             challenger=sh.version_id,
         )
         self._emit(rec)
-        meta = {"shadow": rec.detail}
-        try:
-            self.registry.update_meta(sh.version_id, **meta)
-        except Exception as exc:
-            log.warning("could not record the shadow result on %s: %s", sh.version_id, exc)
+        self._annotate(sh.version_id, shadow=rec.detail)
         self.registry.set_alias("challenger", None)
         if verdict.decision != "promote":
             log.info("challenger %s rejected: %s", sh.version_id, verdict.reason)
             self._count_retrain(sh.trigger, "rejected")
             return
         predecessor = self.champion_id
-        self.registry.set_alias("champion", sh.version_id)
-        self.champion_id = sh.version_id
+        self._switch_champion(sh.version_id)
         self.promotions.append(sh.version_id)
         log.info("challenger %s promoted: %s", sh.version_id, verdict.reason)
         self._count_retrain(sh.trigger, "promoted")
         if self.metrics is not None:
             self.metrics.promotions.labels(self.spec.name).inc()
-        self.suite.rebase()
-        self._served.clear()
         # The predecessor's last known metric: its score over the shadow labels.
         self._start_guard(sh.version_id, predecessor, sh.model, verdict.incumbent)
 
@@ -344,6 +337,20 @@ class Monitor:
             baseline=baseline,
         )
         self.guard = _Guard(champion_id, predecessor, model, guard)
+
+    def _switch_champion(self, version_id: str) -> None:
+        """Move the champion alias (learner and scorers follow it) and re-baseline drift."""
+        self.registry.set_alias("champion", version_id)
+        self.champion_id = version_id
+        self.suite.rebase()
+        self._served.clear()
+
+    def _annotate(self, version_id: str, **meta: Any) -> None:
+        """Record an outcome on a version's metadata; a failure is logged, never fatal."""
+        try:
+            self.registry.update_meta(version_id, **meta)
+        except Exception as exc:
+            log.warning("could not record %s on %s: %s", sorted(meta), version_id, exc)
 
     def _settle_guard(self, verdict: Verdict) -> None:
         assert self.guard is not None
@@ -361,15 +368,9 @@ class Monitor:
         if verdict.decision != "rollback" or g.predecessor_id is None:
             return
         log.warning("rolling %s back to %s: %s", g.champion_id, g.predecessor_id, verdict.reason)
-        self.registry.set_alias("champion", g.predecessor_id)
-        try:
-            self.registry.update_meta(g.champion_id, rolled_back=rec.detail)
-        except Exception as exc:
-            log.warning("could not record the rollback on %s: %s", g.champion_id, exc)
-        self.champion_id = g.predecessor_id
+        self._switch_champion(g.predecessor_id)
+        self._annotate(g.champion_id, rolled_back=rec.detail)
         self.rollbacks.append(g.champion_id)
-        self.suite.rebase()
-        self._served.clear()
         if self.metrics is not None:
             self.metrics.rollbacks.labels(self.spec.name).inc()
 

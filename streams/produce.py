@@ -149,6 +149,8 @@ class Message:
     topic: str
     key: bytes | None
     value: bytes
+    malformed: bool = False
+    """A deliberately broken message (``bad_every``), for the dead-letter path."""
 
 
 def build_messages(
@@ -160,16 +162,18 @@ def build_messages(
     start_ts: float | None = None,
     time_step: float | None = None,
     bad_every: int = 0,
+    label_delay: float | None = None,
 ) -> Iterator[tuple[Message, Message | None, float]]:
     """Event messages with their label messages and event times. Pure and deterministic.
 
     With ``time_step`` event times are ``start_ts + i * time_step``; without it they are
-    the wall clock when the message is built (live replay).
+    the wall clock when the message is built (live replay). With ``label_delay`` each
+    label carries ``ts = event ts + label_delay``.
     """
     t = spec.topics
     for i, (x, y) in enumerate(rows):
         if bad_every and i and i % bad_every == 0:
-            yield Message(t.events, b"bad", _malformed(i // bad_every)), None, 0.0
+            yield Message(t.events, b"bad", _malformed(i // bad_every), malformed=True), None, 0.0
         event_id = str(x.get("event_id") or f"{run_id}-{i}")
         entity = str(x.get("entity_id") or f"c{i % entities}")
         if "ts" in x and x["ts"] is not None:
@@ -180,12 +184,14 @@ def build_messages(
             ts = time.time()
         ev = {"event_id": event_id, "entity_id": entity, "ts": ts, "data": _coerce(spec, x)}
         event_msg = Message(t.events, entity.encode(), orjson.dumps(ev))
+        event_ts = float(ts) if isinstance(ts, int | float) else 0.0
         label_msg = None
         if y is not None:
-            label_msg = Message(
-                t.labels, event_id.encode(), orjson.dumps({"event_id": event_id, "label": _label(y)})
-            )
-        yield event_msg, label_msg, float(ts) if isinstance(ts, int | float) else 0.0
+            lab: dict[str, Any] = {"event_id": event_id, "label": _label(y)}
+            if label_delay is not None:
+                lab["ts"] = (event_ts or time.time()) + label_delay
+            label_msg = Message(t.labels, event_id.encode(), orjson.dumps(lab))
+        yield event_msg, label_msg, event_ts
 
 
 _BAD = [
@@ -257,7 +263,7 @@ def produce(
             send(m)
             n_labels += 1
 
-    for ev_msg, lab_msg, ts in build_messages(
+    for ev_msg, lab_msg, _ts in build_messages(
         spec,
         rows,
         run_id=run_id,
@@ -265,6 +271,7 @@ def produce(
         start_ts=start_ts,
         time_step=time_step,
         bad_every=bad_every,
+        label_delay=label_delay,
     ):
         if stop is not None and stop.is_set():
             break
@@ -274,19 +281,12 @@ def produce(
             if delay > 0:
                 time.sleep(delay)
         send(ev_msg)
-        if lab_msg is None:
-            if ev_msg.key == b"bad":
-                n_bad += 1
-            else:
-                n_events += 1
-            bar.update(1)
+        bar.update(1)
+        if ev_msg.malformed:
+            n_bad += 1
             continue
         n_events += 1
-        bar.update(1)
-        if labels:
-            lab = orjson.loads(lab_msg.value)
-            lab["ts"] = ts + label_delay if ts else time.time() + label_delay
-            lab_msg.value = orjson.dumps(lab)
+        if labels and lab_msg is not None:
             heapq.heappush(pending, (time.time() + label_delay, next(seq), lab_msg))
         due_labels(time.time())
         producer.poll(0)

@@ -7,7 +7,6 @@ tests and benchmarks drive the same code directly.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -148,7 +147,6 @@ class Scorer:
         self.models = models
         self.metrics = metrics
         self.served = served
-        self.reasons: Counter[str] = Counter()
 
     async def process(self, msgs: Sequence[RawMessage], redis: Any) -> BatchOutput:
         """Validate, compute features (one Redis round trip) and score; see :meth:`record_served`."""
@@ -189,8 +187,6 @@ class Scorer:
                 if out.max_ts is None or event.ts > out.max_ts:
                     out.max_ts = event.ts
             out.predictions = score_events(self.spec, to_score, model, name, version, time.time())
-        for d in out.dead_letters:
-            self.reasons[d.reason] += 1
         return out
 
     async def record_served(self, out: BatchOutput, redis: Any) -> None:

@@ -104,14 +104,20 @@ def create_app(
     features = RedisFeatureStore(spec)
     state: dict[str, Any] = {}
 
+    served: Any = None
+    learner_hook: Any = None
     if models is None:
-        models, served, learner_hook = _model_wiring(spec, settings, role, app)
-        if metrics is not None and hasattr(models, "attach_metrics"):
-            models.attach_metrics(metrics.registry)
-    else:
-        served, learner_hook = None, None
+        from streams.live import live_wiring, snapshot_wiring
+
+        if role == "all":
+            live, served, learner_hook = live_wiring(spec, settings)
+            if metrics is not None:
+                live.attach_metrics(metrics.registry)
+            models = live
+        else:
+            models, served = snapshot_wiring(spec, settings)
     scorer = Scorer(spec, features, models, metrics, served)
-    state["scorer"] = scorer
+    _observe_model(spec, metrics, scorer.models)
 
     async def _redis() -> Any:
         if "redis" not in state:
@@ -143,40 +149,32 @@ def create_app(
                 )
                 for e in batch
             ]
-            if scorer.models.refresh():
-                _, name, version = scorer.models.current()
-                log.info("now scoring with %s %s", name, version)
+            follow()
             redis = await _redis()
             out = await scorer.process(msgs, redis)
             output.emit(out)
             await asyncio.gather(scorer.record_served(out, redis), output.flush())
             scorer.observe(msgs, out, time.perf_counter() - t0)
             _observe_lag(app, spec, metrics, batch)
+
+    def follow() -> None:
+        """Swap in a newer model if there is one (the sources throttle their own checks)."""
+        if scorer.models.refresh():
+            _, name, version = scorer.models.current()
+            log.info("now scoring with %s %s", name, version)
             _observe_model(spec, metrics, scorer.models)
 
     @app.timer(1.0)
     async def follow_model() -> None:
         # Idle scorers follow snapshots and promotions too; a batch in flight keeps the
         # model it started with (it reads the model once, between awaits it does not).
-        if scorer.models.refresh():
-            _, name, version = scorer.models.current()
-            log.info("now scoring with %s %s", name, version)
-        _observe_model(spec, metrics, scorer.models)
+        follow()
+        _observe_model(spec, metrics, scorer.models)  # also ages the snapshot gauge
 
     if learner_hook is not None:
-        learner_hook(app, _redis)
+        learner_hook(app)
 
-    app.weir_state = state  # type: ignore[attr-defined]
     return app
-
-
-def _model_wiring(spec: PipelineSpec, settings: Settings, role: Role, app: Any) -> tuple[Any, Any, Any]:
-    """Model source, served store and (for role 'all') the in-process learner."""
-    from streams.live import live_wiring, snapshot_wiring
-
-    if role == "all":
-        return live_wiring(spec, settings, app)
-    return snapshot_wiring(spec, settings)
 
 
 def _observe_lag(app: Any, spec: PipelineSpec, metrics: WorkerMetrics | None, batch: Any) -> None:

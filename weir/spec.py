@@ -341,11 +341,11 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _explain(exc: ValidationError, raw: Any) -> list[str]:
+def _explain(exc: ValidationError) -> list[str]:
     problems: list[str] = []
     for err in exc.errors():
+        # Drop pydantic's validator tags ('function-before[...]') from the path.
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        # Drop pydantic's union/validator tags such as 'str' / 'ComponentSpec'.
         where = _format_loc(loc)
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -402,7 +402,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        problems = _explain(exc, data)
+        problems = _explain(exc)
         raise SpecError(f"{source} is invalid:\n  " + "\n  ".join(problems), problems=problems) from None
 
 
