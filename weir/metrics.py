@@ -5,18 +5,29 @@ Each process builds its metrics from an injected :class:`CollectorRegistry`
 rules in ``dashboards/`` and ``deploy/prometheus/`` can be checked against them.
 Names carry their units (``_seconds``, ``_messages``, ``_total``); every series
 has a ``pipeline`` label so one Prometheus can watch many pipelines.
+
+A labelled metric has no series until a label set is first used, so a counter of a
+rare event (a failed retrain, a rollback, one dead-letter reason) would be absent
+until it happens, and ``increase()`` would miss its first increment. Each class's
+:meth:`init_series` therefore creates, at 0, every series whose label values are
+known when the process starts: the pipeline, the model name and the enumerations
+below (the Prometheus convention). ``tests/unit/test_rules_metrics.py`` checks the
+enumerations against the code that produces the values.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 import weir
+
+if TYPE_CHECKING:
+    from weir.spec import PipelineSpec
 
 # Latency buckets: event-to-prediction spans ~1 ms (a quiet worker) to seconds
 # (a backlog after a restart); doubling steps keep p50/p95/p99 resolvable there.
@@ -42,6 +53,33 @@ REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 # Label delays range from seconds (tests) to the label horizon (hours).
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+
+# Label values known before anything happens (see init_series).
+#: Dead-letter reasons of the events topic (streams/contracts.py parse_event, and
+#: ``late`` from streams/scoring.py). The learner's label reasons (label_type,
+#: label_class) are counted as weir_label_joins_total{outcome="invalid"}.
+EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
+    "not_json",
+    "not_finite",
+    "not_object",
+    "empty",
+    "missing_field",
+    "bad_type",
+    "bad_timestamp",
+    "absurd_timestamp",
+    "too_large",
+    "late",
+)
+#: weir_label_joins_total{outcome}: models/join.py OUTCOMES.
+JOIN_OUTCOMES: tuple[str, ...] = ("hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown")
+#: weir_redis_roundtrip_seconds{op}: streams/scoring.py.
+REDIS_OPS: tuple[str, ...] = ("features", "served")
+#: weir_drift_statistic{kind}, weir_drift_events_total{kind}: models/drift.py.
+DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance")
+#: weir_retrains_total{trigger}: models/retrain.py Trigger.
+RETRAIN_TRIGGERS: tuple[str, ...] = ("manual", "performance", "features", "schedule")
+#: weir_retrains_total{outcome}: streams/monitor.py.
+RETRAIN_OUTCOMES: tuple[str, ...] = ("skipped", "trained", "failed", "promoted", "rejected")
 
 
 def _existing(registry: CollectorRegistry, name: str) -> Any:
@@ -155,6 +193,18 @@ class WorkerMetrics:
             registry=r,
         )
 
+    def init_series(self, spec: PipelineSpec) -> Self:
+        """Create every series known at start at 0 (counters, histograms); returns self."""
+        p = spec.name
+        for metric in (self.events, self.duplicates, self.batch_size, self.batch_seconds, self.latency):
+            metric.labels(p)
+        for reason in EVENT_DEAD_LETTER_REASONS:
+            self.dead_letters.labels(p, reason)
+        self.late_events.labels(p, spec.late_events)
+        for op in REDIS_OPS:
+            self.redis_seconds.labels(p, op)
+        return self
+
 
 @dataclass
 class LearnerMetrics:
@@ -207,6 +257,17 @@ class LearnerMetrics:
         )
         self.model_version = _model_version_gauge(r, "1 for the model version this process uses.")
 
+    def init_series(self, spec: PipelineSpec) -> Self:
+        """Create every series known at start at 0 (counters, histograms); returns self."""
+        p, model = spec.name, spec.model.name
+        for metric in (self.labels, self.expiries, self.label_delay):
+            metric.labels(p)
+        for outcome in JOIN_OUTCOMES:
+            self.joins.labels(p, outcome)
+        self.learned.labels(p, model)
+        self.snapshots.labels(p, model)
+        return self
+
 
 @dataclass
 class MonitorMetrics:
@@ -250,6 +311,22 @@ class MonitorMetrics:
             ["pipeline"],
             registry=r,
         )
+
+    def init_series(self, spec: PipelineSpec) -> Self:
+        """Create every counter series known at start at 0; returns self.
+
+        ``weir_retrains_total{outcome="failed"}`` at 0 is what lets the WeirRetrainFailed
+        alert (an ``increase()``) see the first failure.
+        """
+        p = spec.name
+        for kind in DRIFT_KINDS:
+            self.drift_events.labels(p, kind)
+        for trigger in RETRAIN_TRIGGERS:
+            for outcome in RETRAIN_OUTCOMES:
+                self.retrains.labels(p, trigger, outcome)
+        self.promotions.labels(p)
+        self.rollbacks.labels(p)
+        return self
 
 
 class MetricsServer:

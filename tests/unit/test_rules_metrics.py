@@ -1,5 +1,7 @@
 """Every metric named by an alert rule or a dashboard is one Weir exports.
 
+Also: the label values ``init_series`` creates at 0 are the ones the code emits.
+
 The catalogue is weir/metrics.py: the three metric classes are built on fresh
 registries and their exported sample names (with the _total, _bucket, _count,
 _sum, _created and _info suffixes) collected. A name outside it, a Prometheus
@@ -8,12 +10,15 @@ built-in (``up``) and the recording rules fails here, with no server needed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from models import drift, join, retrain
 from weir.dashboards import (
     PROMETHEUS_BUILTINS,
     Query,
@@ -26,7 +31,17 @@ from weir.dashboards import (
     unknown_metric_problems,
     variable_queries,
 )
-from weir.metrics import LearnerMetrics, MonitorMetrics, WorkerMetrics
+from weir.metrics import (
+    DRIFT_KINDS,
+    EVENT_DEAD_LETTER_REASONS,
+    JOIN_OUTCOMES,
+    RETRAIN_OUTCOMES,
+    RETRAIN_TRIGGERS,
+    LearnerMetrics,
+    MonitorMetrics,
+    WorkerMetrics,
+)
+from weir.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy/prometheus/rules"
@@ -115,3 +130,72 @@ def test_every_metric_and_alert_is_documented() -> None:
         for rule in group["rules"]:
             if "alert" in rule:
                 assert f"### {rule['alert']}\n" in doc, f"alert {rule['alert']} has no section"
+
+
+# -- series created at start (init_series) ---------------------------------------------------
+
+
+def _strings(path: str, pattern: str) -> set[str]:
+    return set(re.findall(pattern, (REPO / path).read_text()))
+
+
+def test_known_label_values_match_the_code_that_produces_them() -> None:
+    """The enumerations init_series uses are the values the processes really emit."""
+    assert JOIN_OUTCOMES == join.OUTCOMES
+    assert set(RETRAIN_TRIGGERS) == set(get_args(retrain.Trigger))
+    assert set(DRIFT_KINDS) == set(get_args(drift.DriftKind)) - {"decision"}
+    emitted = _strings("streams/monitor.py", r'_count_retrain\([^()]*"(\w+)"\)') | _strings(
+        "streams/monitor.py", r'retrains\.labels\([^()]*"(\w+)"\)'
+    )
+    assert emitted == set(RETRAIN_OUTCOMES)
+    raised = _strings("streams/contracts.py", r'InvalidMessage\(\s*"(\w+)"')
+    raised |= _strings("models/factory.py", r'InvalidMessage\(\s*"(\w+)"')
+    raised |= _strings("streams/scoring.py", r'DeadLetter\(\s*"(\w+)"')
+    label_only = {"label_type", "label_class"}
+    assert raised == set(EVENT_DEAD_LETTER_REASONS) | label_only
+    readme = (REPO / "README.md").read_text()
+    listed = re.search(r"Reasons: (.*?)\.\n", readme, re.S)
+    assert listed, "README.md lists the dead-letter reasons after 'Reasons: '"
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == raised
+
+
+def test_init_series_creates_the_known_series_at_zero() -> None:
+    spec = parse_spec(
+        {
+            "name": "p",
+            "task": "binary",
+            "fields": {"x": "numeric"},
+            "features": [{"agg": "raw", "field": "x"}],
+            "late_events": "ignore",
+            "model": {"name": "m", "steps": ["river.linear_model.LogisticRegression"]},
+        }
+    )
+    registry = CollectorRegistry()
+    worker = WorkerMetrics(registry).init_series(spec)
+    learner = LearnerMetrics(registry).init_series(spec)  # role "all": one registry
+    monitor = MonitorMetrics(CollectorRegistry()).init_series(spec)
+    assert isinstance(worker, WorkerMetrics) and isinstance(learner, LearnerMetrics)
+    get = registry.get_sample_value
+    assert get("weir_events_total", {"pipeline": "p"}) == 0
+    assert get("weir_duplicate_events_total", {"pipeline": "p"}) == 0
+    assert get("weir_late_events_total", {"pipeline": "p", "policy": "ignore"}) == 0
+    assert get("weir_late_events_total", {"pipeline": "p", "policy": "dead_letter"}) is None
+    for reason in EVENT_DEAD_LETTER_REASONS:
+        assert get("weir_dead_letters_total", {"pipeline": "p", "reason": reason}) == 0
+    assert get("weir_redis_roundtrip_seconds_count", {"pipeline": "p", "op": "served"}) == 0
+    assert get("weir_event_to_prediction_seconds_count", {"pipeline": "p"}) == 0
+    for outcome in JOIN_OUTCOMES:
+        assert get("weir_label_joins_total", {"pipeline": "p", "outcome": outcome}) == 0
+    assert get("weir_label_expiries_total", {"pipeline": "p"}) == 0
+    assert get("weir_snapshots_published_total", {"pipeline": "p", "model": "m"}) == 0
+    mget = monitor.registry.get_sample_value
+    for trigger in RETRAIN_TRIGGERS:
+        for outcome in RETRAIN_OUTCOMES:
+            labels = {"pipeline": "p", "trigger": trigger, "outcome": outcome}
+            assert mget("weir_retrains_total", labels) == 0
+    for kind in DRIFT_KINDS:
+        assert mget("weir_drift_events_total", {"pipeline": "p", "kind": kind}) == 0
+    assert mget("weir_promotions_total", {"pipeline": "p"}) == 0
+    assert mget("weir_rollbacks_total", {"pipeline": "p"}) == 0
+    # Gauges whose value is only known later are not invented.
+    assert mget("weir_drift_detected", {"pipeline": "p", "kind": "feature", "name": "x"}) is None
