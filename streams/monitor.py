@@ -470,7 +470,7 @@ def run_monitor(
         from models.registry import ModelRegistry, registry_key
 
         registry = ModelRegistry(settings.redis(), spec, key=registry_key(settings))
-    metrics = MonitorMetrics(metrics_registry or CollectorRegistry())
+    metrics = MonitorMetrics(metrics_registry or CollectorRegistry()).init_series(spec)
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("monitor %s: /metrics on %s", spec.name, server.url)
