@@ -112,7 +112,7 @@ def run_learner(
 
     client = settings.redis()
     registry = ModelRegistry(client, spec, key=registry_key(settings))
-    metrics = LearnerMetrics(metrics_registry or CollectorRegistry())
+    metrics = LearnerMetrics(metrics_registry or CollectorRegistry()).init_series(spec)
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("learner metrics on %s", server.url)

@@ -51,7 +51,7 @@ class LiveModel:
 
     def attach_metrics(self, registry: Any) -> None:
         """The embedded learner exports its metrics on the worker's registry."""
-        self.core.metrics = LearnerMetrics(registry)
+        self.core.metrics = LearnerMetrics(registry).init_series(self.core.spec)
 
 
 class SnapshotFollower:

@@ -218,7 +218,7 @@ def run_worker(
     check_redis(settings)
     ensure_topics(settings, spec)
     registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
+    metrics = WorkerMetrics(registry).init_series(spec)
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(registry, settings.metrics_host, port)
     log.info("metrics at %s", server.url)
