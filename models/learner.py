@@ -143,7 +143,7 @@ class LearnerCore:
             version = str(meta["version_id"])
             lineage = Lineage(ancestors=dict(meta.get("lineage") or {}))
             if champion is not None and champion != version:
-                model, _ = registry.load(champion)
+                model, _ = registry.load_live(champion)
                 version = champion
             return cls(
                 spec,
@@ -159,8 +159,8 @@ class LearnerCore:
                 snapshot_id=sid,
             )
         if champion is not None:
-            model, mv = registry.load(champion)
-            version = mv.id
+            model, _ = registry.load_live(champion)
+            version = champion
         else:
             model = build_model(spec.model)
             mv = registry.save(
@@ -300,14 +300,20 @@ class LearnerCore:
         return sid
 
     def follow_champion(self) -> bool:
-        """Switch to the champion version if the alias moved (promotion or rollback)."""
+        """Switch to the champion version if the alias moved (promotion or rollback).
+
+        The new champion starts from its parked state (:meth:`ModelRegistry.load_live`),
+        and the outgoing version is parked first.
+        """
         if self.registry is None:
             return False
         champion = self.registry.alias("champion")
         if champion is None or champion == self.version_id:
             return False
-        model, _ = self.registry.load(champion)
+        model, _ = self.registry.load_live(champion)
         check_task(model, self.spec.task)
+        # Keep what the outgoing version learned: a rollback to it resumes from here.
+        self.registry.park(self.model, self.version_id, labels_learned=self.labels_learned, by="learner")
         if self.metrics is not None:
             self.metrics.model_version.labels(self._pipeline, self._model_name, self.version_id).set(0)
             self.metrics.model_version.labels(self._pipeline, self._model_name, champion).set(1)

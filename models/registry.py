@@ -254,6 +254,43 @@ class ModelRegistry:
         self.client.set(self.prefix + f"alias:{alias}", target)
         return target
 
+    # -- parked state: where a version resumes when it serves again ----------------
+
+    def park(self, model: Any, version_id: str, *, labels_learned: int, by: str) -> None:
+        """Keep ``version_id``'s live model as it is now, for when it serves again.
+
+        A learner parks the version it stops serving (a promotion or a rollback moved
+        the champion alias), and the monitor parks a promoted challenger as it learned in
+        shadow. :meth:`load_live` picks the parked state up, so a rollback returns the
+        predecessor with everything it had learned, not the blob it was first saved as.
+        One parked state per version; the newest wins. Signed like every blob.
+        """
+        self._record(version_id)  # unknown versions are an error
+        blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        meta = {
+            "version_id": version_id,
+            "labels_learned": int(labels_learned),
+            "parked_by": by,
+            "created": time.time(),
+            "blob_sha256": hashlib.sha256(blob).hexdigest(),
+            "blob_hmac": self._sign(blob),
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.prefix + f"parkblob:{version_id}", blob)
+        pipe.set(self.prefix + f"parkmeta:{version_id}", orjson.dumps(meta))
+        pipe.execute()
+
+    def load_live(self, version_id: str) -> tuple[Any, dict[str, Any] | None]:
+        """``(model, parked meta)``: the version's parked state, else its saved blob and None."""
+        raw = self.client.get(self.prefix + f"parkmeta:{version_id}")
+        if raw is None:
+            model, _ = self.load(version_id)
+            return model, None
+        meta = dict(orjson.loads(raw))
+        blob = self.client.get(self.prefix + f"parkblob:{version_id}")
+        what = f"parked state of {version_id}"
+        return self._verify(what, blob, meta["blob_sha256"], meta.get("blob_hmac")), meta
+
     # -- snapshots ---------------------------------------------------------------
 
     def publish_snapshot(

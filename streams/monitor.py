@@ -239,7 +239,7 @@ class Monitor:
             return
         baseline = self._served_metric()
         try:
-            model, _ = self.registry.load(current)
+            model, _ = self.registry.load_live(current)
         except Exception as exc:  # a bad blob must not stop the monitor
             log.error("cannot load new champion %s for the rollback watch: %s", current, exc)
             return
@@ -316,6 +316,11 @@ class Monitor:
             self._count_retrain(sh.trigger, "rejected")
             return
         predecessor = self.champion_id
+        # The learner picks the challenger up as it learned in shadow, not as first fitted.
+        try:
+            self.registry.park(sh.model, sh.version_id, labels_learned=sh.gate.labels, by="monitor")
+        except Exception as exc:  # the saved blob still serves; log and go on
+            log.warning("could not park %s's shadow state: %s", sh.version_id, exc)
         self._switch_champion(sh.version_id)
         self.promotions.append(sh.version_id)
         log.info("challenger %s promoted: %s", sh.version_id, verdict.reason)

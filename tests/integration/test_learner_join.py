@@ -14,6 +14,7 @@ from models.join import ServedStore
 from models.learner import LabelMessage, LearnerCore, status_key
 from models.registry import ModelRegistry
 from streams.contracts import decode_dead_letter
+from weir.errors import IntegrityError
 from weir.metrics import LearnerMetrics
 from weir.spec import PipelineSpec
 from weir.types import Prediction
@@ -230,6 +231,37 @@ def test_follow_champion(redis_client: Any, unique: Any) -> None:
     registry.set_alias("champion", v2.id)
     sid = core.maybe_snapshot(force=True)
     assert core.version_id == "v2" and sid == "v2.1"
+
+
+def test_rollback_returns_the_predecessor_with_what_it_learned(redis_client: Any, unique: Any) -> None:
+    """A promotion parks the outgoing version; a rollback resumes it, not its first blob."""
+    spec = make_spec(unique)
+    registry = ModelRegistry(redis_client, spec, key=b"k")
+    core = LearnerCore.start(spec, registry, redis_client)
+    now = time.time()
+    for i in range(200):  # v1 learns online: a > 0 is True
+        eid = f"e{i}"
+        a = float(i % 20 - 10)
+        serve(redis_client, spec, core, eid, a, now)
+        core.process([label_msg(eid, a > 0, now, offset=i)])
+    assert core.labels_learned == 200
+    learned = predict(core.model, {"a": 9.0}, spec.task)[1]
+    first_blob = predict(registry.load("v1")[0], {"a": 9.0}, spec.task)[1]
+    assert learned != first_blob, "v1 learned nothing online"
+
+    v2 = registry.save(build_model(spec.model), parent="v1", trigger="manual", reason="forced", meta={})
+    registry.set_alias("champion", v2.id)
+    assert core.follow_champion() and core.version_id == "v2"
+    registry.rollback("champion")
+    assert core.follow_champion() and core.version_id == "v1"
+    assert predict(core.model, {"a": 9.0}, spec.task)[1] == learned
+    _, parked = registry.load_live("v2")
+    assert parked is not None and parked["parked_by"] == "learner"
+
+    # the parked blob is checked like every other: a tampered one is refused
+    redis_client.set(f"{spec.redis_prefix}:registry:parkblob:v1", b"not a pickle")
+    with pytest.raises(IntegrityError, match="parked state of v1"):
+        registry.load_live("v1")
 
 
 def test_snapshot_every_seconds(redis_client: Any, unique: Any) -> None:

@@ -58,6 +58,7 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self.versions: dict[str, tuple[bytes, ModelVersion]] = {}
         self.aliases: dict[str, str | None] = {"champion": None, "challenger": None}
+        self.parked: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
     def save(
         self, model: Any, *, parent: str | None, trigger: str, reason: str, meta: Any = None
@@ -73,6 +74,16 @@ class MemoryRegistry:
 
     def get(self, vid: str) -> ModelVersion:
         return self.versions[vid][1]
+
+    def park(self, model: Any, vid: str, *, labels_learned: int, by: str) -> None:
+        self.versions[vid][1]  # unknown versions are an error, as in Redis
+        self.parked[vid] = (pickle.dumps(model), {"labels_learned": labels_learned, "parked_by": by})
+
+    def load_live(self, vid: str) -> tuple[Any, dict[str, Any] | None]:
+        if vid in self.parked:
+            blob, meta = self.parked[vid]
+            return pickle.loads(blob), meta
+        return self.load(vid)[0], None
 
     def update_meta(self, vid: str, **meta: Any) -> ModelVersion:
         self.versions[vid][1].meta.update(meta)
@@ -159,6 +170,8 @@ def test_concept_change_is_detected_retrained_and_promoted() -> None:
     assert [r.statistic for r in promo] == ["promote"], [r.detail for r in promo]
     assert reg.alias("champion") == "v2" and reg.alias("challenger") is None
     assert mon.promotions == ["v2"] and reg.versions["v2"][1].meta["shadow"]["labels"] == 500
+    # the learner will pick v2 up as it learned in shadow, not as first fitted
+    assert reg.parked["v2"][1] == {"labels_learned": 500, "parked_by": "monitor"}
     keep = [r for r in out if r.name == "rollback"]
     assert [r.statistic for r in keep] == ["keep"]
     assert prom.get_sample_value("weir_promotions_total", {"pipeline": "mon"}) == 1.0
