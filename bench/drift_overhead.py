@@ -1,9 +1,9 @@
 """Per-event cost of drift monitoring next to the per-event cost of scoring, same run.
 
-Scoring: the demo model (examples/demo.yaml: scaler + logistic regression over 10
+Scoring: the bench model (examples/loan-lr.yaml: scaler + logistic regression over 10
 features) does ``predict`` (predict_proba_one) and ``learn`` (learn_one) per event, as
 the ``all``-role worker does. Drift: the same events' served features and predictions
-go through every feature statistic and the prediction statistic of the demo spec, in
+go through every feature statistic and the prediction statistic of that spec, in
 consumed batches (as ``streams.monitor`` feeds them), with a full check (every
 statistic computed and turned into a DriftRecord) every ``--check-every`` events; the
 one-at-a-time path and the per-label performance detector (ADWIN on the 0/1 loss) are
@@ -29,7 +29,7 @@ REPO = HERE.parent
 
 
 def make_events(spec: Any, n: int, seed: int = 42) -> list[tuple[dict[str, Any], str]]:
-    """Agrawal rows with the demo's derived features filled in plausibly."""
+    """Agrawal rows with the spec's derived features filled in plausibly."""
     from river.datasets import synth
 
     rng = random.Random(seed)
@@ -100,7 +100,7 @@ def bench_labels(spec: Any, events: list[tuple[dict[str, Any], str]], preds: lis
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default=str(REPO / "examples" / "demo.yaml"))
+    ap.add_argument("--spec", default=str(REPO / "examples" / "loan-lr.yaml"))
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=500, help="events per consumed batch (500)")

@@ -9,7 +9,7 @@ machine allows. For each, we measure:
 * latency percentiles (send of the event -> output message's Kafka timestamp) when
   events arrive live at 60% of that maximum rate, and at 100% of it.
 
-Weir runs ``weir worker examples/demo.yaml --role all`` (scaler + logistic regression,
+Weir runs ``weir worker examples/loan-lr.yaml --role all`` (scaler + logistic regression,
 10 features from Redis) as a subprocess. Results are printed and saved to
 ``bench/results/e2e.json``. Needs the local stack: ``make up`` (``make bench`` does it).
 
@@ -58,7 +58,7 @@ def pct(vals: list[float], q: float) -> float | None:
 
 
 def make_spec(name: str) -> Any:
-    d = yaml.safe_load((REPO / "examples/demo.yaml").read_text())
+    d = yaml.safe_load((REPO / "examples/loan-lr.yaml").read_text())
     d["name"] = name
     d["topics"] = {"partitions": 6}
     return parse_spec(d)
@@ -274,7 +274,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "spec": "examples/demo.yaml (scaler + logistic regression, 10 features)",
+        "spec": "examples/loan-lr.yaml (scaler + logistic regression, 10 features)",
         "entities": ENTITIES,
     }
 
@@ -311,7 +311,7 @@ def main() -> int:
     # Weir
     spec_path = REPO / ".weir" / f"bench-{tag}.yaml"
     spec_path.parent.mkdir(exist_ok=True)
-    d = yaml.safe_load((REPO / "examples/demo.yaml").read_text())
+    d = yaml.safe_load((REPO / "examples/loan-lr.yaml").read_text())
     d["name"] = spec.name
     d["topics"] = {"partitions": 6}
     spec_path.write_text(yaml.safe_dump(d))
@@ -358,7 +358,7 @@ def main() -> int:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
-    print("weir: worker --role all on examples/demo.yaml ...", flush=True)
+    print("weir: worker --role all on examples/loan-lr.yaml ...", flush=True)
     results["weir"] = measure(
         "weir",
         settings,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Feature engines' throughput on the demo spec, beside a plain Redis floor, in one run.
+"""Feature engines' throughput on the bench spec (examples/loan-lr.yaml), beside a plain Redis floor, in one run.
 
 * baseline: one pipelined ``SET`` per event, one round trip per batch (the floor for
   "one Redis round trip per batch" on this machine);
@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench/results/features.json"))
     args = ap.parse_args()
     n, batch = args.events, args.batch
-    spec = load_spec(REPO / "examples/demo.yaml")
+    spec = load_spec(REPO / "examples/loan-lr.yaml")
     spec = spec.model_copy(update={"name": f"benchfeat{random.randrange(10**6)}"})
     rng = random.Random(1)
     t0 = 1_700_000_000.0

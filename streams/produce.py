@@ -7,7 +7,7 @@ Sources:
 * ``river:NAME[?k=v&...]``: a bundled River data set or synthetic generator, e.g.
   ``river:Phishing``, ``river:Bananas``, ``river:synth.Agrawal?classification_function=0&seed=42``,
   ``river:synth.SEA?variant=0&seed=1``, and the drifting presets
-  ``river:agrawal-drift?position=5000&before=0&after=2&seed=42`` and
+  ``river:agrawal-drift?position=5000&before=6&after=7&seed=42`` and
   ``river:sea-drift?position=5000&before=0&after=3&seed=42`` (abrupt concept change).
 
 Labels go to the labels topic ``--label-delay`` seconds (wall clock) after their event,
@@ -69,8 +69,8 @@ def river_source(uri: str) -> Iterable[Row]:
         seed = int(params.pop("seed", 42))
         width = int(params.pop("width", 1))
         if name == "agrawal-drift":
-            before = synth.Agrawal(classification_function=int(params.pop("before", 0)), seed=seed)
-            after = synth.Agrawal(classification_function=int(params.pop("after", 2)), seed=seed + 1)
+            before = synth.Agrawal(classification_function=int(params.pop("before", 6)), seed=seed)
+            after = synth.Agrawal(classification_function=int(params.pop("after", 7)), seed=seed + 1)
         else:
             before = synth.SEA(variant=int(params.pop("before", 0)), seed=seed)
             after = synth.SEA(variant=int(params.pop("after", 3)), seed=seed + 1)
