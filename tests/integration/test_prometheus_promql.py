@@ -1,20 +1,43 @@
-"""Every PromQL expression of every dashboard and rule, run on the real Prometheus.
+"""Every PromQL expression of every dashboard and rule, run on the real Prometheus
+against a real pipeline.
 
-The ``metric_source`` fixture exports all three metric classes of
-weir/metrics.py (worker, learner, monitor: three ``MetricsServer`` on free
-ports, each a scrape target of the stack's Prometheus) with sample values that
-keep moving. It is a fixture so that it can be swapped for a real pipeline: any
-fixture yielding a :class:`MetricSource` whose series Prometheus scrapes works.
+The module-scoped ``pipeline_run`` fixture runs the product, not stand-ins: a
+``weir worker SPEC --role all`` (scores, joins labels, learns) and a ``weir monitor
+SPEC`` subprocess on the real Kafka and Redis, each serving ``/metrics`` on its own
+free port registered as a scrape target of the stack's Prometheus. ``weir produce``
+(:func:`streams.produce.produce`) replays an Agrawal stream with an abrupt concept
+change (function 6 -> 7), delayed labels and malformed messages, and a few late
+events follow. The spec is examples/demo.yaml with fresh topics and a short retrain
+loop (small cooldown, fresh-label, shadow and rollback counts), so within the run the
+monitor publishes feature, prediction and performance drift statistics, detects the
+change, retrains a challenger and shadows it to a verdict (promoted or rejected),
+whatever model the demo spec uses. The fixture waits for all of that through
+Prometheus' HTTP API.
 
-Each dashboard query (Grafana variables replaced by concrete values) and each
-rule expression (with its threshold comparisons removed, so it returns the
-measured value rather than only the firing series) must parse and return data.
+Then each dashboard query (Grafana variables replaced by concrete values) and each
+rule expression must parse and return data, and rule expressions with their
+threshold comparisons removed (the measured value, not only the firing series) must
+return data for this run's pipeline or targets: a dashboard or rule naming a metric
+no process exports fails. Series of rare events (a rollback, a failed retrain, a
+dead-letter reason) have data because every process creates the series it knows at
+start at 0 (``init_series`` in weir/metrics.py).
+
+The module takes 30-40 s on a 2-core machine: ~10 s until the worker is scraped, 16 s
+of replay (6,000 events at 400/s), a few seconds for the last labels and the shadow
+verdict; the recording rules (a 30 s group) have data by then or soon after. The
+fixture prints what the run produced (drift detections, retrains, promotions, dead
+letters by reason, model versions); see it with ``pytest -s``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -22,28 +45,44 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-from prometheus_client import CollectorRegistry
+from confluent_kafka import Producer
 
+from streams.produce import produce
+from tests.integration.conftest import TopicFactory
+from tests.integration.test_scoring_path import Worker
 from weir.dashboards import (
     Query,
     dashboard_queries,
     grafana_variables,
     load_dashboards,
+    metric_names,
+    recorded_names,
     rule_queries,
     variable_queries,
 )
-from weir.metrics import LearnerMetrics, MetricsServer, MonitorMetrics, WorkerMetrics
+from weir.spec import PipelineSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules"
 DASHBOARDS = REPO / "dashboards"
-SCRAPED_TIMEOUT = 60.0
 RULES_TIMEOUT = 90.0  # the recording group runs every 30 s
+START_TIMEOUT = 60.0  # a cold Faust worker on a busy 2-core machine
+RUN_TIMEOUT = 120.0  # from the first event to the shadow verdict
+
+# The stream: an abrupt concept change at CHANGE_AT, enough labels after it for the
+# detector, min_fresh_labels, the shadow gate and the rollback watch.
+EVENTS = 6000
+CHANGE_AT = 2000
+RATE = 400.0
+LABEL_DELAY = 1.0
+BAD_EVERY = 250  # one malformed message every 250 events: 5 kinds, 24 in all
+LATE_EVENTS = 3
 
 # Values for Grafana's own variables: wide enough to hold several 2 s scrapes.
 GRAFANA_VALUES = {
@@ -81,26 +120,14 @@ def substitute(expr: str, values: dict[str, str]) -> str:
     return expr
 
 
-@dataclass
-class MetricSource:
-    """Where the series the queries need come from."""
-
-    pipeline: str
-    model: str
-    targets: list[str]
-
-    def template_values(self) -> dict[str, str]:
-        return {"pipeline": self.pipeline, "model": self.model, **GRAFANA_VALUES}
-
-
-def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
+def _wait(check: Callable[[], Any], timeout: float, what: str, on_timeout: Callable[[], str] = str) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{on_timeout()}", pytrace=False)
         time.sleep(0.5)
 
 
@@ -117,119 +144,291 @@ def _query(prometheus_url: str, promql: str) -> tuple[str | None, list[dict[str,
     return None, list(body["data"]["result"])
 
 
-def _drive(worker: WorkerMetrics, learner: LearnerMetrics, monitor: MonitorMetrics, p: str, m: str) -> None:
-    """One tick of a small, plausible pipeline."""
-    worker.events.labels(p).inc(50)
-    worker.predictions.labels(p, m, "v1").inc(48)
-    worker.dead_letters.labels(p, "schema").inc(1)
-    worker.dead_letters.labels(p, "late").inc(1)
-    worker.duplicates.labels(p).inc(1)
-    worker.late_events.labels(p, "dead_letter").inc(1)
-    worker.batch_size.labels(p).observe(50)
-    worker.batch_seconds.labels(p).observe(0.02)
-    for latency in (0.004, 0.008, 0.015, 0.3):
-        worker.latency.labels(p).observe(latency)
-    for part in ("0", "1"):
-        worker.lag.labels(p, f"{p}.events", part).set(1000 + 10 * time.time() % 500)
-    worker.redis_seconds.labels(p, "features").observe(0.0008)
-    worker.redis_seconds.labels(p, "served").observe(0.0003)
-    worker.model_version.labels(p, m, "v1").set(1)
-    worker.snapshot_age.labels(p, m).set(4.0)
-    worker.feature_freshness.labels(p).set(time.time() - 2)
-
-    learner.labels.labels(p).inc(45)
-    for outcome in ("hit", "early", "expired"):
-        learner.joins.labels(p, outcome).inc(15)
-    learner.expiries.labels(p).inc(1)
-    learner.label_delay.labels(p).observe(5.0)
-    learner.label_delay.labels(p).observe(30.0)
-    learner.learned.labels(p, m).inc(44)
-    for metric, all_time, rolling in (("accuracy", 0.9, 0.82), ("log_loss", 0.3, 0.42)):
-        learner.online_metric.labels(p, m, "v1", metric, "all").set(all_time)
-        learner.online_metric.labels(p, m, "v1", metric, "rolling").set(rolling)
-    learner.snapshots.labels(p, m).inc()
-    learner.model_version.labels(p, m, "v1").set(1)
-
-    monitor.drift_statistic.labels(p, "feature", "salary", "psi").set(0.31)
-    monitor.drift_statistic.labels(p, "prediction", "score", "psi").set(0.05)
-    monitor.drift_detected.labels(p, "feature", "salary").set(1)
-    monitor.drift_detected.labels(p, "prediction", "score").set(0)
-    monitor.drift_events.labels(p, "feature").inc()
-    for outcome in ("trained", "failed", "promoted"):
-        monitor.retrains.labels(p, "performance", outcome).inc()
-    monitor.promotions.labels(p).inc()
-    monitor.rollbacks.labels(p).inc()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def metric_source(stack: Any) -> Iterator[MetricSource]:
-    """Synthetic exporters of all three metric classes, scraped by the stack's Prometheus.
+class MonitorProcess:
+    """A `weir monitor` subprocess with its log, like :class:`Worker`; stopped with SIGTERM."""
 
-    Module-scoped: the series keep moving for the whole module, so later tests need
-    not wait for new scrapes. Override this fixture to measure a real pipeline.
-    """
-    unique = f"t{uuid.uuid4().hex[:8]}"
-    pipeline, model = f"promql-{unique}", "lr"
-    registries = [CollectorRegistry() for _ in range(3)]
-    worker, learner, monitor = (
-        WorkerMetrics(registries[0]),
-        LearnerMetrics(registries[1]),
-        MonitorMetrics(registries[2]),
-    )
-    _drive(worker, learner, monitor, pipeline, model)
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(0.5):
-            _drive(worker, learner, monitor, pipeline, model)
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    servers = [MetricsServer(r) for r in registries]
-    targets = [f"{s.host}:{s.port}" for s in servers]
-    try:
-        for role, target in zip(("worker", "learner", "monitor"), targets, strict=True):
-            stack.add_scrape_target(f"{unique}-{role}", target, wait_up=True)
-        yield MetricSource(pipeline=pipeline, model=model, targets=targets)
-    finally:
-        for role in ("worker", "learner", "monitor"):
-            stack.remove_scrape_target(f"{unique}-{role}")
-        stop.set()
-        ticker.join(timeout=5)
-        for s in servers:
-            s.stop()
-
-
-@pytest.fixture(scope="module")
-def scraped(stack: Any, metric_source: MetricSource) -> MetricSource:
-    """The source, once Prometheus holds a few scrapes of every process (rates need two)."""
-    p = metric_source.pipeline
-    for metric in ("weir_events_total", "weir_labels_total", "weir_promotions_total"):
-        promql = f'count_over_time({metric}{{pipeline="{p}"}}[1m])'
-
-        def three_scrapes(promql: str = promql) -> bool:
-            return any(float(r["value"][1]) >= 3 for r in _query(stack.prometheus_url, promql)[1])
-
-        _wait(
-            three_scrapes,
-            SCRAPED_TIMEOUT,
-            f"three scrapes of {metric}{{pipeline={p!r}}}",
+    def __init__(self, spec_path: Path, tmp: Path, metrics_port: int, check_every: int) -> None:
+        self.log_path = tmp / "monitor.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
+        env["WEIR_DATA_DIR"] = str(tmp / "data")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "weir.cli",
+                "monitor",
+                str(spec_path),
+                "--metrics-port",
+                str(metrics_port),
+                "--check-every",
+                str(check_every),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
         )
-    return metric_source
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+@dataclass
+class PipelineRun:
+    """A running pipeline whose processes Prometheus scrapes."""
+
+    spec: PipelineSpec
+    targets: list[str]
+    produced: dict[str, Any] = field(default_factory=dict)
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pipeline(self) -> str:
+        return self.spec.name
+
+    def template_values(self) -> dict[str, str]:
+        return {"pipeline": self.pipeline, "model": self.spec.model.name, **GRAFANA_VALUES}
+
+    def mine(self, series: dict[str, Any]) -> bool:
+        """A result series of this run: its pipeline, or one of its scrape targets."""
+        labels = series.get("metric", {})
+        return labels.get("pipeline") == self.pipeline or labels.get("instance") in self.targets
+
+
+def _spec(topics: TopicFactory) -> PipelineSpec:
+    """examples/demo.yaml (whatever its model) with fresh topics and a short retrain loop."""
+    base = load_spec(REPO / "examples/demo.yaml")
+    base = base.model_copy(
+        update={
+            "learner": base.learner.model_copy(
+                update={"snapshot_every_labels": 200, "snapshot_every_seconds": 1.0}
+            ),
+            "drift": base.drift.model_copy(update={"reference_size": 500, "window": 500, "min_samples": 100}),
+            "retrain": base.retrain.model_copy(
+                update={
+                    "cooldown": 5.0,
+                    "min_fresh_labels": 200,
+                    "window_labels": 1000,
+                    "shadow_labels": 200,
+                    "rollback_labels": 200,
+                }
+            ),
+        }
+    )
+    return topics.for_spec(base, partitions=2)
+
+
+def _values(stack: Any, promql: str) -> dict[str, float]:
+    """``{"label=value,...": value}`` of an instant query, without the run's own labels."""
+    out = {}
+    for r in stack.query(promql):
+        own = ("__name__", "instance", "job", "pipeline")
+        labels = {k: v for k, v in r["metric"].items() if k not in own}
+        out[",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "value"] = float(r["value"][1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(
+    stack: Any, settings: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelineRun]:
+    """A real worker and monitor, fed a drifting stream, scraped by the stack's Prometheus.
+
+    Module-scoped: the processes keep serving (and Prometheus scraping) for the whole
+    module. Ready once the monitor has shadowed a retrained challenger to a verdict.
+    """
+    t0 = time.monotonic()
+    unique = f"t{uuid.uuid4().hex[:8]}"
+    tmp = tmp_path_factory.mktemp("promql")
+    topics = TopicFactory(settings, unique)
+    spec = _spec(topics)
+    p = spec.name
+    worker_port, monitor_port = _free_port(), _free_port()
+    worker = Worker(spec, tmp, role="all", metrics_port=worker_port)
+    monitor = MonitorProcess(worker.spec_path, tmp, monitor_port, check_every=200)
+    run = PipelineRun(spec, [f"127.0.0.1:{worker_port}", f"127.0.0.1:{monitor_port}"])
+    names = {"worker": f"{unique}-worker", "monitor": f"{unique}-monitor"}
+    stop = threading.Event()
+    producer: threading.Thread | None = None
+
+    def logs() -> str:
+        return f"\n--- worker log\n{worker.tail()}\n--- monitor log\n{monitor.tail()}"
+
+    def alive() -> None:
+        for proc in (worker, monitor):
+            assert proc.alive(), f"a pipeline process exited ({proc.proc.returncode}){logs()}"
+
+    def has(promql: str) -> Callable[[], bool]:
+        def check() -> bool:
+            alive()
+            return bool(stack.query(promql))
+
+        return check
+
+    try:
+        for role, target in zip(("worker", "monitor"), run.targets, strict=True):
+            stack.add_scrape_target(names[role], target, wait_up=True, timeout=START_TIMEOUT)
+        source = f"river:agrawal-drift?position={CHANGE_AT}&before=6&after=7&seed=11"
+
+        def replay() -> None:
+            run.produced.update(
+                produce(
+                    spec,
+                    settings,
+                    source,
+                    rate=RATE,
+                    limit=EVENTS,
+                    label_delay=LABEL_DELAY,
+                    entities=200,
+                    bad_every=BAD_EVERY,
+                    run_id=unique,
+                    progress=False,
+                    stop=stop,
+                )
+            )
+
+        producer = threading.Thread(target=replay, daemon=True)
+        producer.start()
+        run.outcome["started_s"] = round(time.monotonic() - t0, 1)
+        _wait(
+            has(f'weir_drift_statistic{{pipeline="{p}", kind="feature"}}'),
+            RUN_TIMEOUT,
+            "feature drift statistics",
+            logs,
+        )
+        producer.join(RUN_TIMEOUT)
+        assert not producer.is_alive() and run.produced.get("events") == EVENTS, run.produced
+        _send_late_events(settings, spec)
+        _wait(
+            has(f'sum(weir_predictions_total{{pipeline="{p}"}}) >= {EVENTS}'),
+            RUN_TIMEOUT,
+            f"predictions of all {EVENTS} events",
+            logs,
+        )
+        _wait(
+            has(f'weir_dead_letters_total{{pipeline="{p}", reason="late"}} >= {LATE_EVENTS}'),
+            RUN_TIMEOUT,
+            "the late events dead-lettered",
+            logs,
+        )
+        for kind in ("prediction", "performance"):
+            _wait(
+                has(f'weir_drift_statistic{{pipeline="{p}", kind="{kind}"}}'),
+                RUN_TIMEOUT,
+                f"{kind} drift statistics",
+                logs,
+            )
+        _wait(
+            has(f'sum(weir_retrains_total{{pipeline="{p}", outcome=~"promoted|rejected"}}) > 0'),
+            RUN_TIMEOUT,
+            "a retrained challenger shadowed to a verdict (promoted or rejected)",
+            logs,
+        )
+        run.outcome.update(
+            ready_s=round(time.monotonic() - t0, 1),
+            produced=run.produced,
+            drift_detections=_values(stack, f'weir_drift_events_total{{pipeline="{p}"}} > 0'),
+            retrains=_values(stack, f'weir_retrains_total{{pipeline="{p}"}} > 0'),
+            promotions=_values(stack, f'weir_promotions_total{{pipeline="{p}"}}'),
+            rollbacks=_values(stack, f'weir_rollbacks_total{{pipeline="{p}"}}'),
+            dead_letters=_values(stack, f'weir_dead_letters_total{{pipeline="{p}"}} > 0'),
+            model_versions=_values(stack, f'weir_model_version_info{{pipeline="{p}"}} == 1'),
+        )
+        print(f"\npipeline run {p}: {json.dumps(run.outcome)}", file=sys.stderr)
+        yield run
+    finally:
+        stop.set()
+        if producer is not None:
+            producer.join(30)
+        for name in names.values():
+            stack.remove_scrape_target(name)
+        codes = {"worker": worker.stop(), "monitor": monitor.stop()}
+        topics.cleanup()
+        _delete_keys(settings, spec)
+        bad = {k: c for k, c in codes.items() if c not in (0, -signal.SIGTERM)}
+        assert not bad, f"exit codes {bad}{logs()}"
+
+
+def _send_late_events(settings: Any, spec: PipelineSpec) -> None:
+    """Events far behind their entity's newest one: dead-lettered with reason ``late``."""
+    producer = Producer(settings.confluent_config())
+    ts = time.time() - 10 * spec.lateness
+    for i in range(LATE_EVENTS):
+        entity = f"c{i}"  # every entity of the replay has newer events
+        event = {
+            "event_id": f"late-{i}",
+            "entity_id": entity,
+            "ts": ts,
+            "data": dict.fromkeys(spec.fields, 1.0),
+        }
+        producer.produce(spec.topics.events, orjson.dumps(event), entity.encode())
+    assert producer.flush(10) == 0
+
+
+def _delete_keys(settings: Any, spec: PipelineSpec) -> None:
+    client = settings.redis()
+    try:
+        keys = list(client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def _all_dashboard_queries() -> list[Query]:
     return [q for _, d in load_dashboards(DASHBOARDS) for q in dashboard_queries(d) + variable_queries(d)]
 
 
-def test_every_dashboard_query_parses_and_returns_data(stack: Any, scraped: MetricSource) -> None:
-    values = scraped.template_values()
+def test_every_metric_named_is_exported_by_this_run(stack: Any, pipeline_run: PipelineRun) -> None:
+    """Each metric a dashboard or rule names has a series from this run's processes.
+
+    Independent of whatever else the shared Prometheus scrapes: a series of another
+    pipeline or an earlier run does not count.
+    """
+    queries = _all_dashboard_queries() + rule_queries(RULES)
+    recorded = recorded_names(RULES)
+    names = {n for q in queries for n in metric_names(q.expr)} - recorded
+    assert {"up", "weir_events_total", "weir_retrains_total", "weir_rollbacks_total"} <= names
+    missing = []
+    for name in sorted(names):
+        result = stack.query(f'group by (pipeline, instance) ({{__name__="{name}"}})')
+        if not any(pipeline_run.mine(r) for r in result):
+            where = sorted({q.where for q in queries if name in metric_names(q.expr)})
+            missing.append(f"{name}: no series from this run; named by {where}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_dashboard_query_parses_and_returns_data(stack: Any, pipeline_run: PipelineRun) -> None:
+    values = pipeline_run.template_values()
     queries = _all_dashboard_queries()
     assert len(queries) > 30
     problems = []
     for q in queries:
-        expr = strip_thresholds(substitute(q.expr, values)) if "annotation" in q.where else None
-        expr = expr or substitute(q.expr, values)
+        expr = substitute(q.expr, values)
+        if "annotation" in q.where:  # an annotation fires on events: measure its value instead
+            expr = strip_thresholds(expr)
         error, result = _query(stack.prometheus_url, expr)
         if error:
             problems.append(f"{q.where}: {error}\n    {expr}")
@@ -238,7 +437,8 @@ def test_every_dashboard_query_parses_and_returns_data(stack: Any, scraped: Metr
     assert not problems, "\n".join(problems)
 
 
-def test_every_rule_expression_parses_and_returns_data(stack: Any, scraped: MetricSource) -> None:
+def test_every_rule_expression_parses_and_returns_data(stack: Any, pipeline_run: PipelineRun) -> None:
+    """Each rule parses; without its thresholds it returns data of this run's processes."""
     queries = rule_queries(RULES)
     assert len(queries) >= 8
     problems = []
@@ -249,12 +449,13 @@ def test_every_rule_expression_parses_and_returns_data(stack: Any, scraped: Metr
             continue
         measured = strip_thresholds(q.expr)
         error, result = _query(stack.prometheus_url, measured)
-        if error or not result:
-            problems.append(f"{q.where}: {error or 'no data'} without thresholds\n    {measured}")
+        if error or not any(pipeline_run.mine(r) for r in result):
+            why = error or f"no data for pipeline {pipeline_run.pipeline} or targets {pipeline_run.targets}"
+            problems.append(f"{q.where}: {why} without thresholds\n    {measured}")
     assert not problems, "\n".join(problems)
 
 
-def test_prometheus_loads_and_evaluates_the_rules(stack: Any, scraped: MetricSource) -> None:
+def test_prometheus_loads_and_evaluates_the_rules(stack: Any, pipeline_run: PipelineRun) -> None:
     """The stack's Prometheus runs our rule file, every rule healthy, recordings have data."""
     expected = {q.where.split(": ", 1)[1] for q in rule_queries(RULES)}
 
@@ -271,18 +472,14 @@ def test_prometheus_loads_and_evaluates_the_rules(stack: Any, scraped: MetricSou
         "every Weir rule loaded and evaluated healthy",
     )
     assert not [r["lastError"] for r in rules.values() if r.get("lastError")]
-    p = scraped.pipeline
-    for record in ("pipeline:weir_events:rate5m", "pipeline:weir_event_to_prediction_seconds:p99_5m"):
+    p = pipeline_run.pipeline
+    for record in sorted(n for n in expected if ":" in n):
         promql = f'{record}{{pipeline="{p}"}}'
 
         def has_data(promql: str = promql) -> bool:
             return bool(_query(stack.prometheus_url, promql)[1])
 
-        _wait(
-            has_data,
-            RULES_TIMEOUT,
-            f"recording rule {record} to have data for {p}",
-        )
+        _wait(has_data, RULES_TIMEOUT, f"recording rule {record} to have data for {p}")
 
 
 def test_strip_and_substitute() -> None:
