@@ -229,9 +229,9 @@ def _spec(topics: TopicFactory) -> PipelineSpec:
             "retrain": base.retrain.model_copy(
                 update={
                     "cooldown": 5.0,
-                    "min_fresh_labels": 200,
+                    "min_fresh_labels": 500,
                     "window_labels": 1000,
-                    "shadow_labels": 200,
+                    "shadow_labels": 300,
                     "rollback_labels": 200,
                 }
             ),
