@@ -125,6 +125,8 @@ def build_component(component: ComponentSpec, where: str = "component") -> Any:
 def build_model(model_spec: ModelSpec) -> Any:
     """Build the River estimator described by ``model_spec`` (steps chained with ``|``).
 
+    With ``model_spec.features`` the pipeline starts with ``compose.Select`` of them.
+
     Raises:
         ModelError: naming ``steps[i].class`` (or ``.params``), the bad value and the fix.
     """
@@ -147,6 +149,10 @@ def build_model(model_spec: ModelSpec) -> Any:
             f"model.steps[{len(model_spec.steps) - 1}].class: {last.cls!r} is a transformer; "
             "the last step must be a classifier or regressor"
         )
+    if model_spec.features:
+        from river import compose
+
+        model = compose.Select(*model_spec.features) | model
     return model
 
 

@@ -157,6 +157,9 @@ class ModelSpec(_Strict):
 
     name: str = ""
     steps: list[Annotated[ComponentSpec, BeforeValidator(_component_shorthand)]] = Field(min_length=1)
+    features: list[str] | None = None
+    """The features the model reads (default: all). The others are still computed,
+    served with each prediction and watched for drift."""
 
 
 class LabelsSpec(_Strict):
@@ -294,6 +297,15 @@ class PipelineSpec(_Strict):
                     problems.append(
                         f"drift.features[{j}]: {name!r} is not a feature; use one of {sorted(names)}"
                     )
+        for j, name in enumerate(self.model.features or []):
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    f"model.features[{j}]: {name!r} is not a feature{hint}; use one of {sorted(names)}"
+                )
+        if self.model.features is not None and not self.model.features:
+            problems.append("model.features: empty; list the features the model reads, or remove it")
         if self.task == "regression" and self.classes:
             problems.append("classes: a regression task has no classes; remove `classes`")
         if problems:

@@ -195,3 +195,23 @@ def test_coerce_regression() -> None:
         with pytest.raises(InvalidMessage, match="regression target") as info:
             coerce_label(bad, spec)
         assert info.value.reason == "label_type"
+
+
+def test_model_features_select_what_the_model_reads() -> None:
+    """``model.features``: the model ignores every other feature, in learning and predicting."""
+    import copy
+
+    import yaml
+
+    with open("examples/demo.yaml") as fh:
+        d = copy.deepcopy(yaml.safe_load(fh))
+    d["model"] = {"steps": ["river.linear_model.LogisticRegression"], "features": ["salary"]}
+    model = build_model(parse_spec(d).model)
+    plain = build_model(parse_spec({**d, "model": {"steps": d["model"]["steps"]}}).model)
+    for i in range(50):
+        x = {"salary": float(i % 7), "loan": float(i)}
+        learn(model, x, i % 7 > 3, "binary")
+        learn(plain, x, i % 7 > 3, "binary")
+    probe = {"salary": 6.0, "loan": 1000.0}
+    assert predict(model, probe, "binary")[1] == predict(model, {"salary": 6.0}, "binary")[1]
+    assert predict(plain, probe, "binary")[1] != predict(plain, {"salary": 6.0}, "binary")[1]

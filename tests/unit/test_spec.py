@@ -46,6 +46,11 @@ def test_demo_spec_is_valid_and_fills_defaults():
         (lambda d: d["features"].append({"agg": "raw", "field": "age"}), r"duplicate feature name"),
         (lambda d: d.update(name="Demo Pipeline"), r"name: name must match"),
         (lambda d: d["model"]["steps"].append({"class": "nodots"}), r"dotted path"),
+        (
+            lambda d: d["model"].update(features=["salary", "comission"]),
+            r"model\.features\[1\]: 'comission' is not a feature \(did you mean 'commission'\?\)",
+        ),
+        (lambda d: d["model"].update(features=[]), r"model\.features: empty"),
     ],
 )
 def test_spec_errors_name_field_and_fix(mutate, match):
