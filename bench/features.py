@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Feature engines' throughput on the bench spec (examples/loan-lr.yaml), beside a plain Redis floor, in one run.
+"""Feature engines' throughput on examples/loan-lr.yaml, beside a plain Redis floor, in one run.
 
 * baseline: one pipelined ``SET`` per event, one round trip per batch (the floor for
   "one Redis round trip per batch" on this machine);
