@@ -196,6 +196,8 @@ class LearnerCore:
                 labels.append(self._parse(msg, now))
             except InvalidMessage as exc:
                 self._count("invalid")
+                if self.metrics is not None:
+                    self.metrics.dead_letters.labels(self._pipeline, exc.reason).inc()
                 out.dead_letters.append(
                     dead_letter(
                         exc.reason,

@@ -56,8 +56,7 @@ DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 # Label values known before anything happens (see init_series).
 #: Dead-letter reasons of the events topic (streams/contracts.py parse_event, and
-#: ``late`` from streams/scoring.py). The learner's label reasons (label_type,
-#: label_class) are counted as weir_label_joins_total{outcome="invalid"}.
+#: ``late`` from streams/scoring.py).
 EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "not_json",
     "not_finite",
@@ -69,6 +68,13 @@ EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "absurd_timestamp",
     "too_large",
     "late",
+)
+#: Dead-letter reasons of the labels topic (streams/contracts.py parse_label, then
+#: models/factory.py coerce_label): the message faults events have too, and the label's own.
+LABEL_DEAD_LETTER_REASONS: tuple[str, ...] = (
+    *(r for r in EVENT_DEAD_LETTER_REASONS if r != "late"),
+    "label_type",
+    "label_class",
 )
 #: weir_label_joins_total{outcome}: models/join.py OUTCOMES.
 JOIN_OUTCOMES: tuple[str, ...] = ("hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown")
@@ -127,7 +133,7 @@ class WorkerMetrics:
             ["pipeline", "model", "model_version"],
             registry=r,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = _existing(r, "weir_dead_letters_total") or Counter(
             "weir_dead_letters_total",
             "Messages sent to the dead-letter topic, by reason.",
             ["pipeline", "reason"],
@@ -249,6 +255,13 @@ class LearnerMetrics:
             ["pipeline", "model", "model_version", "metric", "window"],
             registry=r,
         )
+        found = _existing(r, "weir_dead_letters_total")  # role all: the worker's counter
+        self.dead_letters = found or Counter(
+            "weir_dead_letters_total",
+            "Messages sent to the dead-letter topic, by reason.",
+            ["pipeline", "reason"],
+            registry=r,
+        )
         self.snapshots = Counter(
             "weir_snapshots_published_total",
             "Model snapshots published for the scorers.",
@@ -264,6 +277,8 @@ class LearnerMetrics:
             metric.labels(p)
         for outcome in JOIN_OUTCOMES:
             self.joins.labels(p, outcome)
+        for reason in LABEL_DEAD_LETTER_REASONS:
+            self.dead_letters.labels(p, reason)
         self.learned.labels(p, model)
         self.snapshots.labels(p, model)
         return self

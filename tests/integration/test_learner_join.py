@@ -172,6 +172,9 @@ def test_invalid_labels_dead_lettered(redis_client: Any, unique: Any, metrics: L
     assert dls[1]["partition"] == 2 and dls[1]["offset"] == 8
     assert dls[1]["topic"] == spec.topics.labels and "binary label" in dls[1]["detail"]
     assert core.offsets == {2: 10} and _joins(metrics, spec, "invalid") == 3
+    for reason in ("not_json", "label_type", "missing_field"):
+        labels = {"pipeline": spec.name, "reason": reason}
+        assert metrics.registry.get_sample_value("weir_dead_letters_total", labels) == 1
 
 
 def test_status_written(redis_client: Any, unique: Any) -> None:

@@ -35,6 +35,7 @@ from weir.metrics import (
     DRIFT_KINDS,
     EVENT_DEAD_LETTER_REASONS,
     JOIN_OUTCOMES,
+    LABEL_DEAD_LETTER_REASONS,
     RETRAIN_OUTCOMES,
     RETRAIN_TRIGGERS,
     LearnerMetrics,
@@ -153,6 +154,7 @@ def test_known_label_values_match_the_code_that_produces_them() -> None:
     raised |= _strings("streams/scoring.py", r'DeadLetter\(\s*"(\w+)"')
     label_only = {"label_type", "label_class"}
     assert raised == set(EVENT_DEAD_LETTER_REASONS) | label_only
+    assert set(LABEL_DEAD_LETTER_REASONS) == raised - {"late"}
     readme = (REPO / "README.md").read_text()
     listed = re.search(r"Reasons: (.*?)\.\n", readme, re.S)
     assert listed, "README.md lists the dead-letter reasons after 'Reasons: '"
@@ -180,8 +182,12 @@ def test_init_series_creates_the_known_series_at_zero() -> None:
     assert get("weir_duplicate_events_total", {"pipeline": "p"}) == 0
     assert get("weir_late_events_total", {"pipeline": "p", "policy": "ignore"}) == 0
     assert get("weir_late_events_total", {"pipeline": "p", "policy": "dead_letter"}) is None
-    for reason in EVENT_DEAD_LETTER_REASONS:
+    for reason in set(EVENT_DEAD_LETTER_REASONS) | set(LABEL_DEAD_LETTER_REASONS):
         assert get("weir_dead_letters_total", {"pipeline": "p", "reason": reason}) == 0
+    # either role alone creates its own reasons
+    alone = LearnerMetrics(CollectorRegistry()).init_series(spec).registry.get_sample_value
+    assert alone("weir_dead_letters_total", {"pipeline": "p", "reason": "label_class"}) == 0
+    assert alone("weir_dead_letters_total", {"pipeline": "p", "reason": "late"}) is None
     assert get("weir_redis_roundtrip_seconds_count", {"pipeline": "p", "op": "served"}) == 0
     assert get("weir_event_to_prediction_seconds_count", {"pipeline": "p"}) == 0
     for outcome in JOIN_OUTCOMES:
