@@ -46,6 +46,9 @@ OUTCOMES: tuple[str, ...] = (
 )
 #: At most this many ids are handled per sweep step, so one sweep never stalls the learner.
 SWEEP_LIMIT = 10_000
+#: Held (early) labels looked at per sweep: a backlog of them is walked in chunks,
+#: round robin, over several sweeps (three GETs each; a chunk is ~1,500 pipelined ops).
+SWEEP_HELD_CHUNK = 500
 
 
 def _px(spec: PipelineSpec) -> int:
@@ -210,6 +213,7 @@ class LabelJoiner:
         self.px = _px(spec)
         self.lineage = lineage or Lineage()
         self.served = ServedStore(spec)
+        self._held_cursor = 0  # rank in the early index where the next sweep looks
 
     def _example(self, label: Label, served: Prediction) -> Example:
         return Example(
@@ -286,7 +290,7 @@ class LabelJoiner:
         pipe.execute()
 
     def sweep(self, now: float | None = None) -> tuple[int, list[JoinResult]]:
-        """Count expiries and resolve held labels.
+        """Count expiries and resolve held labels (a chunk of them per call, round robin).
 
         Returns ``(expiries, results)``: results are ``resolved`` (learn them, then
         :meth:`mark_learned`) or ``unknown`` (the held label's event never came).
@@ -302,10 +306,12 @@ class LabelJoiner:
             pipe.zrem(k.pending, *expired_ids)
             pipe.zadd(k.expired, {e: now + self.spec.labels.horizon for e in expired_ids})
         pipe.zremrangebyscore(k.expired, "-inf", now)
-        pipe.zrange(k.early_index, 0, SWEEP_LIMIT - 1, withscores=True)
+        start = self._held_cursor
+        pipe.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
         held = pipe.execute()[-1]
         results: list[JoinResult] = []
         if not held:
+            self._held_cursor = 0
             return len(expired_ids), results
         ids = [e.decode() for e, _ in held]
         pipe = c.pipeline(transaction=False)
@@ -340,6 +346,9 @@ class LabelJoiner:
             pipe.zrem(k.early_index, *done)
             pipe.delete(*[k.early(e) for e in done])
             pipe.execute()
+        # Ids not done keep their ranks (resolved ones leave once they are in a snapshot).
+        kept = len(held) - len(done)
+        self._held_cursor = start + kept if len(held) == SWEEP_HELD_CHUNK else 0
         return len(expired_ids), results
 
     #: seq of the newest published snapshot of this run (set by the learner)

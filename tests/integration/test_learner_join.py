@@ -122,6 +122,34 @@ def test_early_label_held_then_resolved_by_sweep(
     assert not redis_client.exists(f"{spec.redis_prefix}:early:e1")
 
 
+def test_a_backlog_of_held_labels_is_swept_in_chunks(redis_client: Any, unique: Any) -> None:
+    """Each sweep looks at one chunk of held labels, so a backlog never stalls the learner,
+    and every held label is resolved once its event is served, over a few sweeps."""
+    from models.join import SWEEP_HELD_CHUNK
+
+    spec = make_spec(unique)
+    core = _core(spec, redis_client)
+    now = time.time()
+    n = 2 * SWEEP_HELD_CHUNK + 37
+    out = core.process([label_msg(f"e{i}", i % 2 == 0, now, i) for i in range(n)])
+    assert {r.outcome for r in out.results} == {"early"}
+    for i in range(0, n, 3):  # a third of the events get served
+        serve(redis_client, spec, core, f"e{i}", float(i), now - 1)
+    served = len(range(0, n, 3))
+    sizes = []
+    for _ in range(3):
+        got = core.sweep().results
+        sizes.append(len(got))
+        assert all(r.outcome == "resolved" for r in got)
+    assert sum(sizes) == served and core.labels_learned == served
+    assert max(sizes) <= SWEEP_HELD_CHUNK // 3 + 1, sizes  # one chunk per sweep
+    assert core.sweep().results == []  # the cursor wrapped: nothing learned twice
+    for i in range(1, n, 3):  # more events come
+        serve(redis_client, spec, core, f"e{i}", float(i), now - 1)
+    more = sum(len(core.sweep().results) for _ in range(4))
+    assert more == len(range(1, n, 3)) and core.labels_learned == served + more
+
+
 def test_unknown_when_event_never_served(redis_client: Any, unique: Any, metrics: LearnerMetrics) -> None:
     spec = make_spec(unique, labels={"horizon": 0.3})
     core = _core(spec, redis_client, metrics)
