@@ -863,7 +863,9 @@ class DriftSuite:
         for name in self._other_names:
             self.features[name].update_many([f.get(name) for f, _ in batch])
         if self.prediction is not None:
-            self.prediction.update_many([p for _, p in batch])
+            # No prediction (a model that has learned nothing yet serves none) is not a
+            # class or a value: counting it would make the warm-up the reference.
+            self.prediction.update_many([p for _, p in batch if p is not None])
 
     @property
     def _numeric_names(self) -> list[str]:

@@ -311,6 +311,18 @@ def test_suite_builds_one_statistic_per_feature() -> None:
     assert suite.check("v1") == []
 
 
+def test_missing_predictions_are_not_a_class_of_the_prediction_mix() -> None:
+    """A model that has learned nothing serves no prediction; its warm-up must not become
+    the reference of the prediction mix (it read as a PSI > 3 'drift' once it learned)."""
+    rng = random.Random(1)
+    suite = DriftSuite(_spec())
+    feats = {"amount": 1.0, "country": "a", "events_count_1h": 1.0}
+    suite.observe_predictions([(feats, None)] * 150)  # warm-up: nothing served
+    suite.observe_predictions([(feats, rng.choice([True, False])) for _ in range(400)])
+    rec = next(r for r in suite.check("v1", now=1.0) if r.kind == "prediction")
+    assert not rec.drifted, rec
+
+
 def test_suite_watches_only_the_listed_features() -> None:
     suite = DriftSuite(_spec(features=["amount"]))
     assert list(suite.features) == ["amount"]
