@@ -169,6 +169,30 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
     raise StackError(f"the worker's {url} did not answer within {timeout}s; see {log}")
 
 
+def reset_pipeline(spec: PipelineSpec, settings: Settings) -> None:
+    """Start the demo from nothing: delete the pipeline's topics and its Redis keys.
+
+    The demo tells a story from an untrained model on; a second run would otherwise
+    resume the first one's registry, snapshots and consumer offsets.
+    """
+    from streams.admin import delete_topics
+
+    deleted = delete_topics(settings, list(spec.topics.names().values()))
+    client = settings.redis()
+    try:
+        keys = list(client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    finally:
+        client.close()
+    if deleted or keys:
+        print(
+            f"starting from a clean state: deleted {len(deleted)} topics and {len(keys)} Redis keys "
+            f"of pipeline {spec.name!r} (--resume keeps them)",
+            flush=True,
+        )
+
+
 def run_demo(
     spec_path: str,
     spec: PipelineSpec,
@@ -180,12 +204,15 @@ def run_demo(
     label_delay: float = 2.0,
     out_dir: str | None = None,
     metrics_port: int = 9300,
+    resume: bool = False,
 ) -> dict[str, Any]:
     from streams.admin import check_broker, check_redis, ensure_topics
     from streams.produce import produce
 
     check_broker(settings)
     check_redis(settings)
+    if not resume:
+        reset_pipeline(spec, settings)
     ensure_topics(settings, spec)
     out = Path(out_dir or Path(settings.data_dir) / "demo")
     out.mkdir(parents=True, exist_ok=True)

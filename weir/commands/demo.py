@@ -14,6 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-delay", type=float, default=2.0, help="seconds before each label arrives")
     p.add_argument("--metrics-port", type=int, default=9300)
     p.add_argument("--out", default=None, help="where summary.json and accuracy.png go (default .weir/demo)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the pipeline's topics, registry and snapshots from an earlier run "
+        "(default: start from nothing, deleting them)",
+    )
     p.set_defaults(func=run)
 
 
@@ -33,5 +39,6 @@ def run(args: argparse.Namespace) -> int:
         label_delay=args.label_delay,
         out_dir=args.out,
         metrics_port=args.metrics_port,
+        resume=args.resume,
     )
     return 0 if summary["worker_exit_code"] in (0, None, -15) else 1
