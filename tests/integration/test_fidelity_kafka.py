@@ -45,9 +45,9 @@ from models.learner import status_key
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
+from .processes import Worker
 from .test_fidelity import LOGREG, TREE
 from .test_learner_registry import make_spec
-from .test_scoring_path import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -32,11 +32,9 @@ letters by reason, model versions); see it with ``pytest -s``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -55,7 +53,7 @@ from confluent_kafka import Producer
 
 from streams.produce import produce
 from tests.integration.conftest import TopicFactory
-from tests.integration.test_scoring_path import Worker
+from tests.integration.processes import Monitor, Worker
 from weir.dashboards import (
     Query,
     dashboard_queries,
@@ -150,51 +148,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class MonitorProcess:
-    """A `weir monitor` subprocess with its log, like :class:`Worker`; stopped with SIGTERM."""
-
-    def __init__(self, spec_path: Path, tmp: Path, metrics_port: int, check_every: int) -> None:
-        self.log_path = tmp / "monitor.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
-        env["WEIR_DATA_DIR"] = str(tmp / "data")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weir.cli",
-                "monitor",
-                str(spec_path),
-                "--metrics-port",
-                str(metrics_port),
-                "--check-every",
-                str(check_every),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
-
-
 @dataclass
 class PipelineRun:
     """A running pipeline whose processes Prometheus scrapes."""
@@ -267,7 +220,7 @@ def pipeline_run(
     p = spec.name
     worker_port, monitor_port = _free_port(), _free_port()
     worker = Worker(spec, tmp, role="all", metrics_port=worker_port)
-    monitor = MonitorProcess(worker.spec_path, tmp, monitor_port, check_every=200)
+    monitor = Monitor(worker.spec_path, tmp, monitor_port, check_every=200)
     run = PipelineRun(spec, [f"127.0.0.1:{worker_port}", f"127.0.0.1:{monitor_port}"])
     names = {"worker": f"{unique}-worker", "monitor": f"{unique}-monitor"}
     stop = threading.Event()

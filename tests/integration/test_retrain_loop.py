@@ -16,7 +16,6 @@ that of the predictions actually served, read back from the training-log topic.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from models.drift import same_label
 from models.registry import ModelRegistry
 from streams.produce import produce
 from tests.integration.conftest import wait_for
-from tests.integration.test_scoring_path import Worker
+from tests.integration.processes import Monitor, Worker
 from weir.settings import Settings
 from weir.spec import PipelineSpec, load_spec
 
@@ -42,38 +41,6 @@ N = 10_000  # events (and labels) per stream
 RATE = 700.0  # events/s per pipeline
 LABEL_DELAY = 1.0  # seconds
 SEED = 11
-
-
-class MonitorProcess:
-    """A ``weir monitor`` subprocess with its log; stopped with SIGTERM."""
-
-    def __init__(self, spec_path: Path, tmp: Path) -> None:
-        self.log_path = tmp / "monitor.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
-        args = ["monitor", str(spec_path), "--metrics-port", "0", "--check-every", "250"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "weir.cli", *args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        return int(self.proc.returncode)
 
 
 class Pipeline:
@@ -101,7 +68,7 @@ class Pipeline:
         self.registry = ModelRegistry(redis_client, self.spec)
         self.redis = redis_client
         self.worker = Worker(self.spec, tmp / name)
-        self.monitor = MonitorProcess(self.worker.spec_path, tmp / name) if monitor else None
+        self.monitor = Monitor(self.worker.spec_path, tmp / name) if monitor else None
 
     def wait_ready(self, settings: Settings) -> None:
         wait_for(lambda: self.registry.alias("champion"), 60, f"{self.spec.name}: the worker's champion v1")

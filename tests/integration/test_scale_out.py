@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 from models.registry import ModelRegistry
 from streams.produce import produce
 from tests.integration.conftest import wait_for
-from tests.integration.test_scoring_path import REPO, Worker
+from tests.integration.processes import REPO, Worker
 from weir.spec import load_spec
 
 

@@ -10,11 +10,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,70 +20,12 @@ from typing import Any
 import orjson
 import pandas as pd
 import pytest
-import yaml
 from confluent_kafka import Producer
 
 from features.offline import compute_offline, isclose
 from streams.contracts import decode_dead_letter
+from tests.integration.processes import REPO, Worker
 from weir.spec import PipelineSpec, load_spec
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class Worker:
-    """A `weir worker` subprocess with its log; stopped with SIGTERM."""
-
-    def __init__(self, spec: PipelineSpec, tmp: Path, role: str = "all", metrics_port: int = 0) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.spec_path = tmp / f"{spec.name}.yaml"
-        self.spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
-        self.log_path = tmp / f"{spec.name}-{role}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
-        env["WEIR_DATA_DIR"] = str(tmp / "data")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weir.cli",
-                "worker",
-                str(self.spec_path),
-                "--role",
-                role,
-                "--metrics-port",
-                str(metrics_port),
-                "--",
-                "--without-web",
-                "-l",
-                "warn",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -196,7 +135,12 @@ def test_malformed_barrage_goes_to_dead_letters_and_worker_keeps_going(
     expected_reasons = []
     data = {f: 1.0 for f in spec.fields}
     for i in range(400):
-        ev = {"event_id": f"g{i}", "entity_id": f"c{i % 7}", "ts": now - 600 + i, "data": data}
+        ev: dict[str, Any] = {
+            "event_id": f"g{i}",
+            "entity_id": f"c{i % 7}",
+            "ts": now - 600 + i,
+            "data": data,
+        }
         good.append(ev["event_id"])
         msgs.append((ev["entity_id"].encode(), orjson.dumps(ev)))
         if i % 4 == 0:

@@ -1,0 +1,81 @@
+"""Weir processes for integration tests: ``weir worker`` and ``weir monitor`` subprocesses.
+
+Each runs in its own session with its log in a file, and stops with SIGTERM (SIGKILL
+after 30 s). ``WEIR_METRICS*`` variables of the test's environment are not passed on:
+a test gives each process its metrics port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from weir.spec import PipelineSpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WeirProcess:
+    """``python -m weir.cli ARGS`` with its output in ``log_path``."""
+
+    def __init__(self, args: list[str], log_path: Path, data_dir: Path) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
+        env["WEIR_DATA_DIR"] = str(data_dir)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "weir.cli", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        return int(self.proc.returncode)
+
+
+class Worker(WeirProcess):
+    """``weir worker SPEC --role ROLE``; writes the spec to ``tmp/<name>.yaml`` first."""
+
+    def __init__(self, spec: PipelineSpec, tmp: Path, role: str = "all", metrics_port: int = 0) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.spec_path = tmp / f"{spec.name}.yaml"
+        self.spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
+        args = ["worker", str(self.spec_path), "--role", role, "--metrics-port", str(metrics_port)]
+        args += ["--", "--without-web", "-l", "warn"]
+        super().__init__(args, tmp / f"{spec.name}-{role}.log", tmp / "data")
+
+
+class Monitor(WeirProcess):
+    """``weir monitor SPEC`` on a spec file a :class:`Worker` wrote."""
+
+    def __init__(self, spec_path: Path, tmp: Path, metrics_port: int = 0, check_every: int = 250) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        args = ["monitor", str(spec_path), "--metrics-port", str(metrics_port)]
+        args += ["--check-every", str(check_every)]
+        super().__init__(args, tmp / "monitor.log", tmp / "data")
