@@ -115,6 +115,19 @@ def _model_version_gauge(registry: CollectorRegistry, help_text: str) -> Gauge:
     )
 
 
+def _dead_letters_counter(registry: CollectorRegistry) -> Counter:
+    """Bad events (worker) and bad labels (learner) count in one counter, by reason."""
+    found = _existing(registry, "weir_dead_letters_total")
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    return Counter(
+        "weir_dead_letters_total",
+        "Messages sent to the dead-letter topic, by reason.",
+        ["pipeline", "reason"],
+        registry=registry,
+    )
+
+
 @dataclass
 class WorkerMetrics:
     """Metrics of a scoring worker (``weir worker SPEC``)."""
@@ -133,12 +146,7 @@ class WorkerMetrics:
             ["pipeline", "model", "model_version"],
             registry=r,
         )
-        self.dead_letters = _existing(r, "weir_dead_letters_total") or Counter(
-            "weir_dead_letters_total",
-            "Messages sent to the dead-letter topic, by reason.",
-            ["pipeline", "reason"],
-            registry=r,
-        )
+        self.dead_letters = _dead_letters_counter(r)
         self.duplicates = Counter(
             "weir_duplicate_events_total",
             "Redelivered events (same event_id) served from stored features.",
@@ -255,13 +263,7 @@ class LearnerMetrics:
             ["pipeline", "model", "model_version", "metric", "window"],
             registry=r,
         )
-        found = _existing(r, "weir_dead_letters_total")  # role all: the worker's counter
-        self.dead_letters = found or Counter(
-            "weir_dead_letters_total",
-            "Messages sent to the dead-letter topic, by reason.",
-            ["pipeline", "reason"],
-            registry=r,
-        )
+        self.dead_letters = _dead_letters_counter(r)
         self.snapshots = Counter(
             "weir_snapshots_published_total",
             "Model snapshots published for the scorers.",
