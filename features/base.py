@@ -12,7 +12,7 @@ earlier in arrival order (or is the event itself) with a timestamp in ``(ts - W,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -56,7 +56,7 @@ class FeatureEngine(Protocol):
         ...
 
 
-def to_model_input(fv: FeatureVector) -> dict[str, FeatureValue]:
+def to_model_input(fv: Mapping[str, FeatureValue]) -> dict[str, FeatureValue]:
     """What the River model receives: the feature vector without its undefined (None) values.
 
     Examples:
