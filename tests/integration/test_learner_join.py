@@ -17,7 +17,7 @@ from streams.contracts import decode_dead_letter
 from weir.errors import IntegrityError
 from weir.metrics import LearnerMetrics
 from weir.spec import PipelineSpec
-from weir.types import Prediction
+from weir.types import FeatureVector, Prediction
 
 from .test_learner_registry import make_spec
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def serve(client: Any, spec: PipelineSpec, core: LearnerCore, eid: str, a: float, ts: float) -> Prediction:
-    features = {"a": a, "b": None}
+    features: FeatureVector = {"a": a, "b": None}
     pred, proba = predict(core.model, {"a": a}, spec.task)
     p = Prediction(
         event_id=eid,

@@ -93,12 +93,18 @@ def test_three_scorers_one_learner_with_learner_crash(
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
+
+        def learned_600() -> bool:
+            snap = registry.latest_snapshot()
+            return (
+                snap is not None
+                and snap.count(".") == 1
+                and int(registry.snapshot_meta(snap)["labels_learned"]) >= 600
+            )
+
         # Kill the learner mid-stream, then restart it.
         wait_for(
-            lambda: (
-                (registry.latest_snapshot() or "").count(".") == 1
-                and int(registry.snapshot_meta(registry.latest_snapshot())["labels_learned"]) >= 600
-            ),
+            learned_600,
             60,
             "the learner to snapshot 600 labels",
         )

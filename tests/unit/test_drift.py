@@ -361,7 +361,7 @@ def test_suite_batch_equals_one_by_one() -> None:
 
 
 @pytest.mark.parametrize("detector", ["adwin", "page_hinkley"])
-def test_performance_drift_ignores_a_falling_loss(detector: str) -> None:
+def test_performance_drift_ignores_a_falling_loss(detector: drift.Detector) -> None:
     """A model that gets better (warm-up, recovery) is no reason to retrain."""
     import random
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -23,7 +24,7 @@ def _binary_stream(n: int, seed: int = 1) -> list[tuple[bool, bool, dict[str, fl
 
 def test_binary_matches_river() -> None:
     ev = OnlineEvaluator("binary", rolling_window=50)
-    ref = {
+    ref: dict[str, tuple[Any, Any]] = {
         "accuracy": (metrics.Accuracy(), utils.Rolling(metrics.Accuracy, window_size=50)),
         "f1": (metrics.F1(), utils.Rolling(metrics.F1, window_size=50)),
         "log_loss": (metrics.LogLoss(), utils.Rolling(metrics.LogLoss, window_size=50)),
@@ -32,7 +33,7 @@ def test_binary_matches_river() -> None:
     for i, (y, yp, proba) in enumerate(_binary_stream(500)):
         ev.update(y, yp, proba, model_version=f"v{1 + i // 250}.{i}")
         for name, (m, r) in ref.items():
-            arg = proba if name in ("log_loss", "roc_auc") else yp
+            arg: object = proba if name in ("log_loss", "roc_auc") else yp
             if name in ("log_loss", "roc_auc"):
                 arg = {True: proba["True"], False: proba["False"]}
             m.update(y, arg)
@@ -62,7 +63,8 @@ def test_multiclass_matches_river() -> None:
     classes = ["a", "b", "c"]
     ev = OnlineEvaluator("multiclass", rolling_window=30)
     acc, f1, ce = metrics.Accuracy(), metrics.MacroF1(), metrics.CrossEntropy()
-    roll = utils.Rolling(metrics.MacroF1, window_size=30)
+    # Rolling forwards get() to the wrapped metric through __getattr__, typed as object.
+    roll: Any = utils.Rolling(metrics.MacroF1, window_size=30)
     for _ in range(200):
         w = [rng.random() for _ in classes]
         proba = {c: v / sum(w) for c, v in zip(classes, w, strict=True)}
@@ -84,7 +86,7 @@ def test_regression_matches_river() -> None:
     rng = random.Random(9)
     ev = OnlineEvaluator("regression", rolling_window=20)
     mae, rmse = metrics.MAE(), metrics.RMSE()
-    rmae = utils.Rolling(metrics.MAE, window_size=20)
+    rmae: Any = utils.Rolling(metrics.MAE, window_size=20)
     for _ in range(100):
         y, yp = rng.gauss(0, 1), rng.gauss(0, 1)
         ev.update(y, yp, None)

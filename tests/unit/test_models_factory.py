@@ -4,14 +4,16 @@ learns, predicts trained, and pickles; plus the error messages."""
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import pytest
 
 from models.factory import build_model, check_task, coerce_label, learn, model_input, predict
 from weir.errors import InvalidMessage, ModelError
-from weir.spec import ModelSpec, parse_spec
+from weir.spec import ModelSpec, Task, parse_spec
+from weir.types import FeatureValue, LabelValue
 
-MODELS = {
+MODELS: dict[str, tuple[Task, list[Any]]] = {
     "logreg_pipeline": (
         "binary",
         [
@@ -30,20 +32,21 @@ MODELS = {
 }
 
 
-def _spec(steps: list) -> ModelSpec:
+def _spec(steps: list[Any]) -> ModelSpec:
     return ModelSpec.model_validate({"steps": steps})
 
 
-def _examples(task: str) -> list[tuple[dict, object]]:
+def _examples(task: Task) -> list[tuple[dict[str, FeatureValue], LabelValue]]:
     out = []
     for i in range(60):
-        x = {"a": float(i % 7), "b": float((i * 3) % 5), "c": None}
+        a, b = float(i % 7), float((i * 3) % 5)
+        x: dict[str, FeatureValue] = {"a": a, "b": b, "c": None}
         if task == "binary":
-            y: object = x["a"] > 3
+            y: LabelValue = a > 3
         elif task == "multiclass":
             y = ["red", "green", "blue"][i % 3]
         else:
-            y = 2.0 * x["a"] - x["b"]
+            y = 2.0 * a - b
         out.append((model_input(x), y))
     return out
 
@@ -52,17 +55,17 @@ def _examples(task: str) -> list[tuple[dict, object]]:
 def test_contract(name: str) -> None:
     task, steps = MODELS[name]
     model = build_model(_spec(steps))
-    check_task(model, task)  # type: ignore[arg-type]
+    check_task(model, task)
     data = _examples(task)
     # Untrained: no crash; classifiers that saw no class give (None, None).
-    pred, proba = predict(model, data[0][0], task)  # type: ignore[arg-type]
+    pred, proba = predict(model, data[0][0], task)
     if task == "regression":
         assert isinstance(pred, float) and proba is None
     else:
         assert pred is None or isinstance(pred, bool | str)
     for x, y in data:
-        learn(model, x, y, task)  # type: ignore[arg-type]
-    pred, proba = predict(model, data[1][0], task)  # type: ignore[arg-type]
+        learn(model, x, y, task)
+    pred, proba = predict(model, data[1][0], task)
     if task == "regression":
         assert isinstance(pred, float)
         assert proba is None
@@ -71,7 +74,7 @@ def test_contract(name: str) -> None:
         assert abs(sum(proba.values()) - 1.0) < 1e-6
         assert str(pred) == max(proba, key=proba.__getitem__)
     clone = pickle.loads(pickle.dumps(model))
-    assert predict(clone, data[1][0], task) == predict(model, data[1][0], task)  # type: ignore[arg-type]
+    assert predict(clone, data[1][0], task) == predict(model, data[1][0], task)
 
 
 def test_untrained_tree_predicts_none() -> None:

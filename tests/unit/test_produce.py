@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pandas as pd
@@ -18,7 +19,7 @@ NOW = 1_790_000_000.0
 def _frame(n: int = 5) -> pd.DataFrame:
     rows = []
     for i in range(n):
-        row = {f: float(i + 1) for f in SPEC.fields}
+        row: dict[str, Any] = {f: float(i + 1) for f in SPEC.fields}
         row.update(event_id=f"f{i}", entity_id=f"u{i % 2}", ts=NOW - 100 + i, label=i % 2)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -181,7 +181,8 @@ def test_concept_change_is_detected_retrained_and_promoted() -> None:
         )
         == 1.0
     )
-    assert prom.get_sample_value("weir_drift_events_total", {"pipeline": "mon", "kind": "performance"}) >= 1.0
+    drifts = prom.get_sample_value("weir_drift_events_total", {"pipeline": "mon", "kind": "performance"})
+    assert drifts is not None and drifts >= 1.0
 
 
 def test_stationary_stream_never_retrains() -> None:
