@@ -60,8 +60,13 @@ class StepEmitter:
 
     def emit(self, out: StepOutput) -> None:
         t = self.spec.topics
+        # Keyed by the model: one partition, in the order the learner learned them. The
+        # monitor's detectors read the loss sequence in that order; spread over partitions,
+        # a monitor catching up would read them in partition-sized blocks, replaying the
+        # model's learning curve once per partition (each one a "rise" in loss).
+        key = self.spec.model.name.encode()
         for rec in out.training_log:
-            self.producer.produce(t.training_log, rec, on_delivery=self._on_delivery)
+            self.producer.produce(t.training_log, rec, key, on_delivery=self._on_delivery)
         for dl in out.dead_letters:
             self.producer.produce(t.dead_letters, dl, on_delivery=self._on_delivery)
         self.producer.poll(0)

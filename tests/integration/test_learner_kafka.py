@@ -103,6 +103,9 @@ def test_learner_process_and_sigkill_recovery(
     try:
         logged = consume_all(spec.topics.training_log, 120, timeout=60)
         assert {orjson.loads(m.value())["event_id"] for m in logged} == {f"e{i}" for i in range(120)}
+        # one partition, keyed by the model: the monitor reads the losses in learning order
+        assert {m.partition() for m in logged} == {logged[0].partition()}
+        assert {m.key() for m in logged} == {spec.model.name.encode()}
         dls = consume_all(spec.topics.dead_letters, 1, timeout=30)
         assert decode_dead_letter(dls[0].value())["reason"] == "label_type"
         sid = _wait(registry.latest_snapshot, 30, "a snapshot")
