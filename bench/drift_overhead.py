@@ -153,13 +153,12 @@ async def run_pipeline(
     return {"worker": worker_s, "labels": label_s, "served": served, "dead": dead, "outcomes": outcomes}
 
 
-def delete_keys(settings: Any, prefix: str) -> int:
+def delete_prefix(settings: Any, prefix: str) -> int:
+    from streams.admin import delete_keys
+
     client = settings.redis()
     try:
-        keys = list(client.scan_iter(f"{prefix}:*", count=10_000))
-        for i in range(0, len(keys), 10_000):
-            client.delete(*keys[i : i + 10_000])
-        return len(keys)
+        return delete_keys(client, prefix, chunk=10_000)
     finally:
         client.close()
 
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             res = asyncio.run(run_pipeline(spec, settings, events, label_values, args.batch))
         finally:
-            info["keys_deleted"] = delete_keys(settings, spec.redis_prefix)
+            info["keys_deleted"] = delete_prefix(settings, spec.redis_prefix)
         served = res["served"]
         if len(served) != args.events:
             raise SystemExit(f"served {len(served)} of {args.events} events ({res['dead']} dead letters)")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from features.offline import compute_offline  # noqa: E402
 from features.online import RedisFeatureStore  # noqa: E402
+from streams.admin import delete_keys  # noqa: E402
 from weir.settings import load_settings  # noqa: E402
 from weir.spec import load_spec  # noqa: E402
 from weir.types import Event  # noqa: E402
@@ -72,10 +73,7 @@ def main() -> int:
     compute_offline(spec, frame)
     offline = n / (time.perf_counter() - t)
 
-    keys = list(client.scan_iter(f"{spec.redis_prefix}:*", count=10_000))
-    if keys:
-        for i in range(0, len(keys), 10_000):
-            client.delete(*keys[i : i + 10_000])
+    delete_keys(client, spec.redis_prefix, chunk=10_000)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "events": n,

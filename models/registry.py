@@ -282,12 +282,13 @@ class ModelRegistry:
 
     def load_live(self, version_id: str) -> tuple[Any, dict[str, Any] | None]:
         """``(model, parked meta)``: the version's parked state, else its saved blob and None."""
-        raw = self.client.get(self.prefix + f"parkmeta:{version_id}")
+        raw, blob = self.client.mget(
+            self.prefix + f"parkmeta:{version_id}", self.prefix + f"parkblob:{version_id}"
+        )
         if raw is None:
             model, _ = self.load(version_id)
             return model, None
         meta = dict(orjson.loads(raw))
-        blob = self.client.get(self.prefix + f"parkblob:{version_id}")
         what = f"parked state of {version_id}"
         return self._verify(what, blob, meta["blob_sha256"], meta.get("blob_hmac")), meta
 

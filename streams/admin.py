@@ -211,6 +211,18 @@ def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 30.
         time.sleep(0.1)
 
 
+def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:
+    """Delete every Redis key under ``prefix:`` (a pipeline's ``spec.redis_prefix``).
+
+    SCAN, then DEL in chunks, so a pipeline with millions of keys never sends one huge
+    command. Returns how many keys were deleted.
+    """
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=chunk))
+    for i in range(0, len(keys), chunk):
+        client.delete(*keys[i : i + chunk])
+    return len(keys)
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (safe for messages and logs).
 

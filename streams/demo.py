@@ -175,19 +175,17 @@ def reset_pipeline(spec: PipelineSpec, settings: Settings) -> None:
     The demo tells a story from an untrained model on; a second run would otherwise
     resume the first one's registry, snapshots and consumer offsets.
     """
-    from streams.admin import delete_topics
+    from streams.admin import delete_keys, delete_topics
 
     deleted = delete_topics(settings, list(spec.topics.names().values()))
     client = settings.redis()
     try:
-        keys = list(client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i : i + 1000])
+        n_keys = delete_keys(client, spec.redis_prefix)
     finally:
         client.close()
-    if deleted or keys:
+    if deleted or n_keys:
         print(
-            f"starting from a clean state: deleted {len(deleted)} topics and {len(keys)} Redis keys "
+            f"starting from a clean state: deleted {len(deleted)} topics and {n_keys} Redis keys "
             f"of pipeline {spec.name!r} (--resume keeps them)",
             flush=True,
         )

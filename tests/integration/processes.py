@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,3 +81,19 @@ class Monitor(WeirProcess):
         args = ["monitor", str(spec_path), "--metrics-port", str(metrics_port)]
         args += ["--check-every", str(check_every)]
         super().__init__(args, tmp / "monitor.log", tmp / "data")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process's /metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assigned_members(settings: Any, group: str) -> int:
+    """Members of a consumer group that hold at least one partition."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.confluent_config())
+    desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)

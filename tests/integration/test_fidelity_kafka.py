@@ -42,6 +42,7 @@ from river.datasets import synth
 from models.factory import build_model
 from models.join import Keys
 from models.learner import status_key
+from streams.admin import delete_keys
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -185,9 +186,7 @@ def cleanup_redis(redis_client: Any) -> Iterator[list[str]]:
     prefixes: list[str] = []
     yield prefixes
     for prefix in prefixes:
-        keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 1000):
-            redis_client.delete(*keys[i : i + 1000])
+        delete_keys(redis_client, prefix)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 
 from models.drift import DriftRecord
 from models.registry import ModelRegistry
+from streams.admin import delete_keys
 from streams.monitor import Monitor, request_retrain, run_monitor
 from tests.integration.conftest import wait_for
 from tests.unit.test_retrain_monitor import agrawal_examples, make_spec, trained_champion
@@ -106,9 +107,7 @@ def _setup(make_topics: Any, redis_client: Any) -> tuple[PipelineSpec, Any, Mode
 
 
 def _cleanup(redis_client: Any, spec: PipelineSpec) -> None:
-    keys = list(redis_client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
-    if keys:
-        redis_client.delete(*keys)
+    delete_keys(redis_client, spec.redis_prefix)
 
 
 def test_concept_change_is_detected_retrained_and_promoted(

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -51,9 +50,10 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from streams.admin import delete_keys
 from streams.produce import produce
 from tests.integration.conftest import TopicFactory
-from tests.integration.processes import Monitor, Worker
+from tests.integration.processes import Monitor, Worker, free_port
 from weir.dashboards import (
     Query,
     dashboard_queries,
@@ -142,12 +142,6 @@ def _query(prometheus_url: str, promql: str) -> tuple[str | None, list[dict[str,
     return None, list(body["data"]["result"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class PipelineRun:
     """A running pipeline whose processes Prometheus scrapes."""
@@ -218,7 +212,7 @@ def pipeline_run(
     topics = TopicFactory(settings, unique)
     spec = _spec(topics)
     p = spec.name
-    worker_port, monitor_port = _free_port(), _free_port()
+    worker_port, monitor_port = free_port(), free_port()
     worker = Worker(spec, tmp, role="all", metrics_port=worker_port)
     monitor = Monitor(worker.spec_path, tmp, monitor_port, check_every=200)
     run = PipelineRun(spec, [f"127.0.0.1:{worker_port}", f"127.0.0.1:{monitor_port}"])
@@ -343,9 +337,7 @@ def _send_late_events(settings: Any, spec: PipelineSpec) -> None:
 def _delete_keys(settings: Any, spec: PipelineSpec) -> None:
     client = settings.redis()
     try:
-        keys = list(client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_keys(client, spec.redis_prefix)
     finally:
         client.close()
 

@@ -29,9 +29,10 @@ from river import dummy
 
 from models.drift import same_label
 from models.registry import ModelRegistry
+from streams.admin import delete_keys
 from streams.produce import produce
 from tests.integration.conftest import wait_for
-from tests.integration.processes import Monitor, Worker
+from tests.integration.processes import Monitor, Worker, assigned_members
 from weir.settings import Settings
 from weir.spec import PipelineSpec, load_spec
 
@@ -73,7 +74,7 @@ class Pipeline:
     def wait_ready(self, settings: Settings) -> None:
         wait_for(lambda: self.registry.alias("champion"), 60, f"{self.spec.name}: the worker's champion v1")
         wait_for(
-            lambda: _assigned(settings, self.spec.consumer_group) > 0,
+            lambda: assigned_members(settings, self.spec.consumer_group) > 0,
             60,
             f"{self.spec.name}: the worker to join its consumer group",
         )
@@ -100,18 +101,8 @@ class Pipeline:
             code = self.monitor.stop()
             if code not in (0, -signal.SIGTERM):
                 problems.append(f"monitor exited with {code}:\n{self.monitor.tail()}")
-        keys = list(self.redis.scan_iter(match=f"{self.spec.redis_prefix}:*", count=1000))
-        if keys:
-            self.redis.delete(*keys)
+        delete_keys(self.redis, self.spec.redis_prefix)
         assert not problems, "\n".join(problems)
-
-
-def _assigned(settings: Settings, group: str) -> int:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(settings.confluent_config())
-    desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
-    return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)
 
 
 def _monitor_caught_up(settings: Settings, spec: PipelineSpec) -> bool:

@@ -9,7 +9,6 @@ restarted ends with learned labels == distinct labels (none twice, none lost).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -17,19 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka.admin import AdminClient
 
 from models.registry import ModelRegistry
 from streams.produce import produce
 from tests.integration.conftest import wait_for
-from tests.integration.processes import REPO, Worker
+from tests.integration.processes import REPO, Worker, assigned_members, free_port
 from weir.spec import load_spec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metric(port: int, name: str) -> list[str]:
@@ -38,13 +30,6 @@ def _metric(port: int, name: str) -> list[str]:
     except OSError:
         return []
     return [line for line in body.splitlines() if line.startswith(name + "{")]
-
-
-def _group_members(settings: Any, group: str) -> int:
-    admin = AdminClient(settings.confluent_config())
-    desc = admin.describe_consumer_groups([group])[group].result(timeout=10)
-    assigned = [m for m in desc.members if m.assignment and m.assignment.topic_partitions]
-    return len(assigned)
 
 
 def test_three_scorers_one_learner_with_learner_crash(
@@ -60,13 +45,13 @@ def test_three_scorers_one_learner_with_learner_crash(
     )
     spec = make_topics.for_spec(base, partitions=6)
     learner = Worker(spec, tmp_path, role="learner")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     scorers = [Worker(spec, tmp_path / f"s{i}", role="scorer", metrics_port=ports[i]) for i in range(3)]
     registry = ModelRegistry(redis_client, spec)
     try:
         wait_for(lambda: registry.alias("champion"), 60, "the learner to bootstrap the champion")
         wait_for(
-            lambda: _group_members(settings, spec.consumer_group) == 3,
+            lambda: assigned_members(settings, spec.consumer_group) == 3,
             90,
             "three scorers sharing the events topic",
         )
