@@ -49,7 +49,9 @@ if [ ! -e "$policy" ]; then
     chmod 755 "$policy"
     added_policy=1
 fi
-cleanup() { [ -n "$added_policy" ] && rm -f "$policy"; }
+cleanup() {
+    if [ -n "$added_policy" ]; then rm -f "$policy"; fi
+}
 trap cleanup EXIT
 
 echo "install-debian.sh: installing$missing"
