@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     redis_ssl_ca_certs: str | None = Field(
         None, description="`WEIR_REDIS_SSL_CA_CERTS`: CA bundle for `rediss://` URLs."
     )
+    redis_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="`WEIR_REDIS_TIMEOUT`: seconds a Redis connect or command may take before it "
+        "counts as failed and is retried with backoff (a hung Redis must not hang Weir).",
+    )
     metrics_port: int = Field(
         9300,
         ge=0,
@@ -149,7 +155,10 @@ class Settings(BaseSettings):
 
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis.from_url`` (secrets included)."""
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {
+            "socket_timeout": self.redis_timeout,
+            "socket_connect_timeout": self.redis_timeout,
+        }
         if self.redis_password:
             kw["password"] = self.redis_password.get_secret_value()
         if self.redis_ssl_ca_certs:
