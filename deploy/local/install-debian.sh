@@ -9,6 +9,9 @@
 # (6379, and 9090 on all interfaces), which would take the ports the local stack uses.
 # This script keeps them from starting while it installs (a temporary policy-rc.d, the
 # standard Debian way) and tells you if such a service is running anyway.
+#
+# WEIR_POLICY_RC_D overrides the policy file's path (default /usr/sbin/policy-rc.d); the
+# tests point it into a temporary folder.
 set -eu
 
 missing=""
@@ -42,25 +45,37 @@ if ! command -v apt-get >/dev/null 2>&1; then
     exit 1
 fi
 
-policy=/usr/sbin/policy-rc.d
+policy=${WEIR_POLICY_RC_D:-/usr/sbin/policy-rc.d}
 added_policy=""
-if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# added by weir deploy/local/install-debian.sh while installing\nexit 101\n' >"$policy"
-    chmod 755 "$policy"
-    added_policy=1
-fi
+# An `if`, not `[ ... ] && rm`: under set -e the && list's status 1 (nothing added) would
+# become the script's exit status (issue #10).
 cleanup() {
     if [ -n "$added_policy" ]; then rm -f "$policy"; fi
 }
 trap cleanup EXIT
+# Without these, Ctrl-C or a kill would skip the EXIT trap in dash and leave a policy-rc.d
+# behind that keeps every service on the machine from starting.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if [ ! -e "$policy" ]; then
+    added_policy=1
+    printf '#!/bin/sh\n# added by weir deploy/local/install-debian.sh while installing\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+fi
 
 echo "install-debian.sh: installing$missing"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update
+apt_failed() { # apt_failed <status> <what>
+    echo "install-debian.sh: \`$2\` failed (exit $1); its output is above." \
+        "Fix that (network, a held or broken package, another apt running) and run me again" >&2
+    exit "$1"
+}
+apt-get update || apt_failed $? "apt-get update"
 # --no-install-recommends: promtool is in the prometheus package itself; the recommended
 # prometheus-node-exporter would only start another service.
 # shellcheck disable=SC2086 # word splitting of the package list is intended
-apt-get install -y --no-install-recommends $missing
+apt-get install -y --no-install-recommends $missing ||
+    apt_failed $? "apt-get install -y --no-install-recommends$missing"
 
 for prog in java mvn redis-server prometheus promtool; do
     command -v "$prog" >/dev/null 2>&1 || {
