@@ -12,11 +12,21 @@ Event, key = entity id::
 Label::
 
     {"event_id": str, "label": bool | int | float | str, "ts": epoch seconds | ISO-8601}
+
+Dead letter, key = the original key (capped)::
+
+    {"reason": str, "detail": str, "topic": str, "partition": int, "offset": int,
+     "key_b64": str | null, "value_b64": str | null, "value_text": str | null,
+     "value_size": int | null, "value_sha256": hex | null, "truncated": bool, "at": float}
+
+A dead letter always fits its topic: at most :data:`DEAD_LETTER_MAX_VALUE_BYTES` of the
+original are copied; its sha256, size and topic/partition/offset find the rest.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import time
@@ -208,32 +218,93 @@ def encode_prediction(pred: Prediction) -> bytes:
     return orjson.dumps(pred.to_dict())
 
 
+#: At most this many bytes of the original value are copied into a dead letter. The
+#: original can be as large as the broker's ``message.max.bytes`` (about 1 MB by default),
+#: and base64 makes a copy a third larger, so a whole copy may not fit the dead-letter
+#: topic: the produce would fail, not the message. ``value_sha256``, ``value_size`` and
+#: topic/partition/offset still identify the original, which stays in its source topic.
+DEAD_LETTER_MAX_VALUE_BYTES = 64 * 1024
+#: At most this many bytes of the original key are copied.
+DEAD_LETTER_MAX_KEY_BYTES = 1024
+#: ``value_text`` (the start of the original, if it is UTF-8) and ``detail`` are cut to this
+#: many characters.
+DEAD_LETTER_MAX_TEXT_CHARS = 2000
+#: ``reason`` and ``topic`` are cut to this many characters (Kafka topic names have <= 249).
+_MAX_NAME_CHARS = 256
+#: An upper bound of an encoded dead letter's size, whatever the original: the base64 copies,
+#: the texts with every character escaped (``\\u0000`` is 6 bytes), and the rest. Far below
+#: Kafka's default ``message.max.bytes`` (1,048,588).
+DEAD_LETTER_MAX_BYTES = 128 * 1024
+
+
+def _cut_text(text: str, limit: int = DEAD_LETTER_MAX_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _utf8_head(value: bytes, chars: int) -> str | None:
+    """The first ``chars`` characters of ``value`` if its start is UTF-8, else None."""
+    head = value[: 4 * chars]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A character cut at the end of the head is not an encoding error.
+        if len(head) < len(value) and exc.start >= len(head) - 3 and exc.reason == "unexpected end of data":
+            text = head[: exc.start].decode("utf-8", errors="strict")
+        else:
+            return None
+    return text[:chars]
+
+
 def encode_dead_letter(dl: DeadLetter) -> bytes:
-    """Dead-letter record: the original bytes (base64), the reason, and where it came from."""
-    text: str | None = None
-    if dl.value is not None:
-        try:
-            text = dl.value.decode("utf-8")[:2000]
-        except UnicodeDecodeError:
-            text = None
+    """The dead-letter record: why, where from, and a capped copy of the original.
+
+    Always fits the dead-letter topic (at most :data:`DEAD_LETTER_MAX_BYTES`): the copy
+    holds the first :data:`DEAD_LETTER_MAX_VALUE_BYTES` of the value (base64) and
+    :data:`DEAD_LETTER_MAX_KEY_BYTES` of the key; ``truncated`` says whether either was
+    cut. ``value_sha256`` and ``value_size`` are of the whole original, and
+    ``topic``/``partition``/``offset`` find it in its source topic.
+    """
+    value, key = dl.value, dl.key
+    value_copy = value[:DEAD_LETTER_MAX_VALUE_BYTES] if value is not None else None
+    key_copy = key[:DEAD_LETTER_MAX_KEY_BYTES] if key is not None else None
+    truncated = (value is not None and len(value) > DEAD_LETTER_MAX_VALUE_BYTES) or (
+        key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES
+    )
     return orjson.dumps(
         {
-            "reason": dl.reason,
-            "detail": dl.detail,
-            "topic": dl.topic,
+            "reason": dl.reason[:_MAX_NAME_CHARS],
+            "detail": _cut_text(dl.detail),
+            "topic": dl.topic[:_MAX_NAME_CHARS],
             "partition": dl.partition,
             "offset": dl.offset,
-            "key_b64": base64.b64encode(dl.key).decode() if dl.key is not None else None,
-            "value_b64": base64.b64encode(dl.value).decode() if dl.value is not None else None,
-            "value_text": text,
+            "key_b64": base64.b64encode(key_copy).decode() if key_copy is not None else None,
+            "value_b64": base64.b64encode(value_copy).decode() if value_copy is not None else None,
+            "value_text": _utf8_head(value, DEAD_LETTER_MAX_TEXT_CHARS) if value is not None else None,
+            "value_size": len(value) if value is not None else None,
+            "value_sha256": hashlib.sha256(value).hexdigest() if value is not None else None,
+            "truncated": truncated,
             "at": dl.at or time.time(),
         }
     )
 
 
 def decode_dead_letter(raw: bytes) -> dict[str, Any]:
-    """A dead-letter record with ``value`` restored to the original bytes."""
+    """A dead-letter record with ``value`` and ``key`` as bytes (the copies, maybe cut).
+
+    Records written before the copy was capped lack ``value_size``, ``value_sha256`` and
+    ``truncated``: they held the whole original, so these are filled in from it.
+    """
     rec: dict[str, Any] = orjson.loads(raw)
-    rec["value"] = base64.b64decode(rec["value_b64"]) if rec.get("value_b64") else None
-    rec["key"] = base64.b64decode(rec["key_b64"]) if rec.get("key_b64") else None
+    value = base64.b64decode(rec["value_b64"]) if rec.get("value_b64") is not None else None
+    rec["value"] = value
+    rec["key"] = base64.b64decode(rec["key_b64"]) if rec.get("key_b64") is not None else None
+    if "value_sha256" not in rec:
+        rec["value_size"] = len(value) if value is not None else None
+        rec["value_sha256"] = hashlib.sha256(value).hexdigest() if value is not None else None
+        rec["truncated"] = False
     return rec
+
+
+def dead_letter_key(dl: DeadLetter) -> bytes | None:
+    """The Kafka key to produce a dead letter with: the original key, capped like its copy."""
+    return dl.key[:DEAD_LETTER_MAX_KEY_BYTES] if dl.key is not None else None

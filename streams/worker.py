@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from streams.contracts import encode_dead_letter, encode_prediction
+from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
 from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
@@ -57,7 +57,7 @@ class KafkaOutput:
         for p in out.predictions:
             produce(t.predictions, encode_prediction(p), p.entity_id.encode(), on_delivery=self._on_delivery)
         for d in out.dead_letters:
-            produce(t.dead_letters, encode_dead_letter(d), d.key, on_delivery=self._on_delivery)
+            produce(t.dead_letters, encode_dead_letter(d), dead_letter_key(d), on_delivery=self._on_delivery)
         self.producer.poll(0)
 
     async def flush(self, timeout: float = 30.0) -> None:

@@ -68,7 +68,12 @@ class Prediction:
 
 @dataclass(slots=True)
 class DeadLetter:
-    """A message that broke its contract, kept whole with why and where it came from."""
+    """A message that broke its contract, with why and where it came from.
+
+    ``value`` and ``key`` are the whole original; the wire record
+    (:func:`streams.contracts.encode_dead_letter`) copies a capped part of them, with the
+    original's size and sha256.
+    """
 
     reason: str
     detail: str

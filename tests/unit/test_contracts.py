@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 
 import orjson
 import pytest
 
 from streams.contracts import (
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_MAX_KEY_BYTES,
+    DEAD_LETTER_MAX_TEXT_CHARS,
+    DEAD_LETTER_MAX_VALUE_BYTES,
+    dead_letter_key,
     decode_dead_letter,
     encode_dead_letter,
     parse_event,
@@ -90,3 +97,78 @@ def test_dead_letter_keeps_original_bytes():
     )
     assert rec["value_text"] is None
     assert not math.isnan(rec["at"])
+
+
+# -- dead letters always fit their topic (issue #11) -------------------------------------------
+
+KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
+
+
+@pytest.mark.parametrize("size", [1_000_000, 10_000_000])
+def test_a_huge_original_gives_a_dead_letter_under_the_cap(size: int) -> None:
+    raw = (b'{"pad": "' + b"x" * size)[:size]
+    dl = DeadLetter("too_large", "message is too large", "weir.p.events", 3, 1234, raw, b"k", 1.0)
+    encoded = encode_dead_letter(dl)
+    assert len(encoded) <= DEAD_LETTER_MAX_BYTES < KAFKA_DEFAULT_MESSAGE_MAX_BYTES
+    rec = decode_dead_letter(encoded)
+    assert rec["value_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert rec["value_size"] == size and rec["truncated"] is True
+    assert rec["value"] == raw[:DEAD_LETTER_MAX_VALUE_BYTES]
+    assert (rec["topic"], rec["partition"], rec["offset"]) == ("weir.p.events", 3, 1234)
+    assert rec["reason"] == "too_large" and rec["detail"] == "message is too large"
+    assert rec["value_text"] == raw[:DEAD_LETTER_MAX_TEXT_CHARS].decode()
+
+
+def test_a_small_original_is_still_copied_whole() -> None:
+    raw = b'{"event_id": "e1", "data": {}}'
+    rec = decode_dead_letter(encode_dead_letter(DeadLetter("missing_field", "d", "t", 0, 7, raw, b"u1")))
+    assert rec["value"] == raw and rec["key"] == b"u1" and rec["truncated"] is False
+    assert rec["value_size"] == len(raw) and rec["value_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert rec["value_text"] == raw.decode()
+
+
+def test_every_part_is_capped_whatever_the_input() -> None:
+    """Worst cases for the JSON size: control characters (escaped as \\u00XX), a huge key,
+    a huge detail; and a multi-byte character cut at the copy's end."""
+    nasty = "\x01" * 3_000_000
+    dl = DeadLetter("r" * 10_000, nasty, "t" * 10_000, 0, 1, nasty.encode(), b"\x02" * 2_000_000)
+    encoded = encode_dead_letter(dl)
+    assert len(encoded) <= DEAD_LETTER_MAX_BYTES
+    rec = decode_dead_letter(encoded)
+    assert len(rec["key"]) == DEAD_LETTER_MAX_KEY_BYTES and rec["truncated"] is True
+    assert len(rec["detail"]) == DEAD_LETTER_MAX_TEXT_CHARS and rec["detail"].endswith("…")
+    assert dead_letter_key(dl) == b"\x02" * DEAD_LETTER_MAX_KEY_BYTES
+    euro = ("€" * 100_000).encode()  # 3 bytes each: the copies end mid-character
+    rec = decode_dead_letter(encode_dead_letter(DeadLetter("r", "d", "t", 0, 1, euro)))
+    assert rec["value_text"] == "€" * DEAD_LETTER_MAX_TEXT_CHARS
+    assert rec["value"] == euro[:DEAD_LETTER_MAX_VALUE_BYTES]
+
+
+def test_a_dead_letter_written_before_the_cap_still_decodes() -> None:
+    raw = b"this is not json"
+    old = orjson.dumps(
+        {
+            "reason": "not_json",
+            "detail": "d",
+            "topic": "t",
+            "partition": 0,
+            "offset": 5,
+            "key_b64": base64.b64encode(b"k").decode(),
+            "value_b64": base64.b64encode(raw).decode(),
+            "value_text": raw.decode(),
+            "at": 1.0,
+        }
+    )
+    rec = decode_dead_letter(old)
+    assert rec["value"] == raw and rec["key"] == b"k" and rec["truncated"] is False
+    assert rec["value_size"] == len(raw) and rec["value_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_label_dead_letters_use_the_same_capped_record() -> None:
+    from models.join import dead_letter
+
+    raw = b"y" * 2_000_000
+    encoded = dead_letter("label_type", "bad label", "weir.p.labels", 0, 9, raw, None)
+    assert len(encoded) <= DEAD_LETTER_MAX_BYTES
+    rec = decode_dead_letter(encoded)
+    assert rec["value_size"] == len(raw) and rec["truncated"] is True and rec["key"] is None
