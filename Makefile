@@ -46,10 +46,14 @@ test-unit: $(STAMP) ## unit tests only (no servers)
 test-integration: install ## integration tests only
 	$(PYTEST) -q tests/integration
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) ## ruff, mypy, and shellcheck on the shell scripts in deploy/ and .ci/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	@command -v shellcheck >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; } || \
+	  { echo "make lint: shellcheck is missing: sudo apt-get install -y shellcheck" >&2; exit 1; }
+	shellcheck $$(grep -rlE '^#!(/usr/bin/env |/bin/)(ba|da)?sh' deploy .ci)
 
 fmt: $(STAMP) ## format and autofix
 	$(VENV)/bin/ruff format .
