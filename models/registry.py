@@ -4,13 +4,23 @@ Keys, all under ``{spec.redis_prefix}:registry:``:
 
 * ``seq`` - counter behind version ids ``v1``, ``v2``...
 * ``versions`` - list of version ids, oldest first
-* ``meta:{id}`` / ``blob:{id}`` - a version's metadata (JSON) and pickled model
+* ``meta:{id}`` / ``blob:{id}`` - a version's metadata (JSON) and pickled model;
+  ``parkmeta:{id}`` / ``parkblob:{id}`` - its parked live state (:meth:`ModelRegistry.park`)
 * ``alias:{champion|challenger}`` - the version an alias points at;
   ``alias_history:{name}`` - its earlier targets, newest first (for rollback)
 * ``snapseq:{version}`` - counter behind snapshot ids ``v1.1``, ``v1.2``...
 * ``snapshot:latest`` - the newest snapshot id (the scorers' one cheap GET)
 * ``snapshots`` - list of snapshot ids, newest first; only the last ``keep_snapshots`` are kept
 * ``snapmeta:{sid}`` / ``snapblob:{sid}`` - a snapshot's metadata and pickled model
+* ``checkpoint:{name}`` / ``checkpointmeta:{name}`` - a process's pickled state (the
+  monitor's, see ``streams/monitor.py``), signed like the models
+
+Retention (bounded memory): saving a version prunes the blobs, parked states and
+snapshot counters of every version that is not the champion, its predecessor, the
+challenger or among the newest ``retrain.keep_versions``; a pruned version keeps its
+metadata (``meta.pruned_at``) as the audit trail and can no longer be loaded or
+aliased. Publishing a snapshot deletes those beyond ``learner.keep_snapshots``, in the
+same atomic script.
 
 Every blob is stored with its sha256 and, when the registry has a key
 (``WEIR_MODEL_KEY``), an HMAC-SHA256. Loading checks both *before* unpickling and
@@ -43,6 +53,23 @@ Alias = Literal["champion", "challenger"]
 ALIASES: tuple[str, ...] = ("champion", "challenger")
 
 
+# KEYS: snapshots list, snapshot:latest, snapblob:{sid}, snapmeta:{sid}
+# ARGV: sid, keep, key prefix, blob, meta
+_PUBLISH_SNAPSHOT = """
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('SET', KEYS[4], ARGV[5])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1])
+local keep = tonumber(ARGV[2])
+local old = redis.call('LRANGE', KEYS[1], keep, -1)
+redis.call('LTRIM', KEYS[1], 0, keep - 1)
+for _, s in ipairs(old) do
+  redis.call('DEL', ARGV[3] .. 'snapblob:' .. s, ARGV[3] .. 'snapmeta:' .. s)
+end
+return #old
+"""
+
+
 def _river_version() -> str:
     import river
 
@@ -63,7 +90,9 @@ class ModelRegistry:
         client: a synchronous Redis client.
         spec: the pipeline spec (its ``redis_prefix`` and ``spec_hash()`` are used).
         key: HMAC key; when given, every blob is signed and checked.
-        keep_snapshots: how many snapshots to keep; older ones are deleted.
+        keep_snapshots: snapshots to keep (default the spec's ``learner.keep_snapshots``).
+        keep_versions: newest version blobs to keep besides the champion, its predecessor
+            and the challenger (default the spec's ``retrain.keep_versions``).
     """
 
     def __init__(
@@ -71,13 +100,18 @@ class ModelRegistry:
         client: redis.Redis,
         spec: PipelineSpec,
         key: bytes | None = None,
-        keep_snapshots: int = 5,
+        keep_snapshots: int | None = None,
+        keep_versions: int | None = None,
     ) -> None:
         self.client: Any = client  # redis-py's stubs type replies as bytes | str
         self.spec = spec
         self.key = key
-        self.keep_snapshots = max(1, keep_snapshots)
+        ks = spec.learner.keep_snapshots if keep_snapshots is None else keep_snapshots
+        kv = spec.retrain.keep_versions if keep_versions is None else keep_versions
+        self.keep_snapshots = max(1, ks)
+        self.keep_versions = max(1, kv)
         self.prefix = f"{spec.redis_prefix}:registry:"
+        self._publish_script: Any = None
 
     # -- blobs -------------------------------------------------------------------
 
@@ -142,6 +176,7 @@ class ModelRegistry:
         pipe.set(self.prefix + f"meta:{version.id}", orjson.dumps(record, default=str))
         pipe.rpush(self.prefix + "versions", version.id)
         pipe.execute()
+        self.prune()
         return version
 
     def ids(self) -> list[str]:
@@ -175,6 +210,7 @@ class ModelRegistry:
     def load(self, version_id: str) -> tuple[Any, ModelVersion]:
         """The model of a version, after its sha256/HMAC check."""
         record = self._record(version_id)
+        self._check_not_pruned(version_id, record)
         blob = self.client.get(self.prefix + f"blob:{version_id}")
         model = self._verify(
             f"model version {version_id}", blob, record["blob_sha256"], record.get("blob_hmac")
@@ -205,6 +241,89 @@ class ModelRegistry:
                         continue
                     raise
 
+    # -- retention ---------------------------------------------------------------
+
+    def _check_not_pruned(self, version_id: str, record: dict[str, Any]) -> None:
+        pruned = (record.get("meta") or {}).get("pruned_at")
+        if pruned is not None:
+            raise ModelError(
+                f"model version {version_id!r} was pruned at {pruned} (retrain.keep_versions="
+                f"{self.keep_versions} keeps the champion, its predecessor, the challenger and the "
+                f"newest {self.keep_versions}); its blob is gone: promote a kept version "
+                f"({', '.join(self.kept()) or 'none'}) or raise keep_versions"
+            )
+
+    def protected(self) -> set[str]:
+        """Versions never pruned: champion, its predecessor (its previous alias target and
+        its parent) and the challenger."""
+        champ, chall = self.client.mget(self.prefix + "alias:champion", self.prefix + "alias:challenger")
+        out = {v.decode() for v in (champ, chall) if v is not None}
+        head = self.client.lindex(self.prefix + "alias_history:champion", 0)
+        if head is not None:
+            out.add(head.decode())
+        if champ is not None:
+            raw = self.client.get(self.prefix + f"meta:{champ.decode()}")
+            parent = dict(orjson.loads(raw)).get("parent") if raw is not None else None
+            if parent:
+                out.add(str(parent))
+        return out
+
+    def kept(self) -> builtins.list[str]:
+        """Version ids whose blobs are kept now (protected or among the newest), oldest first."""
+        ids = self.ids()
+        keep = self.protected() | set(ids[-self.keep_versions :])
+        return [i for i in ids if i in keep]
+
+    def prune(self) -> builtins.list[str]:
+        """Delete the blobs of versions beyond the retention; returns the ids pruned now.
+
+        Runs under WATCH of the aliases, so a promotion or rollback racing with it makes it
+        start over rather than prune the version just aliased.
+        """
+        import redis as _redis
+
+        watched = [
+            self.prefix + "alias:champion",
+            self.prefix + "alias:challenger",
+            self.prefix + "alias_history:champion",
+            self.prefix + "versions",
+        ]
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(*watched)
+                    ids = self.ids()
+                    keep = self.protected() | set(ids[-self.keep_versions :])
+                    candidates = [i for i in ids if i not in keep]
+                    if candidates:  # an update_meta racing with us restarts the prune
+                        pipe.watch(*watched, *(self.prefix + f"meta:{i}" for i in candidates))
+                    raws = pipe.mget([self.prefix + f"meta:{i}" for i in candidates]) if candidates else []
+                    gone: list[tuple[str, dict[str, Any]]] = []
+                    for vid, raw in zip(candidates, raws, strict=True):
+                        if raw is None:
+                            continue
+                        record = dict(orjson.loads(raw))
+                        if (record.get("meta") or {}).get("pruned_at") is None:
+                            gone.append((vid, record))
+                    if not gone:
+                        pipe.reset()
+                        return []
+                    now = time.time()
+                    pipe.multi()
+                    for vid, record in gone:
+                        record["meta"] = {**(record.get("meta") or {}), "pruned_at": now}
+                        pipe.set(self.prefix + f"meta:{vid}", orjson.dumps(record, default=str))
+                        pipe.delete(
+                            self.prefix + f"blob:{vid}",
+                            self.prefix + f"parkblob:{vid}",
+                            self.prefix + f"parkmeta:{vid}",
+                            self.prefix + f"snapseq:{vid}",
+                        )
+                    pipe.execute()
+                    return [vid for vid, _ in gone]
+                except _redis.WatchError:
+                    continue
+
     # -- aliases -----------------------------------------------------------------
 
     def _check_alias(self, name: str) -> None:
@@ -215,7 +334,7 @@ class ModelRegistry:
         """Point ``alias`` at a version (None removes it); the old target goes to history."""
         self._check_alias(alias)
         if version_id is not None:
-            self._record(version_id)  # unknown -> ModelError
+            self._check_not_pruned(version_id, self._record(version_id))  # unknown -> ModelError
         key = self.prefix + f"alias:{alias}"
         old = self.client.get(key)
         pipe = self.client.pipeline(transaction=True)
@@ -250,7 +369,7 @@ class ModelRegistry:
                 raise ModelError(f"cannot roll back {alias!r}: it has no previous version")
             prev = parent.encode()
         target = prev.decode() if isinstance(prev, bytes) else str(prev)
-        self._record(target)
+        self._check_not_pruned(target, self._record(target))
         self.client.set(self.prefix + f"alias:{alias}", target)
         return target
 
@@ -321,19 +440,19 @@ class ModelRegistry:
             "blob_hmac": self._sign(blob),
             **(extra or {}),
         }
-        lst = self.prefix + "snapshots"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.prefix + f"snapblob:{sid}", blob)
-        pipe.set(self.prefix + f"snapmeta:{sid}", orjson.dumps(meta, default=str))
-        pipe.lpush(lst, sid)
-        pipe.set(self.prefix + "snapshot:latest", sid)
-        pipe.lrange(lst, self.keep_snapshots, -1)
-        pipe.ltrim(lst, 0, self.keep_snapshots - 1)
-        results = pipe.execute()
-        old = [s.decode() for s in results[4]]
-        if old:
-            keys = [self.prefix + f"snap{kind}:{s}" for s in old for kind in ("blob", "meta")]
-            self.client.delete(*keys)
+        if self._publish_script is None:
+            self._publish_script = self.client.register_script(_PUBLISH_SNAPSHOT)
+        # One script: the new snapshot, the list trimmed and the pruned blobs deleted
+        # together, so a crash never leaves a blob that no list points at.
+        self._publish_script(
+            keys=[
+                self.prefix + "snapshots",
+                self.prefix + "snapshot:latest",
+                self.prefix + f"snapblob:{sid}",
+                self.prefix + f"snapmeta:{sid}",
+            ],
+            args=[sid, self.keep_snapshots, self.prefix, blob, orjson.dumps(meta, default=str)],
+        )
         return sid
 
     def latest_snapshot(self) -> str | None:
@@ -359,3 +478,36 @@ class ModelRegistry:
         blob = self.client.get(self.prefix + f"snapblob:{snapshot_id}")
         model = self._verify(f"snapshot {snapshot_id}", blob, meta["blob_sha256"], meta.get("blob_hmac"))
         return model, meta
+
+    # -- process checkpoints -------------------------------------------------------
+
+    def save_checkpoint(self, name: str, state: Any, info: dict[str, Any] | None = None) -> int:
+        """Store a process's state (pickled, signed like a model); returns its size in bytes.
+
+        One checkpoint per ``name``, replaced atomically: blob and metadata together.
+        """
+        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        meta = {
+            "name": name,
+            "created": time.time(),
+            "bytes": len(blob),
+            "blob_sha256": hashlib.sha256(blob).hexdigest(),
+            "blob_hmac": self._sign(blob),
+            **(info or {}),
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.prefix + f"checkpoint:{name}", blob)
+        pipe.set(self.prefix + f"checkpointmeta:{name}", orjson.dumps(meta, default=str))
+        pipe.execute()
+        return len(blob)
+
+    def load_checkpoint(self, name: str) -> tuple[Any, dict[str, Any]] | None:
+        """``(state, meta)`` of the checkpoint ``name`` after its sha256/HMAC check, or None."""
+        raw, blob = self.client.mget(
+            self.prefix + f"checkpointmeta:{name}", self.prefix + f"checkpoint:{name}"
+        )
+        if raw is None:
+            return None
+        meta = dict(orjson.loads(raw))
+        state = self._verify(f"checkpoint {name}", blob, meta["blob_sha256"], meta.get("blob_hmac"))
+        return state, meta

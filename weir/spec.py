@@ -195,6 +195,8 @@ class LearnerSpec(_Strict):
 
     snapshot_every_labels: int = Field(1000, ge=1)
     snapshot_every_seconds: Duration = 10.0
+    keep_snapshots: int = Field(5, ge=1)
+    """Snapshots kept in Redis; older ones are deleted as new ones are published."""
 
 
 class DriftSpec(_Strict):
@@ -228,6 +230,9 @@ class RetrainSpec(_Strict):
     promote_margin: float = Field(0.0, ge=0)
     rollback_labels: int = Field(1000, ge=1)
     rollback_margin: float = Field(0.05, ge=0)
+    keep_versions: int = Field(10, ge=1)
+    """Model blobs kept in the registry besides the champion, its predecessor and the
+    challenger: the newest ``keep_versions``; older ones are pruned (metadata kept)."""
 
 
 class PipelineSpec(_Strict):

@@ -163,3 +163,76 @@ def test_snapshots_publish_load_prune(redis_client: Any, registry: ModelRegistry
     redis_client.set(registry.prefix + "snapblob:v1.8", pickle.dumps(_Boom()))
     with pytest.raises(IntegrityError, match=r"snapshot v1.8: blob sha256 mismatch"):
         registry.load_snapshot("v1.8")
+
+
+def _blob_ids(redis_client: Any, registry: ModelRegistry, kind: str = "blob") -> set[str]:
+    pattern = registry.prefix + f"{kind}:*"
+    return {k.decode().rsplit(":", 1)[1] for k in redis_client.scan_iter(match=pattern, count=1000)}
+
+
+def test_versions_beyond_retention_are_pruned(redis_client: Any, spec: PipelineSpec) -> None:
+    registry = ModelRegistry(redis_client, spec, key=b"k1", keep_versions=2)
+    m = _trained(spec)
+    registry.save(m, parent=None, trigger="initial", reason="r")
+    registry.set_alias("champion", "v1")
+    registry.save(m, parent="v1", trigger="t", reason="r")
+    registry.save(m, parent="v1", trigger="t", reason="r")
+    registry.set_alias("champion", "v3")  # v1 becomes the predecessor
+    registry.park(m, "v1", labels_learned=5, by="learner")
+    registry.park(m, "v2", labels_learned=5, by="learner")
+    registry.publish_snapshot(m, version_id="v2", labels_learned=1, offsets={0: 1})
+    registry.save(m, parent="v3", trigger="t", reason="r")
+    registry.save(m, parent="v3", trigger="t", reason="r")
+    registry.set_alias("challenger", "v5")
+    for _ in range(3):
+        registry.save(m, parent="v3", trigger="t", reason="r")
+    # champion v3, its predecessor v1, challenger v5, the newest two v7 and v8.
+    assert registry.kept() == ["v1", "v3", "v5", "v7", "v8"]
+    assert _blob_ids(redis_client, registry) == {"v1", "v3", "v5", "v7", "v8"}
+    assert _blob_ids(redis_client, registry, "parkblob") == {"v1"}
+    assert not redis_client.exists(registry.prefix + "snapseq:v2")
+    assert registry.load_live("v1")[1] is not None  # the predecessor's parked state is kept
+    with pytest.raises(ModelError, match=r"'v2' was pruned at .*keep_versions=2.*promote a kept version"):
+        registry.load("v2")
+    with pytest.raises(ModelError, match="was pruned"):
+        registry.set_alias("champion", "v4")
+    # Pruned versions keep their metadata: the audit trail.
+    assert registry.get("v2").meta["pruned_at"] > 0 and registry.get("v2").parent == "v1"
+    assert [v.id for v in registry.list()] == [f"v{i}" for i in range(1, 9)]
+    # A promotion makes the challenger the champion: the old champion stays as predecessor.
+    registry.set_alias("champion", "v5")
+    registry.set_alias("challenger", None)
+    registry.save(m, parent="v5", trigger="t", reason="r")
+    assert _blob_ids(redis_client, registry) == {"v3", "v5", "v8", "v9"}
+    assert registry.rollback() == "v3"
+    assert registry.load("v3")[1].id == "v3"
+
+
+def test_blob_keys_stay_bounded_over_many_retrains(redis_client: Any, spec: PipelineSpec) -> None:
+    registry = ModelRegistry(redis_client, spec, keep_versions=3, keep_snapshots=4)
+    m = _trained(spec)
+    registry.save(m, parent=None, trigger="initial", reason="r")
+    registry.set_alias("champion", "v1")
+    for i in range(2, 31):
+        registry.save(m, parent=registry.alias("champion"), trigger="t", reason="r")
+        registry.set_alias("champion", f"v{i}")
+        registry.park(m, f"v{i - 1}", labels_learned=i, by="learner")
+        for _ in range(3):
+            registry.publish_snapshot(m, version_id=f"v{i}", labels_learned=i, offsets={0: i})
+    assert len(_blob_ids(redis_client, registry)) <= 3 + 3
+    assert len(_blob_ids(redis_client, registry, "parkblob")) <= 3 + 3
+    assert _blob_ids(redis_client, registry, "snapblob") == {"v30.3", "v30.2", "v30.1", "v29.3"}
+    assert _blob_ids(redis_client, registry, "snapmeta") == _blob_ids(redis_client, registry, "snapblob")
+    assert len(list(redis_client.scan_iter(match=registry.prefix + "snapseq:*", count=1000))) <= 6
+
+
+def test_checkpoint_roundtrip_and_integrity(
+    redis_client: Any, registry: ModelRegistry, spec: PipelineSpec
+) -> None:
+    assert registry.load_checkpoint("monitor") is None
+    size = registry.save_checkpoint("monitor", {"buffer": [1, 2, 3]}, {"offsets": {"t": {"0": 3}}})
+    state, meta = registry.load_checkpoint("monitor") or (None, {})
+    assert state == {"buffer": [1, 2, 3]} and meta["bytes"] == size and meta["offsets"] == {"t": {"0": 3}}
+    redis_client.set(registry.prefix + "checkpoint:monitor", pickle.dumps(_Boom()))
+    with pytest.raises(IntegrityError, match=r"checkpoint monitor: blob sha256 mismatch"):
+        registry.load_checkpoint("monitor")
