@@ -15,6 +15,19 @@ Redis keys (``P`` = ``spec.redis_prefix``), all with a TTL of ``labels.horizon``
 * ``P:learned:{event_id}`` - the learned marker ``run:seq`` (dedupe, second line of
   defence after the snapshot offsets; see :class:`Lineage`).
 
+**Bounded by the horizon, with or without a learner.** Every per-event key has a TTL of
+one horizon. The sorted sets are trimmed by whoever writes them: each scorer batch drops
+the pending ids whose deadline passed more than a horizon ago (a learner that is down
+longer than that does not count their expiries) and the learner's holds and sweeps trim
+theirs; each set also expires two horizons after its last write. So with no learner
+running, the join holds the served records of the last horizon and at most two horizons
+of pending ids; nothing grows with the stream's length.
+
+**Retried calls.** A call that timed out may still have been applied (a paused Redis
+runs the queued commands when it resumes). Every write here is idempotent: served records
+and holds are ``SET NX`` (a retried hold that finds its own body counts as ``early``, not
+``duplicate``), markers are rewritten with the same value, sorted-set adds are ``NX``.
+
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
 ``hit`` (learned now), ``early`` (held), ``duplicate`` (already learned or already held),
 ``expired`` (its served record is gone: the horizon passed), ``invalid`` (dead-lettered);
@@ -114,6 +127,9 @@ class ServedStore:
         for p in predictions:
             pipe.set(self.keys.served(p.event_id), orjson.dumps(p.to_dict()), px=self.px, nx=True)
         pipe.zadd(self.keys.pending, {p.event_id: deadline for p in predictions}, nx=True)
+        # Bounded without a learner: deadlines more than a horizon ago are dropped here.
+        pipe.zremrangebyscore(self.keys.pending, "-inf", now - self.spec.labels.horizon)
+        pipe.pexpire(self.keys.pending, 2 * self.px)
 
     def get_many(self, client: Any, event_ids: Sequence[str]) -> list[Prediction | None]:
         """The served records of ``event_ids`` (None where absent), one MGET."""
@@ -228,10 +244,14 @@ class LabelJoiner:
             model_version=served.model_version,
         )
 
-    def join(self, labels: Sequence[Label], now: float | None = None) -> list[JoinResult]:
+    def join(
+        self, labels: Sequence[Label], now: float | None = None, sources: Sequence[str] | None = None
+    ) -> list[JoinResult]:
         """Decide each label's outcome (labels already validated and coerced).
 
         Two round trips at most: one pipeline of reads, one to hold early labels.
+        ``sources`` names each label's message (``partition:offset``); it goes into the
+        hold, so a retried call tells its own hold from a second label for the event.
         """
         if not labels:
             return []
@@ -246,6 +266,7 @@ class LabelJoiner:
         results: list[JoinResult] = []
         seen: set[str] = set()
         early: list[tuple[int, Label]] = []
+        label_index: dict[int, int] = {}  # position in results -> index in labels
         for i, lab in enumerate(labels):
             served_raw, marker, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
             eid = lab.event_id
@@ -262,17 +283,27 @@ class LabelJoiner:
                 continue
             seen.add(eid)
             early.append((len(results), lab))
+            label_index[len(results)] = i
             results.append(JoinResult("early", eid, detail="event not served yet; label held"))
         if early:
             pipe = self.client.pipeline(transaction=False)
             deadline = now + self.spec.labels.horizon
-            for _, lab in early:
-                body = orjson.dumps({"event_id": lab.event_id, "label": lab.label, "ts": lab.ts})
+            bodies: list[bytes | None] = []  # None: no source, a failed SET NX is a duplicate
+            for pos, lab in early:
+                src = sources[label_index[pos]] if sources is not None else ""
+                body = orjson.dumps({"event_id": lab.event_id, "label": lab.label, "ts": lab.ts, "src": src})
+                bodies.append(body if src else None)
                 pipe.set(k.early(lab.event_id), body, px=self.px, nx=True)
+                pipe.get(k.early(lab.event_id))
                 pipe.zadd(k.early_index, {lab.event_id: deadline}, nx=True)
+            pipe.zremrangebyscore(k.early_index, "-inf", now - self.spec.labels.horizon)
+            pipe.pexpire(k.early_index, 2 * self.px)
             held = pipe.execute()
             for j, (pos, lab) in enumerate(early):
-                if not held[2 * j]:
+                # Not set, and what is held is another body: a second label for the event.
+                # The same body (same source message) is this label's own hold, from an
+                # earlier try of this call that timed out but was applied.
+                if not held[3 * j] and (bodies[j] is None or held[3 * j + 1] != bodies[j]):
                     results[pos] = JoinResult(
                         "duplicate", lab.event_id, detail="a label for this event is already held"
                     )
@@ -305,6 +336,7 @@ class LabelJoiner:
         if expired_ids:
             pipe.zrem(k.pending, *expired_ids)
             pipe.zadd(k.expired, {e: now + self.spec.labels.horizon for e in expired_ids})
+            pipe.pexpire(k.expired, 2 * self.px)
         pipe.zremrangebyscore(k.expired, "-inf", now)
         start = self._held_cursor
         pipe.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)

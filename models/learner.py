@@ -11,17 +11,29 @@
 5. publishes a snapshot every ``learner.snapshot_every_labels`` labels or
    ``learner.snapshot_every_seconds`` seconds, recording the next offsets to read.
 
-The process around it (:mod:`streams.learner`) consumes and produces; the single-process
-scoring worker can embed a core and score with ``core.model`` directly.
+The process around it (:class:`streams.learner.LearnerLoop`) consumes and produces; the
+single-process scoring worker can embed a core and score with ``core.model`` directly.
+
+**Steps.** :meth:`LearnerCore.process_step` and :meth:`LearnerCore.sweep_step` are
+generators: the CPU work (parsing, learning) runs inside them, and each call to a server
+is *yielded* as an :class:`Io` for the driver to run, which sends its result back. So one
+sequence serves every driver: :func:`run_step` runs the calls inline (tests, replays);
+the learner process runs them with bounded retries (a Redis or Kafka outage pauses the
+step at that call, it does not fail the batch); role ``all`` runs them on a thread while
+the learning stays on the event loop thread, the only writer of the model the scorer
+reads. Every yielded call is idempotent, so retrying one after a timeout whose writes
+were applied anyway changes nothing: the label join's reads and holds (``SET NX``), the
+learned markers (the same ``run:seq`` value again). A ``None`` yielded is a point where
+the driver may let other work run (between chunks of learning).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -35,6 +47,36 @@ if TYPE_CHECKING:
     from models.registry import ModelRegistry
     from weir.metrics import LearnerMetrics
     from weir.spec import PipelineSpec
+
+
+T = TypeVar("T")
+
+#: Examples learned between two points where the driver may let other work run.
+LEARN_CHUNK = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Io:
+    """A call to a server that a learner step needs; the driver runs it and sends back
+    its result. ``what`` names it in logs (``learner: label join failed ...``)."""
+
+    call: Callable[[], Any]
+    what: str
+
+
+#: A learner step: yields :class:`Io` calls (and None: "others may run now"), returns ``T``.
+Step = Generator["Io | None", Any, T]
+
+
+def run_step(step: Step[T]) -> T:
+    """Drive a step inline: every call runs at once, an error propagates."""
+    result: Any = None
+    while True:
+        try:
+            op = step.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        result = None if op is None else op.call()
 
 
 @dataclass(slots=True)
@@ -56,6 +98,7 @@ class StepOutput:
     results: list[JoinResult] = field(default_factory=list)
     snapshot_id: str | None = None
     expiries: int = 0
+    now: float | None = None
 
 
 def status_key(spec: PipelineSpec) -> str:
@@ -182,18 +225,27 @@ class LearnerCore:
     def process(
         self, messages: Sequence[LabelMessage], now: float | None = None, snapshot: bool = True
     ) -> StepOutput:
-        """Handle one batch of label messages; returns what to produce.
+        """Handle one batch of label messages inline; returns what to produce.
 
         With ``snapshot=False`` the caller snapshots (:meth:`snapshot_due`,
         :meth:`maybe_snapshot`) once it has delivered this batch's training-log records.
         """
+        out = run_step(self.process_step(messages, now))
+        if snapshot:
+            out.snapshot_id = self.maybe_snapshot(out.now)
+        return out
+
+    def process_step(self, messages: Sequence[LabelMessage], now: float | None = None) -> Step[StepOutput]:
+        """The step of one batch: parse, join (one :class:`Io`), learn, mark (one :class:`Io`)."""
         now = self.clock() if now is None else now
-        out = StepOutput()
+        out = StepOutput(now=now)
         labels: list[Label] = []
+        sources: list[str] = []
         for msg in messages:
             self.labels_seen += 1
             try:
                 labels.append(self._parse(msg, now))
+                sources.append(f"{msg.partition}:{msg.offset}" if msg.offset >= 0 else "")
             except InvalidMessage as exc:
                 self._count("invalid")
                 if self.metrics is not None:
@@ -210,28 +262,37 @@ class LearnerCore:
                     )
                 )
                 out.results.append(JoinResult("invalid", "", detail=str(exc)))
-            if msg.offset >= 0:
-                self.offsets[msg.partition] = max(self.offsets.get(msg.partition, 0), msg.offset + 1)
         if self.metrics is not None and messages:
             self.metrics.labels.labels(self._pipeline).inc(len(messages))
-        results = self.joiner.join(labels, now=now)
-        self._apply(results, out)
-        if snapshot:
-            out.snapshot_id = self.maybe_snapshot(now)
+        if labels:
+            joiner = self.joiner
+            results = yield Io(lambda: joiner.join(labels, now=now, sources=sources), "label join")
+            yield from self._apply_step(results, out)
+        # The offsets move once the batch is learned and marked: a snapshot never records
+        # offsets past a batch whose step did not finish.
+        for msg in messages:
+            if msg.offset >= 0:
+                self.offsets[msg.partition] = max(self.offsets.get(msg.partition, 0), msg.offset + 1)
         return out
 
     def sweep(self, now: float | None = None, snapshot: bool = True) -> StepOutput:
         """Count expiries, resolve held (early) labels, snapshot if due. Call every second or so."""
+        out = run_step(self.sweep_step(now))
+        if snapshot:
+            out.snapshot_id = self.maybe_snapshot(out.now)
+        return out
+
+    def sweep_step(self, now: float | None = None) -> Step[StepOutput]:
+        """The sweep as a step: one :class:`Io` for the sweep, then learn and mark."""
         now = self.clock() if now is None else now
-        out = StepOutput()
-        expiries, results = self.joiner.sweep(now)
+        out = StepOutput(now=now)
+        joiner = self.joiner
+        expiries, results = yield Io(lambda: joiner.sweep(now), "label sweep")
         self.expiries += expiries
         out.expiries = expiries
         if self.metrics is not None and expiries:
             self.metrics.expiries.labels(self._pipeline).inc(expiries)
-        self._apply(results, out)
-        if snapshot:
-            out.snapshot_id = self.maybe_snapshot(now)
+        yield from self._apply_step(results, out)
         return out
 
     def _count(self, outcome: str) -> None:
@@ -239,7 +300,8 @@ class LearnerCore:
         if self.metrics is not None:
             self.metrics.joins.labels(self._pipeline, outcome).inc()
 
-    def _apply(self, results: list[JoinResult], out: StepOutput) -> None:
+    def _apply_step(self, results: list[JoinResult], out: StepOutput) -> Step[None]:
+        """Learn the examples of ``hit``/``resolved`` results, then write their markers."""
         learned: list[tuple[str, int]] = []
         for res in results:
             self._count(res.outcome)
@@ -248,9 +310,13 @@ class LearnerCore:
                 self.learn_example(res.example)
                 learned.append((res.event_id, self.labels_learned))
                 out.training_log.append(orjson.dumps(res.example.to_record()))
-        self.joiner.mark_learned(learned)
-        if self.metrics is not None and learned:
-            self.metrics.learned.labels(self._pipeline, self._model_name).inc(len(learned))
+                if len(learned) % LEARN_CHUNK == 0:
+                    yield None
+        if learned:
+            joiner = self.joiner
+            yield Io(lambda: joiner.mark_learned(learned), "learned markers")
+            if self.metrics is not None:
+                self.metrics.learned.labels(self._pipeline, self._model_name).inc(len(learned))
 
     def learn_example(self, ex: Example) -> None:
         """Prequential step: score what was served, then learn the served features."""
@@ -346,4 +412,8 @@ class LearnerCore:
 
     def write_status(self, now: float | None = None) -> None:
         """The summary ``weir status`` prints, at ``{prefix}:status``."""
-        self.client.set(status_key(self.spec), orjson.dumps(self.status(now), default=str))
+        self.put_status(self.status(now))
+
+    def put_status(self, status: dict[str, Any]) -> None:
+        """Write a :meth:`status` computed earlier (the Redis half of :meth:`write_status`)."""
+        self.client.set(status_key(self.spec), orjson.dumps(status, default=str))

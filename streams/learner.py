@@ -1,31 +1,47 @@
-"""The learner process: one per pipeline, the only writer of the live model.
+"""The learner: one per pipeline, the only writer of the live model.
 
-``run_learner(spec, settings)`` consumes the labels topic with a confluent-kafka consumer
-and *manual* partition assignment, hands each batch to :class:`models.learner.LearnerCore`
-(parse, join with the served records, prequential evaluation, learning), produces the
-joined examples to the training-log topic and bad labels to the dead-letter topic, and
-publishes model snapshots the scorers pick up (``registry.latest_snapshot()``).
+:class:`LearnerLoop` is the learner's crash-safe step, the same for both roles that learn:
+``weir worker SPEC --role learner`` (:func:`run_learner`, a thread of its own) and role
+``all`` (:mod:`streams.live`, on the scoring worker's event loop). It consumes the labels
+topic with a confluent-kafka consumer and *manual* partition assignment (no consumer group
+decides where it starts), hands each batch to :class:`models.learner.LearnerCore` (parse,
+join with the served records, prequential evaluation, learning), produces the joined
+examples to the training-log topic and bad labels to the dead-letter topic, and publishes
+model snapshots the scorers pick up (``registry.latest_snapshot()``).
 
-Crash safety. Each snapshot records the labels topic's next offsets; on start the
-learner loads the latest snapshot and seeks there, so after a SIGKILL the labels learned
-since that snapshot (lost with the process) are read and learned again, and none before
-it is. The learned markers in Redis are the second line of defence (their lineage tells a
-marker of a lost model state from one the snapshot contains; see :mod:`models.join`).
-The training-log records of a batch are delivered (producer flush) *before* a snapshot
-moves the offsets past it: the training log is at-least-once, keyed by ``event_id``.
+The sequence, per batch: process (join, learn, learned markers) -> hand the training-log
+records and dead letters to the producer -> every second, the sweep (expiries, held early
+labels) and the status -> when a snapshot is due: **flush** (every record delivered) ->
+**snapshot** with the labels topic's next offsets. On start it loads the latest snapshot
+and assigns the partitions at the snapshot's offsets. So after a SIGKILL the labels learned
+since that snapshot (lost with the process) are read and learned again, and none before it
+is; the learned markers' lineage (:mod:`models.join`) tells a marker of a lost model state
+from one the snapshot contains. The training log is at-least-once, keyed by ``event_id``.
+
+Outages. Every call to Redis or Kafka in the sequence is retried where it failed, with
+bounded exponential backoff (:mod:`weir.resilience`), until the server is back: the
+learner pauses, it does not exit, and it does not redo a step it half did (a batch already
+learned is not joined again; the retried call is idempotent). While it waits,
+``weir_dependency_up{dependency}`` is 0 and ``weir_dependency_retries_total`` counts.
+The consumer itself rides out broker outages (librdkafka reconnects).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from models.learner import LabelMessage, LearnerCore, StepOutput
+from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput
 from models.registry import ModelRegistry, registry_key
+from weir.errors import StackError
 from weir.metrics import LearnerMetrics, MetricsServer
+from weir.resilience import Backoff, DependencyHealth, is_transient, retry_sync
 
 if TYPE_CHECKING:
     from weir.settings import Settings
@@ -41,8 +57,10 @@ SWEEP_EVERY = 1.0
 
 class StepEmitter:
     """Produces what a :class:`LearnerCore` step asks for: training-log records and dead
-    letters. ``flush`` waits for delivery and raises if anything was not delivered, so a
-    caller never moves offsets (or a snapshot) past records that were lost.
+    letters. ``flush`` waits for delivery and raises (a transient ``KafkaException``) if
+    anything was not delivered, so a caller never moves offsets (or a snapshot) past
+    records that were lost; records whose delivery failed are produced again by the next
+    ``send``/``flush``, so retrying ``flush`` until it succeeds delivers everything.
     """
 
     def __init__(self, spec: PipelineSpec, settings: Settings, linger_ms: int = 20) -> None:
@@ -52,40 +70,334 @@ class StepEmitter:
         self.producer = Producer(
             {**settings.confluent_config(), "linger.ms": linger_ms, "enable.idempotence": True}
         )
+        #: (topic, value, key) not yet handed to the producer, or handed and failed
+        self.pending: list[tuple[str, bytes, bytes | None]] = []
         self.errors: list[str] = []
+        self._lock = threading.Lock()  # delivery callbacks run in whichever thread polls
 
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
+    def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
-            self.errors.append(str(err))
+            with self._lock:
+                self.errors.append(str(err))
+                self.pending.append((msg.topic(), msg.value(), msg.key()))
 
-    def emit(self, out: StepOutput) -> None:
+    def add(self, out: StepOutput) -> None:
+        """Queue a step's records (no I/O); :meth:`send` or :meth:`flush` produces them."""
         t = self.spec.topics
         # Keyed by the model: one partition, in the order the learner learned them. The
         # monitor's detectors read the loss sequence in that order; spread over partitions,
         # a monitor catching up would read them in partition-sized blocks, replaying the
         # model's learning curve once per partition (each one a "rise" in loss).
         key = self.spec.model.name.encode()
-        for rec in out.training_log:
-            self.producer.produce(t.training_log, rec, key, on_delivery=self._on_delivery)
-        for dl in out.dead_letters:
-            self.producer.produce(t.dead_letters, dl, on_delivery=self._on_delivery)
+        with self._lock:
+            self.pending.extend((t.training_log, rec, key) for rec in out.training_log)
+            self.pending.extend((t.dead_letters, dl, None) for dl in out.dead_letters)
+
+    def emit(self, out: StepOutput) -> None:
+        """:meth:`add` then :meth:`send`."""
+        self.add(out)
+        self.send()
+
+    def send(self, timeout: float = 30.0) -> None:
+        """Hand the queued records to the producer (waits while its queue is full)."""
+        from confluent_kafka import KafkaException
+
+        with self._lock:
+            todo, self.pending = self.pending, []
+        deadline = time.monotonic() + timeout
+        for i, (topic, value, key) in enumerate(todo):
+            while True:
+                try:
+                    self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
+                    break
+                except BufferError:
+                    if time.monotonic() > deadline:
+                        with self._lock:
+                            self.pending[:0] = todo[i:]
+                        raise KafkaException(
+                            f"learner: the producer's queue stayed full for {timeout:g}s "
+                            f"({len(todo) - i} records waiting); is the broker up?"
+                        ) from None
+                    self.producer.poll(0.1)
         self.producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
+        """Deliver everything queued; raises while anything is undelivered."""
         from confluent_kafka import KafkaException
 
+        self.send(timeout)
         remaining = self.producer.flush(timeout)
-        if remaining or self.errors:
+        with self._lock:
             errors, self.errors = self.errors[:3], []
+            failed = len(self.pending)
+        if remaining or failed:
             raise KafkaException(
-                f"learner: {remaining} training-log/dead-letter records undelivered ({errors}); "
-                "not moving past them"
+                f"learner: {remaining + failed} training-log/dead-letter records undelivered "
+                f"({errors or 'delivery timed out'}); not moving past them, retrying"
             )
 
 
 def learner_group(spec: PipelineSpec) -> str:
     """Consumer group the learner commits its offsets to (for lag monitoring only)."""
     return f"{spec.consumer_group}-learner"
+
+
+def start_core(
+    spec: PipelineSpec,
+    settings: Settings,
+    metrics: LearnerMetrics | None = None,
+    health: DependencyHealth | None = None,
+    stop: threading.Event | None = None,
+) -> LearnerCore:
+    """:meth:`LearnerCore.start` on the pipeline's registry, retried while Redis is down."""
+    client = settings.redis()
+    registry = ModelRegistry(client, spec, key=registry_key(settings))
+    core = retry_sync(
+        lambda: LearnerCore.start(spec, registry, client, metrics),
+        what="learner: loading the latest snapshot",
+        health=health,
+        backoff=LEARNER_BACKOFF,
+        stop=stop,
+    )
+    log.info(
+        "learner of %s: version %s, snapshot %s, %d labels learned, offsets %s",
+        spec.name,
+        core.version_id,
+        core.snapshot_id,
+        core.labels_learned,
+        core.offsets,
+    )
+    return core
+
+
+#: Retries of the learner's calls: 0.1 s doubling to 2 s, so it resumes within ~2.5 s of
+#: a server's return (plus the call itself).
+LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
+
+
+class LearnerLoop:
+    """The crash-safe learner step, for role ``learner`` and role ``all``.
+
+    Args:
+        spec: the pipeline spec.
+        settings: Kafka settings of the consumer and producer.
+        core: the learner core (its model is the one learned; its offsets where to start).
+        health: ``weir_dependency_up`` of the process; None for no metrics.
+        stop: set to stop; also ends a retry in progress (the loop then stops without a
+            final snapshot: a restart replays from the last one).
+        linger_ms: the producer's linger.
+
+    Drive it with :meth:`run` (blocking, its own thread) or :meth:`run_async` (on an
+    event loop: the blocking calls run on one worker thread, the learning stays on the
+    loop's thread). Both run the same :meth:`iteration`.
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        settings: Settings,
+        core: LearnerCore,
+        *,
+        health: DependencyHealth | None = None,
+        stop: threading.Event | None = None,
+        linger_ms: int = 20,
+        backoff: Backoff = LEARNER_BACKOFF,
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.core = core
+        self.health = health
+        self.stop = stop or threading.Event()
+        self.backoff = backoff
+        self.topic = spec.topics.labels
+        self.emitter = StepEmitter(spec, settings, linger_ms=linger_ms)
+        self.consumer: Any = None
+        self.last_sweep = 0.0
+        #: False while an iteration is half done (then no final snapshot may be taken)
+        self.consistent = True
+
+    # -- the blocking calls --------------------------------------------------------
+
+    def _retry(self, op: Io) -> Any:
+        return retry_sync(
+            op.call, what=f"learner: {op.what}", health=self.health, backoff=self.backoff, stop=self.stop
+        )
+
+    def open(self) -> list[tuple[int, int]]:
+        """Create the consumer and assign every partition at the snapshot's offsets."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.consumer = Consumer(
+            {
+                **self.settings.confluent_config(),
+                "group.id": learner_group(self.spec),
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            }
+        )
+        topic = self.topic
+        md = self._retry(Io(lambda: self.consumer.list_topics(topic, timeout=10), "labels topic metadata"))
+        meta = md.topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise StackError(
+                f"labels topic {topic!r} does not exist; `weir worker SPEC` and `weir produce SPEC` "
+                "create the pipeline's topics"
+            )
+        offsets = self.core.offsets
+        assignment = [
+            TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in sorted(meta.partitions)
+        ]
+        self.consumer.assign(assignment)
+        placed = [(tp.partition, tp.offset) for tp in assignment]
+        log.info("learner assigned %s at %s (the snapshot's offsets)", topic, placed)
+        return placed
+
+    def poll(self, timeout: float = 0.2) -> list[LabelMessage]:
+        """Up to :data:`BATCH` label messages, waiting at most ``timeout`` seconds."""
+        batch = []
+        for m in self.consumer.consume(num_messages=BATCH, timeout=timeout):
+            if m.error() is not None:
+                log.warning("labels topic error: %s", m.error())
+                continue
+            batch.append(LabelMessage(m.value(), m.partition() or 0, m.offset() or 0, m.key()))
+        return batch
+
+    def _commit(self) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = self.core.offsets
+        if not offsets:
+            return
+        try:  # for lag monitoring only: the learner starts from its snapshot's offsets
+            self.consumer.commit(
+                offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()], asynchronous=True
+            )
+        except KafkaException as exc:
+            log.debug("learner: offset commit skipped: %s", exc)
+
+    # -- the sequence ----------------------------------------------------------------
+
+    def iteration(self, batch: list[LabelMessage], now: float) -> Step[None]:
+        """One step: the batch, the sweep when due, the snapshot when due."""
+        core, emitter = self.core, self.emitter
+        self.consistent = False
+        if batch:
+            out = yield from core.process_step(batch, now)
+            emitter.add(out)
+            yield Io(emitter.send, "training-log produce")
+        if now - self.last_sweep >= SWEEP_EVERY:
+            out = yield from core.sweep_step(now)
+            emitter.add(out)
+            yield Io(emitter.send, "training-log produce")
+            # A promotion or rollback moves the champion alias: the learner follows it
+            # (in role all the scorer then scores with the new champion).
+            yield Io(core.follow_champion, "champion alias")
+            status = core.status(now)
+            yield Io(lambda: core.put_status(status), "status")
+            self.last_sweep = now
+        self.consistent = True
+        if core.snapshot_due(now):
+            yield from self.snapshot_step(now)
+
+    def snapshot_step(self, now: float | None = None, force: bool = False) -> Step[str | None]:
+        """Flush (every record of the learned labels delivered), then snapshot."""
+        core = self.core
+        # Deliver the training log first: once the offsets move on it is never re-produced.
+        yield Io(self.emitter.flush, "training-log delivery")
+        sid: str | None = yield Io(lambda: core.maybe_snapshot(now, force=force), "snapshot")
+        if sid is not None:
+            yield Io(self._commit, "offset commit")
+        return sid
+
+    # -- drivers ---------------------------------------------------------------------
+
+    def _drive(self, step: Step[Any]) -> Any:
+        result: Any = None
+        while True:
+            try:
+                op = step.send(result)
+            except StopIteration as done:
+                return done.value
+            result = None if op is None else self._retry(op)
+
+    async def _drive_async(self, step: Step[Any], call: Callable[..., Any]) -> Any:
+        result: Any = None
+        while True:
+            try:
+                op = step.send(result)
+            except StopIteration as done:
+                return done.value
+            if op is None:
+                result = None
+                await asyncio.sleep(0)  # let the scorer run between chunks of learning
+            else:
+                result = await call(self._retry, op)
+
+    def run(self, ready: threading.Event | None = None) -> None:
+        """Run until ``stop`` is set (blocking); a final snapshot on a clean stop."""
+        try:
+            self.open()
+            if ready is not None:
+                ready.set()
+            while not self.stop.is_set():
+                batch = self.poll(0.2)
+                self._drive(self.iteration(batch, time.time()))
+        except Exception as exc:
+            if not (self.stop.is_set() and is_transient(exc)):
+                raise
+            log.warning("learner: stopped while %s was failing; no final snapshot", exc)
+        finally:
+            self.close()
+
+    async def run_async(self) -> None:
+        """Run on the running event loop until cancelled or ``stop`` is set.
+
+        The consumer, Redis and the producer are called on one worker thread of this
+        loop's own; the learning (and so every write to the model) stays on the loop's
+        thread, where the scorer reads the model between its awaits.
+        """
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-learner")
+
+        def call(fn: Callable[..., Any], *args: Any) -> Any:
+            return loop.run_in_executor(executor, fn, *args)
+
+        try:
+            await call(self.open)
+            while not self.stop.is_set():
+                batch = await call(self.poll, 0.2)
+                await self._drive_async(self.iteration(batch, time.time()), call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not (self.stop.is_set() and is_transient(exc)):
+                log.exception("learner crashed; the worker stops so that a supervisor restarts it")
+                raise
+        finally:
+            self.stop.set()  # ends a retry in progress on the worker thread
+            executor.shutdown(wait=True)
+            self.close()
+
+    def close(self) -> None:
+        """A final snapshot if the last step finished (and the servers answer), then close."""
+        try:
+            if self.consistent and self.consumer is not None:
+                step = self.snapshot_step(force=True)
+                sid = self._drive(step)
+                log.info("learner stopped: %d labels learned, snapshot %s", self.core.labels_learned, sid)
+            else:
+                log.warning("learner stopped mid-step: no final snapshot (a restart replays from the last)")
+        except Exception as exc:
+            log.error("learner: no final snapshot (%s); a restart replays from the last one", exc)
+        finally:
+            try:
+                self.emitter.producer.flush(5)
+            finally:
+                if self.consumer is not None:
+                    self.consumer.close()
+                    self.consumer = None
 
 
 def run_learner(
@@ -107,7 +419,6 @@ def run_learner(
         metrics_registry: a prometheus ``CollectorRegistry``; default a fresh one.
         ready: set once partitions are assigned and the model is loaded.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
     from prometheus_client import CollectorRegistry
 
     stop = stop or threading.Event()
@@ -115,87 +426,22 @@ def run_learner(
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
 
-    client = settings.redis()
-    registry = ModelRegistry(client, spec, key=registry_key(settings))
     metrics = LearnerMetrics(metrics_registry or CollectorRegistry()).init_series(spec)
+    health = DependencyHealth(metrics.registry, spec.name)
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("learner metrics on %s", server.url)
-
-    core = LearnerCore.start(spec, registry, client, metrics)
-    log.info(
-        "learner of %s: version %s, snapshot %s, %d labels learned, offsets %s",
-        spec.name,
-        core.version_id,
-        core.snapshot_id,
-        core.labels_learned,
-        core.offsets,
-    )
-    topic = spec.topics.labels
-    consumer = Consumer(
-        {
-            **settings.confluent_config(),
-            "group.id": learner_group(spec),
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-        }
-    )
-    emitter = StepEmitter(spec, settings)
-    produce = emitter.emit
-
-    def snapshot(force: bool = False) -> None:
-        if not (force or core.snapshot_due()):
-            return
-        # Deliver the training log first: once the offsets move on it is never re-produced.
-        emitter.flush(30)
-        sid = core.maybe_snapshot(force=force)
-        if sid is not None and core.offsets:
-            consumer.commit(
-                offsets=[TopicPartition(topic, p, o) for p, o in core.offsets.items()],
-                asynchronous=True,
-            )
-
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise KafkaException(
-                f"labels topic {topic!r} does not exist; `weir worker SPEC` and `weir produce SPEC` "
-                "create the pipeline's topics"
-            )
-        assignment = [
-            TopicPartition(topic, p, core.offsets.get(p, OFFSET_BEGINNING)) for p in sorted(meta.partitions)
-        ]
-        consumer.assign(assignment)
-        log.info("assigned %s", [(tp.partition, tp.offset) for tp in assignment])
-        if ready is not None:
-            ready.set()
-        last_sweep = 0.0
-        while not stop.is_set():
-            msgs = consumer.consume(num_messages=BATCH, timeout=0.2)
-            batch = []
-            for m in msgs:
-                if m.error() is not None:
-                    log.warning("labels topic error: %s", m.error())
-                    continue
-                batch.append(LabelMessage(m.value(), m.partition() or 0, m.offset() or 0, m.key()))
-            if batch:
-                produce(core.process(batch, snapshot=False))
-            now = time.time()
-            if now - last_sweep >= SWEEP_EVERY:
-                produce(core.sweep(now, snapshot=False))
-                core.write_status(now)
-                last_sweep = now
-            snapshot()
-        snapshot(force=True)
-        log.info("learner stopped: %d labels learned, snapshot %s", core.labels_learned, core.snapshot_id)
+        try:
+            core = start_core(spec, settings, metrics, health, stop)
+        except Exception as exc:
+            if stop.is_set() and is_transient(exc):
+                return 0
+            raise
+        try:
+            LearnerLoop(spec, settings, core, health=health, stop=stop).run(ready)
+        finally:
+            core.client.close()
         return 0
     finally:
-        try:
-            emitter.producer.flush(10)
-        finally:
-            consumer.close()
-            server.stop()
-            client.close()
+        server.stop()

@@ -3,7 +3,13 @@
 * :class:`LiveModel` (role ``all``): the scorer reads the very model object an embedded
   :class:`models.learner.LearnerCore` learns, in the same event loop, so there is one
   writer and every prediction uses everything learned so far. Predictions name the
-  model version (``v1``...).
+  model version (``v1``...). The embedded learner is :class:`streams.learner.LearnerLoop`,
+  the same crash-safe step as role ``learner`` (manual assignment at the snapshot's
+  offsets, flush before snapshot, retries through outages), run as a Faust app task: its
+  Kafka and Redis calls on a thread of its own, its learning on the event loop's thread
+  (River models are not thread-safe; the scorer only reads the model). If it fails for
+  good (not an outage: a bug), the task's exception crashes the app and the worker exits
+  non-zero, for its supervisor to restart it: it never stays alive without learning.
 * :class:`SnapshotFollower` (role ``scorer``): between batches, at most every
   ``poll_seconds``, one Redis GET asks for the learner's latest snapshot; a newer one is
   loaded (its sha256/HMAC checked first) and swapped in atomically for the next batch.
@@ -16,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from models.learner import LabelMessage, LearnerCore
+from models.learner import LearnerCore
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -31,20 +37,20 @@ class LiveModel:
     def __init__(self, core: Any, name: str, poll_seconds: float = 0.5) -> None:
         self.core: LearnerCore = core
         self.name = name
-        self.poll_seconds = poll_seconds
-        self._checked = 0.0
+        self.poll_seconds = poll_seconds  # kept for callers; the learner does the polling
+        self._version = str(core.version_id)
 
     def current(self) -> tuple[Any, str, str]:
         return self.core.model, self.name, str(self.core.version_id)
 
     def refresh(self) -> bool:
-        # A promotion or rollback moves the champion alias: follow it between batches,
-        # asking Redis at most every poll_seconds.
-        now = time.time()
-        if now - self._checked < self.poll_seconds:
+        # A promotion or rollback moves the champion alias; the embedded learner follows
+        # it (every second, off the event loop). Here no Redis call: True once it swapped.
+        version = str(self.core.version_id)
+        if version == self._version:
             return False
-        self._checked = now
-        return bool(self.core.follow_champion())
+        self._version = version
+        return True
 
     def age_seconds(self) -> float:
         return 0.0
@@ -135,32 +141,19 @@ def snapshot_wiring(spec: PipelineSpec, settings: Settings) -> tuple[SnapshotFol
 def live_wiring(spec: PipelineSpec, settings: Settings) -> tuple[LiveModel, Any, Any]:
     """Role ``all``: an embedded learner on the labels topic sharing the scorer's model."""
     from models.join import ServedStore
-    from streams.learner import StepEmitter
+    from streams.learner import LearnerLoop, start_core
+    from weir.resilience import DependencyHealth
 
-    core = LearnerCore.start(spec, _registry(spec, settings), settings.redis(), metrics=None)
+    core = start_core(spec, settings)
+    live = LiveModel(core, spec.model.name)
 
     def hook(app: Any) -> None:
-        import asyncio
+        # Metrics are attached (live.attach_metrics) before the hook runs.
+        registry = core.metrics.registry if core.metrics is not None else None
+        learner = LearnerLoop(spec, settings, core, health=DependencyHealth(registry, spec.name), linger_ms=5)
 
-        labels_topic = app.topic(spec.topics.labels, key_serializer="raw", value_serializer="raw")
-        emitter = StepEmitter(spec, settings, linger_ms=5)
+        @app.task
+        async def learn_labels() -> None:
+            await learner.run_async()
 
-        @app.agent(labels_topic, concurrency=1)
-        async def learn(stream: Any) -> None:
-            loop = asyncio.get_running_loop()
-            try:
-                async for batch in stream.take_events(1000, within=0.2):
-                    msgs = [
-                        LabelMessage(e.message.value, e.message.partition, e.message.offset, e.message.key)
-                        for e in batch
-                    ]
-                    emitter.emit(core.process(msgs))
-                    await loop.run_in_executor(None, emitter.flush, 30)
-            finally:
-                emitter.producer.flush(10)
-
-        @app.timer(1.0)
-        async def sweep() -> None:
-            emitter.emit(core.sweep())
-
-    return LiveModel(core, spec.model.name), ServedStore(spec), hook
+    return live, ServedStore(spec), hook
