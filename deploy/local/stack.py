@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +45,8 @@ LOGS = STATE / "logs"
 PIDS = STATE / "pids"
 
 KAFKA_VERSION = "3.9.2"  # keep in step with deploy/local/kafka/pom.xml
+# Shown on the first fetch so a newcomer can judge the wait; measured for 3.9.2.
+KAFKA_LIBS_ABOUT = "57 jars, 48 MB; Maven also downloads ~20 MB of its own plugins and POMs"
 KAFKA_PORT = 9092
 KAFKA_CONTROLLER_PORT = 9093
 REDIS_PORT = 6379
@@ -337,7 +340,73 @@ class Server:
             raise self.fail_start(f"not {what} after {timeout:.0f}s", pid)
 
 
+def pom_artifacts(pom: Path) -> list[str]:
+    """``group:artifact:version`` of each dependency listed in ``pom``, ``${properties}`` resolved."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    root = ET.parse(pom).getroot()
+    props = {el.tag.rpartition("}")[2]: el.text or "" for el in root.iterfind("m:properties/*", ns)}
+    out = []
+    for dep in root.iterfind("m:dependencies/m:dependency", ns):
+        gav = [dep.findtext(f"m:{k}", "", ns) for k in ("groupId", "artifactId", "version")]
+        gav[2] = re.sub(r"\$\{([^}]+)\}", lambda m: props.get(m[1], m[0]), gav[2])
+        out.append(":".join(gav))
+    return out
+
+
+# Maven's batch-mode transfer log: "[INFO] Downloaded from central: <url> (4.7 MB at 3.3 MB/s)".
+MAVEN_DOWNLOADED = re.compile(
+    r"Downloaded from (?P<repo>[^:\s]+): (?P<url>\S+) \((?P<size>[\d.]+) (?P<unit>B|kB|MB|GB) "
+)
+MAVEN_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}  # Maven prints decimal units
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class FetchProgress:
+    """What Maven has downloaded so far, counted from its ``Downloaded from`` lines.
+
+    Examples:
+        >>> p = FetchProgress()
+        >>> p.feed("[INFO] Downloaded from central: https://repo.example/maven2/"
+        ...        "org/apache/kafka/kafka_2.13/3.9.2/kafka_2.13-3.9.2.jar (4.7 MB at 3.3 MB/s)")
+        True
+        >>> p.line(12.3)
+        'kafka: 12s: Maven downloaded 1 files, 4.7 MB so far from repo.example (latest: kafka_2.13-3.9.2.jar)'
+    """
+
+    files: int = 0
+    nbytes: float = 0.0
+    latest: str = ""
+    source: str = ""
+
+    def feed(self, line: str) -> bool:
+        """Count ``line`` if it reports a finished download; True if it did."""
+        found = MAVEN_DOWNLOADED.search(ANSI_ESCAPE.sub("", line))
+        if not found:
+            return False
+        url = found["url"]
+        self.files += 1
+        self.nbytes += float(found["size"]) * MAVEN_UNITS[found["unit"]]
+        self.latest = url.rpartition("/")[2]
+        if not self.source:
+            self.source = url.split("/")[2] if "://" in url else found["repo"]
+        return True
+
+    def line(self, elapsed: float) -> str:
+        if not self.files:
+            return f"kafka: {elapsed:.0f}s: Maven is starting and resolving; nothing downloaded yet"
+        return (
+            f"kafka: {elapsed:.0f}s: Maven downloaded {self.files} files, "
+            f"{self.nbytes / 1e6:.1f} MB so far from {self.source} (latest: {self.latest})"
+        )
+
+
 class Kafka(Server):
+    #: Seconds between two progress lines while Maven fetches the jars.
+    fetch_progress_every = 5.0
+
     def __init__(self) -> None:
         self.dir = STATE / "kafka"
         self.props = self.dir / "server.properties"
@@ -382,32 +451,71 @@ class Kafka(Server):
         tmp = libs.with_name(f"libs.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        say(f"kafka: fetching Kafka {KAFKA_VERSION} jars with Maven into {libs} (once)")
+        pom = HERE / "kafka" / "pom.xml"
+        say(f"kafka: first run on this machine: fetching the Kafka {KAFKA_VERSION} jars with Maven")
+        say(f"  what:  {', '.join(pom_artifacts(pom))} and their runtime dependencies")
+        say(f"         (about {KAFKA_LIBS_ABOUT})")
+        say("  from:  Maven Central (or the mirror in ~/.m2/settings.xml), cached in ~/.m2/repository")
+        say(f"  into:  {libs} (once per machine, shared by every clone)")
+        say(f"  takes: a minute or more on a slow link; progress every {self.fetch_progress_every:g}s")
         t0 = time.monotonic()
         argv = [
             find_program("mvn") or "mvn",
-            "-q",
-            "-B",
+            "-B",  # batch mode: one "Downloaded from" line per file, no progress bars
+            "-Dstyle.color=never",
             "-f",
-            str(HERE / "kafka" / "pom.xml"),
+            str(pom),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={tmp}",
         ]
-        res = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+        progress = FetchProgress()
+        output: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for out_line in proc.stdout:
+                if not progress.feed(out_line) and not out_line.startswith("[INFO] Downloading"):
+                    output.append(out_line)
+                    del output[:-100]
+
+        reader = threading.Thread(target=read, name="mvn-output", daemon=True)
+        reader.start()
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=self.fetch_progress_every)
+                    break
+                except subprocess.TimeoutExpired:
+                    say(progress.line(time.monotonic() - t0))
+        finally:
+            if proc.poll() is None:  # interrupted: leave no Maven and no half folder behind
+                proc.kill()
+                proc.wait()
+                shutil.rmtree(tmp, ignore_errors=True)
+        reader.join(timeout=10)
         jar = tmp / f"kafka_2.13-{KAFKA_VERSION}.jar"
-        if res.returncode != 0 or not jar.exists():
+        if rc != 0 or not jar.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             raise StackFailure(
-                f"kafka: Maven could not fetch the broker jars (exit {res.returncode}); "
+                f"kafka: Maven could not fetch the broker jars (exit {rc}); "
                 "it needs Maven Central (or a mirror in ~/.m2/settings.xml).\n"
-                f"command: {' '.join(argv)}\n{(res.stdout + res.stderr)[-3000:]}"
+                f"command: {' '.join(argv)}\n{''.join(output)[-3000:]}"
             )
         (tmp / ".complete").write_text(f"kafka {KAFKA_VERSION}\n")
         if libs.exists():  # a half-written folder from an older, interrupted layout
             shutil.rmtree(libs)
         tmp.rename(libs)
-        say(f"kafka: {len(list(libs.glob('*.jar')))} jars fetched in {time.monotonic() - t0:.1f}s")
+        jars = list(libs.glob("*.jar"))
+        size = sum(j.stat().st_size for j in jars) / 1e6
+        say(
+            f"kafka: {len(jars)} jars ({size:.1f} MB) in {libs}, fetched in "
+            f"{time.monotonic() - t0:.1f}s (Maven downloaded {progress.files} files, "
+            f"{progress.nbytes / 1e6:.1f} MB)"
+        )
         return libs
 
     def cluster_id(self) -> str:
