@@ -18,6 +18,29 @@ the :class:`~models.shadow.ShadowGate` promotes it (alias ``champion``) or rejec
 after a promotion the :class:`~models.shadow.RollbackGuard` may point ``champion``
 back at the predecessor. The per-record logic is :class:`Monitor`, which needs no
 Kafka; :func:`run_monitor` is the loop around it. See ``docs/drift.md``.
+
+Durable state (a restart, even a kill -9, loses nothing):
+
+* The monitor checkpoints its state to the registry (``checkpoint:monitor``, pickled
+  and signed like a model): the drift statistics, the retrain policy, the challenger in
+  shadow with its gate, the rollback watch with its model, and the Kafka offsets the
+  state covers. It checkpoints right after every decision that moved the registry
+  (retrain, promotion, rejection, rollback), every ``checkpoint_seconds`` while records
+  arrive, and on a clean stop. Drift records are flushed to Kafka first; offsets are
+  committed to Kafka only after the checkpoint is written.
+* The training buffer (up to ``retrain.window_labels`` joined examples) is not copied
+  into the checkpoint: it holds the training-log positions of the buffered records and
+  a restart reads them back from the training-log topic.
+* On start the monitor seeks every partition to the checkpoint's offsets, so the
+  records after the checkpoint are replayed through the same state (at-least-once: a
+  drift record may be published twice). A retrain saved in the few milliseconds
+  between a registry write and its checkpoint is adopted from the ``challenger`` alias.
+
+Outages: every registry call, the checkpoint, and the drift records' flush are retried
+with :func:`weir.resilience.retry_sync` (bounded exponential backoff) while Redis or
+Kafka is down or paused: the monitor pauses consumption, reports
+``weir_dependency_up{dependency}`` 0 and counts ``weir_dependency_retries_total``,
+and goes on where it stopped when the server returns. It does not exit.
 """
 
 from __future__ import annotations
@@ -37,6 +60,8 @@ import orjson
 from models.drift import DriftRecord, DriftSuite, loss
 from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
 from models.shadow import RollbackGuard, ShadowGate, Verdict
+from weir.errors import StackError
+from weir.resilience import Backoff, DependencyHealth, retry_sync
 
 if TYPE_CHECKING:
     from weir.metrics import MonitorMetrics
@@ -46,6 +71,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("weir.monitor")
 
 Publish = Callable[[DriftRecord], None]
+#: A record's place in its topic: (partition, offset).
+Position = tuple[int, int]
+#: The registry checkpoint the monitor keeps its state in.
+CHECKPOINT = "monitor"
+#: Bumped when the checkpoint's layout changes; an older one is ignored.
+CHECKPOINT_FORMAT = 1
 
 
 def version_of(model_version: str | None) -> str | None:
@@ -100,6 +131,12 @@ class Monitor:
         self.policy = RetrainPolicy(spec.retrain, spec.name, started=clock())
         # Joined examples a challenger may be fitted on: at most window_labels are used.
         self.buffer: collections.deque[dict[str, Any]] = collections.deque(maxlen=spec.retrain.window_labels)
+        # Their training-log positions (None when fed without one): what a restart reads back.
+        self.positions: collections.deque[Position | None] = collections.deque(
+            maxlen=spec.retrain.window_labels
+        )
+        # Decisions that moved the registry; the loop checkpoints when this changes.
+        self.transitions = 0
         self.champion_id: str | None = registry.alias("champion")
         self.shadow: _Shadow | None = None
         self.guard: _Guard | None = None
@@ -126,13 +163,17 @@ class Monitor:
         self.predictions_seen += len(msgs)
         self._count(len(msgs))
 
-    def on_example(self, msg: dict[str, Any]) -> None:
-        """One training-log record: event_id, ts, features, label, prediction, model_version."""
+    def on_example(self, msg: dict[str, Any], pos: Position | None = None) -> None:
+        """One training-log record: event_id, ts, features, label, prediction, model_version.
+
+        ``pos`` is its (partition, offset) in the training-log topic, kept beside the
+        buffered record so that a restart can read the buffer back.
+        """
         from models.factory import learn, model_input, predict
 
         y: Any = msg.get("label")
         served = msg.get("prediction")
-        if y is None:
+        if not bufferable(msg):
             log.warning("skipping a training-log record without a label: %r", msg.get("event_id"))
             return
         task = self.spec.task
@@ -156,6 +197,7 @@ class Monitor:
             )
         self.policy.add_labels(1)
         self.buffer.append(msg)
+        self.positions.append(pos)
         mv = version_of(msg.get("model_version"))
         if mv == self.champion_id or self.champion_id is None:
             err = loss(task, y, served)
@@ -232,7 +274,12 @@ class Monitor:
         current = self.registry.alias("champion")
         if current == self.champion_id:
             return
+        if self.shadow is not None and current == self.shadow.version_id:
+            # Our own promotion, written before a crash and being replayed: the shadow
+            # gate settles it again and moves champion_id there.
+            return
         previous, self.champion_id = self.champion_id, current
+        self.transitions += 1
         log.info("champion changed outside the monitor: %s -> %s", previous, current)
         self.suite.rebase()
         if current is None or previous is None or self.guard is not None:
@@ -257,6 +304,7 @@ class Monitor:
         since = self.policy.drift_point if trigger == "performance" else None
         self.policy.fired(now)
         self.retrains += 1
+        self.transitions += 1
         frame = train_log_frame(list(self.buffer), features=self.spec.feature_names)
         try:
             # The champion's holdout score is that of its served predictions: the live
@@ -299,6 +347,7 @@ class Monitor:
     def _settle_shadow(self, verdict: Verdict) -> None:
         assert self.shadow is not None
         sh, self.shadow = self.shadow, None
+        self.transitions += 1
         now = self.clock()
         rec = verdict.record(
             self.spec.name,
@@ -360,6 +409,7 @@ class Monitor:
     def _settle_guard(self, verdict: Verdict) -> None:
         assert self.guard is not None
         g, self.guard = self.guard, None
+        self.transitions += 1
         now = self.clock()
         rec = verdict.record(
             self.spec.name,
@@ -378,6 +428,82 @@ class Monitor:
         self.rollbacks.append(g.champion_id)
         if self.metrics is not None:
             self.metrics.rollbacks.labels(self.spec.name).inc()
+
+    # -- durable state -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything a restart needs, picklable; the buffer as its training-log positions."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "champion_id": self.champion_id,
+            "suite": self.suite,
+            "policy": self.policy,
+            "shadow": self.shadow,
+            "guard": self.guard,
+            "served": list(self._served),
+            "was_drifted": dict(self._was_drifted),
+            "positions": list(self.positions),
+            "since_check": self.since_check,
+            "counts": {
+                "predictions_seen": self.predictions_seen,
+                "examples_seen": self.examples_seen,
+                "checks": self.checks,
+                "retrains": self.retrains,
+                "transitions": self.transitions,
+            },
+            "promotions": list(self.promotions),
+            "rollbacks": list(self.rollbacks),
+        }
+
+    def restore(self, state: dict[str, Any], records: dict[Position, dict[str, Any]]) -> int:
+        """Take up a :meth:`state`; ``records`` are the buffered examples read back by
+        position. Returns how many buffered examples could not be read back."""
+        self.champion_id = state["champion_id"]
+        self.suite = state["suite"]
+        self.policy = state["policy"]
+        self.shadow = state["shadow"]
+        self.guard = state["guard"]
+        self._served.clear()
+        self._served.extend(state["served"])
+        self._was_drifted = dict(state["was_drifted"])
+        self.since_check = int(state["since_check"])
+        for name, value in state["counts"].items():
+            setattr(self, name, int(value))
+        self.promotions = list(state["promotions"])
+        self.rollbacks = list(state["rollbacks"])
+        self.buffer.clear()
+        self.positions.clear()
+        missing = 0
+        for pos in state["positions"]:
+            rec = records.get(tuple(pos)) if pos is not None else None  # type: ignore[arg-type]
+            if rec is None:
+                missing += 1
+                continue
+            self.buffer.append(rec)
+            self.positions.append(pos)
+        self.last_check = self.clock()
+        return missing
+
+    def reconcile(self) -> None:
+        """Adopt a challenger the registry names but the restored state does not: a retrain
+        saved in the moment between its registry write and the next checkpoint."""
+        alias = self.registry.alias("challenger")
+        if alias is None or (self.shadow is not None and self.shadow.version_id == alias):
+            return
+        try:
+            model, version = self.registry.load(alias)
+        except Exception as exc:  # a pruned or refused blob: no shadow to resume
+            log.error("challenger %s named by the registry cannot be loaded: %s", alias, exc)
+            return
+        log.warning("adopting challenger %s, saved after the last checkpoint, into shadow", alias)
+        self.policy.fired(self.clock())
+        gate = ShadowGate(
+            self.spec.task,
+            labels_needed=self.spec.retrain.shadow_labels,
+            margin=self.spec.retrain.promote_margin,
+        )
+        self.shadow = _Shadow(alias, version.trigger, model, gate)
+        self.guard = None
+        self.transitions += 1
 
     # -- output ----------------------------------------------------------------------------
     def _decision(
@@ -424,6 +550,11 @@ class Monitor:
         self.publish(rec)
 
 
+def bufferable(msg: dict[str, Any]) -> bool:
+    """A training-log record the monitor uses (and buffers): it has a label."""
+    return msg.get("label") is not None
+
+
 def _float(v: Any) -> float | None:
     try:
         return None if v is None else float(v)
@@ -436,6 +567,106 @@ def _float(v: Any) -> float | None:
 # --------------------------------------------------------------------------------------
 
 
+class RetryingRegistry:
+    """The registry with every call retried while Redis is unreachable or paused.
+
+    The monitor's thread blocks inside the call (consumption pauses) and goes on with
+    the same call when Redis answers again; only ``stop`` ends the wait (the call then
+    raises and ``interrupted`` is set, so no half-made state is checkpointed).
+    """
+
+    def __init__(
+        self,
+        registry: Any,
+        health: DependencyHealth | None,
+        stop: threading.Event,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.registry = registry
+        self.health = health
+        self.stop = stop
+        self.backoff = backoff
+        self.interrupted = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.registry, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return retry_sync(
+                    lambda: attr(*args, **kwargs),
+                    what=f"registry.{name}",
+                    health=self.health,
+                    backoff=self.backoff,
+                    stop=self.stop,
+                )
+            except Exception:
+                if self.stop.is_set():
+                    self.interrupted = True
+                raise
+
+        return call
+
+
+Offsets = dict[str, dict[int, int]]
+
+
+def _read_back(
+    settings: Settings, spec: PipelineSpec, positions: list[Position], timeout: float = 60.0
+) -> dict[Position, dict[str, Any]]:
+    """The training-log records at ``positions`` (the checkpointed buffer), by position."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    topic = spec.topics.training_log
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for part, off in positions:
+        first[part] = min(off, first.get(part, off))
+        last[part] = max(off, last.get(part, off))
+    if not first:
+        return {}
+    wanted = set(positions)
+    consumer = Consumer(
+        {
+            **settings.confluent_config(),
+            "group.id": f"{spec.consumer_group}-monitor-readback",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+        }
+    )
+    out: dict[Position, dict[str, Any]] = {}
+    done: set[int] = set()
+    try:
+        consumer.assign([TopicPartition(topic, p, o) for p, o in first.items()])
+        deadline = time.monotonic() + timeout
+        while len(done) < len(first) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                err = msg.error()
+                p = msg.partition()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF and p is not None:
+                        done.add(p)  # records deleted by retention end here
+                    continue
+                o = msg.offset()
+                if p is None or o is None:
+                    continue
+                if (p, o) in wanted:
+                    try:
+                        obj = orjson.loads(msg.value() or b"null")
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict):
+                        out[(p, o)] = obj
+                if o >= last[p]:
+                    done.add(p)
+    finally:
+        consumer.close()
+    return out
+
+
 def run_monitor(
     spec: PipelineSpec,
     settings: Settings,
@@ -446,6 +677,8 @@ def run_monitor(
     metrics_port: int | None = None,
     check_every: int = 500,
     check_seconds: float = 5.0,
+    checkpoint_seconds: float = 2.0,
+    backoff: Backoff = Backoff(),
     on_ready: Callable[[Monitor], None] | None = None,
 ) -> Monitor:
     """Run the monitor until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
@@ -456,12 +689,16 @@ def run_monitor(
         metrics_port: port of ``/metrics``; default ``settings.metrics_port``.
         check_every: records between two checks.
         check_seconds: at most this long between checks while records arrive.
-        on_ready: called with the :class:`Monitor` once it is built (tests watch it).
+        checkpoint_seconds: at most this long between checkpoints while records arrive
+            (a decision that moved the registry checkpoints at once).
+        backoff: the retry backoff while Redis or Kafka is unreachable.
+        on_ready: called with the :class:`Monitor` once it is built and restored from
+            its checkpoint (tests watch it).
 
     Returns:
         The Monitor, after a clean stop (consumer closed, producer flushed).
     """
-    from confluent_kafka import Consumer, KafkaError, Producer
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
     from prometheus_client import CollectorRegistry
 
     from weir.metrics import MetricsServer, MonitorMetrics
@@ -476,11 +713,14 @@ def run_monitor(
 
         registry = ModelRegistry(settings.redis(), spec, key=registry_key(settings))
     metrics = MonitorMetrics(metrics_registry or CollectorRegistry()).init_series(spec)
+    health = DependencyHealth(metrics.registry, spec.name)
+    reg = RetryingRegistry(registry, health, stop, backoff)
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("monitor %s: /metrics on %s", spec.name, server.url)
 
-    producer = Producer({**settings.confluent_config(), "linger.ms": 20})
+    # message.timeout.ms 0: a drift record waits for Kafka's return instead of expiring.
+    producer = Producer({**settings.confluent_config(), "linger.ms": 20, "message.timeout.ms": 0})
     errors: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:
@@ -489,67 +729,164 @@ def run_monitor(
             log.error("drift record not delivered to %s: %s", msg.topic(), err)
 
     def publish(rec: DriftRecord) -> None:
-        producer.produce(
-            spec.topics.drift,
-            orjson.dumps(rec.to_dict()),
-            f"{rec.kind}:{rec.name}".encode(),
-            on_delivery=delivered,
-        )
+        while True:
+            try:
+                producer.produce(
+                    spec.topics.drift,
+                    orjson.dumps(rec.to_dict()),
+                    f"{rec.kind}:{rec.name}".encode(),
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:  # the local queue is full while Kafka is away: wait
+                health.failed("kafka")
+                producer.poll(0.5)
         producer.poll(0)
 
-    monitor = Monitor(spec, registry, publish, metrics, check_every=check_every)
+    def flush_producer() -> None:
+        left = producer.flush(5)
+        if left:
+            raise StackError(f"{left} drift records not yet delivered to {spec.topics.drift!r} (kafka)")
+
+    monitor = Monitor(spec, reg, publish, metrics, check_every=check_every)
+    offsets: Offsets = _restore(monitor, reg, settings, spec)
     if on_ready is not None:
         on_ready(monitor)
     t = spec.topics
+
+    def on_assign(consumer: Any, partitions: list[Any]) -> None:
+        # Resume where the checkpointed state ends, not at Kafka's committed offsets.
+        for tp in partitions:
+            off = offsets.get(tp.topic, {}).get(tp.partition)
+            if off is not None:
+                tp.offset = off
+        consumer.assign(partitions)
+
     consumer = Consumer(
         {
             **settings.confluent_config(),
             "group.id": f"{spec.consumer_group}-monitor",
+            # Static membership (one monitor per pipeline): a restarted monitor gets its
+            # partitions back at once instead of after the dead one's session timeout;
+            # a second monitor started by mistake fences the first out.
+            "group.instance.id": f"{spec.consumer_group}-monitor",
             "auto.offset.reset": "earliest",
-            "enable.auto.commit": True,
+            "enable.auto.commit": False,
             "enable.partition.eof": False,
         }
     )
-    consumer.subscribe([t.predictions, t.training_log, t.model_control])
-    handlers: dict[str, Callable[[dict[str, Any]], None]] = {
-        t.training_log: monitor.on_example,
-        t.model_control: monitor.on_control,
-    }
+    consumer.subscribe([t.predictions, t.training_log, t.model_control], on_assign=on_assign)
     predictions: list[dict[str, Any]] = []
+    pending: dict[tuple[str, int], int] = {}  # offsets of predictions not yet applied
+    applied = 0  # records applied since the last checkpoint
+    last_checkpoint = time.monotonic()
+    checkpointed_transitions = monitor.transitions
+
+    def mark(topic: str, partition: int, offset: int) -> None:
+        offsets.setdefault(topic, {})[partition] = offset + 1
 
     def flush_predictions() -> None:
         if predictions:
             monitor.on_predictions(predictions)
             predictions.clear()
+        for (topic, p), o in pending.items():
+            mark(topic, p, o)
+        pending.clear()
 
+    def checkpoint() -> None:
+        nonlocal applied, last_checkpoint, checkpointed_transitions
+        retry_sync(flush_producer, what="drift records flush", health=health, backoff=backoff, stop=stop)
+        covered = {topic: dict(parts) for topic, parts in offsets.items()}
+        info = {
+            "offsets": {topic: {str(p): o for p, o in parts.items()} for topic, parts in covered.items()},
+            "spec_hash": spec.spec_hash(),
+            "examples_seen": monitor.examples_seen,
+            "predictions_seen": monitor.predictions_seen,
+            "shadow": monitor.shadow.version_id if monitor.shadow else None,
+            "guard": monitor.guard.champion_id if monitor.guard else None,
+        }
+        reg.save_checkpoint(
+            CHECKPOINT, {"monitor": monitor.state(), "offsets": covered, "spec_hash": spec.spec_hash()}, info
+        )
+        applied = 0
+        last_checkpoint = time.monotonic()
+        checkpointed_transitions = monitor.transitions
+        # Kafka's committed offsets follow the checkpoint (they are not what a restart
+        # reads: the checkpoint is); a failed commit is retried at the next checkpoint.
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        tps = [TopicPartition(tp, p, o) for tp, parts in covered.items() for p, o in parts.items()]
+        tps = [tp for tp in tps if (tp.topic, tp.partition) in assigned]
+        if tps:
+            try:
+                consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("offset commit failed (kept in the checkpoint): %s", exc)
+
+    kafka_errors = 0
+    clean = False
     try:
         while not stop.is_set():
             batch = consumer.consume(500, timeout=0.2)
+            failed = False
             for msg in batch:
                 err = msg.error()
                 if err is not None:
+                    if err.fatal():  # e.g. fenced: another monitor took this one's place
+                        raise StackError(
+                            f"monitor {spec.name}: fatal Kafka error {err.str()}; is another "
+                            f"monitor running for this pipeline (group.instance.id "
+                            f"{spec.consumer_group}-monitor)? Run exactly one"
+                        )
                     if err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consume error: %s", err.str())
+                        failed = True
+                        kafka_errors += 1
+                        health.failed("kafka")
+                        if kafka_errors <= 3 or kafka_errors % 100 == 0:
+                            log.warning("consume error (%d so far): %s", kafka_errors, err.str())
                     continue
+                topic, part, off = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+                applied += 1
                 try:
                     obj = orjson.loads(msg.value() or b"null")
                 except orjson.JSONDecodeError:
-                    log.warning("skipping non-JSON message on %s @%s", msg.topic(), msg.offset())
-                    continue
+                    log.warning("skipping non-JSON message on %s @%s", topic, off)
+                    obj = None
                 if not isinstance(obj, dict):
+                    if topic == t.predictions:
+                        pending[(topic, part)] = off
+                    else:
+                        flush_predictions()
+                        mark(topic, part, off)
                     continue
-                if msg.topic() == t.predictions:
+                if topic == t.predictions:
                     predictions.append(obj)  # fed as one vectorised batch
+                    pending[(topic, part)] = off
                     continue
                 flush_predictions()  # keep the order across topics
-                handler = handlers.get(msg.topic() or "")
-                if handler is not None:
-                    handler(obj)
+                if topic == t.training_log:
+                    monitor.on_example(obj, (part, off))
+                elif topic == t.model_control:
+                    monitor.on_control(obj)
+                mark(topic, part, off)
+                if monitor.transitions != checkpointed_transitions:
+                    checkpoint()  # a decision moved the registry: make it durable now
             flush_predictions()
+            if batch and not failed:
+                health.ok("kafka")
             if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
                 monitor.check()
+            if monitor.transitions != checkpointed_transitions or (
+                applied and time.monotonic() - last_checkpoint >= checkpoint_seconds
+            ):
+                checkpoint()
             producer.poll(0)
+        clean = True
     finally:
+        try:
+            if clean and applied and not reg.interrupted:
+                checkpoint()
+        except Exception as exc:  # stopped during an outage: the last checkpoint stands
+            log.warning("no final checkpoint (%s); the restart resumes from the previous one", exc)
         consumer.close()
         producer.flush(10)
         server.stop()
@@ -561,6 +898,53 @@ def run_monitor(
             monitor.retrains,
         )
     return monitor
+
+
+def _restore(monitor: Monitor, registry: Any, settings: Settings, spec: PipelineSpec) -> Offsets:
+    """Take up the last checkpoint, if any: state, buffer (read back) and offsets."""
+    from weir.errors import ModelError
+
+    try:
+        found = registry.load_checkpoint(CHECKPOINT)
+    except ModelError as exc:  # refused (integrity): start afresh rather than trust it
+        log.error("ignoring the monitor checkpoint: %s", exc)
+        found = None
+    if found is None:
+        monitor.reconcile()
+        return {}
+    payload, meta = found
+    state = payload.get("monitor") or {}
+    if payload.get("spec_hash") != spec.spec_hash() or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning(
+            "ignoring the monitor checkpoint of %s: written for another spec or format; "
+            "starting afresh from the committed offsets",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(meta.get("created", 0)))),
+        )
+        monitor.reconcile()
+        return {}
+    positions = [tuple(p) for p in state["positions"] if p is not None]
+    records = _read_back(settings, spec, positions)  # type: ignore[arg-type]
+    missing = monitor.restore(state, records)
+    if missing:
+        log.warning(
+            "%d buffered training-log records could not be read back (deleted by the "
+            "topic's retention?); the buffer holds %d",
+            missing,
+            len(monitor.buffer),
+        )
+    monitor.reconcile()
+    offsets: Offsets = {
+        topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in payload["offsets"].items()
+    }
+    log.info(
+        "monitor %s restored from its checkpoint: %d examples seen, buffer %d, shadow %s, rollback watch %s",
+        spec.name,
+        monitor.examples_seen,
+        len(monitor.buffer),
+        monitor.shadow.version_id if monitor.shadow else None,
+        monitor.guard.champion_id if monitor.guard else None,
+    )
+    return offsets
 
 
 def request_retrain(spec: PipelineSpec, settings: Settings, reason: str) -> None:

@@ -229,3 +229,68 @@ def test_manual_request_is_obeyed() -> None:
     assert trained and trained[0].statistic == "trained"
     assert reg.get("v2").trigger == "manual" and reg.alias("challenger") == "v2"
     assert reg.get("v2").reason == "manual: new labels backfilled"
+
+
+def _feed(
+    spec: PipelineSpec, records: list[dict[str, Any]], reg: MemoryRegistry, cuts: tuple[int, ...] = ()
+) -> tuple[Monitor, list[DriftRecord], list[tuple[int, int]]]:
+    """Feed examples (position = (0, index)); at each cut, a new Monitor takes up the old
+    one's pickled :meth:`Monitor.state` and the buffer read back by position."""
+    out: list[DriftRecord] = []
+    ticks = itertools.count(0.0, 0.05)
+
+    def clock() -> float:
+        return next(ticks)
+
+    mon = Monitor(spec, reg, out.append, check_every=100, clock=clock)
+    moments: list[tuple[int, int]] = []  # (examples seen, transitions) at each transition
+    for i, r in enumerate(records):
+        if i in cuts:
+            state = pickle.loads(pickle.dumps(mon.state()))
+            mon = Monitor(spec, reg, out.append, check_every=100, clock=clock)
+            by_pos = {(0, j): records[j] for j in range(i)}
+            assert mon.restore(state, by_pos) == 0
+            mon.reconcile()
+        before = mon.transitions
+        mon.on_example(r, (0, i))
+        if mon.transitions != before:
+            moments.append((mon.examples_seen, mon.transitions))
+    return mon, out, moments
+
+
+def _decisions(out: list[DriftRecord]) -> list[tuple[Any, ...]]:
+    return [(r.kind, r.name, r.statistic, r.value, r.drifted) for r in out if r.kind != "feature"]
+
+
+def test_state_survives_a_restart_mid_shadow_and_mid_rollback_watch() -> None:
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 2000), (7, 2500)])
+    ref, ref_out, moments = _feed(spec, records, reg)
+    assert ref.promotions == ["v2"] and [r.statistic for r in ref_out if r.name == "rollback"] == ["keep"]
+    retrained_at, promoted_at = moments[0][0], moments[1][0]
+    assert promoted_at - retrained_at >= spec.retrain.shadow_labels
+
+    spec2, _, reg2 = _setup()
+    cuts = (retrained_at + 200, promoted_at + 200)  # mid-shadow, then mid-rollback watch
+    mon, out, _ = _feed(spec2, records, reg2, cuts)
+    assert _decisions(out) == _decisions(ref_out)  # same drift, verdicts and values
+    assert [r["event_id"] for r in mon.buffer] == [r["event_id"] for r in ref.buffer]
+    assert list(mon.positions) == list(ref.positions)
+    assert (mon.examples_seen, mon.retrains, mon.promotions) == (ref.examples_seen, 1, ["v2"])
+    assert reg2.alias("champion") == "v2" and reg2.get("v2").meta["shadow"] == reg.get("v2").meta["shadow"]
+
+
+def test_a_challenger_saved_after_the_checkpoint_is_adopted() -> None:
+    spec, champion, reg = _setup()
+    records = agrawal_examples(spec, champion, [(6, 600)])
+    mon = Monitor(spec, reg, lambda r: None, check_every=10_000)
+    for i, r in enumerate(records):
+        mon.on_example(r, (0, i))
+    state = pickle.loads(pickle.dumps(mon.state()))  # the checkpoint, before the retrain
+    mon.on_control({"command": "retrain", "reason": "r"})
+    assert reg.alias("challenger") == "v2"
+    restarted = Monitor(spec, reg, lambda r: None, check_every=10_000)
+    restarted.restore(state, {(0, i): r for i, r in enumerate(records)})
+    restarted.reconcile()
+    assert restarted.shadow is not None and restarted.shadow.version_id == "v2"
+    assert restarted.shadow.trigger == "manual" and restarted.policy.pending == {}

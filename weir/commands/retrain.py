@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--metrics-port", type=int, default=None, help="port of /metrics (default WEIR_METRICS_PORT)"
     )
     m.add_argument("--check-every", type=int, default=500, help="records between two drift checks (500)")
+    m.add_argument(
+        "--check-seconds",
+        type=float,
+        default=5.0,
+        help="at most this long between two drift checks while records arrive (5)",
+    )
     m.set_defaults(func=run_monitor)
 
 
@@ -51,5 +57,11 @@ def run_monitor(args: argparse.Namespace) -> int:
     if args.check_every < 1:
         raise SystemExit(f"weir monitor: --check-every must be >= 1, got {args.check_every}")
     spec = load_spec(args.spec)
-    run(spec, get_settings(), metrics_port=args.metrics_port, check_every=args.check_every)
+    run(
+        spec,
+        get_settings(),
+        metrics_port=args.metrics_port,
+        check_every=args.check_every,
+        check_seconds=args.check_seconds,
+    )
     return 0
