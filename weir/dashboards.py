@@ -2,7 +2,8 @@
 
 The dashboards in ``dashboards/*.json`` and the rules in
 ``deploy/prometheus/rules/*.yml`` may only name metrics that
-:mod:`weir.metrics` exports (or Prometheus built-ins, or recording rules):
+:mod:`weir.metrics` (or :mod:`weir.resilience`) exports, Prometheus built-ins, or
+recording rules:
 :func:`lint` checks that and the dashboards' structure, and ``weir dashboards
 lint`` runs it. :func:`publish` upserts the dashboards through Grafana's HTTP
 API (``weir dashboards publish``).
@@ -181,7 +182,8 @@ def variable_query_expr(query: str) -> str | None:
 
 
 def catalogue_metric_names() -> set[str]:
-    """Every sample name the three metric classes of :mod:`weir.metrics` export.
+    """Every sample name the three metric classes of :mod:`weir.metrics` export, and the
+    dependency health (:class:`weir.resilience.DependencyHealth`) every process adds.
 
     Built on fresh registries; names come from each family's type, because a
     labelled metric has no samples until a child exists.
@@ -189,6 +191,7 @@ def catalogue_metric_names() -> set[str]:
     from prometheus_client import CollectorRegistry
 
     from weir.metrics import LearnerMetrics, MonitorMetrics, WorkerMetrics
+    from weir.resilience import DependencyHealth
 
     suffixes = {
         "counter": ("_total", "_created"),
@@ -201,9 +204,9 @@ def catalogue_metric_names() -> set[str]:
         "unknown": ("",),
     }
     names: set[str] = set()
-    for cls in (WorkerMetrics, LearnerMetrics, MonitorMetrics):
+    for build in (WorkerMetrics, LearnerMetrics, MonitorMetrics, lambda r: DependencyHealth(r, "p")):
         registry = CollectorRegistry()
-        cls(registry)
+        build(registry)
         for family in registry.collect():
             names.update(family.name + s for s in suffixes[family.type])
     return names

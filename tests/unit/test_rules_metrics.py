@@ -42,6 +42,7 @@ from weir.metrics import (
     MonitorMetrics,
     WorkerMetrics,
 )
+from weir.resilience import DependencyHealth
 from weir.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +66,11 @@ def test_catalogue_names_match_what_a_populated_registry_exports() -> None:
             if labelnames:
                 attr.labels(*["x"] * len(labelnames))
         exported |= {s.name for fam in registry.collect() for s in fam.samples}
+    health = CollectorRegistry()
+    DependencyHealth(health, "p")  # every process reports its servers' health too
+    exported |= {s.name for fam in health.collect() for s in fam.samples}
     assert exported <= catalogue_metric_names()
+    assert {"weir_dependency_up", "weir_dependency_retries_total"} <= exported
     assert {
         "weir_events_total",
         "weir_event_to_prediction_seconds_bucket",
@@ -102,6 +107,7 @@ def test_every_alert_named_in_the_brief_exists() -> None:
         "WeirTargetDown",
         "WeirSnapshotTooOld",
         "WeirRetrainFailed",
+        "WeirDependencyDown",
     ):
         rule = alerts[name]
         assert rule["labels"]["severity"] in ("warning", "critical")
