@@ -74,12 +74,8 @@ def check_redis(settings: Settings, timeout: float = 5.0) -> None:
 
     url = redact_url(settings.redis_url)
     try:
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            **settings.redis_kwargs(),
-        )
+        kwargs = {**settings.redis_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        client = redis.Redis.from_url(settings.redis_url, **kwargs)
     except ValueError as exc:
         raise StackError(f"WEIR_REDIS_URL {url!r} is not a valid Redis URL ({exc})") from None
     try:
