@@ -28,7 +28,7 @@ import pytest
 
 from streams.admin import delete_keys
 from streams.contracts import decode_dead_letter
-from streams.produce import produce
+from streams.produce import FieldMismatch, produce
 from tests.integration.processes import REPO, Worker
 from weir.settings import Settings
 from weir.spec import PipelineSpec, parse_spec
@@ -191,3 +191,17 @@ def test_source_is_scored_and_learned_with_no_dead_letter(
     finally:
         code = worker.stop()
     assert code in (0, -signal.SIGTERM), f"worker exited with {code}:\n{worker.tail()}"
+
+
+def test_a_mismatched_spec_fails_and_sends_nothing(
+    settings: Settings, make_topics: Any, consume_all: Any
+) -> None:
+    """The issue's run: a spec whose field names SEA does not have. Before the fix every
+    event went out with null fields; now produce refuses and the events topic stays empty."""
+    import yaml
+
+    user = yaml.safe_load(_SEA.replace('"0"', "a").replace('"1"', "b").replace('"2"', "c"))
+    spec = make_topics.for_spec(parse_spec(user, "mismatch"))
+    with pytest.raises(FieldMismatch, match=r"requires field\(s\) 'a', 'b', 'c'.*fields are '0', '1', '2'"):
+        produce(spec, settings, "river:synth.SEA?seed=11", limit=N_EVENTS, progress=False)
+    assert consume_all(spec.topics.events, 1, timeout=3, allow_fewer=True) == []
