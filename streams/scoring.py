@@ -2,21 +2,40 @@
 
 The Faust agent in :mod:`streams.worker` is a thin loop around :meth:`Scorer.process`;
 tests and benchmarks drive the same code directly.
+
+Failures of a batch fall in two kinds (:func:`is_transient_failure`):
+
+* *Transient*: a server is down, hung or refusing for a while (a Redis timeout, a refused
+  connection, an ``OOM``/``READONLY``/``NOPERM`` reply, an undelivered Kafka batch). The step
+  that failed is retried on the same batch with bounded exponential backoff
+  (:func:`weir.resilience.retry_async`) until it succeeds; the batch is never skipped.
+  Re-running the feature step is safe whether or not Redis applied it: the feature script
+  answers an event it already stored from its stored features (``d|``), checked before
+  lateness, and a pipeline is applied in order, so a rerun serves what the first run served.
+* *Poison*: anything else, raised by one message (a model that raises on one input, a bug
+  one message triggers). :func:`isolate` splits the batch in halves until it has the
+  messages that raise alone; those become ``model_error`` dead letters carrying the
+  exception text and the rest are scored. Scoring is pure, so every exception it raises
+  is poison, whatever its type.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from features.base import FeatureResult, to_model_input
 from streams.contracts import parse_event
 from weir.errors import InvalidMessage
-from weir.metrics import WorkerMetrics
+from weir.metrics import WorkerMetrics, version_label
+from weir.resilience import Backoff, DependencyHealth, is_transient, retry_async
 from weir.spec import PipelineSpec
 from weir.types import DeadLetter, Event, Prediction
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -77,6 +96,108 @@ class StaticModel:
         return 0.0
 
 
+# Redis replies that say the server cannot take the command now (out of memory, a read-only
+# replica, a revoked permission, a failed RDB save): the operator's fix cures them for every
+# message alike, so they are retried like an outage, never dead-lettered message by message.
+_REDIS_STATE_ERRORS: tuple[type[BaseException], ...] = ()
+try:
+    from redis import exceptions as _rexc
+
+    _REDIS_STATE_ERRORS = (_rexc.OutOfMemoryError, _rexc.ReadOnlyError, _rexc.NoPermissionError)
+except ImportError:  # pragma: no cover - redis is a dependency
+    pass
+_REDIS_STATE_PREFIXES = ("OOM ", "READONLY ", "NOPERM ", "MISCONF ", "CLUSTERDOWN ", "BUSY ")
+
+
+def is_transient_failure(exc: BaseException) -> bool:
+    """True if ``exc`` (or an exception it was raised from) is a server's, not a message's fault.
+
+    :func:`weir.resilience.is_transient` on the exception and its ``__cause__`` chain (the
+    feature engine wraps Redis errors in ``FeatureError``), plus the Redis replies that report
+    the server's state (``OOM``, ``READONLY``, ``NOPERM``, ``MISCONF``, ``BUSY``...).
+
+    Examples:
+        >>> from weir.errors import FeatureError
+        >>> is_transient_failure(FeatureError("bad value"))
+        False
+        >>> try:
+        ...     raise FeatureError("Redis failed") from TimeoutError("timed out")
+        ... except FeatureError as exc:
+        ...     is_transient_failure(exc)
+        True
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if is_transient(e) or isinstance(e, _REDIS_STATE_ERRORS):
+            return True
+        if type(e).__module__.startswith("redis") and str(e).startswith(_REDIS_STATE_PREFIXES):
+            return True
+        e = e.__cause__
+    return False
+
+
+async def isolate(
+    items: Sequence[T],
+    run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+    *,
+    transient: Callable[[BaseException], bool] = is_transient_failure,
+) -> tuple[list[tuple[T, R]], list[tuple[T, Exception]]]:
+    """Run ``run(items)``; if it raises, bisect to find the items that raise on their own.
+
+    ``run`` returns one result per item, in order. A transient failure is not the items'
+    fault: it propagates (the caller retries the whole batch). Otherwise the batch is split
+    in halves, each run again (left first, so order-dependent effects keep their order),
+    down to single items; an item that still raises alone is poison.
+
+    Returns:
+        ``(ok, poison)``: ``(item, result)`` pairs in input order, and ``(item, exception)``.
+
+    Examples:
+        >>> import asyncio
+        >>> async def halve(xs):
+        ...     return [10 // x for x in xs]  # 0 is poison
+        >>> ok, bad = asyncio.run(isolate([1, 0, 5, 2], halve))
+        >>> ok, [(x, type(e).__name__) for x, e in bad]
+        ([(1, 10), (5, 2), (2, 5)], [(0, 'ZeroDivisionError')])
+    """
+    if not items:
+        return [], []
+    try:
+        results = await run(items)
+    except Exception as exc:
+        if transient(exc):
+            raise
+        if len(items) == 1:
+            return [], [(items[0], exc)]
+        mid = len(items) // 2
+        ok_left, bad_left = await isolate(items[:mid], run, transient=transient)
+        ok_right, bad_right = await isolate(items[mid:], run, transient=transient)
+        return ok_left + ok_right, bad_left + bad_right
+    if len(results) != len(items):
+        raise ValueError(f"isolate: run() returned {len(results)} results for {len(items)} items")
+    return list(zip(items, results, strict=True)), []
+
+
+def model_error(msg: RawMessage, exc: BaseException, now: float) -> DeadLetter:
+    """The dead letter of a message that made scoring raise on its own (poison)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > 2000:
+        text = text[:2000] + "..."
+    return DeadLetter(
+        "model_error",
+        f"scoring this event raised {text}; the rest of its batch was scored. Fix the model "
+        "or the event and replay it from the dead-letter topic",
+        msg.topic,
+        msg.partition,
+        msg.offset,
+        msg.value,
+        msg.key,
+        now,
+    )
+
+
 def validate_batch(
     spec: PipelineSpec, msgs: Sequence[RawMessage], now: float
 ) -> tuple[list[tuple[Event, RawMessage]], list[DeadLetter]]:
@@ -132,6 +253,8 @@ class Scorer:
         models: Where the model comes from (live, snapshots, or static).
         metrics: This process's metrics, or None.
         served: The served-record store the learner joins labels against, or None.
+        health: ``weir_dependency_up`` of this process, set while Redis calls are retried.
+        backoff: Delays between retries of a Redis call that failed transiently.
     """
 
     def __init__(
@@ -141,28 +264,55 @@ class Scorer:
         models: ModelSource,
         metrics: WorkerMetrics | None = None,
         served: Any | None = None,
+        *,
+        health: DependencyHealth | None = None,
+        backoff: Backoff = Backoff(),
     ) -> None:
         self.spec = spec
         self.features = features
         self.models = models
         self.metrics = metrics
         self.served = served
+        self.health = health
+        self.backoff = backoff
 
-    async def process(self, msgs: Sequence[RawMessage], redis: Any) -> BatchOutput:
-        """Validate, compute features (one Redis round trip) and score; see :meth:`record_served`."""
-        now = time.time()
-        good, dead = validate_batch(self.spec, msgs, now)
-        out = BatchOutput(dead_letters=dead)
-        if good:
+    async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retry_async(
+            op, what=what, health=self.health, backoff=self.backoff, transient=is_transient_failure
+        )
+
+    async def compute_features(
+        self, redis: Any, good: Sequence[tuple[Event, RawMessage]], now: float
+    ) -> tuple[list[tuple[tuple[Event, RawMessage], FeatureResult]], list[DeadLetter]]:
+        """The features of validated events: retried through outages, poison isolated."""
+
+        async def run(pairs: Sequence[tuple[Event, RawMessage]]) -> list[FeatureResult]:
             t0 = time.perf_counter()
-            results: list[FeatureResult] = await self.features.acompute_batch(redis, [e for e, _ in good])
+            results: list[FeatureResult] = await self.features.acompute_batch(redis, [e for e, _ in pairs])
             if self.metrics is not None:
                 self.metrics.redis_seconds.labels(self.spec.name, "features").observe(
                     time.perf_counter() - t0
                 )
+            return results
+
+        ok, poison = await self._retry(lambda: isolate(good, run), f"features of {len(good)} event(s)")
+        return ok, [model_error(msg, exc, now) for (_, msg), exc in poison]
+
+    async def process(self, msgs: Sequence[RawMessage], redis: Any) -> BatchOutput:
+        """Validate, compute features (one Redis round trip) and score; see :meth:`record_served`.
+
+        Transient Redis failures are retried until they pass; an event whose features or
+        score raise on their own is dead-lettered (``model_error``) and the rest scored.
+        """
+        now = time.time()
+        good, dead = validate_batch(self.spec, msgs, now)
+        out = BatchOutput(dead_letters=dead)
+        if good:
+            computed, poison = await self.compute_features(redis, good, now)
+            out.dead_letters.extend(poison)
             model, name, version = self.models.current()
-            to_score: list[tuple[Event, FeatureResult]] = []
-            for (event, msg), res in zip(good, results, strict=True):
+            to_score: list[tuple[Event, FeatureResult, RawMessage]] = []
+            for (event, msg), res in computed:
                 if res.status == "late":
                     if self.spec.late_events == "dead_letter":
                         out.dead_letters.append(
@@ -183,10 +333,19 @@ class Scorer:
                     continue
                 if res.status == "duplicate":
                     out.duplicates += 1
-                to_score.append((event, res))
+                to_score.append((event, res, msg))
                 if out.max_ts is None or event.ts > out.max_ts:
                     out.max_ts = event.ts
-            out.predictions = score_events(self.spec, to_score, model, name, version, time.time())
+            scored_at = time.time()
+
+            async def score(items: Sequence[tuple[Event, FeatureResult, RawMessage]]) -> list[Prediction]:
+                pairs = [(e, r) for e, r, _ in items]
+                return score_events(self.spec, pairs, model, name, version, scored_at)
+
+            # Pure: whatever it raises is the events' fault, never a server's.
+            scored, bad = await isolate(to_score, score, transient=lambda exc: False)
+            out.predictions = [p for _, p in scored]
+            out.dead_letters.extend(model_error(msg, exc, now) for (_, _, msg), exc in bad)
         return out
 
     async def record_served(self, out: BatchOutput, redis: Any) -> None:
@@ -195,14 +354,21 @@ class Scorer:
         The worker runs this concurrently with the Kafka flush of the same batch: both
         finish before the batch's offsets can be committed.
         """
-        if self.served is None or not out.predictions:
+        served = self.served
+        if served is None or not out.predictions:
             return
-        t1 = time.perf_counter()
-        pipe = redis.pipeline(transaction=False)
-        self.served.add_to_pipeline(pipe, out.predictions)
-        await pipe.execute()
-        if self.metrics is not None:
-            self.metrics.redis_seconds.labels(self.spec.name, "served").observe(time.perf_counter() - t1)
+
+        async def run() -> None:
+            # SET NX and ZADD NX: a retry after a partial or unknown outcome changes nothing
+            # that the first attempt stored.
+            t1 = time.perf_counter()
+            pipe = redis.pipeline(transaction=False)
+            served.add_to_pipeline(pipe, out.predictions)
+            await pipe.execute()
+            if self.metrics is not None:
+                self.metrics.redis_seconds.labels(self.spec.name, "served").observe(time.perf_counter() - t1)
+
+        await self._retry(run, f"served records of {len(out.predictions)} prediction(s)")
 
     def observe(self, msgs: Sequence[RawMessage], out: BatchOutput, seconds: float) -> None:
         """Record a processed batch in the metrics."""
@@ -223,7 +389,9 @@ class Scorer:
                 m.late_events.labels(p, "dead_letter").inc()
         if out.predictions:
             pred = out.predictions[0]
-            m.predictions.labels(p, pred.model, pred.model_version).inc(len(out.predictions))
+            # By model version (v1), not snapshot (v1.42): a label value per snapshot would
+            # grow the series without bound; weir_model_version_info names the snapshot.
+            m.predictions.labels(p, pred.model, version_label(pred.model_version)).inc(len(out.predictions))
         if out.max_ts is not None:
             m.feature_freshness.labels(p).set(out.max_ts)
         now = time.time()

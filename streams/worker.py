@@ -8,25 +8,61 @@ Roles:
   batches); run as many as the events topic has partitions, in one consumer group.
 * ``learner``: joins labels and learns (see :mod:`streams.learner`); run exactly one.
 
-Delivery is at-least-once: predictions and dead letters are flushed to Kafka before
-a batch's offsets can be committed, and features are idempotent by ``event_id``, so a
-redelivered event is scored again from the features first served for it. Consumers
-of the predictions topic de-duplicate by ``event_id``.
+Delivery is at-least-once: a batch's offsets can only advance after its predictions and
+dead letters are delivered to Kafka and its served records are stored in Redis, and
+features are idempotent by ``event_id``, so a redelivered event is scored again from the
+features first served for it. Consumers of the predictions topic de-duplicate by
+``event_id``.
+
+Faults (issue #11), what the score agent does:
+
+* **A server fails for a while** (Redis down, hung or refusing; Kafka not taking the
+  batch's records): the failed step is retried on the same batch with bounded exponential
+  backoff (0.1 s doubling to 2 s), for as long as it takes. Consumption pauses meanwhile
+  (the agent holds the batch; Faust stops fetching when its buffer is full) and resumes
+  within about 2 s of the server's return. ``weir_dependency_up{dependency}`` is 0 and
+  ``weir_dependency_retries_total`` counts while it lasts. The process does not exit.
+* **One message is poison** (the model raises on it, a bug it triggers): the batch is
+  bisected, that message is dead-lettered with reason ``model_error`` and the exception
+  text, and the rest of the batch is scored (:func:`streams.scoring.isolate`).
+* **Anything else escapes the batch** (a record Kafka refuses for good, such as one over
+  the topic's ``max.message.bytes``; a bug outside the per-message code): faust 0.15.3
+  would restart the agent (its ``OneForOneSupervisor``), and a restarted ``take_events``
+  agent was seen to stay idle while the process looked alive; and ``take_events`` acks
+  the batch in its ``finally`` even when the batch raised. So the worker first marks the
+  batch's messages so that they are never acked, logs the error and exits at once with
+  status 70 (``EXIT_CRASHED``; ``os._exit``, like a kill -9: nothing more is committed).
+  A supervisor (systemd ``Restart=on-failure``, Kubernetes) restarts it, and the
+  uncommitted batches are redelivered. Every agent of the app (role ``all``'s too) exits
+  the process this way if it raises.
+* **Fast restart**: the worker joins its consumer group as a static member
+  (``group.instance.id``, :func:`claim_instance_id`): a restarted process rejoins under
+  the same id and gets its partitions back without waiting for a session timeout. The
+  session timeout (``WEIR_KAFKA_SESSION_TIMEOUT``, 30 s) only bounds how long the
+  partitions of a worker that does not come back (or was scaled down: a static member
+  does not leave its group on shutdown) wait before the others take them over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import re
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
-from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
-from weir.errors import StackError
+from streams.contracts import encode_dead_letter, encode_prediction
+from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer, is_transient_failure
+from weir.errors import StackError, WeirError
 from weir.metrics import MetricsServer, WorkerMetrics
+from weir.resilience import Backoff, DependencyHealth, dependency_of, retry_async
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -34,41 +70,187 @@ log = logging.getLogger("weir.worker")
 
 Role = Literal["all", "scorer"]
 
+#: Exit status of a worker whose agent failed in a way it cannot ride out (EX_SOFTWARE).
+EXIT_CRASHED = 70
+
+#: What to do when an agent fails for good: ``(what, exception)``; the default exits.
+OnFatal = Callable[[str, BaseException], None]
+
+
+class OutputRejected(WeirError):
+    """Kafka refused a prediction or dead letter for good (retrying cannot help)."""
+
+
+def exit_process(what: str, exc: BaseException) -> None:
+    """Log ``exc`` and end the process at once with :data:`EXIT_CRASHED` (see the module doc)."""
+    log.critical(
+        "%s failed: %s: %s. Exiting with status %d now, without committing, so that a "
+        "supervisor restarts the worker; uncommitted batches will be redelivered.",
+        what,
+        type(exc).__name__,
+        exc,
+        EXIT_CRASHED,
+        exc_info=exc,
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CRASHED)
+
+
+# -- static membership --------------------------------------------------------------------
+
+_held_slots: list[int] = []  # lock file descriptors, held for the life of the process
+
+
+def claim_instance_id(settings: Settings, spec: PipelineSpec, role: str, lock_dir: Path | None = None) -> str:
+    """A Kafka ``group.instance.id`` for this process: stable across restarts, unique in the group.
+
+    ``WEIR_INSTANCE_ID`` if set. Otherwise ``<host>.<consumer group>.<role>.<n>`` where ``n``
+    is the lowest slot whose lock file (``flock``, in a per-user directory under the system
+    temp dir, shared by every process of the host) no live process holds. The kernel drops
+    the lock when the process dies, kill -9 included, so the restarted process of a slot
+    claims the same ``n``, while several processes of one pipeline and role on one host
+    (``--role scorer`` scaled out) get different ones.
+    """
+    if settings.instance_id:
+        return settings.instance_id
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", f"{socket.gethostname()}.{spec.consumer_group}.{role}")[:200]
+    where = lock_dir or Path(tempfile.gettempdir()) / f"weir-instance-slots-{os.getuid()}"
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for n in range(4096):
+        fd = os.open(where / f"{base}.{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held_slots.append(fd)
+        return f"{base}.{n}"
+    raise StackError(f"no free instance slot for {base!r} in {where}; set WEIR_INSTANCE_ID")
+
+
+def release_instance_ids() -> None:
+    """Give back the slots this process claimed (tests; a real worker holds them until exit)."""
+    while _held_slots:
+        os.close(_held_slots.pop())
+
+
+# -- Kafka output -------------------------------------------------------------------------
+
+
+def _refused_for_good(err: Any) -> bool:
+    """A produce error retrying cannot cure: the record or the topic is wrong, or the
+    producer is unusable (a fatal error of the idempotent producer)."""
+    from confluent_kafka import KafkaError
+
+    permanent = {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError._INVALID_ARG,
+    }
+    return bool(err.fatal()) or err.code() in permanent
+
 
 class KafkaOutput:
-    """Produces predictions and dead letters with confluent-kafka; ``flush`` awaits delivery."""
+    """Produces predictions and dead letters with confluent-kafka.
 
-    def __init__(self, spec: PipelineSpec, settings: Settings) -> None:
+    :meth:`emit` queues a batch's records; :meth:`flush` is one delivery attempt that
+    raises a transient :class:`StackError` until every queued record is acknowledged (those
+    that failed are produced again on the next attempt); :meth:`deliver` retries it.
+    """
+
+    def __init__(self, spec: PipelineSpec, settings: Settings, flush_timeout: float = 5.0) -> None:
         from confluent_kafka import Producer
 
         conf = settings.confluent_config()
         conf.update({"linger.ms": 5, "enable.idempotence": True, "compression.type": "lz4"})
-        self.producer = Producer(conf)
+        self.producer: Any = Producer(conf)
         self.spec = spec
-        self.errors: list[str] = []
+        self.flush_timeout = flush_timeout
+        #: Records to produce on the next attempt: ``(topic, value, key)``.
+        self.pending: list[tuple[str, bytes, bytes | None]] = []
+        #: Delivery failures reported since the last attempt: ``(topic, value, key, error)``.
+        self.failed: list[tuple[str, bytes, bytes | None, Any]] = []
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
-            self.errors.append(f"{msg.topic()}: {err}")
+            self.failed.append((msg.topic(), msg.value(), msg.key(), err))
 
     def emit(self, out: BatchOutput) -> None:
+        """Queue the batch's predictions and dead letters for the next :meth:`flush`."""
         t = self.spec.topics
-        produce = self.producer.produce
-        for p in out.predictions:
-            produce(t.predictions, encode_prediction(p), p.entity_id.encode(), on_delivery=self._on_delivery)
-        for d in out.dead_letters:
-            produce(t.dead_letters, encode_dead_letter(d), dead_letter_key(d), on_delivery=self._on_delivery)
-        self.producer.poll(0)
+        self.pending.extend(
+            (t.predictions, encode_prediction(p), p.entity_id.encode()) for p in out.predictions
+        )
+        self.pending.extend((t.dead_letters, encode_dead_letter(d), d.key) for d in out.dead_letters)
 
-    async def flush(self, timeout: float = 30.0) -> None:
+    def _refused(self, topic: str, err: Any) -> OutputRejected:
+        return OutputRejected(
+            f"Kafka refused a record for topic {topic!r} for good: {err}; check the topic "
+            "(max.message.bytes, ACLs) and the broker, then restart the worker"
+        )
+
+    async def flush(self) -> None:
+        """Produce what is pending and wait for every acknowledgement (one attempt)."""
+        from confluent_kafka import KafkaException
+
+        todo, self.pending = self.pending, []
+        for i, (topic, value, key) in enumerate(todo):
+            try:
+                self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
+            except BufferError:  # the local queue is full: flush, then produce the rest
+                self.pending.extend(todo[i:])
+                break
+            except KafkaException as exc:
+                if _refused_for_good(exc.args[0]):
+                    # Not chained: the KafkaException would make it look transient.
+                    raise self._refused(topic, exc.args[0]) from None
+                self.pending.append((topic, value, key))
         loop = asyncio.get_running_loop()
-        left = await loop.run_in_executor(None, self.producer.flush, timeout)
-        if left or self.errors:
-            errs, self.errors = self.errors[:5], []
+        left = await loop.run_in_executor(None, self.producer.flush, self.flush_timeout)
+        failed, self.failed = self.failed, []
+        for topic, value, key, err in failed:
+            if _refused_for_good(err):
+                raise self._refused(topic, err)
+            self.pending.append((topic, value, key))
+        if left or self.pending:
+            errs = sorted({str(err) for *_, err in failed})[:3]
             raise StackError(
-                f"could not deliver {left} message(s) to Kafka at {self.spec.topics.predictions!r} "
-                f"within {timeout}s (errors: {errs}); the batch will be redelivered after restart"
+                f"Kafka did not acknowledge {left + len(self.pending)} record(s) for "
+                f"{self.spec.topics.predictions!r}/{self.spec.topics.dead_letters!r} within "
+                f"{self.flush_timeout:g}s (errors: {errs}); retrying, the batch's offsets wait"
             )
+
+    async def deliver(self, out: BatchOutput, health: DependencyHealth | None, backoff: Backoff) -> None:
+        """Emit the batch's records and retry :meth:`flush` until all are acknowledged."""
+        self.emit(out)
+        n = len(out.predictions) + len(out.dead_letters)
+        await retry_async(
+            self.flush,
+            what=f"delivery of {n} record(s) to Kafka",
+            health=health,
+            backoff=backoff,
+            transient=is_transient_failure,
+        )
+
+
+# -- the Faust app ------------------------------------------------------------------------
+
+
+def _hold(batch: Any) -> None:
+    """Make sure the batch's messages are never acked by this process.
+
+    faust's ``take_events`` acks the events of a batch in its ``finally``, even when the
+    batch raised; a message already marked acked is skipped there (``Message.ack`` tests
+    ``acked`` first) without reaching the consumer, so its offset is never committed.
+    """
+    for event in batch:
+        event.message.acked = True
 
 
 def create_app(
@@ -78,8 +260,17 @@ def create_app(
     role: Role = "all",
     models: ModelSource | None = None,
     metrics: WorkerMetrics | None = None,
+    instance_id: str | None = None,
+    on_fatal: OnFatal = exit_process,
+    backoff: Backoff = Backoff(),
 ) -> Any:
-    """The Faust app of a scoring worker for ``spec``."""
+    """The Faust app of a scoring worker for ``spec``.
+
+    Args:
+        instance_id: Kafka static-membership id (:func:`claim_instance_id`), or None.
+        on_fatal: Called when an agent fails for good; the default exits the process.
+        backoff: Delays between retries of a failed Redis or Kafka call.
+    """
     import faust
 
     from features.online import RedisFeatureStore
@@ -95,6 +286,8 @@ def create_app(
         topic_partitions=spec.topics.partitions,
         topic_replication_factor=spec.topics.replication_factor,
         consumer_auto_offset_reset="earliest",
+        consumer_group_instance_id=instance_id,
+        broker_session_timeout=settings.kafka_session_timeout,
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 4 * spec.scoring.batch_size),
@@ -102,6 +295,7 @@ def create_app(
     )
     events = app.topic(spec.topics.events, key_serializer="raw", value_serializer="raw")
     features = RedisFeatureStore(spec)
+    health = DependencyHealth(metrics.registry if metrics is not None else None, spec.name)
     state: dict[str, Any] = {}
 
     served: Any = None
@@ -116,10 +310,10 @@ def create_app(
             models = live
         else:
             models, served = snapshot_wiring(spec, settings)
-    scorer = Scorer(spec, features, models, metrics, served)
+    scorer = Scorer(spec, features, models, metrics, served, health=health, backoff=backoff)
     _observe_model(spec, metrics, scorer.models)
 
-    async def _redis() -> Any:
+    def redis_client() -> Any:
         if "redis" not in state:
             state["redis"] = settings.redis_async()
         return state["redis"]
@@ -129,37 +323,70 @@ def create_app(
         output = KafkaOutput(spec, settings)
         state["output"] = output
         try:
-            await _score_loop(stream, output)
+            async for batch in stream.take_events(spec.scoring.batch_size, within=spec.scoring.batch_within):
+                try:
+                    await score_batch(batch, output)
+                except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
+                    _hold(batch)  # stopping mid-batch: the batch is redelivered
+                    raise
+                except BaseException as exc:
+                    _hold(batch)
+                    on_fatal("the score agent", exc)
+                    raise
         finally:
-            output.producer.flush(10)
+            output.producer.flush(1)
             if "redis" in state:
                 await state.pop("redis").aclose()
 
-    async def _score_loop(stream: Any, output: KafkaOutput) -> None:
-        async for batch in stream.take_events(spec.scoring.batch_size, within=spec.scoring.batch_within):
-            t0 = time.perf_counter()
-            msgs = [
-                RawMessage(
-                    e.message.value,
-                    e.message.key,
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.timestamp,
-                )
-                for e in batch
-            ]
-            follow()
-            redis = await _redis()
-            out = await scorer.process(msgs, redis)
-            output.emit(out)
-            await asyncio.gather(scorer.record_served(out, redis), output.flush())
-            scorer.observe(msgs, out, time.perf_counter() - t0)
-            _observe_lag(app, spec, metrics, batch)
+    async def score_batch(batch: Any, output: KafkaOutput) -> None:
+        """One batch, done in full before the agent takes the next (and faust acks this one)."""
+        t0 = time.perf_counter()
+        msgs = [
+            RawMessage(
+                e.message.value,
+                e.message.key,
+                e.message.topic,
+                e.message.partition,
+                e.message.offset,
+                e.message.timestamp,
+            )
+            for e in batch
+        ]
+        follow()
+        redis = redis_client()
+        out = await scorer.process(msgs, redis)
+        # Both durable before the agent returns for the next batch (which acks this one).
+        await asyncio.gather(scorer.record_served(out, redis), output.deliver(out, health, backoff))
+        scorer.observe(msgs, out, time.perf_counter() - t0)
+        _observe_lag(app, spec, metrics, batch)
+
+    following: dict[str, Any] = {"next": 0.0, "failures": 0}
 
     def follow() -> None:
-        """Swap in a newer model if there is one (the sources throttle their own checks)."""
-        if scorer.models.refresh():
+        """Swap in a newer model if there is one (the sources throttle their own checks).
+
+        A failed check keeps the current model and is tried again after a backoff: a
+        Redis outage must not stop scoring with the model in hand, nor block the event
+        loop on every batch (the snapshot source's Redis client is synchronous).
+        """
+        now = time.monotonic()
+        if now < following["next"]:
+            return
+        try:
+            swapped = scorer.models.refresh()
+        except Exception as exc:
+            n = following["failures"]
+            following["failures"] = n + 1
+            following["next"] = now + backoff.delay(n + 3)
+            if is_transient_failure(exc):
+                health.failed(dependency_of(exc))
+            if n == 0:
+                log.warning("keeping the current model: checking for a newer one failed: %r", exc)
+            return
+        if following["failures"]:
+            following["failures"] = 0
+            health.ok("redis")
+        if swapped:
             _, name, version = scorer.models.current()
             log.info("now scoring with %s %s", name, version)
             _observe_model(spec, metrics, scorer.models)
@@ -173,6 +400,13 @@ def create_app(
 
     if learner_hook is not None:
         learner_hook(app)
+
+    async def agent_crashed(agent: Any, exc: BaseException) -> None:
+        # faust would restart the agent (see the module doc): end the process instead.
+        on_fatal(f"agent {getattr(agent, 'name', agent)!s}", exc)
+
+    for agent in app.agents.values():
+        agent._on_error = agent_crashed  # faust's on_error hook, set on every agent of the app
 
     return app
 
@@ -196,6 +430,8 @@ def _observe_model(spec: PipelineSpec, metrics: WorkerMetrics | None, models: Mo
     if metrics is None:
         return
     _, name, version = models.current()
+    # One series at a time: the snapshot id (v1.42) is a label value here only, and the
+    # old one is dropped on every swap.
     metrics.model_version.clear()
     metrics.model_version.labels(spec.name, name, version).set(1)
     metrics.snapshot_age.labels(spec.name, name).set(models.age_seconds())
@@ -209,7 +445,10 @@ def run_worker(
     faust_args: list[str] | None = None,
     metrics_port: int | None = None,
 ) -> int:
-    """Run a scoring worker until SIGINT/SIGTERM. Faust's worker options pass through."""
+    """Run a scoring worker until SIGINT/SIGTERM. Faust's worker options pass through.
+
+    Exits with :data:`EXIT_CRASHED` (70) at once if an agent fails for good.
+    """
     from prometheus_client import CollectorRegistry
 
     from streams.admin import check_broker, check_redis, ensure_topics
@@ -222,7 +461,9 @@ def run_worker(
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = MetricsServer(registry, settings.metrics_host, port)
     log.info("metrics at %s", server.url)
-    app = create_app(spec, settings, role=role, metrics=metrics)
+    instance = claim_instance_id(settings, spec, role)
+    log.info("Kafka static member %s of group %s", instance, spec.consumer_group)
+    app = create_app(spec, settings, role=role, metrics=metrics, instance_id=instance)
     argv = ["weir-worker", "worker", *(faust_args or ["--without-web", "-l", "info"])]
     old = sys.argv
     sys.argv = argv

@@ -56,7 +56,7 @@ DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 # Label values known before anything happens (see init_series).
 #: Dead-letter reasons of the events topic (streams/contracts.py parse_event, and
-#: ``late`` from streams/scoring.py).
+#: ``late`` and ``model_error`` (a poison event: scoring it raised) from streams/scoring.py).
 EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "not_json",
     "not_finite",
@@ -68,6 +68,7 @@ EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "absurd_timestamp",
     "too_large",
     "late",
+    "model_error",
 )
 #: Dead-letter reasons of the labels topic (streams/contracts.py parse_label, then
 #: models/factory.py coerce_label): the message faults events have too, and the label's own.
@@ -86,6 +87,19 @@ DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance")
 RETRAIN_TRIGGERS: tuple[str, ...] = ("manual", "performance", "features", "schedule")
 #: weir_retrains_total{outcome}: streams/monitor.py.
 RETRAIN_OUTCOMES: tuple[str, ...] = ("skipped", "trained", "failed", "promoted", "rejected")
+
+
+def version_label(model_version: str) -> str:
+    """The model version a snapshot id belongs to, for metric labels: ``v1.42`` -> ``v1``.
+
+    Snapshot ids change every few seconds; as a label value each would be a new series
+    forever. Registry versions (``v1``, ``v2``...) change only on retrain/promotion.
+
+    Examples:
+        >>> version_label("v1.42"), version_label("v3")
+        ('v1', 'v3')
+    """
+    return model_version.split(".", 1)[0]
 
 
 def _existing(registry: CollectorRegistry, name: str) -> Any:
@@ -142,7 +156,7 @@ class WorkerMetrics:
         )
         self.predictions = Counter(
             "weir_predictions_total",
-            "Predictions published.",
+            "Predictions published, by model version (v1; the snapshot is in weir_model_version_info).",
             ["pipeline", "model", "model_version"],
             registry=r,
         )

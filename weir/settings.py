@@ -61,6 +61,21 @@ class Settings(BaseSettings):
         description="`WEIR_REDIS_TIMEOUT`: seconds a Redis connect or command may take before it "
         "counts as failed and is retried with backoff (a hung Redis must not hang Weir).",
     )
+    kafka_session_timeout: float = Field(
+        30.0,
+        ge=6,
+        le=300,
+        description="`WEIR_KAFKA_SESSION_TIMEOUT`: seconds a worker may go silent before Kafka gives "
+        "its partitions to the others. A restarted worker takes its partitions back at once "
+        "(static membership, `WEIR_INSTANCE_ID`); this bounds how long the partitions of a "
+        "worker that is gone for good (or scaled down) wait.",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="`WEIR_INSTANCE_ID`: this process's Kafka static-membership id "
+        "(`group.instance.id`), stable across its restarts and unique in its consumer group. "
+        "Default: host name, pipeline, role and the lowest slot number free on this host.",
+    )
     metrics_port: int = Field(
         9300,
         ge=0,
@@ -166,16 +181,31 @@ class Settings(BaseSettings):
         return kw
 
     def redis(self) -> Any:
-        """A synchronous Redis client."""
+        """A synchronous Redis client (see :meth:`redis_async` for its retries)."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return redis.Redis.from_url(self.redis_url, **self.redis_kwargs())
+        # Stale pooled connection (server restarted): reconnect once. A timeout is not
+        # retried here: redis-py's default (10 retries) would hide a hung server for
+        # 10 x WEIR_REDIS_TIMEOUT; Weir's own retries (weir.resilience) handle it and show it.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        return redis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
 
     def redis_async(self) -> Any:
-        """An asyncio Redis client."""
-        import redis.asyncio as aioredis
+        """An asyncio Redis client; a hung server raises ``TimeoutError`` after ``redis_timeout``.
 
-        return aioredis.Redis.from_url(self.redis_url, **self.redis_kwargs())
+        redis-py's own retries are cut to one reconnect on a ``ConnectionError``, so a failure
+        reaches the caller's :func:`weir.resilience.retry_async` (and ``weir_dependency_up``)
+        within ``redis_timeout`` seconds instead of about ten times that.
+        """
+        import redis
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        return aioredis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
 
     def safe_dump(self) -> dict[str, Any]:
         """Settings for display: secrets masked."""

@@ -1,0 +1,258 @@
+"""The worker's own mechanics without Kafka: static-membership ids, the delivery retry loop,
+and the faust behaviour the never-ack-what-was-not-done rule relies on.
+
+The producer here is a stand-in with confluent-kafka's call shapes: what is tested is
+:class:`streams.worker.KafkaOutput`'s bookkeeping (what is produced again, what is fatal),
+not Kafka (tests/integration/test_worker_faults.py runs the real thing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from faust.types.tuples import ConsumerMessage
+from prometheus_client import CollectorRegistry
+
+from streams.scoring import BatchOutput
+from streams.worker import (
+    KafkaOutput,
+    OutputRejected,
+    _hold,
+    claim_instance_id,
+    release_instance_ids,
+)
+from weir.errors import StackError
+from weir.resilience import Backoff, DependencyHealth
+from weir.settings import load_settings
+from weir.spec import PipelineSpec, parse_spec
+from weir.types import DeadLetter, Prediction
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = Backoff(initial=0.001, maximum=0.001, jitter=0.0)
+
+
+def _spec(name: str = "p") -> PipelineSpec:
+    return parse_spec(
+        {
+            "name": name,
+            "task": "binary",
+            "fields": {"x": "numeric"},
+            "features": [{"agg": "raw", "field": "x"}],
+            "model": {"name": "m", "steps": ["river.linear_model.LogisticRegression"]},
+        }
+    )
+
+
+# -- static membership ids -----------------------------------------------------------------
+
+
+def test_instance_ids_are_unique_per_live_process_and_reused_after_it_dies(tmp_path: Path) -> None:
+    settings = load_settings()
+    spec = _spec()
+    try:
+        first = claim_instance_id(settings, spec, "scorer", lock_dir=tmp_path)
+        second = claim_instance_id(settings, spec, "scorer", lock_dir=tmp_path)
+        other_role = claim_instance_id(settings, spec, "all", lock_dir=tmp_path)
+        assert first.endswith(".scorer.0") and second.endswith(".scorer.1")
+        assert other_role.endswith(".all.0")
+        assert spec.consumer_group in first
+        release_instance_ids()
+        assert claim_instance_id(settings, spec, "scorer", lock_dir=tmp_path) == first
+    finally:
+        release_instance_ids()
+
+
+def test_a_killed_process_slot_is_claimed_again_by_its_successor(tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from streams.worker import claim_instance_id\n"
+        "from weir.settings import load_settings\n"
+        "from tests.unit.test_worker import _spec\n"
+        "slot = claim_instance_id(load_settings(), _spec(), 'scorer', lock_dir=Path(sys.argv[1]))\n"
+        "print(slot, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, cwd=REPO, env=env, text=True
+    )
+    try:
+        assert child.stdout is not None
+        theirs = child.stdout.readline().strip()
+        assert theirs.endswith(".scorer.0")
+        mine = claim_instance_id(load_settings(), _spec(), "scorer", lock_dir=tmp_path)
+        assert mine.endswith(".scorer.1"), "a live process's slot is never shared"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        assert claim_instance_id(load_settings(), _spec(), "scorer", lock_dir=tmp_path) == theirs
+    finally:
+        release_instance_ids()
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def test_weir_instance_id_overrides_the_slot(tmp_path: Path) -> None:
+    settings = load_settings(instance_id="scorer-a")
+    assert claim_instance_id(settings, _spec(), "scorer", lock_dir=tmp_path) == "scorer-a"
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- never ack what was not done -------------------------------------------------------------
+
+
+class RecordingConsumer:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def ack(self, message: Any) -> bool:
+        self.acked.append(message.offset)
+        return True
+
+
+class _Event:
+    def __init__(self, message: ConsumerMessage) -> None:
+        self.message = message
+
+
+def _message(offset: int) -> ConsumerMessage:
+    return ConsumerMessage("events", 0, offset, time.time(), 0, None, None, b"{}", None)
+
+
+def test_a_held_batch_is_not_acked_by_the_take_events_finally() -> None:
+    """What take_events' finally does to each event of the batch: ``message.ack(consumer)``."""
+    consumer = RecordingConsumer()
+    done = [_Event(_message(o)) for o in (0, 1)]
+    failed = [_Event(_message(o)) for o in (2, 3)]
+    _hold(failed)
+    for e in done + failed:
+        e.message.incref()
+        e.message.ack(consumer)  # type: ignore[arg-type]
+    assert consumer.acked == [0, 1]
+
+
+# -- Kafka delivery ------------------------------------------------------------------------------
+
+
+class StandInMessage:
+    def __init__(self, topic: str, value: bytes, key: bytes | None) -> None:
+        self._t, self._v, self._k = topic, value, key
+
+    def topic(self) -> str:
+        return self._t
+
+    def value(self) -> bytes:
+        return self._v
+
+    def key(self) -> bytes | None:
+        return self._k
+
+
+class StandInProducer:
+    """confluent_kafka.Producer's produce/flush shapes; delivery outcomes scripted per attempt."""
+
+    def __init__(self, outcomes: list[Any]) -> None:
+        # outcomes[i]: for flush i, None (all delivered), "stuck" (nothing acknowledged in
+        # time), a KafkaError for every record, or "full" (produce raises BufferError once).
+        self.outcomes = outcomes
+        self.queue: list[tuple[StandInMessage, Any]] = []
+        self.delivered: list[bytes] = []
+        self.flushes = 0
+        self.full_once = False
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+        if self.full_once:
+            self.full_once = False
+            raise BufferError("Local: Queue full")
+        self.queue.append((StandInMessage(topic, value, key), on_delivery))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        outcome = self.outcomes[self.flushes] if self.flushes < len(self.outcomes) else None
+        self.flushes += 1
+        if isinstance(outcome, str) and outcome == "stuck":
+            return len(self.queue)
+        queue, self.queue = self.queue, []
+        for msg, cb in queue:
+            if isinstance(outcome, KafkaError):
+                cb(outcome, msg)
+            else:
+                self.delivered.append(msg.value())
+                cb(None, msg)
+        return 0
+
+
+def _output(outcomes: list[Any]) -> KafkaOutput:
+    out = KafkaOutput.__new__(KafkaOutput)
+    out.producer = StandInProducer(outcomes)
+    out.spec = _spec()
+    out.flush_timeout = 0.01
+    out.pending, out.failed = [], []
+    return out
+
+
+def _batch(n: int) -> BatchOutput:
+    preds = [Prediction(f"e{i}", "a", 1.0, "m", "v1", True, None, {"x": 1.0}, 2.0) for i in range(n)]
+    dead = [DeadLetter("not_json", "bad", "events", 0, 99, b"{", None, 2.0)]
+    return BatchOutput(predictions=preds, dead_letters=dead)
+
+
+def _deliver(output: KafkaOutput, batch: BatchOutput, registry: CollectorRegistry) -> None:
+    health = DependencyHealth(registry, "p")
+    asyncio.run(output.deliver(batch, health, FAST))
+
+
+def test_records_whose_delivery_failed_are_produced_again_until_acknowledged() -> None:
+    registry = CollectorRegistry()
+    timed_out = KafkaError(KafkaError._MSG_TIMED_OUT)
+    output = _output(["stuck", timed_out, None])
+    _deliver(output, _batch(3), registry)
+    producer = output.producer
+    assert producer.flushes == 3
+    assert len(producer.delivered) == 4, "each record delivered once: nothing lost, nothing doubled"
+    get = registry.get_sample_value
+    assert get("weir_dependency_retries_total", {"pipeline": "p", "dependency": "kafka"}) == 2
+    assert get("weir_dependency_up", {"pipeline": "p", "dependency": "kafka"}) == 1
+
+
+def test_a_full_local_queue_is_flushed_then_the_rest_produced() -> None:
+    output = _output([None, None])
+    output.producer.full_once = True
+    _deliver(output, _batch(2), CollectorRegistry())
+    assert len(output.producer.delivered) == 3
+
+
+def test_a_record_kafka_refuses_for_good_is_not_retried_forever() -> None:
+    output = _output([KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)])
+    with pytest.raises(OutputRejected, match=r"for good.*max\.message\.bytes"):
+        _deliver(output, _batch(1), CollectorRegistry())
+
+
+def test_a_synchronous_produce_refusal_is_fatal_too() -> None:
+    output = _output([])
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+
+    output.producer.produce = refuse
+    with pytest.raises(OutputRejected):
+        _deliver(output, _batch(1), CollectorRegistry())
+
+
+def test_one_attempt_reports_what_is_missing_as_transient() -> None:
+    output = _output(["stuck"])
+    output.emit(_batch(2))
+    with pytest.raises(StackError, match="did not acknowledge 3 record"):
+        asyncio.run(output.flush())
