@@ -51,9 +51,9 @@ def _produce(settings: Settings, spec: PipelineSpec, records: list[dict[str, Any
 
 
 class Running:
-    """run_monitor in a thread; ``stop()`` joins it."""
+    """run_monitor in a thread; ``stop()`` joins it. ``options`` go to run_monitor."""
 
-    def __init__(self, spec: PipelineSpec, settings: Settings, registry: Any) -> None:
+    def __init__(self, spec: PipelineSpec, settings: Settings, registry: Any, **options: Any) -> None:
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.monitor: Monitor | None = None
@@ -70,9 +70,8 @@ class Running:
                     settings,
                     self.stop_event,
                     registry=registry,
-                    metrics_port=0,
-                    check_every=100,
                     on_ready=ready,
+                    **{"metrics_port": 0, "check_every": 100, **options},
                 )
             except BaseException as exc:  # surfaced by stop()
                 self.error = exc
@@ -80,7 +79,7 @@ class Running:
 
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
-        assert self.ready.wait(20), "monitor did not start"
+        assert self.ready.wait(60), "monitor did not start"
 
     def stop(self) -> Monitor:
         self.stop_event.set()

@@ -231,7 +231,7 @@ def test_manual_request_is_obeyed() -> None:
     assert reg.get("v2").reason == "manual: new labels backfilled"
 
 
-def _feed(
+def feed_examples(
     spec: PipelineSpec, records: list[dict[str, Any]], reg: MemoryRegistry, cuts: tuple[int, ...] = ()
 ) -> tuple[Monitor, list[DriftRecord], list[tuple[int, int]]]:
     """Feed examples (position = (0, index)); at each cut, a new Monitor takes up the old
@@ -265,14 +265,14 @@ def _decisions(out: list[DriftRecord]) -> list[tuple[Any, ...]]:
 def test_state_survives_a_restart_mid_shadow_and_mid_rollback_watch() -> None:
     spec, champion, reg = _setup()
     records = agrawal_examples(spec, champion, [(6, 2000), (7, 2500)])
-    ref, ref_out, moments = _feed(spec, records, reg)
+    ref, ref_out, moments = feed_examples(spec, records, reg)
     assert ref.promotions == ["v2"] and [r.statistic for r in ref_out if r.name == "rollback"] == ["keep"]
     retrained_at, promoted_at = moments[0][0], moments[1][0]
     assert promoted_at - retrained_at >= spec.retrain.shadow_labels
 
     spec2, _, reg2 = _setup()
     cuts = (retrained_at + 200, promoted_at + 200)  # mid-shadow, then mid-rollback watch
-    mon, out, _ = _feed(spec2, records, reg2, cuts)
+    mon, out, _ = feed_examples(spec2, records, reg2, cuts)
     assert _decisions(out) == _decisions(ref_out)  # same drift, verdicts and values
     assert [r["event_id"] for r in mon.buffer] == [r["event_id"] for r in ref.buffer]
     assert list(mon.positions) == list(ref.positions)
