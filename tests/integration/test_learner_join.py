@@ -10,14 +10,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from models.factory import build_model, predict
-from models.join import ServedStore
+from models.join import Keys, ServedStore
 from models.learner import LabelMessage, LearnerCore, status_key
 from models.registry import ModelRegistry
 from streams.contracts import decode_dead_letter
 from weir.errors import IntegrityError
 from weir.metrics import LearnerMetrics
 from weir.spec import PipelineSpec
-from weir.types import FeatureVector, Prediction
+from weir.types import FeatureVector, Label, Prediction
 
 from .test_learner_registry import make_spec
 
@@ -324,3 +324,47 @@ def test_resolved_early_label_lost_in_crash_is_relearned(redis_client: Any, uniq
     assert [r.outcome for r in again.sweep().results] == ["resolved"]  # learned again
     assert again.labels_learned == 1
     assert again.sweep().results == []
+
+
+def _prediction(eid: str, ts: float) -> Prediction:
+    return Prediction(eid, "ent", ts, "lr", "v1", True, {"True": 0.6, "False": 0.4}, {"a": 1.0}, ts)
+
+
+def test_join_state_bounded_by_the_horizon_without_a_learner(redis_client: Any, unique: Any) -> None:
+    """A scorer serving with no learner running: the pending set keeps at most two
+    horizons of ids, and every key of the join expires (#11 point 8a)."""
+    horizon = 10.0
+    spec = make_spec(unique, labels={"horizon": horizon})
+    store, keys = ServedStore(spec), Keys(spec)
+    t0 = time.time() - 1000
+    per_second, seconds = 20, 120
+    sizes = []
+    for sec in range(seconds):  # 120 s of serving (clock simulated), 20 events a second
+        now = t0 + sec
+        pipe = redis_client.pipeline(transaction=False)
+        store.add_to_pipeline(pipe, [_prediction(f"e{sec}-{j}", now) for j in range(per_second)], now=now)
+        pipe.execute()
+        sizes.append(redis_client.zcard(keys.pending))
+    bound = int(2 * horizon + 1) * per_second  # deadlines within [now - horizon, now + horizon]
+    assert max(sizes) <= bound, max(sizes)
+    assert sizes[-1] >= horizon * per_second  # still there for a learner that comes back
+    assert 0 < redis_client.pttl(keys.pending) <= 2 * horizon * 1000
+    assert 0 < redis_client.pttl(keys.served(f"e{seconds - 1}-0")) <= horizon * 1000
+    # what the learner writes expires too: held labels and their index
+    core = _core(spec, redis_client)
+    core.process([label_msg("never-served", 1, time.time(), 0)])
+    assert 0 < redis_client.pttl(keys.early("never-served")) <= horizon * 1000
+    assert 0 < redis_client.pttl(keys.early_index) <= 2 * horizon * 1000
+
+
+def test_retried_hold_counts_early_and_a_second_label_duplicate(redis_client: Any, unique: Any) -> None:
+    """A hold whose call timed out but was applied is retried: the retry finds its own
+    hold (same source message) and says ``early``; another message for the event is a
+    ``duplicate``."""
+    spec = make_spec(unique)
+    core = _core(spec, redis_client)
+    lab = Label("e1", True, time.time())
+    assert [r.outcome for r in core.joiner.join([lab], sources=["0:5"])] == ["early"]
+    assert [r.outcome for r in core.joiner.join([lab], sources=["0:5"])] == ["early"]  # the retry
+    assert [r.outcome for r in core.joiner.join([lab], sources=["1:9"])] == ["duplicate"]
+    assert redis_client.zcard(Keys(spec).early_index) == 1

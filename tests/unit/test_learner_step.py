@@ -1,0 +1,113 @@
+"""The learner's step as a sequence of calls (no servers: the calls are answered here).
+
+What is tested is the order, the one thing both roles share: a batch is joined, learned,
+its markers written, and only then do its offsets move; the records are delivered
+(flush) before a snapshot; a retried call is the failed call, not the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from models.factory import build_model
+from models.join import Example, JoinResult
+from models.learner import Io, LabelMessage, LearnerCore, run_step
+from streams.learner import LearnerLoop
+from weir.settings import load_settings
+from weir.spec import PipelineSpec, parse_spec
+
+
+def _spec() -> PipelineSpec:
+    return parse_spec(
+        {
+            "name": "steps",
+            "task": "binary",
+            "fields": {"a": "numeric"},
+            "features": [{"agg": "raw", "field": "a"}],
+            "model": {"name": "lr", "steps": ["river.linear_model.LogisticRegression"]},
+            "learner": {"snapshot_every_labels": 2, "snapshot_every_seconds": 3600},
+        }
+    )
+
+
+def _hit(eid: str, label: bool) -> JoinResult:
+    ex = Example(eid, "u", 1.0, 2.0, {"a": 1.0}, label, None, None, "v1")
+    return JoinResult("hit", eid, ex)
+
+
+def _msgs(n: int) -> list[LabelMessage]:
+    return [
+        LabelMessage(orjson.dumps({"event_id": f"e{i}", "label": True, "ts": 1e9 + 2}), 0, 10 + i)
+        for i in range(n)
+    ]
+
+
+class Answers:
+    """Answers the calls of a step by name; records their order."""
+
+    def __init__(self, **answers: Any) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def drive(self, step: Any, on_call: Any = None) -> Any:
+        result: Any = None
+        while True:
+            try:
+                op = step.send(result)
+            except StopIteration as done:
+                return done.value
+            if op is None:
+                result = None
+                continue
+            assert isinstance(op, Io)
+            self.calls.append(op.what)
+            if on_call is not None:
+                on_call(op.what)
+            result = self.answers.get(op.what)
+
+
+def test_offsets_move_only_once_the_batch_is_learned_and_marked() -> None:
+    core = LearnerCore(_spec(), build_model(_spec().model), None, client=None, version_id="v1")
+    seen: list[tuple[str, int, dict[int, int]]] = []
+    answers = Answers(**{"label join": [_hit("e0", True), _hit("e1", False)]})
+    out = answers.drive(
+        core.process_step(_msgs(2), now=1e9 + 5),
+        on_call=lambda what: seen.append((what, core.labels_learned, dict(core.offsets))),
+    )
+    assert seen == [("label join", 0, {}), ("learned markers", 2, {})]
+    assert core.offsets == {0: 12} and core.labels_learned == 2 and len(out.training_log) == 2
+
+
+def test_a_loop_iteration_flushes_before_it_snapshots() -> None:
+    spec = _spec()
+    core = LearnerCore(spec, build_model(spec.model), registry=object(), client=None, version_id="v1")  # type: ignore[arg-type]
+    loop = LearnerLoop(spec, load_settings(kafka_bootstrap="127.0.0.1:1"), core)
+    answers = Answers(
+        **{"label join": [_hit("e0", True), _hit("e1", False)], "label sweep": (0, []), "snapshot": "v1.1"}
+    )
+    answers.drive(loop.iteration(_msgs(2), now=1e9 + 5))
+    assert answers.calls == [
+        "label join",
+        "learned markers",
+        "training-log produce",
+        "label sweep",
+        "training-log produce",
+        "champion alias",
+        "status",
+        "training-log delivery",
+        "snapshot",
+        "offset commit",
+    ]
+    assert loop.consistent
+
+
+def test_run_step_runs_the_calls_inline() -> None:
+    def step() -> Any:
+        a = yield Io(lambda: 2, "two")
+        yield None
+        b = yield Io(lambda: 3, "three")
+        return a * b
+
+    assert run_step(step()) == 6
