@@ -10,8 +10,8 @@ them, numbers quoted), into a real ``weir worker SPEC`` (role ``all``: scores, j
 labels, learns) on the real Kafka and Redis. Every event gets a prediction, every label
 is joined and learned (a training-log record each), and the dead-letter topic stays empty.
 
-A few hundred events per source; each case takes 10-30 s on a busy 2-core machine, most
-of it the worker's start.
+A few hundred events per source. The six workers start together (a module fixture), so
+the module takes about a minute on a busy 2-core machine, most of it the workers' start.
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ from __future__ import annotations
 import re
 import signal
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 
-from streams.admin import delete_keys
+from streams.admin import delete_keys, delete_topics
 from streams.contracts import decode_dead_letter
 from streams.produce import FieldMismatch, produce
+from tests.integration.conftest import TopicFactory
 from tests.integration.processes import REPO, Worker
 from weir.settings import Settings
 from weir.spec import PipelineSpec, parse_spec
@@ -136,61 +139,73 @@ def test_every_source_the_readme_names_is_covered() -> None:
     assert named <= tested, f"untested sources: {sorted(named - tested)}"
 
 
-@pytest.fixture
-def cleanup_redis(redis_client: Any) -> Iterator[list[str]]:
-    prefixes: list[str] = []
-    yield prefixes
-    for prefix in prefixes:
-        delete_keys(redis_client, prefix)
+@dataclass
+class Case:
+    spec: PipelineSpec
+    worker: Worker
+
+
+@pytest.fixture(scope="module")
+def cases(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Case]]:
+    """One worker per source, all started at once so their starts overlap."""
+    uid = uuid.uuid4().hex[:6]
+    tmp = tmp_path_factory.mktemp("sources")
+    factories: list[TopicFactory] = []
+    out: dict[str, Case] = {}
+    try:
+        for i, (source, text) in enumerate(SOURCES.items()):
+            factories.append(TopicFactory(settings, f"t{uid}{i}"))
+            spec = factories[-1].for_spec(parse_spec(yaml.safe_load(text), source), partitions=1)
+            out[source] = Case(spec, Worker(spec, tmp / str(i)))
+        yield out
+    finally:
+        codes = {source: case.worker.stop() for source, case in out.items()}
+        client = settings.redis()
+        for case in out.values():
+            delete_keys(client, case.spec.redis_prefix)
+        client.close()
+        for factory in factories:
+            factory.cleanup()
+        # Faust's app makes one internal topic per consumer group.
+        delete_topics(settings, [f"{c.spec.consumer_group}-__assignor-__leader" for c in out.values()])
+    bad = {s: c for s, c in codes.items() if c not in (0, -signal.SIGTERM)}
+    assert not bad, f"workers exited with {bad}:\n" + "\n".join(out[s].worker.tail() for s in bad)
 
 
 @pytest.mark.parametrize("source", list(SOURCES), ids=lambda s: s.removeprefix("river:").split("?")[0])
 def test_source_is_scored_and_learned_with_no_dead_letter(
-    source: str,
-    settings: Settings,
-    make_topics: Any,
-    consume_all: Any,
-    cleanup_redis: list[str],
-    tmp_path: Path,
+    source: str, settings: Settings, cases: dict[str, Case], consume_all: Any
 ) -> None:
-    import yaml
+    spec, worker = cases[source].spec, cases[source].worker
+    summary = produce(
+        spec,
+        settings,
+        source,
+        limit=N_EVENTS,
+        label_delay=LABEL_DELAY,
+        entities=25,
+        time_step=1.0,
+        start_ts=time.time() - N_EVENTS - 600,
+        run_id="p",
+        progress=False,
+    )
+    assert summary["events"] == summary["labels"] == N_EVENTS
+    assert summary["unfilled"] == 0 and summary["unused_fields"] == []
 
-    spec: PipelineSpec = make_topics.for_spec(parse_spec(yaml.safe_load(SOURCES[source]), source))
-    cleanup_redis.append(spec.redis_prefix)
-    worker = Worker(spec, tmp_path)
-    try:
-        summary = produce(
-            spec,
-            settings,
-            source,
-            limit=N_EVENTS,
-            label_delay=LABEL_DELAY,
-            entities=25,
-            time_step=1.0,
-            start_ts=time.time() - N_EVENTS - 600,
-            run_id="p",
-            progress=False,
-        )
-        assert summary["events"] == summary["labels"] == N_EVENTS
-        assert summary["unfilled"] == 0 and summary["unused_fields"] == []
+    events = consume_all(spec.topics.events, N_EVENTS, timeout=30)
+    sample = orjson.loads(events[0].value())
+    assert spec.entity_field in sample and all(v is not None for v in sample["data"].values())
 
-        events = consume_all(spec.topics.events, N_EVENTS, timeout=30)
-        sample = orjson.loads(events[0].value())
-        assert spec.entity_field in sample and all(v is not None for v in sample["data"].values())
+    preds = consume_all(spec.topics.predictions, N_EVENTS, timeout=120)
+    ids = {orjson.loads(m.value())["event_id"] for m in preds}
+    assert ids == {f"p-{i}" for i in range(N_EVENTS)}, worker.tail()
+    learned = consume_all(spec.topics.training_log, N_EVENTS, timeout=90)
+    assert {orjson.loads(m.value())["event_id"] for m in learned} == ids, worker.tail()
 
-        preds = consume_all(spec.topics.predictions, N_EVENTS, timeout=120)
-        ids = {orjson.loads(m.value())["event_id"] for m in preds}
-        assert ids == {f"p-{i}" for i in range(N_EVENTS)}, worker.tail()
-        learned = consume_all(spec.topics.training_log, N_EVENTS, timeout=90)
-        assert {orjson.loads(m.value())["event_id"] for m in learned} == ids, worker.tail()
-
-        dead = consume_all(spec.topics.dead_letters, 1, timeout=3, allow_fewer=True)
-        reasons = [decode_dead_letter(m.value())["reason"] for m in dead]
-        assert reasons == [], f"dead letters: {reasons[:5]}"
-        assert worker.alive(), worker.tail()
-    finally:
-        code = worker.stop()
-    assert code in (0, -signal.SIGTERM), f"worker exited with {code}:\n{worker.tail()}"
+    dead = consume_all(spec.topics.dead_letters, 1, timeout=3, allow_fewer=True)
+    reasons = [decode_dead_letter(m.value())["reason"] for m in dead]
+    assert reasons == [], f"dead letters: {reasons[:5]}"
+    assert worker.alive(), worker.tail()
 
 
 def test_a_mismatched_spec_fails_and_sends_nothing(
@@ -198,8 +213,6 @@ def test_a_mismatched_spec_fails_and_sends_nothing(
 ) -> None:
     """The issue's run: a spec whose field names SEA does not have. Before the fix every
     event went out with null fields; now produce refuses and the events topic stays empty."""
-    import yaml
-
     user = yaml.safe_load(_SEA.replace('"0"', "a").replace('"1"', "b").replace('"2"', "c"))
     spec = make_topics.for_spec(parse_spec(user, "mismatch"))
     with pytest.raises(FieldMismatch, match=r"requires field\(s\) 'a', 'b', 'c'.*fields are '0', '1', '2'"):
