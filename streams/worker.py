@@ -58,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from streams.contracts import encode_dead_letter, encode_prediction
+from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer, is_transient_failure
 from weir.errors import StackError, WeirError
 from weir.metrics import MetricsServer, WorkerMetrics
@@ -187,7 +187,9 @@ class KafkaOutput:
         self.pending.extend(
             (t.predictions, encode_prediction(p), p.entity_id.encode()) for p in out.predictions
         )
-        self.pending.extend((t.dead_letters, encode_dead_letter(d), d.key) for d in out.dead_letters)
+        self.pending.extend(
+            (t.dead_letters, encode_dead_letter(d), dead_letter_key(d)) for d in out.dead_letters
+        )
 
     def _refused(self, topic: str, err: Any) -> OutputRejected:
         return OutputRejected(
