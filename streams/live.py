@@ -8,8 +8,9 @@
   offsets, flush before snapshot, retries through outages), run as a Faust app task: its
   Kafka and Redis calls on a thread of its own, its learning on the event loop's thread
   (River models are not thread-safe; the scorer only reads the model). If it fails for
-  good (not an outage: a bug), the task's exception crashes the app and the worker exits
-  non-zero, for its supervisor to restart it: it never stays alive without learning.
+  good (not an outage: a bug), the worker exits with status 70 like a failed agent
+  (:func:`streams.worker.exit_process`), for its supervisor to restart it: it never stays
+  alive without learning.
 * :class:`SnapshotFollower` (role ``scorer``): between batches, at most every
   ``poll_seconds``, one Redis GET asks for the learner's latest snapshot; a newer one is
   loaded (its sha256/HMAC checked first) and swapped in atomically for the next batch.
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -154,6 +156,13 @@ def live_wiring(spec: PipelineSpec, settings: Settings) -> tuple[LiveModel, Any,
 
         @app.task
         async def learn_labels() -> None:
-            await learner.run_async()
+            try:
+                await learner.run_async()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # not an outage (those are retried): a bug
+                from streams.worker import exit_process
+
+                exit_process("the embedded learner", exc)
 
     return live, ServedStore(spec), hook
