@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from weir.types import LabelValue
@@ -103,20 +104,29 @@ class OnlineEvaluator:
     Args:
         task: the spec's task.
         rolling_window: labels in the rolling window.
+        max_versions: model versions tracked besides ``*``; the oldest first scored is
+            forgotten (and its ``weir_online_metric`` series removed) past this, so the
+            label sets stay bounded however many retrains a long run sees.
     """
 
-    def __init__(self, task: Task, rolling_window: int = 1000) -> None:
+    def __init__(self, task: Task, rolling_window: int = 1000, max_versions: int = 5) -> None:
         if rolling_window < 1:
             raise ValueError(f"rolling_window must be >= 1, got {rolling_window!r}")
         self.task = task
         self.rolling_window = rolling_window
+        self.max_versions = max(1, max_versions)
         self._sets: dict[str, _Set] = {}
+        self._forgotten: list[str] = []
         self.unscored = 0
 
     def _set(self, version: str) -> _Set:
         s = self._sets.get(version)
         if s is None:
             s = self._sets[version] = _Set(self.task, self.rolling_window)
+            versions = [v for v in self._sets if v != ALL_VERSIONS]
+            for old in versions[: max(0, len(versions) - self.max_versions)]:
+                del self._sets[old]
+                self._forgotten.append(old)
         return s
 
     def _proba_arg(self, proba: dict[str, float] | None) -> Any:
@@ -165,7 +175,14 @@ class OnlineEvaluator:
         return {v: s.values() for v, s in self._sets.items()}
 
     def export(self, metrics: LearnerMetrics, pipeline: str, model: str) -> None:
-        """Set ``weir_online_metric`` for every version, metric and window."""
+        """Set ``weir_online_metric`` for every version, metric and window (and remove the
+        series of forgotten versions)."""
+        for version in self._forgotten:
+            for window in ("all", "rolling"):
+                for name, _, _ in _METRICS[self.task]:
+                    with contextlib.suppress(KeyError):  # never exported
+                        metrics.online_metric.remove(pipeline, model, version, name, window)
+        self._forgotten.clear()
         for version, s in self._sets.items():
             vals = s.values()
             for window in ("all", "rolling"):

@@ -383,7 +383,8 @@ class LearnerCore:
         # Keep what the outgoing version learned: a rollback to it resumes from here.
         self.registry.park(self.model, self.version_id, labels_learned=self.labels_learned, by="learner")
         if self.metrics is not None:
-            self.metrics.model_version.labels(self._pipeline, self._model_name, self.version_id).set(0)
+            # One series: the version learned now (the worker's gauge does the same).
+            self.metrics.model_version.clear()
             self.metrics.model_version.labels(self._pipeline, self._model_name, champion).set(1)
         self.model = model
         self.version_id = champion
