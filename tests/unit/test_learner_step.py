@@ -111,3 +111,29 @@ def test_run_step_runs_the_calls_inline() -> None:
         return a * b
 
     assert run_step(step()) == 6
+
+
+def test_an_undelivered_flush_raises_a_transient_error_and_keeps_the_records() -> None:
+    """No broker: flush fails (the loop retries it, and never snapshots past it)."""
+    import socket
+
+    from confluent_kafka import KafkaException
+
+    from models.learner import StepOutput
+    from streams.learner import StepEmitter
+    from weir.resilience import dependency_of, is_transient
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    emitter = StepEmitter(_spec(), load_settings(kafka_bootstrap=f"127.0.0.1:{port}"))
+    emitter.add(StepOutput(training_log=[b"{}", b"{}"], dead_letters=[b"{}"]))
+    assert len(emitter.pending) == 3
+    try:
+        emitter.flush(timeout=0.5)
+    except KafkaException as exc:
+        assert is_transient(exc) and dependency_of(exc) == "kafka"
+        assert "3 training-log/dead-letter records undelivered" in str(exc)
+    else:
+        raise AssertionError("flush succeeded without a broker")
+    assert len(emitter.producer) == 3  # still queued in the producer: a later flush delivers them
