@@ -41,6 +41,18 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 _NAME_RX = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+def _int_name(v: Any) -> Any:
+    """A field named by an unquoted integer in YAML (River's SEA keys its features 0, 1, 2)
+    is that integer's string form, as the events carry it."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _int_keys(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {_int_name(k): val for k, val in v.items()}
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -95,7 +107,7 @@ class FeatureSpec(_Strict):
 
     name: str = ""
     agg: Agg
-    field: str | None = None
+    field: Annotated[str | None, BeforeValidator(_int_name)] = None
     window: Duration | None = None
 
     @field_validator("window")
@@ -117,13 +129,15 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"agg {self.agg!r} needs a `window`, e.g. window: 1h")
             if self.agg not in FIELDLESS_AGGS and self.field is None:
                 raise ValueError(f"agg {self.agg!r} needs a `field` to aggregate")
-        if not self.name and self.agg == "raw":
-            object.__setattr__(self, "name", self.field)
-        elif not self.name:
-            parts = [self.field or "events", self.agg]
-            if self.window is not None:
-                parts.append(format_duration(self.window))
-            object.__setattr__(self, "name", "_".join(parts))
+        if not self.name:
+            parts = [self.field or "events"]
+            if self.agg != "raw":
+                parts.append(self.agg)
+                if self.window is not None:
+                    parts.append(format_duration(self.window))
+            name = "_".join(parts)
+            # A field named by a number (River's SEA: 0, 1, 2) gives "f_0", "f_1_mean_5m".
+            object.__setattr__(self, "name", f"f_{name}" if name[:1].isdigit() else name)
         if not _NAME_RX.match(self.name):
             raise ValueError(f"feature name must match [a-z][a-z0-9_]*, got {self.name!r}; rename it")
         return self
@@ -241,7 +255,9 @@ class PipelineSpec(_Strict):
     name: str
     task: Task
     entity_field: str = "entity_id"
-    fields: dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]] = Field(min_length=1)
+    fields: Annotated[
+        dict[str, Annotated[FieldSpec, BeforeValidator(_field_shorthand)]], BeforeValidator(_int_keys)
+    ] = Field(min_length=1)
     features: list[FeatureSpec] = Field(min_length=1)
     lateness: Duration = 60.0
     """Events older than the entity's newest event by more than this are late."""

@@ -98,3 +98,22 @@ def test_settings_mask_secrets(monkeypatch):
     s = load_settings()
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.safe_dump())
     assert s.confluent_config()["sasl.password"] == "hunter2"
+
+
+def test_fields_named_by_unquoted_integers() -> None:
+    """River's SEA keys its features 0, 1, 2: a user writes them unquoted in YAML."""
+    data = yaml.safe_load(
+        """
+name: sea
+task: binary
+fields: {0: numeric, 1: numeric, 2: numeric}
+features:
+  - {agg: raw, field: 0}
+  - {agg: mean, field: 1, window: 5m}
+  - {agg: raw, field: 2, name: third}
+model: {name: lr, steps: [{class: river.linear_model.LogisticRegression}]}
+"""
+    )
+    spec = parse_spec(data)
+    assert list(spec.fields) == ["0", "1", "2"]
+    assert [(f.name, f.field) for f in spec.features] == [("f_0", "0"), ("f_1_mean_5m", "1"), ("third", "2")]
