@@ -719,8 +719,16 @@ def run_monitor(
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("monitor %s: /metrics on %s", spec.name, server.url)
 
-    # message.timeout.ms 0: a drift record waits for Kafka's return instead of expiring.
-    producer = Producer({**settings.confluent_config(), "linger.ms": 20, "message.timeout.ms": 0})
+    # message.timeout.ms 0: a drift record waits for Kafka's return instead of expiring;
+    # idempotence: the retries of an outage write it once.
+    producer = Producer(
+        {
+            **settings.confluent_config(),
+            "linger.ms": 20,
+            "message.timeout.ms": 0,
+            "enable.idempotence": True,
+        }
+    )
     errors: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:
@@ -769,7 +777,8 @@ def run_monitor(
             # Static membership (one monitor per pipeline): a restarted monitor gets its
             # partitions back at once instead of after the dead one's session timeout;
             # a second monitor started by mistake fences the first out.
-            "group.instance.id": f"{spec.consumer_group}-monitor",
+            "group.instance.id": settings.instance_id or f"{spec.consumer_group}-monitor",
+            "session.timeout.ms": int(settings.kafka_session_timeout * 1000),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
@@ -831,7 +840,9 @@ def run_monitor(
             for msg in batch:
                 err = msg.error()
                 if err is not None:
-                    if err.fatal():  # e.g. fenced: another monitor took this one's place
+                    # e.g. fenced: another monitor took this one's place (librdkafka reports
+                    # it as code _FATAL with fatal() False on the message).
+                    if err.fatal() or err.code() == KafkaError._FATAL:
                         raise StackError(
                             f"monitor {spec.name}: fatal Kafka error {err.str()}; is another "
                             f"monitor running for this pipeline (group.instance.id "

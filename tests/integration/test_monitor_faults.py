@@ -5,6 +5,9 @@
   restarted once more. The verdicts it publishes, its training buffer and the registry
   must be those of the same stream fed to one uninterrupted :class:`Monitor` (the
   reference, offline): no state lost, no retrain run twice.
+* A second monitor for the same pipeline fences the first out (static membership):
+  the first exits with an error naming the cause, the second goes on from the
+  checkpoint.
 * A private redis-server (never the shared one) is paused with SIGSTOP for 20 s while
   the monitor holds a challenger in shadow: the monitor stays alive, shows the outage in
   ``weir_dependency_up`` / ``weir_dependency_retries_total``, and when Redis returns it
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
@@ -40,6 +44,7 @@ from tests.unit.test_retrain_monitor import (
     make_spec,
     trained_champion,
 )
+from weir.errors import StackError
 from weir.settings import Settings, load_settings
 from weir.spec import PipelineSpec, load_spec
 
@@ -220,3 +225,38 @@ def test_monitor_rides_out_a_20s_redis_pause(
             running.stop()
         client.close()
         server.stop()
+
+
+def test_a_second_monitor_fences_the_first_out(
+    settings: Settings, make_topics: Any, redis_client: Any
+) -> None:
+    spec = make_topics.for_spec(make_spec(cooldown=COOLDOWN), partitions=1)
+    champion = trained_champion(spec)
+    registry = ModelRegistry(redis_client, spec)
+    registry.set_alias("champion", registry.save(champion, parent=None, trigger="initial", reason="r").id)
+    records = agrawal_examples(spec, champion, [(6, 600)])
+    first = second = None
+    try:
+        _produce(settings, spec, records[:300])
+        first = fenced = Running(spec, settings, registry, check_seconds=3600)
+        mon1 = fenced.monitor
+        assert mon1 is not None
+        wait_for(lambda: mon1.examples_seen >= 300, 60, "the first monitor to read 300 examples")
+        second = Running(spec, settings, registry, check_seconds=3600)
+        wait_for(lambda: not fenced.thread.is_alive(), 60, "the first monitor to be fenced out")
+        with pytest.raises(StackError, match=r"fatal Kafka error .*fenced.*another monitor"):
+            fenced.stop()
+        first = None
+        _produce(settings, spec, records[300:])
+        mon2 = second.monitor
+        assert mon2 is not None
+        wait_for(lambda: mon2.examples_seen >= 600, 60, "the second monitor to go on to 600 examples")
+        second.stop()
+        second = None
+        assert mon2.examples_seen == 600  # resumed from the first one's checkpoint: nothing twice
+    finally:
+        for r in (first, second):
+            if r is not None:
+                r.stop_event.set()
+                r.thread.join(20)
+        delete_keys(redis_client, spec.redis_prefix)
