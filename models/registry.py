@@ -34,6 +34,7 @@ import builtins
 import dataclasses
 import hashlib
 import hmac
+import logging
 import pickle
 import time
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 
     from weir.settings import Settings
     from weir.spec import PipelineSpec
+
+log = logging.getLogger("weir.registry")
 
 Alias = Literal["champion", "challenger"]
 ALIASES: tuple[str, ...] = ("champion", "challenger")
@@ -176,7 +179,10 @@ class ModelRegistry:
         pipe.set(self.prefix + f"meta:{version.id}", orjson.dumps(record, default=str))
         pipe.rpush(self.prefix + "versions", version.id)
         pipe.execute()
-        self.prune()
+        try:
+            self.prune()
+        except Exception as exc:  # the version is saved; a caller retrying save() would duplicate it
+            log.warning("saved %s but could not prune old versions (next save will): %s", version.id, exc)
         return version
 
     def ids(self) -> list[str]:
