@@ -301,22 +301,50 @@ class LearnerCore:
             self.metrics.joins.labels(self._pipeline, outcome).inc()
 
     def _apply_step(self, results: list[JoinResult], out: StepOutput) -> Step[None]:
-        """Learn the examples of ``hit``/``resolved`` results, then write their markers."""
-        learned: list[tuple[str, int]] = []
+        """Learn the examples of ``hit``/``resolved`` results, then write their markers.
+
+        A label whose learning raises (a poison example) is dead-lettered as
+        ``model_error`` and the rest of the batch goes on; it is marked like a learned one,
+        so neither a redelivery nor the sweep tries it again.
+        """
+        marked: list[tuple[str, int]] = []
+        learned = 0
         for res in results:
             self._count(res.outcome)
             out.results.append(res)
             if res.example is not None and res.outcome in ("hit", "resolved"):
-                self.learn_example(res.example)
-                learned.append((res.event_id, self.labels_learned))
-                out.training_log.append(orjson.dumps(res.example.to_record()))
-                if len(learned) % LEARN_CHUNK == 0:
+                try:
+                    self.learn_example(res.example)
+                except Exception as exc:
+                    out.dead_letters.append(self._model_error(res.example, exc))
+                else:
+                    learned += 1
+                    out.training_log.append(orjson.dumps(res.example.to_record()))
+                marked.append((res.event_id, self.labels_learned))
+                if len(marked) % LEARN_CHUNK == 0:
                     yield None
-        if learned:
+        if marked:
             joiner = self.joiner
-            yield Io(lambda: joiner.mark_learned(learned), "learned markers")
-            if self.metrics is not None:
-                self.metrics.learned.labels(self._pipeline, self._model_name).inc(len(learned))
+            yield Io(lambda: joiner.mark_learned(marked), "learned markers")
+        if self.metrics is not None and learned:
+            self.metrics.learned.labels(self._pipeline, self._model_name).inc(learned)
+
+    def _model_error(self, ex: Example, exc: Exception) -> bytes:
+        """The dead letter of a label whose learning raised: the joined example, as JSON."""
+        text = f"{type(exc).__name__}: {exc}"[:2000]
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(self._pipeline, "model_error").inc()
+        return dead_letter(
+            "model_error",
+            f"learning this label raised {text}; the rest of its batch was learned. The value "
+            "is the joined example (served features and label): fix the model or the label, "
+            "then replay it",
+            self.spec.topics.labels,
+            None,
+            None,
+            orjson.dumps(ex.to_record()),
+            ex.event_id.encode(),
+        )
 
     def learn_example(self, ex: Example) -> None:
         """Prequential step: score what was served, then learn the served features."""
