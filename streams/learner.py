@@ -53,6 +53,9 @@ log = logging.getLogger("weir.learner")
 BATCH = 500
 #: Seconds between sweeps (expiries, held early labels) and status writes.
 SWEEP_EVERY = 1.0
+#: Retries of the learner's calls: 0.1 s doubling to 2 s, so it resumes within ~2.5 s of
+#: a server's return (plus the call itself).
+LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
 
 
 class StepEmitter:
@@ -168,11 +171,6 @@ def start_core(
         core.offsets,
     )
     return core
-
-
-#: Retries of the learner's calls: 0.1 s doubling to 2 s, so it resumes within ~2.5 s of
-#: a server's return (plus the call itself).
-LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
 
 
 class LearnerLoop:
