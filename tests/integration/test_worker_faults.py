@@ -460,3 +460,76 @@ def test_kill9_of_one_of_two_scorers_recovers_fast_and_loses_nothing(
         predictions.stop()
         a.stop()
         b.stop()
+
+
+def test_rerunning_a_partly_applied_feature_batch_serves_what_one_run_serves(
+    settings: Any, redis_client: Any, unique: str
+) -> None:
+    """What the worker relies on when it retries the feature step of a batch after a failure
+    whose outcome it does not know (a timeout: Redis may have applied none, some or all of
+    the pipeline), and when it bisects a batch around a poison event: on the real Redis,
+    running the batch again serves every event the features of one single run, and stores
+    each event once."""
+    import asyncio
+
+    from features.online import RedisFeatureStore
+    from streams.contracts import parse_event
+
+    def spec_named(name: str) -> PipelineSpec:
+        return parse_spec(
+            {
+                "name": name,
+                "task": "binary",
+                "fields": {"x": "numeric"},
+                "features": [
+                    {"agg": "raw", "field": "x"},
+                    {"agg": "count", "window": "1h"},
+                    {"agg": "sum", "field": "x", "window": "1h"},
+                    {"agg": "since_prev", "window": "1d"},
+                ],
+                "lateness": "30s",
+                "model": {"name": "m", "steps": ["river.linear_model.LogisticRegression"]},
+            }
+        )
+
+    once, again = spec_named(f"once-{unique}"), spec_named(f"again-{unique}")
+    t0 = time.time() - 600
+    raw = [
+        orjson.dumps(
+            {"event_id": f"e{i}", "entity_id": f"c{i % 3}", "ts": t0 + i - 40 * (i == 7), "data": {"x": i}}
+        )
+        for i in range(12)
+    ]  # e7 is later than the lateness: late in every run
+
+    async def run() -> None:
+        client = settings.redis_async()
+        try:
+            ref_store, store = RedisFeatureStore(once), RedisFeatureStore(again)
+            events = [parse_event(r, once, time.time()) for r in raw]
+            reference = await ref_store.acompute_batch(client, events)
+            # A failed attempt that Redis applied in part (a prefix: a pipeline runs in order).
+            await store.acompute_batch(client, events[:5])
+            retried = await store.acompute_batch(client, events)
+            # Bisection around a poison event re-runs halves of the batch, left first.
+            halves = await store.acompute_batch(client, events[:6]) + await store.acompute_batch(
+                client, events[6:]
+            )
+        finally:
+            await client.aclose()
+        assert [r.features for r in retried] == [r.features for r in reference]
+        assert [r.features for r in halves] == [r.features for r in reference]
+        assert [r.status for r in reference].count("late") == 1 and reference[7].status == "late"
+        assert [r.status for r in retried] == ["duplicate"] * 5 + [r.status for r in reference[5:]]
+        assert all(r.status in ("duplicate", "late") for r in halves)
+
+    try:
+        asyncio.run(run())
+        for entity in ("c0", "c1", "c2"):  # each event stored once
+            assert redis_client.zcard(f"{again.redis_prefix}:win:{entity}") == redis_client.zcard(
+                f"{once.redis_prefix}:win:{entity}"
+            )
+    finally:
+        for spec in (once, again):
+            keys = list(redis_client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000))
+            if keys:
+                redis_client.delete(*keys)
