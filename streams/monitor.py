@@ -614,9 +614,13 @@ Offsets = dict[str, dict[int, int]]
 
 
 def _read_back(
-    settings: Settings, spec: PipelineSpec, positions: list[Position], timeout: float = 60.0
+    settings: Settings, spec: PipelineSpec, positions: list[Position], timeout: float = 30.0
 ) -> dict[Position, dict[str, Any]]:
-    """The training-log records at ``positions`` (the checkpointed buffer), by position."""
+    """The training-log records at ``positions`` (the checkpointed buffer), by position.
+
+    Records the topic's retention deleted are missing from the result. Raises StackError
+    (retried by the caller) when a partition's end could not be reached: Kafka is away.
+    """
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
     topic = spec.topics.training_log
@@ -664,6 +668,11 @@ def _read_back(
                     done.add(p)
     finally:
         consumer.close()
+    if len(done) < len(first):
+        raise StackError(
+            f"could not read the monitor's buffer back from {topic!r} within {timeout:g}s "
+            f"({len(out)} of {len(wanted)} records); is Kafka at {settings.kafka_bootstrap} up?"
+        )
     return out
 
 
@@ -770,6 +779,7 @@ def run_monitor(
                 tp.offset = off
         consumer.assign(partitions)
 
+    instance_id = settings.instance_id or f"{spec.consumer_group}-monitor"
     consumer = Consumer(
         {
             **settings.confluent_config(),
@@ -777,7 +787,7 @@ def run_monitor(
             # Static membership (one monitor per pipeline): a restarted monitor gets its
             # partitions back at once instead of after the dead one's session timeout;
             # a second monitor started by mistake fences the first out.
-            "group.instance.id": settings.instance_id or f"{spec.consumer_group}-monitor",
+            "group.instance.id": instance_id,
             "session.timeout.ms": int(settings.kafka_session_timeout * 1000),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -834,64 +844,71 @@ def run_monitor(
     kafka_errors = 0
     clean = False
     try:
-        while not stop.is_set():
-            batch = consumer.consume(500, timeout=0.2)
-            failed = False
-            for msg in batch:
-                err = msg.error()
-                if err is not None:
-                    # e.g. fenced: another monitor took this one's place (librdkafka reports
-                    # it as code _FATAL with fatal() False on the message).
-                    if err.fatal() or err.code() == KafkaError._FATAL:
-                        raise StackError(
-                            f"monitor {spec.name}: fatal Kafka error {err.str()}; is another "
-                            f"monitor running for this pipeline (group.instance.id "
-                            f"{spec.consumer_group}-monitor)? Run exactly one"
-                        )
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        failed = True
-                        kafka_errors += 1
-                        health.failed("kafka")
-                        if kafka_errors <= 3 or kafka_errors % 100 == 0:
-                            log.warning("consume error (%d so far): %s", kafka_errors, err.str())
-                    continue
-                topic, part, off = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-                applied += 1
-                try:
-                    obj = orjson.loads(msg.value() or b"null")
-                except orjson.JSONDecodeError:
-                    log.warning("skipping non-JSON message on %s @%s", topic, off)
-                    obj = None
-                if not isinstance(obj, dict):
+        try:
+            while not stop.is_set():
+                batch = consumer.consume(500, timeout=0.2)
+                failed = False
+                for msg in batch:
+                    err = msg.error()
+                    if err is not None:
+                        # e.g. fenced: another monitor took this one's place (librdkafka reports
+                        # it as code _FATAL with fatal() False on the message).
+                        if err.fatal() or err.code() == KafkaError._FATAL:
+                            raise StackError(
+                                f"monitor {spec.name}: fatal Kafka error {err.str()}; is another "
+                                f"monitor running for this pipeline (group.instance.id "
+                                f"{instance_id!r})? Run exactly one"
+                            )
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            failed = True
+                            kafka_errors += 1
+                            health.failed("kafka")
+                            if kafka_errors <= 3 or kafka_errors % 100 == 0:
+                                log.warning("consume error (%d so far): %s", kafka_errors, err.str())
+                        continue
+                    topic, part, off = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+                    applied += 1
+                    try:
+                        obj = orjson.loads(msg.value() or b"null")
+                    except orjson.JSONDecodeError:
+                        log.warning("skipping non-JSON message on %s @%s", topic, off)
+                        obj = None
+                    if not isinstance(obj, dict):
+                        if topic == t.predictions:
+                            pending[(topic, part)] = off
+                        else:
+                            flush_predictions()
+                            mark(topic, part, off)
+                        continue
                     if topic == t.predictions:
+                        predictions.append(obj)  # fed as one vectorised batch
                         pending[(topic, part)] = off
-                    else:
-                        flush_predictions()
-                        mark(topic, part, off)
-                    continue
-                if topic == t.predictions:
-                    predictions.append(obj)  # fed as one vectorised batch
-                    pending[(topic, part)] = off
-                    continue
-                flush_predictions()  # keep the order across topics
-                if topic == t.training_log:
-                    monitor.on_example(obj, (part, off))
-                elif topic == t.model_control:
-                    monitor.on_control(obj)
-                mark(topic, part, off)
-                if monitor.transitions != checkpointed_transitions:
-                    checkpoint()  # a decision moved the registry: make it durable now
-            flush_predictions()
-            if batch and not failed:
-                health.ok("kafka")
-            if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
-                monitor.check()
-            if monitor.transitions != checkpointed_transitions or (
-                applied and time.monotonic() - last_checkpoint >= checkpoint_seconds
-            ):
-                checkpoint()
-            producer.poll(0)
-        clean = True
+                        continue
+                    flush_predictions()  # keep the order across topics
+                    if topic == t.training_log:
+                        monitor.on_example(obj, (part, off))
+                    elif topic == t.model_control:
+                        monitor.on_control(obj)
+                    mark(topic, part, off)
+                    if monitor.transitions != checkpointed_transitions:
+                        checkpoint()  # a decision moved the registry: make it durable now
+                flush_predictions()
+                if batch and not failed:
+                    health.ok("kafka")
+                if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
+                    monitor.check()
+                if monitor.transitions != checkpointed_transitions or (
+                    applied and time.monotonic() - last_checkpoint >= checkpoint_seconds
+                ):
+                    checkpoint()
+                producer.poll(0)
+            clean = True
+        except Exception:
+            if not stop.is_set():
+                raise
+            # Stopped while a call was being retried through an outage: the state in hand
+            # may be half-applied, so it is not checkpointed; the restart resumes from the last.
+            log.warning("monitor %s stopped during an outage; it resumes from its last checkpoint", spec.name)
     finally:
         try:
             if clean and applied and not reg.interrupted:
@@ -911,7 +928,7 @@ def run_monitor(
     return monitor
 
 
-def _restore(monitor: Monitor, registry: Any, settings: Settings, spec: PipelineSpec) -> Offsets:
+def _restore(monitor: Monitor, registry: RetryingRegistry, settings: Settings, spec: PipelineSpec) -> Offsets:
     """Take up the last checkpoint, if any: state, buffer (read back) and offsets."""
     from weir.errors import ModelError
 
@@ -934,7 +951,13 @@ def _restore(monitor: Monitor, registry: Any, settings: Settings, spec: Pipeline
         monitor.reconcile()
         return {}
     positions = [tuple(p) for p in state["positions"] if p is not None]
-    records = _read_back(settings, spec, positions)  # type: ignore[arg-type]
+    records = retry_sync(
+        lambda: _read_back(settings, spec, positions),  # type: ignore[arg-type]
+        what="reading the training buffer back",
+        health=registry.health,
+        backoff=registry.backoff,
+        stop=registry.stop,
+    )
     missing = monitor.restore(state, records)
     if missing:
         log.warning(
