@@ -38,9 +38,11 @@ Faults (issue #11), what the score agent does:
 * **Fast restart**: the worker joins its consumer group as a static member
   (``group.instance.id``, :func:`claim_instance_id`): a restarted process rejoins under
   the same id and gets its partitions back without waiting for a session timeout. The
-  session timeout (``WEIR_KAFKA_SESSION_TIMEOUT``, 30 s) only bounds how long the
+  session timeout (``WEIR_KAFKA_SESSION_TIMEOUT``, 45 s) only bounds how long the
   partitions of a worker that does not come back (or was scaled down: a static member
-  does not leave its group on shutdown) wait before the others take them over.
+  does not leave its group on shutdown) wait before the others take them over; it is
+  longer than the 30 s broker pause the fault suite rides out, since a broker that
+  resumes expires the sessions it did not hear from.
 """
 
 from __future__ import annotations

@@ -62,13 +62,14 @@ class Settings(BaseSettings):
         "counts as failed and is retried with backoff (a hung Redis must not hang Weir).",
     )
     kafka_session_timeout: float = Field(
-        30.0,
+        45.0,
         ge=6,
         le=300,
         description="`WEIR_KAFKA_SESSION_TIMEOUT`: seconds a worker may go silent before Kafka gives "
         "its partitions to the others. A restarted worker takes its partitions back at once "
         "(static membership, `WEIR_INSTANCE_ID`); this bounds how long the partitions of a "
-        "worker that is gone for good (or scaled down) wait.",
+        "worker that is gone for good (or scaled down) wait. Keep it above the longest broker "
+        "pause to ride out (a paused broker expires the sessions it did not hear from).",
     )
     instance_id: str | None = Field(
         None,
