@@ -9,7 +9,7 @@ SPEC ?= examples/demo.yaml
 DURATION ?= 60
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps up down status logs test test-unit test-integration lint fmt demo bench clean
+.PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test-unit: $(STAMP) ## unit tests only (no servers)
 
 test-integration: install ## integration tests only
 	$(PYTEST) -q tests/integration
+
+test-faults: install ## the fault suite: kill -9, paused/restarted servers, bad input (docs/reliability.md)
+	$(PYTEST) -q -p no:cacheprovider -s tests/integration/test_faults.py --durations=0
 
 lint: $(STAMP) ## ruff, mypy, and shellcheck on the shell scripts in deploy/ and .ci/
 	$(VENV)/bin/ruff check .
