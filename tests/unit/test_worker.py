@@ -256,3 +256,26 @@ def test_one_attempt_reports_what_is_missing_as_transient() -> None:
     output.emit(_batch(2))
     with pytest.raises(StackError, match="did not acknowledge 3 record"):
         asyncio.run(output.flush())
+
+
+def test_every_agent_of_the_app_ends_the_process_when_it_fails(tmp_path: Path) -> None:
+    """faust would restart a crashed agent (and a restarted take_events agent was seen to
+    idle): create_app hooks every agent's on_error to the fatal exit instead."""
+    from river import linear_model
+
+    from streams.scoring import StaticModel
+    from streams.worker import create_app
+
+    fatal: list[tuple[str, BaseException]] = []
+    settings = load_settings(data_dir=str(tmp_path))
+    model = StaticModel(linear_model.LogisticRegression(), "m", "v1")
+    app = create_app(
+        _spec(), settings, role="scorer", models=model, on_fatal=lambda w, e: fatal.append((w, e))
+    )
+    agents = list(app.agents.values())
+    assert agents, "the app has its score agent"
+    boom = RuntimeError("boom")
+    for agent in agents:
+        asyncio.run(agent._on_error(agent, boom))
+    assert [e for _, e in fatal] == [boom] * len(agents)
+    assert "score" in fatal[0][0]
