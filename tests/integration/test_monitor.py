@@ -91,8 +91,19 @@ class Running:
         return self.monitor
 
 
-def _drift_records(consume_all: Any, spec: PipelineSpec) -> list[DriftRecord]:
-    msgs = consume_all(spec.topics.drift, 100_000, timeout=3.0, allow_fewer=True)
+def drift_records(settings: Settings, consume_all: Any, spec: PipelineSpec) -> list[DriftRecord]:
+    """Every record on the drift topic up to its end now (read until the high watermarks)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({**settings.confluent_config(), "group.id": f"{spec.name}-watermarks"})
+    try:
+        md = c.list_topics(spec.topics.drift, timeout=10).topics[spec.topics.drift]
+        ends = [
+            c.get_watermark_offsets(TopicPartition(spec.topics.drift, p), timeout=10) for p in md.partitions
+        ]
+    finally:
+        c.close()
+    msgs = consume_all(spec.topics.drift, sum(high - low for low, high in ends), timeout=60.0)
     return [DriftRecord.from_dict(orjson.loads(m.value())) for m in msgs]
 
 
@@ -131,7 +142,7 @@ def test_concept_change_is_detected_retrained_and_promoted(
         assert promoted.meta["data_sha256"] and promoted.meta["window"]["since_ts"] is not None
         assert registry.alias("challenger") is None
 
-        out = _drift_records(consume_all, spec)
+        out = drift_records(settings, consume_all, spec)
         perf = [r for r in out if r.kind == "performance" and r.drifted]
         assert perf, "no performance drift record on the drift topic"
         seen = (perf[0].detail or {})["labels_seen"]
@@ -168,7 +179,7 @@ def test_stationary_stream_causes_no_retrain(
         running.stop()
         assert mon.retrains == 0 and mon.promotions == []
         assert registry.alias("champion") == first and len(registry.list()) == 1
-        out = _drift_records(consume_all, spec)
+        out = drift_records(settings, consume_all, spec)
         decisions = [r for r in out if r.kind == "decision"]
         assert decisions and not any(r.drifted for r in decisions)
         assert not any(r.kind == "performance" and r.drifted for r in out)

@@ -9,9 +9,10 @@
   the first exits with an error naming the cause, the second goes on from the
   checkpoint.
 * A private redis-server (never the shared one) is paused with SIGSTOP for 20 s while
-  the monitor holds a challenger in shadow: the monitor stays alive, shows the outage in
-  ``weir_dependency_up`` / ``weir_dependency_retries_total``, and when Redis returns it
-  finishes the shadow (promotion) with every record read.
+  the monitor holds a challenger in shadow, then killed -9 and restarted: the monitor
+  stays alive, shows the outage in ``weir_dependency_up`` /
+  ``weir_dependency_retries_total``, and when Redis returns it finishes the shadow
+  (promotion) with every record read and the registry intact.
 
 Checks are count-driven (``--check-seconds 3600``) so the live runs and the reference
 take their decisions at the same records.
@@ -36,7 +37,7 @@ from streams.monitor import CHECKPOINT
 from tests.integration.conftest import wait_for
 from tests.integration.private_redis import PrivateRedis
 from tests.integration.processes import WeirProcess
-from tests.integration.test_monitor import Running
+from tests.integration.test_monitor import Running, drift_records
 from tests.unit.test_retrain_monitor import (
     MemoryRegistry,
     agrawal_examples,
@@ -78,11 +79,6 @@ def _verdicts(records: list[DriftRecord]) -> list[tuple[Any, ...]]:
             d = r.detail or {}
             out.append((r.name, r.statistic, r.value, d["candidate"], d["incumbent"], d["labels"]))
     return out
-
-
-def _drift(consume_all: Any, spec: PipelineSpec) -> list[DriftRecord]:
-    msgs = consume_all(spec.topics.drift, 100_000, timeout=3.0, allow_fewer=True)
-    return [DriftRecord.from_dict(orjson.loads(m.value())) for m in msgs]
 
 
 def test_kill_9_mid_shadow_and_mid_rollback_watch_loses_nothing(
@@ -145,7 +141,7 @@ def test_kill_9_mid_shadow_and_mid_rollback_watch_loses_nothing(
         assert [r["event_id"] for r in mon.buffer] == [r["event_id"] for r in ref.buffer]
         assert list(mon.positions) == list(ref.positions)
         assert mon.promotions == ["v2"] and mon.guard is None and mon.shadow is None
-        live = _verdicts(_drift(consume_all, spec))
+        live = _verdicts(drift_records(settings, consume_all, spec))
         # The same verdicts as the uninterrupted reference (a verdict replayed after a
         # kill in the instant before its checkpoint would repeat, identical).
         assert sorted(set(live)) == sorted(set(_verdicts(ref_out)))
@@ -159,7 +155,7 @@ def test_kill_9_mid_shadow_and_mid_rollback_watch_loses_nothing(
     print(f"\nkill -9 test: {time.monotonic() - t0:.1f}s")
 
 
-def test_monitor_rides_out_a_20s_redis_pause(
+def test_monitor_rides_out_a_20s_redis_pause_and_a_redis_restart(
     settings: Settings, make_topics: Any, consume_all: Any, tmp_path: Path
 ) -> None:
     server = PrivateRedis(tmp_path / "redis")
@@ -170,6 +166,7 @@ def test_monitor_rides_out_a_20s_redis_pause(
     ref, ref_out, moments = _reference(spec, champion, records)
     assert ref.promotions == ["v2"]
     cut = moments[0][0] + 100  # the challenger is in shadow when Redis stops
+    mid = cut + 150  # ... and still when it is killed and restarted
 
     client = server.client()
     registry = ModelRegistry(client, spec)
@@ -197,17 +194,25 @@ def test_monitor_rides_out_a_20s_redis_pause(
 
         server.pause()
         paused = time.monotonic()
-        _produce(settings, spec, records[cut:])
+        _produce(settings, spec, records[cut:mid])
         wait_for(lambda: up() == 0.0, 30, "weir_dependency_up{redis} to show the pause")
         while time.monotonic() - paused < 20:
             assert running.thread.is_alive(), "the monitor exited during the Redis pause"
             time.sleep(0.5)
-        assert mon.examples_seen < len(records), "the monitor did not pause"
+        assert mon.examples_seen < mid, "the monitor did not pause"
         assert retries() >= 1 and up() == 0.0
         server.resume()
         resumed = time.monotonic()
         wait_for(lambda: up() == 1.0, 30, "weir_dependency_up{redis} back to 1")
         back_after = time.monotonic() - resumed
+        wait_for(lambda: mon.examples_seen >= mid, 60, f"the monitor to read {mid} examples")
+
+        # Redis killed -9 and restarted from its append-only file: nothing acknowledged is lost.
+        server.kill()
+        _produce(settings, spec, records[mid:])
+        time.sleep(3)
+        assert running.thread.is_alive(), "the monitor exited while Redis was down"
+        server.start()
         wait_for(lambda: mon.examples_seen >= len(records), 60, "the monitor to read every example")
         wait_for(
             lambda: _checkpoint(registry).get("examples_seen") == len(records), 30, "the last checkpoint"
@@ -217,7 +222,9 @@ def test_monitor_rides_out_a_20s_redis_pause(
         running = None
         assert mon.promotions == ["v2"] and registry.alias("champion") == "v2"
         assert [v.id for v in registry.list()] == ["v1", "v2"]
-        assert sorted(set(_verdicts(_drift(consume_all, spec)))) == sorted(set(_verdicts(ref_out)))
+        assert sorted(set(_verdicts(drift_records(settings, consume_all, spec)))) == sorted(
+            set(_verdicts(ref_out))
+        )
         print(f"\nRedis paused 20 s: the monitor was working again {back_after:.1f}s after SIGCONT")
     finally:
         if running is not None:
