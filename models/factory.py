@@ -2,8 +2,16 @@
 
 ``build_model(spec.model)`` imports each step by dotted path, builds nested components
 (a parameter that is a mapping with a ``class`` key), checks the result is a River
-estimator and chains the steps with ``|``. ``predict``, ``learn`` and ``coerce_label``
-are the only places that know how a task's labels look to the model:
+estimator and chains the steps with ``|``.
+
+A spec is data, not code: every dotted path in it (steps and nested components) must
+start with an allowed prefix, ``river.`` plus the operator's ``WEIR_MODEL_ALLOW``, and
+the whole tree is checked before anything is imported or called
+(:func:`check_allowed`). A name that starts with ``_``, or an object re-exported from
+outside the allowed packages (``river.x.copy``), is refused as well.
+
+``predict``, ``learn`` and ``coerce_label`` are the only places that know how a task's
+labels look to the model:
 
 * binary: ``bool`` (``True`` is the positive class). ``proba`` is ``{"False": p, "True": q}``.
 * multiclass: ``str``. ``proba`` is ``{class: p}``.
@@ -29,6 +37,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from features.base import to_model_input
@@ -42,7 +51,93 @@ _TRUE = {"1", "true", "yes", "t"}
 _FALSE = {"0", "false", "no", "f"}
 
 
-def _import(path: str, where: str) -> Any:
+#: Always allowed: River's own classes. An operator adds prefixes with ``WEIR_MODEL_ALLOW``.
+DEFAULT_ALLOWED: tuple[str, ...] = ("river.",)
+
+
+def allowed_prefixes() -> tuple[str, ...]:
+    """``river.`` plus the prefixes of ``WEIR_MODEL_ALLOW`` (the process settings)."""
+    from weir.settings import get_settings
+
+    return get_settings().model_allow_prefixes()
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    # "mypkg.models." allows mypkg.models.X; "mypkg.models" allows that module and below.
+    for prefix in prefixes:
+        if prefix.endswith("."):
+            if path.startswith(prefix):
+                return True
+        elif path == prefix or path.startswith(prefix + "."):
+            return True
+    return False
+
+
+def _components(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """``(where, dotted path)`` of every component in a parameter value, nested ones too."""
+    if _is_component(value):
+        yield f"{where}.class", str(value["class"])
+        for k, v in dict(value.get("params") or {}).items():
+            yield from _components(v, f"{where}.params.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _components(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _components(v, f"{where}.{k}")
+
+
+def _refusal(where: str, path: str, prefixes: Sequence[str]) -> str | None:
+    if any(part.startswith("_") for part in path.split(".")):
+        return (
+            f"{where}: {path!r} names a private attribute (a part starts with '_'); "
+            "name a public class, e.g. 'river.linear_model.LogisticRegression'"
+        )
+    if not _under(path, prefixes):
+        top = path.split(".")[0]
+        return (
+            f"{where}: {path!r} is not allowed: a spec may only name classes under "
+            f"{', '.join(repr(p) for p in prefixes)}; use a River class, or, if {top!r} is "
+            f"your own trusted package, allow it with WEIR_MODEL_ALLOW={top}. "
+            "(comma separated prefixes)"
+        )
+    return None
+
+
+def check_allowed(model_spec: ModelSpec, prefixes: Sequence[str] | None = None) -> None:
+    """Refuse a spec naming anything outside ``prefixes``; imports and calls nothing.
+
+    Args:
+        model_spec: the spec's ``model``; every step and nested component is checked.
+        prefixes: allowed dotted-path prefixes; default :func:`allowed_prefixes`.
+
+    Raises:
+        ModelError: naming every refused ``steps[i]...class``, the allowed prefixes and the fix.
+
+    Examples:
+        >>> from weir.spec import ModelSpec
+        >>> check_allowed(ModelSpec.model_validate({"steps": ["subprocess.run"]}), ["river."])
+        Traceback (most recent call last):
+        ...
+        weir.errors.ModelError: model.steps[0].class: 'subprocess.run' is not allowed: ...
+    """
+    prefixes = tuple(prefixes) if prefixes is not None else allowed_prefixes()
+    problems = []
+    for i, step in enumerate(model_spec.steps):
+        tree = {"class": step.cls, "params": step.params}
+        for where, path in _components(tree, f"model.steps[{i}]"):
+            problem = _refusal(where, path, prefixes)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise ModelError("\n".join(problems))
+
+
+def _import(path: str, where: str, prefixes: Sequence[str]) -> Any:
+    # The allowlist is checked here too, so no caller can import around it.
+    problem = _refusal(where, path, prefixes)
+    if problem:
+        raise ModelError(problem)
     module_name, _, attr = path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -62,7 +157,7 @@ def _import(path: str, where: str) -> Any:
             "give the full dotted path, e.g. 'river.linear_model.LogisticRegression'"
         ) from None
     try:
-        return getattr(module, attr)
+        target = getattr(module, attr)
     except AttributeError:
         public = [n for n in dir(module) if not n.startswith("_")]
         close = difflib.get_close_matches(attr, public, n=3)
@@ -72,30 +167,39 @@ def _import(path: str, where: str) -> Any:
             else f"{module_name} has: {', '.join(sorted(public)[:20])}"
         )
         raise ModelError(f"{where}: {module_name!r} has no {attr!r} (got {path!r}); {hint}") from None
+    # An allowed module may re-export something from elsewhere (river.x imports copy, scipy...):
+    # what is called must itself be defined under an allowed prefix.
+    origin = getattr(target, "__module__", None) or ""
+    if not _under(f"{origin}.{attr}", prefixes):
+        raise ModelError(
+            f"{where}: {path!r} is defined in {origin or 'an unknown module'!r}, outside the "
+            f"allowed {', '.join(repr(p) for p in prefixes)}; name the class where it is defined"
+        )
+    return target
 
 
 def _is_component(value: Any) -> bool:
     return isinstance(value, dict) and "class" in value
 
 
-def _build_value(value: Any, where: str) -> Any:
+def _build_value(value: Any, where: str, prefixes: Sequence[str]) -> Any:
     if _is_component(value):
         extra = set(value) - {"class", "params"}
         if extra:
             raise ModelError(
                 f"{where}: a component takes only 'class' and 'params', got keys {sorted(extra)}"
             )
-        return _build(str(value["class"]), dict(value.get("params") or {}), where)
+        return _build(str(value["class"]), dict(value.get("params") or {}), where, prefixes)
     if isinstance(value, list):
-        return [_build_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_build_value(v, f"{where}[{i}]", prefixes) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _build_value(v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _build_value(v, f"{where}.{k}", prefixes) for k, v in value.items()}
     return value
 
 
-def _build(path: str, params: dict[str, Any], where: str) -> Any:
-    target = _import(path, f"{where}.class")
-    kwargs = {k: _build_value(v, f"{where}.params.{k}") for k, v in params.items()}
+def _build(path: str, params: dict[str, Any], where: str, prefixes: Sequence[str]) -> Any:
+    target = _import(path, f"{where}.class", prefixes)
+    kwargs = {k: _build_value(v, f"{where}.params.{k}", prefixes) for k, v in params.items()}
     if not callable(target):
         raise ModelError(f"{where}.class: {path!r} is not a class or factory; name a River class")
     try:
@@ -117,25 +221,40 @@ def _build(path: str, params: dict[str, Any], where: str) -> Any:
         raise ModelError(f"{where}: {path}(**{params!r}) failed: {exc}") from None
 
 
-def build_component(component: ComponentSpec, where: str = "component") -> Any:
-    """Build one component (estimator, optimizer, loss...) with its nested components."""
-    return _build(component.cls, dict(component.params), where)
+def build_component(
+    component: ComponentSpec, where: str = "component", prefixes: Sequence[str] | None = None
+) -> Any:
+    """Build one component (estimator, optimizer, loss...) with its nested components.
+
+    Every dotted path must be under ``prefixes`` (default :func:`allowed_prefixes`).
+    """
+    prefixes = tuple(prefixes) if prefixes is not None else allowed_prefixes()
+    tree = {"class": component.cls, "params": component.params}
+    for w, path in _components(tree, where):
+        problem = _refusal(w, path, prefixes)
+        if problem:
+            raise ModelError(problem)
+    return _build(component.cls, dict(component.params), where, prefixes)
 
 
-def build_model(model_spec: ModelSpec) -> Any:
+def build_model(model_spec: ModelSpec, prefixes: Sequence[str] | None = None) -> Any:
     """Build the River estimator described by ``model_spec`` (steps chained with ``|``).
 
     With ``model_spec.features`` the pipeline starts with ``compose.Select`` of them.
+    Every step is checked against the allowlist (``prefixes``, default ``river.`` plus
+    ``WEIR_MODEL_ALLOW``) before the first import.
 
     Raises:
         ModelError: naming ``steps[i].class`` (or ``.params``), the bad value and the fix.
     """
     from river import base
 
+    prefixes = tuple(prefixes) if prefixes is not None else allowed_prefixes()
+    check_allowed(model_spec, prefixes)
     model: Any = None
     for i, step in enumerate(model_spec.steps):
         where = f"model.steps[{i}]"
-        built = build_component(step, where)
+        built = build_component(step, where, prefixes)
         if not isinstance(built, base.Estimator):
             raise ModelError(
                 f"{where}.class: {step.cls!r} builds a {type(built).__name__}, not a River "

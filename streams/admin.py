@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +22,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from weir.errors import StackError
+from weir.redact import redact_url
 from weir.spec import PipelineSpec
 
 if TYPE_CHECKING:
@@ -217,25 +217,6 @@ def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:
     for i in range(0, len(keys), chunk):
         client.delete(*keys[i : i + chunk])
     return len(keys)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for messages and logs).
-
-    Examples:
-        >>> redact_url("redis://:s3cret@cache:6379/0")
-        'redis://:***@cache:6379/0'
-        >>> redact_url("redis://127.0.0.1:6379/0")
-        'redis://127.0.0.1:6379/0'
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _topic_names(

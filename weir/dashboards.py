@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from weir.errors import WeirError
+from weir.redact import redact_url
 
 #: uid of the Prometheus data source that deploy/grafana provisions.
 DATASOURCE_UID = "weir-prometheus"
@@ -441,7 +442,9 @@ def _api_url(url: str) -> tuple[str, str]:
     """(URL for grafana-client, base URL for links without credentials)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DashboardError(f"--url must be an http(s) URL like http://localhost:3000, got {url!r}")
+        raise DashboardError(
+            f"--url must be an http(s) URL like http://localhost:3000, got {redact_url(url)!r}"
+        )
     # grafana-client appends "api" to the path as is: a sub-path needs its trailing slash.
     path = parts.path.rstrip("/")
     path = path + "/" if path else ""
@@ -466,6 +469,7 @@ def publish(
 
     dashboards = load_dashboards(dashboards_dir)
     api_url, base = _api_url(url)
+    url = redact_url(url)  # messages name the server, never its password
     grafana = GrafanaApi.from_url(api_url, credential=credential, timeout=timeout)
     current = "looking up folders"
 

@@ -8,6 +8,7 @@ never logged or printed (``weir config`` shows them as ``**********``).
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -89,6 +90,12 @@ class Settings(BaseSettings):
         description="`WEIR_MODEL_KEY`: HMAC key for model snapshots (secret); "
         "when set, snapshots without a valid HMAC are refused.",
     )
+    model_allow: str = Field(
+        "",
+        description="`WEIR_MODEL_ALLOW`: extra dotted-path prefixes a spec's model steps may name, "
+        "comma separated (e.g. `mypkg.models.,other.`); `river.` is always allowed and nothing "
+        "else is imported from a spec.",
+    )
     data_dir: str = Field(
         ".weir", description="`WEIR_DATA_DIR`: where Weir keeps local state, logs and reports."
     )
@@ -107,6 +114,23 @@ class Settings(BaseSettings):
                     "e.g. WEIR_KAFKA_BOOTSTRAP=127.0.0.1:9092"
                 )
         return v
+
+    @field_validator("model_allow")
+    @classmethod
+    def _allow_prefixes(cls, v: str) -> str:
+        for part in v.split(","):
+            p = part.strip()
+            if p and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\.?", p):
+                raise ValueError(
+                    f"each prefix must be a dotted module path like 'mypkg.models.', got {p!r}; "
+                    "separate prefixes with commas"
+                )
+        return v
+
+    def model_allow_prefixes(self) -> tuple[str, ...]:
+        """The dotted-path prefixes a spec's model steps may name: ``river.`` first."""
+        extra = [p.strip() for p in self.model_allow.split(",") if p.strip()]
+        return tuple(dict.fromkeys(["river.", *extra]))
 
     @field_validator("redis_url")
     @classmethod
@@ -209,11 +233,17 @@ class Settings(BaseSettings):
         return aioredis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
 
     def safe_dump(self) -> dict[str, Any]:
-        """Settings for display: secrets masked."""
+        """Settings for display: secrets masked, and the password of any URL (``WEIR_REDIS_URL``)."""
+        from weir.redact import redact_url
+
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             v = getattr(self, name)
-            out[name] = "**********" if isinstance(v, SecretStr) else v
+            if isinstance(v, SecretStr):
+                v = "**********"
+            elif isinstance(v, str) and "://" in v:
+                v = redact_url(v)
+            out[name] = v
         return out
 
 

@@ -23,11 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _registry(spec_path: str) -> Any:
     from models.registry import ModelRegistry, registry_key
+    from streams.admin import check_redis
     from weir.settings import get_settings
     from weir.spec import load_spec
 
     spec = load_spec(spec_path)
     settings = get_settings()
+    check_redis(settings)  # an unreachable Redis is one line naming it (password hidden)
     return ModelRegistry(settings.redis(), spec, key=registry_key(settings))
 
 

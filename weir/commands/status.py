@@ -23,11 +23,13 @@ def run(args: argparse.Namespace) -> int:
 
     from models.learner import status_key
     from models.registry import ModelRegistry, registry_key
+    from streams.admin import check_redis
     from weir.settings import get_settings
     from weir.spec import load_spec
 
     spec = load_spec(args.spec)
     settings = get_settings()
+    check_redis(settings)  # an unreachable Redis is one line naming it (password hidden)
     client = settings.redis()
     raw = client.get(status_key(spec))
     status: dict[str, Any] = orjson.loads(raw) if raw else {}
