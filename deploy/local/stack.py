@@ -684,6 +684,8 @@ appenddirname "appendonlydir"
 aof-use-rdb-preamble yes
 # The AOF is the persistence; no extra RDB snapshots on a timer.
 save ""
+# Never evict: the registry, snapshots and checkpoints must not vanish to make room.
+maxmemory-policy noeviction
 """
 
 

@@ -27,6 +27,7 @@ def test_acknowledged_writes_survive_a_kill_9(tmp_path: Path) -> None:
         cfg = client.config_get("append*")
         assert cfg["appendonly"] == "yes" and cfg["appendfsync"] == "everysec"
         assert client.config_get("dir")["dir"] == str(server.dir)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         client.set("weir:test:registry:alias:champion", "v7")
         client.rpush("weir:test:registry:versions", "v1", "v7")
         time.sleep(1.5)  # everysec: at most a second of writes may be lost
