@@ -255,6 +255,8 @@ class Scorer:
         served: The served-record store the learner joins labels against, or None.
         health: ``weir_dependency_up`` of this process, set while Redis calls are retried.
         backoff: Delays between retries of a Redis call that failed transiently.
+        stop: True once the process is stopping: a retry then gives up (raising the last
+            error) instead of holding the shutdown until the server is back.
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class Scorer:
         *,
         health: DependencyHealth | None = None,
         backoff: Backoff = Backoff(),
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.spec = spec
         self.features = features
@@ -275,10 +278,16 @@ class Scorer:
         self.served = served
         self.health = health
         self.backoff = backoff
+        self.stop = stop
 
     async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         return await retry_async(
-            op, what=what, health=self.health, backoff=self.backoff, transient=is_transient_failure
+            op,
+            what=what,
+            health=self.health,
+            backoff=self.backoff,
+            stop=self.stop,
+            transient=is_transient_failure,
         )
 
     async def compute_features(

@@ -4,6 +4,7 @@ disturbs no one else).
 
 * Redis paused (SIGSTOP) for 20 s mid-stream: the worker stays up, shows
   ``weir_dependency_up{dependency="redis"} 0`` then 1, and every event gets its prediction.
+  A SIGTERM during a second pause stops it within seconds and its successor loses nothing.
 * A failure injected into the batches in flight (Redis refuses the feature script, NOPERM,
   for a few seconds) and poison events (the model raises on them): every good event is
   predicted, each poison event is dead-lettered with ``model_error``, nothing else is.
@@ -137,10 +138,13 @@ def spec(make_topics: Any, private_redis: PrivateRedis, monkeypatch: pytest.Monk
     )
     spec = make_topics.for_spec(base)
     registry = ModelRegistry(private_redis.client(), spec)
-    version = registry.save(build_model(spec.model), parent=None, trigger="manual", reason="test")
+    model = build_model(spec.model, prefixes=("river.", "tests."))
+    version = registry.save(model, parent=None, trigger="manual", reason="test")
     registry.set_alias("champion", version.id)
-    # Every weir process this test starts reads the private Redis (processes.py copies os.environ).
+    # Every weir process this test starts reads the private Redis and may build the test's
+    # model class (processes.py copies os.environ).
     monkeypatch.setenv("WEIR_REDIS_URL", private_redis.url)
+    monkeypatch.setenv("WEIR_MODEL_ALLOW", "tests.")
     return spec
 
 
@@ -273,7 +277,7 @@ def test_redis_paused_20s_mid_stream_loses_nothing_and_the_worker_stays_up(
     settings: Any, spec: PipelineSpec, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
     port = free_port()
-    worker = _start(spec, tmp_path, settings, port)
+    worker = _start(spec, tmp_path / "first", settings, port)
     predictions = Watcher(settings, spec.topics.predictions)
     feeder = Feeder(settings, spec.topics.events, rate=100)
     try:
@@ -308,12 +312,26 @@ def test_redis_paused_20s_mid_stream_loses_nothing_and_the_worker_stays_up(
             f"backlog of {len(backlog)} events predicted {drained:.1f}s after SIGCONT"
         )
 
-        ids = feeder.stop()
-        _all_predicted(predictions, ids, 60, worker)
         assert (_metric(port, "weir_dependency_retries_total", **up) or 0) > 0
         dead = _metric(port, "weir_dead_letters_total", pipeline=spec.name)
         assert dead == 0, f"{dead} dead letters: an outage must never dead-letter events"
         assert worker.alive(), worker.tail()
+
+        # A SIGTERM during an outage: the worker stops soon (faust's shutdown would wait for
+        # the batch in hand until Redis is back), acks nothing unfinished, exits 0, and its
+        # successor predicts what it left.
+        private_redis.pause()
+        wait_for(lambda: _metric(port, "weir_dependency_up", **up) == 0, 15, "weir_dependency_up{redis} == 0")
+        t_term = time.monotonic()
+        code = worker.stop()
+        stopped = time.monotonic() - t_term
+        assert code in (0, -signal.SIGTERM), f"worker exited with {code}:\n{worker.tail()}"
+        assert stopped < 20, f"SIGTERM took {stopped:.1f}s during the outage"
+        private_redis.resume()
+        print(f"SIGTERM during the outage: stopped in {stopped:.1f}s")
+        worker = _start(spec, tmp_path / "successor", settings, free_port())
+        ids = feeder.stop()
+        _all_predicted(predictions, ids, 60, worker)
     finally:
         private_redis.resume()
         feeder.halt.set()
