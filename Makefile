@@ -7,9 +7,11 @@ PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 SPEC ?= examples/demo.yaml
 DURATION ?= 60
+RATE ?= 500
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench clean
+.PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -66,10 +68,13 @@ demo: up ## the demo: stack, worker, monitor, a drifting stream, live summary; s
 	@status=0; $(VENV)/bin/weir demo $(SPEC) --duration $(DURATION) || status=$$?; \
 	if [ -z "$(KEEP_STACK)" ]; then $(PY) deploy/local/stack.py down; fi; exit $$status
 
-bench: up ## benchmarks against their baselines (results in bench/results/)
-	$(PY) bench/e2e.py
+bench: up ## benchmarks against their baselines, ~10 min (BENCH_ARGS=--quick: smoke; docs/performance.md)
+	$(PY) bench/e2e.py $(BENCH_ARGS)
 	$(PY) bench/features.py
 	$(PY) bench/drift_overhead.py
+
+soak: up ## soak of roles all and split: Redis memory, RSS, lag over time (RATE=500 DURATION=60 s each)
+	$(PY) bench/soak.py --rate $(RATE) --duration $(DURATION)
 
 clean: down ## remove the virtualenv and local state
 	rm -rf $(VENV) .weir

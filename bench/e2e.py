@@ -1,402 +1,567 @@
 #!/usr/bin/env python3
-"""End-to-end benchmark: Weir's scoring path against a plain Kafka consume-and-produce loop.
+"""End-to-end benchmark of what users run: events AND delayed labels, Weir beside its baselines.
 
-Both run in the same session on the same Kafka, so the baseline is the floor this
-machine allows. For each, we measure:
+One run, one stream (Agrawal rows, the same seeds for every system), one consumer of
+predictions (:class:`bench.common.OutputReader`). Systems:
 
-* the maximum sustained rate: drain a pre-loaded backlog of N events and time the
-  first to the last output message;
-* latency percentiles (send of the event -> output message's Kafka timestamp) when
-  events arrive live at 60% of that maximum rate, and at 100% of it.
+* ``weir-all``    ``weir worker SPEC --role all`` (one process scores and learns);
+* ``weir-split``  ``--role scorer`` + ``--role learner`` (two processes);
+* ``weir-score``  ``--role all`` with no labels sent: scoring only;
+* ``floor``       (a) confluent-kafka consume -> produce, no work (bench/naive.py --floor);
+* ``naive``       (b) a per-event loop: consume, one Redis HINCRBY, River predict, learn per
+                  label, produce (bench/naive.py);
+* ``ceiling``     (c) in-process: the spec's features (features/offline) and model, River
+                  predict per event and learn per label, no Kafka or Redis.
 
-Weir runs ``weir worker examples/loan-lr.yaml --role all`` (scaler + logistic regression,
-10 features from Redis) as a subprocess. Results are printed and saved to
-``bench/results/e2e.json``. Needs the local stack: ``make up`` (``make bench`` does it).
+For each (but the ceiling, which has no Kafka), in order:
 
-Usage: python bench/e2e.py [--events 60000] [--live-seconds 20]
+1. warm-up: a few hundred events with labels, until they are answered;
+2. **max sustained rate**: the processes are paused (SIGSTOP), a backlog of ``--events``
+   events with their labels (each ``--backlog-label-delay`` events after its event) is
+   written, the processes are resumed; rate = outputs / (last - first output Kafka
+   timestamp). The figure counts only when every event was answered; the labels learned
+   (``weir_labels_learned_total``, naive's counter) and the time until all were learned
+   are reported beside it;
+3. **CPU**: utime + stime of the system's processes (/proc/<pid>/stat, threads and
+   children included) from the resume until all outputs are out and all labels learned,
+   per event, in µs;
+4. **latency at 60%** of that rate, labels flowing (``--label-delay`` after their
+   event): prediction Kafka timestamp - event Kafka timestamp, p50/p99 (ms).
+
+Prints a table with ratios and saves ``bench/results/e2e.json``. Needs the local stack
+(``make up``; ``make bench`` does it). ``--quick`` is a 1-2 minute smoke run whose figures
+mean nothing. Figures are only meaningful on an otherwise idle machine.
+
+Usage: python bench/e2e.py [--events 20000] [--live-seconds 20] [--label-delay 2s]
+                           [--systems weir-all,naive,...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-import urllib.request
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
-from confluent_kafka import Consumer, Producer, TopicPartition
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from streams.admin import delete_topics, ensure_topics  # noqa: E402
-from streams.produce import build_messages, open_source  # noqa: E402
-from weir.settings import load_settings  # noqa: E402
-from weir.spec import parse_spec  # noqa: E402
+from common import (
+    REPO,
+    LabelDelay,
+    OutputReader,
+    Proc,
+    Record,
+    cleanup,
+    cpu_seconds,
+    interleave,
+    live_send,
+    machine,
+    make_topics,
+    pct,
+    pipeline,
+    preload,
+    records,
+    scrape,
+    scrape_by,
+    spawn,
+    wait_until,
+    weir_worker,
+)
 
-#: Distinct entities in the generated streams. The online features cost O(events of the
-#: entity in its longest window) per event, so the entity count decides the steady state:
-#: with 1,000 entities at 2,500 events/s every entity would gain 9,000 events per 1 h window.
-ENTITIES = 50_000
+from weir.settings import load_settings
+from weir.spec import PipelineSpec
 
-
-def pct(vals: list[float], q: float) -> float | None:
-    if not vals:
-        return None
-    s = sorted(vals)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-def make_spec(name: str) -> Any:
-    d = yaml.safe_load((REPO / "examples/loan-lr.yaml").read_text())
-    d["name"] = name
-    d["topics"] = {"partitions": 6}
-    return parse_spec(d)
-
-
-def preload(settings: Any, spec: Any, topic: str, n: int, run_id: str) -> list[bytes]:
-    rows = open_source("river:synth.Agrawal?seed=3")
-    msgs = []
-    p = Producer({**settings.confluent_config(), "linger.ms": 20, "compression.type": "lz4"})
-    import itertools
-
-    for ev, _, _ in build_messages(spec, itertools.islice(rows, n), run_id=run_id, entities=ENTITIES):
-        p.produce(topic, ev.value, ev.key)
-        msgs.append(ev.value)
-        p.poll(0)
-    p.flush(60)
-    return msgs
+SYSTEMS = ("ceiling", "floor", "naive", "weir-all", "weir-split", "weir-score")
+WARMUP_EVENTS = 300
 
 
-class OutputReader(threading.Thread):
-    """Reads an output topic from its end, recording each message's Kafka timestamp by key/id."""
+@dataclass
+class Running:
+    """A started system: its processes and how to read its labels-learned counter."""
 
-    def __init__(self, settings: Any, topic: str, id_of: Any) -> None:
-        super().__init__(daemon=True)
-        self.c = Consumer({**settings.confluent_config(), "group.id": f"bench-{uuid.uuid4().hex[:8]}"})
-        md = self.c.list_topics(topic, timeout=10).topics[topic]
-        parts = []
-        for part in md.partitions:
-            _, high = self.c.get_watermark_offsets(TopicPartition(topic, part), timeout=10)
-            parts.append(TopicPartition(topic, part, high))
-        self.c.assign(parts)
-        self.id_of = id_of
-        self.times: dict[str, float] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for m in self.c.consume(1000, 0.2):
-                if m.error():
-                    continue
-                self.times.setdefault(self.id_of(m), m.timestamp()[1] / 1000.0)
-        self.c.close()
-
-    def wait_for(self, n: int, timeout: float) -> bool:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if len(self.times) >= n:
-                return True
-            time.sleep(0.1)
-        return False
+    procs: list[Proc]
+    learned: Callable[[], float | None]
+    labels: bool
+    joins: Callable[[], dict[str, float]] = dict
 
 
-def live_load(
-    settings: Any, topic: str, spec: Any, rate: float, seconds: float, run_id: str
-) -> dict[str, float]:
-    """Send events at ``rate``/s for ``seconds``; returns send time by event id."""
-    import itertools
-
-    p = Producer({**settings.confluent_config(), "linger.ms": 1})
-    n = int(rate * seconds)
-    sent: dict[str, float] = {}
-    rows = itertools.islice(open_source("river:synth.Agrawal?seed=4"), n)
-    t0 = time.time()
-    for i, (ev, _, _) in enumerate(build_messages(spec, rows, run_id=run_id, entities=ENTITIES)):
-        target = t0 + i / rate
-        d = target - time.time()
-        if d > 0:
-            time.sleep(d)
-        sent[f"{run_id}-{i}"] = time.time()
-        p.produce(topic, ev.value, ev.key)
-        p.poll(0)
-    p.flush(30)
-    return sent
+# -- starting each system -------------------------------------------------------------------
 
 
-def histogram(url: str | None, name: str = "weir_event_to_prediction_seconds") -> dict[float, float]:
-    """Cumulative bucket counts of a histogram scraped from a /metrics URL."""
-    if not url:
-        return {}
-    body = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: dict[float, float] = {}
-    for line in body.splitlines():
-        if line.startswith(name + "_bucket{"):
-            le = line.split('le="')[1].split('"')[0]
-            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
-    return out
+def start_weir(kind: str, path: Path, tag: str) -> Running:
+    if kind == "weir-split":
+        learner = weir_worker(path, "learner", f"{tag}-learner")
+        scorer = weir_worker(path, "scorer", f"{tag}-scorer")
+        return Running(
+            [scorer, learner],
+            lambda: scrape(learner.metrics_url, "weir_labels_learned_total"),
+            True,
+            lambda: scrape_by(learner.metrics_url, "weir_label_joins_total", "outcome"),
+        )
+    proc = weir_worker(path, "all", f"{tag}-all")
+    return Running(
+        [proc],
+        lambda: scrape(proc.metrics_url, "weir_labels_learned_total"),
+        kind != "weir-score",
+        lambda: scrape_by(proc.metrics_url, "weir_label_joins_total", "outcome"),
+    )
 
 
-def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
-    """Upper bucket bounds holding p50/p95/p99 of the observations between two scrapes."""
-    if not after:
-        return {}
-    les = sorted(after)
-    counts = [after[le] - before.get(le, 0.0) for le in les]
-    total = counts[-1]
-    res: dict[str, Any] = {"observations": int(total)}
-    for q in (0.5, 0.95, 0.99):
-        bound = next((le for le, c in zip(les, counts, strict=True) if c >= q * total), les[-1])
-        res[f"p{int(q * 100)}_le_ms"] = None if bound == float("inf") else round(bound * 1000, 1)
-    return res
+def start_naive(kind: str, path: Path, tag: str) -> Running:
+    stats = Path(tempfile.gettempdir()) / f"weir-bench-{tag}-{kind}.json"
+    argv = [sys.executable, str(REPO / "bench/naive.py"), str(path), "--stats", str(stats)]
+    if kind == "floor":
+        argv.append("--floor")
+    proc = spawn(f"{tag}-{kind}", argv)
+
+    def learned() -> float | None:
+        try:
+            s = orjson.loads(stats.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        # The floor learns nothing: count the labels it read, so "all labels consumed" is waited for.
+        return float(s["labels"] if kind == "floor" else s["learned"])
+
+    return Running([proc], learned, True)
+
+
+def check_alive(run: Running) -> None:
+    for p in run.procs:
+        if not p.alive():
+            raise RuntimeError(f"{p.name} exited with status {p.popen.returncode}; log {p.log}:\n{p.tail()}")
+
+
+# -- one system, measured -------------------------------------------------------------------
 
 
 def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
     lats = [got[k] - t for k, t in sent.items() if k in got]
     times = sorted(sent.values())
     return {
-        "achieved_send_rate": round(len(times) / (times[-1] - times[0]), 1) if len(times) > 1 else None,
         "sent": len(sent),
         "received": len(lats),
-        "p50_ms": round(pct(lats, 0.5) * 1000, 2) if lats else None,
-        "p95_ms": round(pct(lats, 0.95) * 1000, 2) if lats else None,
-        "p99_ms": round(pct(lats, 0.99) * 1000, 2) if lats else None,
+        "achieved_send_rate": round((len(times) - 1) / (times[-1] - times[0]), 1) if len(times) > 2 else None,
+        "p50_ms": round(pct(lats, 0.5) * 1000, 1) if lats else None,  # type: ignore[operator]
+        "p99_ms": round(pct(lats, 0.99) * 1000, 1) if lats else None,  # type: ignore[operator]
+        "max_ms": round(max(lats) * 1000, 1) if lats else None,
     }
-
-
-# -- baseline: consume and produce, no work ------------------------------------------
-
-
-class Baseline(threading.Thread):
-    def __init__(self, settings: Any, src: str, dst: str) -> None:
-        super().__init__(daemon=True)
-        self.settings, self.src, self.dst = settings, src, dst
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-
-    def run(self) -> None:
-        conf = self.settings.confluent_config()
-        c = Consumer({**conf, "group.id": f"baseline-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "latest"})
-        p = Producer({**conf, "linger.ms": 5, "compression.type": "lz4"})
-        c.subscribe([self.src], on_assign=lambda *_: self.ready.set())
-        while not self.stop.is_set():
-            msgs = c.consume(500, 0.05)
-            for m in msgs:
-                if m.error():
-                    continue
-                p.produce(self.dst, m.value(), m.key())
-            p.poll(0)
-            if msgs:
-                p.flush(10)  # like Weir: outputs delivered before the batch counts as done
-        p.flush(10)
-        c.close()
 
 
 def measure(
-    name: str,
-    settings: Any,
-    spec: Any,
-    src: str,
-    dst: str,
-    start: Any,
-    stop: Any,
-    id_of: Any,
-    n: int,
-    live_seconds: float,
-    metrics_url: str | None = None,
+    kind: str, settings: Any, spec: PipelineSpec, path: Path, tag: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"system": name}
-    start()
-    # 1) max sustained rate: drain a backlog
-    reader = OutputReader(settings, dst, id_of)
-    reader.start()
-    run_id = f"{name}-bk-{uuid.uuid4().hex[:6]}"
-    t_load = time.time()
-    preload(settings, spec, src, n, run_id)
-    ok = reader.wait_for(n, timeout=600)
-    reader.stop.set()
-    reader.join(5)
-    times = sorted(reader.times.values())
-    span = times[-1] - times[0] if len(times) > 1 else float("nan")
-    out["backlog"] = {
-        "events": n,
-        "received": len(times),
-        "complete": ok,
-        "seconds": round(span, 3),
-        "events_per_second": round(len(times) / span, 1),
-        "load_seconds": round(time.time() - t_load, 1),
-    }
-    max_rate = len(times) / span
-    # 2) latency at 60% and 100% of the max rate
-    for frac in (0.6, 1.0):
-        rate = max_rate * frac
-        reader = OutputReader(settings, dst, id_of)
+    out: dict[str, Any] = {"system": kind}
+    starter = start_naive if kind in ("floor", "naive") else start_weir
+    run = starter(kind, path, f"{tag}-{kind}")
+    labels = run.labels
+    spies: list[subprocess.Popen[bytes]] = []
+    try:
+        # 1) warm-up: started, assigned, answering (and learning)
+        t0 = time.time()
+        warm = records(spec, WARMUP_EVENTS, run_id="warm", seed=1, entities=args.entities, labels=labels)
+        reader = OutputReader(settings, spec.topics.predictions)
         reader.start()
-        rid = f"{name}-live{int(frac * 100)}-{uuid.uuid4().hex[:6]}"
-        before = histogram(metrics_url)
-        sent = live_load(settings, src, spec, rate, live_seconds, rid)
-        reader.wait_for(len(sent), timeout=60)
-        reader.stop.set()
-        reader.join(5)
-        phase = {"rate": round(rate, 1), **latency_summary(sent, reader.times)}
-        if metrics_url:
-            phase["worker_histogram"] = bucket_quantiles(before, histogram(metrics_url))
-        out[f"live_{int(frac * 100)}pct"] = phase
-    stop()
+        ids = {r.event_id for r in warm}
+        live_send(settings, spec, warm, 100.0, LabelDelay(events=50))
+        if not wait_until(
+            lambda: reader.count(ids) >= len(ids) or not all(p.alive() for p in run.procs), 240
+        ):
+            check_alive(run)
+            raise RuntimeError(f"{kind}: no answer to the warm-up within 240 s; logs in {run.procs[0].log}")
+        check_alive(run)
+        reader.close()
+        out["startup_seconds"] = round(time.time() - t0, 1)
+        if args.profile:
+            spies = [profile(p, Path(args.profile)) for p in run.procs]
+        if labels:
+            wait_until(lambda: (run.learned() or 0) >= WARMUP_EVENTS, 60)
+
+        # 2) + 3) backlog drain, CPU
+        recs = records(spec, args.events, run_id="bk", seed=3, entities=args.entities, labels=labels)
+        reader = OutputReader(settings, spec.topics.predictions)
+        reader.start()
+        learned0 = run.learned() or 0.0
+        joins0 = run.joins()
+        for p in run.procs:
+            p.signal(signal.SIGSTOP)
+        t_load = time.time()
+        preload(settings, spec, recs, args.backlog_label_delay)
+        load_s = time.time() - t_load
+        cpu0 = {p.name: cpu_seconds(p.pid) for p in run.procs}
+        t_resume = time.time()
+        for p in run.procs:
+            p.signal(signal.SIGCONT)
+        ids = {r.event_id for r in recs}
+        complete = wait_until(lambda: reader.count(ids) >= len(ids), args.timeout, 0.1)
+        t_out = time.time()
+        all_learned = None
+        learn_s = None
+        if labels:
+            all_learned = wait_until(lambda: (run.learned() or 0) - learned0 >= len(recs), args.timeout, 0.1)
+            learn_s = round(time.time() - t_resume, 2)
+        cpu1 = {p.name: cpu_seconds(p.pid) for p in run.procs}
+        joins1 = run.joins()
+        reader.close()
+        check_alive(run)
+        times = sorted(reader.times[i] for i in ids if i in reader.times)
+        span = times[-1] - times[0] if len(times) > 1 else float("nan")
+        rate = (len(times) - 1) / span if span and span > 0 else float("nan")
+        cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
+        out["backlog"] = {
+            "events": len(recs),
+            "labels": sum(1 for r in recs if r.label is not None),
+            "label_delay_events": args.backlog_label_delay if labels else None,
+            "received": len(times),
+            "complete": complete,
+            "first_to_last_seconds": round(span, 3),
+            "events_per_second": round(rate, 1),
+            "resume_to_last_output_seconds": round(t_out - t_resume, 2),
+            "labels_learned": None if not labels else int((run.learned() or 0) - learned0),
+            "all_labels_learned": all_learned,
+            "resume_to_all_learned_seconds": learn_s,
+            "label_joins": {
+                k: int(v - joins0.get(k, 0.0)) for k, v in joins1.items() if v - joins0.get(k, 0.0)
+            },
+            "load_seconds": round(load_s, 2),
+        }
+        out["cpu"] = {
+            "seconds_by_process": {k: round(v, 2) for k, v in cpu.items()},
+            "us_per_event": round(1e6 * sum(cpu.values()) / len(recs), 1),
+            "us_per_event_by_process": {k: round(1e6 * v / len(recs), 1) for k, v in cpu.items()},
+        }
+
+        # 4) latency at 60% of the max rate, labels flowing
+        if rate == rate and rate > 0:
+            live_rate = min(0.6 * rate, args.max_live_rate)
+            n = max(50, int(live_rate * args.live_seconds))
+            live = records(spec, n, run_id="lv", seed=4, entities=args.entities, labels=labels)
+            reader = OutputReader(settings, spec.topics.predictions)
+            reader.start()
+            c0 = sum(cpu_seconds(p.pid) for p in run.procs)
+            sent = live_send(settings, spec, live, live_rate, args.label_delay)
+            reader.wait_for(set(sent), 60)
+            c1 = sum(cpu_seconds(p.pid) for p in run.procs)
+            reader.close()
+            out["live_60pct"] = {
+                "rate": round(live_rate, 1),
+                "rate_capped": live_rate < 0.6 * rate,
+                "label_delay": str(args.label_delay) if labels else None,
+                **latency_summary(sent, reader.times),
+                "cpu_us_per_event": round(1e6 * (c1 - c0) / len(sent), 1),
+            }
+        check_alive(run)
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        for p in run.procs:
+            p.stop()
+    if args.profile:
+        out["profiles"] = sorted(str(f) for f in Path(args.profile).glob(f"{tag}-{kind}-*.svg"))
     return out
 
 
+def profile(proc: Proc, folder: Path) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``proc`` (threads and children) until SIGINT, to ``folder/<proc>.svg``."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy (see docs/performance.md)")
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "record", "--pid", str(proc.pid), "--subprocesses", "--nonblocking", "--rate", "100"]
+    argv += ["--output", str(folder / f"{proc.name}.svg")]
+    log = open(folder / f"{proc.name}.py-spy.log", "wb")  # noqa: SIM115 - lives with py-spy
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def ceiling(spec: PipelineSpec, recs: Sequence[Record], delay_events: int) -> dict[str, Any]:
+    """(c) The spec's features and model in one process, no Kafka or Redis.
+
+    Per message what the worker must do besides I/O: parse the event (contracts), its
+    features (features/offline over the whole stream at once, amortised per event),
+    River predict, encode the prediction; per label parse, coerce and learn with the
+    features kept for its event.
+    """
+    import math
+
+    import pandas as pd
+
+    from features.base import to_model_input
+    from features.offline import compute_offline
+    from models.factory import build_model, coerce_label, learn, predict
+    from streams.contracts import encode_prediction, parse_event, parse_label
+    from weir.types import Prediction
+
+    model = build_model(spec.model)
+    task = spec.task
+    order = list(interleave(recs, delay_events))
+    index = {r.event_id: i for i, r in enumerate(recs)}
+    names = [f.name for f in spec.features]
+    c0, t0 = time.process_time(), time.perf_counter()
+    events = [parse_event(r.event, spec) for r in recs]
+    frame = pd.DataFrame(
+        {
+            "event_id": [e.event_id for e in events],
+            "entity_id": [e.entity_id for e in events],
+            "ts": [e.ts for e in events],
+            **{f: [e.data.get(f) for e in events] for f in spec.fields},
+        }
+    )
+    feats = compute_offline(spec, frame)[names].to_dict("records")
+    t_features = time.perf_counter() - t0
+    kept: dict[str, dict[str, Any]] = {}
+    for is_label, r in order:
+        if is_label:
+            lab = parse_label(r.label, spec)
+            x = kept.pop(lab.event_id)
+            learn(model, x, coerce_label(lab.label, spec), task)
+            continue
+        i = index[r.event_id]
+        ev = events[i]
+        fv = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in feats[i].items()}
+        x = to_model_input(fv)
+        y, proba = predict(model, x, task)
+        encode_prediction(
+            Prediction(ev.event_id, ev.entity_id, ev.ts, spec.model.name, "v1", y, proba, fv, 0.0)
+        )
+        kept[ev.event_id] = x
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    return {
+        "system": "ceiling",
+        "backlog": {
+            "events": len(recs),
+            "labels": sum(1 for r in recs if r.label is not None),
+            "label_delay_events": delay_events,
+            "received": len(recs),
+            "complete": True,
+            "events_per_second": round(len(recs) / wall, 1),
+            "features_seconds": round(t_features, 3),
+            "labels_learned": sum(1 for r in recs if r.label is not None),
+        },
+        "cpu": {"us_per_event": round(1e6 * cpu / len(recs), 1)},
+    }
+
+
+# -- the table ------------------------------------------------------------------------------
+
+LABELS = {
+    "weir-all": "Weir, role all",
+    "weir-split": "Weir, scorer + learner",
+    "weir-score": "Weir, scoring only (no labels)",
+    "floor": "(a) floor: consume->produce",
+    "naive": "(b) naive per-event loop",
+    "ceiling": "(c) in-process ceiling",
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    sysres = results["systems"]
+
+    def rate(k: str) -> float | None:
+        r = sysres.get(k, {}).get("backlog", {})
+        v = r.get("events_per_second")
+        return v if r.get("complete") and v == v else None
+
+    naive, floor, ceil = rate("naive"), rate("floor"), rate("ceiling")
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    lines = [
+        f"{'system':32s} {'events/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU us/ev':>9s} "
+        f"{'learned':>8s} {'/naive':>7s} {'/floor':>7s} {'/ceil':>7s}"
+    ]
+    for k in SYSTEMS:
+        if k not in sysres:
+            continue
+        r = sysres[k]
+        if "error" in r:
+            lines.append(f"{LABELS[k]:32s} failed: {r['error'][:80]}")
+            continue
+        bk, live = r.get("backlog", {}), r.get("live_60pct", {})
+        ev = rate(k)
+        learned = bk.get("labels_learned")
+        learned_s = "-" if not bk.get("labels") else f"{learned}/{bk['labels']}"
+        lines.append(
+            f"{LABELS[k]:32s} {ev if ev is not None else 'n/a':>9} {live.get('p50_ms', '-')!s:>7s} "
+            f"{live.get('p99_ms', '-')!s:>7s} {r.get('cpu', {}).get('us_per_event', '-')!s:>9s} "
+            f"{learned_s:>8s} {ratio(ev, naive):>7s} {ratio(ev, floor):>7s} {ratio(ev, ceil):>7s}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    rates = {
+        k: v["backlog"]["events_per_second"]
+        for k, v in results["systems"].items()
+        if v.get("backlog", {}).get("complete")
+    }
+    out: dict[str, float | None] = {}
+    for a in ("weir-all", "weir-split", "weir-score"):
+        for b in ("naive", "floor", "ceiling"):
+            out[f"{a}/{b}"] = round(rates[a] / rates[b], 3) if a in rates and b in rates else None
+    out["naive/floor"] = (
+        round(rates["naive"] / rates["floor"], 3) if {"naive", "floor"} <= rates.keys() else None
+    )
+    return out
+
+
+def targets(results: dict[str, Any]) -> dict[str, bool | None]:
+    """Issue #12's targets (a benchmark figure, never a test)."""
+    s = results["systems"]
+
+    def ev(k: str) -> float | None:
+        b = s.get(k, {}).get("backlog", {})
+        return b.get("events_per_second") if b.get("complete") else None
+
+    def p99_ok(k: str) -> bool | None:
+        v = s.get(k, {}).get("live_60pct", {}).get("p99_ms")
+        return None if v is None else float(v) <= 50
+
+    def ge(a: float | None, b: float) -> bool | None:
+        return None if a is None else a >= b
+
+    all_, naive = ev("weir-all"), ev("naive")
+    return {
+        "weir-all >= 3x naive": None if all_ is None or naive is None else all_ >= 3 * naive,
+        "weir-all >= 6000 ev/s": ge(all_, 6000),
+        "weir-split >= 8000 ev/s": ge(ev("weir-split"), 8000),
+        "weir-score >= 10000 ev/s": ge(ev("weir-score"), 10000),
+        **{f"{k} p99 <= 50 ms at 60%": p99_ok(k) for k in ("weir-all", "weir-split", "weir-score")},
+    }
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--events", type=int, default=60_000)
-    ap.add_argument("--live-seconds", type=float, default=20.0)
-    ap.add_argument("--out", default=str(REPO / "bench/results/e2e.json"))
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument(
+        "--spec", default=str(REPO / "examples/loan-lr.yaml"), help="pipeline YAML (default loan-lr)"
+    )
+    ap.add_argument("--events", type=int, default=20_000, help="backlog events per system (default 20,000)")
+    ap.add_argument(
+        "--live-seconds", type=float, default=20.0, help="length of the latency phase (default 20)"
+    )
+    ap.add_argument(
+        "--label-delay",
+        type=LabelDelay.parse,
+        default=LabelDelay.parse("2s"),
+        help="label delay in the latency phase: seconds ('2s') or events ('500ev'); default 2s",
+    )
+    ap.add_argument(
+        "--backlog-label-delay",
+        type=int,
+        default=1000,
+        help="events between an event and its label in the backlog (default 1000)",
+    )
+    ap.add_argument(
+        "--max-live-rate",
+        type=float,
+        default=10_000.0,
+        help="cap of the latency phase's rate: one Python sender does not go much faster (default 10,000)",
+    )
     ap.add_argument("--entities", type=int, default=50_000, help="distinct entities (default 50,000)")
+    ap.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}"
+    )
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a backlog to drain")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="py-spy flame graphs of every process of each system into DIR (slows them: not a result)",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 events, 5 s live phases")
+    ap.add_argument(
+        "--out", default=None, help="JSON output (default bench/results/e2e.json; --quick: a temp file)"
+    )
     args = ap.parse_args()
-    global ENTITIES
-    ENTITIES = args.entities
+    if args.quick:
+        args.events, args.live_seconds, args.timeout = 2000, 5.0, 120.0
+        args.backlog_label_delay = min(args.backlog_label_delay, 200)
+    if args.out is None:
+        args.out = (
+            str(Path(tempfile.gettempdir()) / "weir-e2e-quick.json")
+            if args.quick
+            else str(REPO / "bench/results/e2e.json")
+        )
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown:
+        raise SystemExit(f"--systems: unknown {unknown}; choose among {', '.join(SYSTEMS)}")
+
     settings = load_settings()
+    base = yaml.safe_load(Path(args.spec).read_text())
     tag = uuid.uuid4().hex[:6]
-    spec = make_spec(f"bench{tag}")
-    ensure_topics(settings, spec)
-    base_src, base_dst = f"bench.{tag}.base-in", f"bench.{tag}.base-out"
-    ensure_topics(settings, [base_src, base_dst], partitions=6)
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "spec": "examples/loan-lr.yaml (scaler + logistic regression, 10 features)",
-        "entities": ENTITIES,
+        "machine": machine(),
+        "spec": str(Path(args.spec).resolve().relative_to(REPO))
+        if Path(args.spec).resolve().is_relative_to(REPO)
+        else args.spec,
+        "events": args.events,
+        "entities": args.entities,
+        "backlog_label_delay_events": args.backlog_label_delay,
+        "live_label_delay": str(args.label_delay),
+        "live_seconds": args.live_seconds,
+        "quick": args.quick,
+        "profiled": bool(args.profile),
+        "systems": {},
     }
-
-    # Baseline
-    base = Baseline(settings, base_src, base_dst)
-
-    def base_start() -> None:
-        base.start()
-        base.ready.wait(30)
-        time.sleep(1)
-
-    def base_stop() -> None:
-        base.stop.set()
-        base.join(15)
-
-    def key_id(m: Any) -> str:
-        return orjson.loads(m.value())["event_id"]
-
-    print("baseline: plain confluent-kafka consume -> produce ...", flush=True)
-    results["baseline"] = measure(
-        "baseline",
-        settings,
-        spec,
-        base_src,
-        base_dst,
-        base_start,
-        base_stop,
-        key_id,
-        args.events,
-        args.live_seconds,
+    print(
+        f"e2e benchmark {tag}: {args.events:,} events per system, labels {args.backlog_label_delay} events "
+        f"late in the backlog and {args.label_delay} late live; spec {results['spec']}",
+        flush=True,
     )
-    print(json.dumps(results["baseline"], indent=1), flush=True)
-
-    # Weir
-    spec_path = REPO / ".weir" / f"bench-{tag}.yaml"
-    spec_path.parent.mkdir(exist_ok=True)
-    d = yaml.safe_load((REPO / "examples/loan-lr.yaml").read_text())
-    d["name"] = spec.name
-    d["topics"] = {"partitions": 6}
-    spec_path.write_text(yaml.safe_dump(d))
-    log = open(REPO / ".weir" / f"bench-{tag}-worker.log", "wb")  # noqa: SIM115 - lives with the worker
-    holder: dict[str, Any] = {}
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        metrics_port = sock.getsockname()[1]
-
-    def weir_start() -> None:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weir.cli",
-                "worker",
-                str(spec_path),
-                "--role",
-                "all",
-                "--metrics-port",
-                str(metrics_port),
-                "--",
-                "--without-web",
-                "-l",
-                "warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    for kind in [s for s in SYSTEMS if s in chosen]:
+        spec, path = pipeline(base, f"b{tag}{kind.replace('-', '')}")
+        print(f"- {LABELS[kind]} ...", flush=True)
+        try:
+            if kind == "ceiling":
+                recs = records(spec, args.events, run_id="bk", seed=3, entities=args.entities)
+                res = ceiling(spec, recs, args.backlog_label_delay)
+            else:
+                make_topics(settings, spec)
+                res = measure(kind, settings, spec, path, tag, args)
+        except Exception as exc:
+            res = {"system": kind, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"  failed: {res['error']}", flush=True)
+        finally:
+            if kind != "ceiling":
+                cleanup(settings, spec)
+            path.unlink(missing_ok=True)
+        results["systems"][kind] = res
+        bk, live = res.get("backlog", {}), res.get("live_60pct", {})
+        print(
+            f"  {bk.get('events_per_second')} ev/s (complete {bk.get('complete')}), "
+            f"CPU {res.get('cpu', {}).get('us_per_event')} us/ev, "
+            f"live p50/p99 {live.get('p50_ms')}/{live.get('p99_ms')} ms",
+            flush=True,
         )
-        holder["proc"] = proc
-        # warm-up: wait until the worker answers a first event
-        r = OutputReader(settings, spec.topics.predictions, key_id)
-        r.start()
-        live_load(settings, spec.topics.events, spec, 50, 1, f"warm-{tag}")
-        if not r.wait_for(50, 90):
-            raise SystemExit(f"the Weir worker did not answer; see {log.name}")
-        r.stop.set()
-
-    def weir_stop() -> None:
-        proc = holder["proc"]
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-    print("weir: worker --role all on examples/loan-lr.yaml ...", flush=True)
-    results["weir"] = measure(
-        "weir",
-        settings,
-        spec,
-        spec.topics.events,
-        spec.topics.predictions,
-        weir_start,
-        weir_stop,
-        key_id,
-        args.events,
-        args.live_seconds,
-        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-    )
-    print(json.dumps(results["weir"], indent=1), flush=True)
-    b, w = (
-        results["baseline"]["backlog"]["events_per_second"],
-        results["weir"]["backlog"]["events_per_second"],
-    )
-    results["weir_vs_baseline_throughput"] = round(w / b, 3)
-    results["targets"] = {
-        "events_per_second>=3000": w >= 3000,
-        "p99_at_60pct<100ms": (results["weir"]["live_60pct"]["p99_ms"] or 1e9) < 100,
-    }
+    results["ratios"] = ratios(results)
+    results["targets"] = targets(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nsaved {args.out}")
-    print(
-        f"throughput  baseline {b:,.0f} ev/s   weir {w:,.0f} ev/s   "
-        f"({results['weir_vs_baseline_throughput']:.0%})"
-    )
-    for k in ("live_60pct", "live_100pct"):
-        bb, ww = results["baseline"][k], results["weir"][k]
-        print(
-            f"{k:12s} baseline p50/p95/p99 {bb['p50_ms']}/{bb['p95_ms']}/{bb['p99_ms']} ms   "
-            f"weir {ww['p50_ms']}/{ww['p95_ms']}/{ww['p99_ms']} ms at {ww['rate']} ev/s"
-        )
-    print("targets:", results["targets"])
-    delete_topics(settings, [base_src, base_dst, *spec.topics.names().values()])
+    print()
+    print(table(results))
+    print("\nratios:", json.dumps(results["ratios"]))
+    print("issue #12 targets:", json.dumps(results["targets"]))
+    print(f"saved {args.out}")
+    if args.quick:
+        print("(--quick: a smoke run; its figures are not results)")
     return 0
 
 
