@@ -359,9 +359,12 @@ def create_app(
             async for batch in stream.take_events(spec.scoring.batch_size, within=spec.scoring.batch_within):
                 try:
                     await score_batch(batch, output)
-                except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit):
+                except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit) as exc:
                     _hold(batch)  # stopping mid-batch: the batch is redelivered
-                    _release_unfinished(app)
+                    if app.should_stop:
+                        _release_unfinished(app)
+                    else:  # faust would restart the agent ("Restarting on rebalance")
+                        on_fatal("the score agent (cancelled outside a shutdown)", exc)
                     raise
                 except BaseException as exc:
                     _hold(batch)
