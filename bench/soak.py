@@ -19,7 +19,8 @@ Reported per setup (fitted over the second half of the run, after the warm-up of
 windows and of the processes):
 
 * ``redis_bytes_per_rate``: the steady-state Redis bytes of the pipeline per event/s of
-  rate. Measured (mean of the last tenth of the run) when the run is longer than 1.2 label horizons;
+  rate. Measured (the level of the last fifth of the run) when the run outlasts 1.2 label
+  horizons and its last 40% is flat (grows by under a tenth of its level per horizon);
   otherwise projected: growth per second x retention / rate, where retention is the
   longer of ``labels.horizon`` and ``scoring.dedupe_horizon`` (how long per-event
   records are kept today) - both the projection and the bytes per event are saved;
@@ -145,13 +146,22 @@ def analyse(
     used_growth = slope(t, [s["redis"]["used_memory"] for s in half])
     horizon = spec.labels.horizon
     retention = max(horizon, spec.scoring.dedupe_horizon)
-    measured = duration >= 1.2 * horizon and len(half) >= 10
-    if measured:
-        tail = half[-max(1, len(half) // 5) :]
-        plateau = sum(s["redis"]["bytes_estimate"] for s in tail) / len(tail)
-        out["redis_bytes_per_rate"] = round(plateau / rate, 1)
-        out["redis_plateau_bytes"] = int(plateau)
+    # A plateau: the run outlasts the horizon and the last 40% of it no longer grows by
+    # more than a tenth of its level per horizon (records kept longer, e.g. for the
+    # dedupe horizon, keep it growing).
+    late = [s for s in half if s["t"] >= 0.6 * duration]
+    tail = late[-max(1, len(late) // 2) :] if late else []
+    level = sum(s["redis"]["bytes_estimate"] for s in tail) / len(tail) if tail else 0.0
+    late_growth = slope([s["t"] for s in late], [s["redis"]["bytes_estimate"] for s in late])
+    long_enough = duration >= 1.2 * horizon and len(late) >= 3
+    flat = late_growth is not None and late_growth * horizon <= 0.1 * max(level, 1.0)
+    measured = long_enough and flat
     out["redis_steady_state_measured"] = measured
+    out["redis_level_bytes"] = int(level)
+    if long_enough and not flat:
+        out["redis_still_growing_after_horizon"] = True
+    if measured:
+        out["redis_bytes_per_rate"] = round(level / rate, 1)
     if growth is not None:
         out["redis_growth_bytes_per_s"] = round(growth, 1)
         out["redis_bytes_per_event"] = round(growth / rate, 1)
