@@ -22,8 +22,11 @@ pauses and restarts servers, so it runs its own.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -43,6 +46,7 @@ import orjson
 import yaml
 
 from streams import admin
+from streams.contracts import decode_dead_letter
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -553,6 +557,8 @@ class Ledger:
     labels: set[str] = field(default_factory=set)
     #: (topic, partition, offset) -> kind of malformed message
     bad: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    #: (topic, partition, offset) -> (sha256, size) of a bad message's value (None: no value)
+    bad_digest: dict[tuple[str, int, int], tuple[str, int] | None] = field(default_factory=dict)
     undelivered: list[str] = field(default_factory=list)
 
 
@@ -677,7 +683,11 @@ class Traffic:
             if err is not None:
                 self.ledger.undelivered.append(f"{kind}: {err}")
             else:
-                self.ledger.bad[(msg.topic(), msg.partition(), msg.offset())] = kind
+                where = (msg.topic(), msg.partition(), msg.offset())
+                value = msg.value()
+                digest = None if value is None else (hashlib.sha256(value).hexdigest(), len(value))
+                self.ledger.bad_digest[where] = digest
+                self.ledger.bad[where] = kind
 
         return cb
 
@@ -759,12 +769,21 @@ class Traffic:
         self.rng.shuffle(bads)
         # The size attacks once each (a few MB); every other kind on every round.
         again = [b for b in bads if not b[0].startswith("near_broker_limit")]
-        label_faults = [
+        label_faults: list[tuple[str, bytes]] = [
             ("not_json", b"nope"),
             ("label_type", b'{"event_id": "x", "label": "maybe"}'),
             ("missing_event_id", b'{"label": 1}'),
             ("nan_label", b'{"event_id": "x", "label": NaN}'),
         ]
+        if heavy:
+            label_faults += [
+                ("deep_label", b"[" * 20_000 + b"]" * 20_000),
+                (
+                    "near_broker_limit_label",
+                    b'{"event_id": "' + _filler(self.rng, BROKER_MAX_BYTES - 4_000).encode() + b'"}',
+                ),
+            ]
+        label_turn = itertools.count()
         t0 = time.time()
         for i in range(n):
             due = t0 + i / rate
@@ -782,7 +801,7 @@ class Traffic:
                 elif k == len(kinds):
                     self.late_event()
                 elif bad_labels:
-                    self.bad_label(*label_faults[(i // bad_every) % len(label_faults)])
+                    self.bad_label(*label_faults[next(label_turn) % len(label_faults)])
             self._labels_due()
             if on_event is not None:
                 on_event(i)
@@ -989,16 +1008,15 @@ def verify(
         )
     bad_where = set(ledger.bad)
 
-    def dead_lettered() -> dict[tuple[str, int, int], str]:
-        got: dict[tuple[str, int, int], str] = {}
+    def dead_lettered() -> dict[tuple[str, int, int], dict[str, Any]]:
+        """(topic, partition, offset) of the original -> its dead-letter record."""
+        got: dict[tuple[str, int, int], dict[str, Any]] = {}
         for r in outputs.dead_letters.records:
             try:
-                rec = orjson.loads(r.value or b"{}")
-                got[(str(rec.get("topic")), int(rec.get("partition")), int(rec.get("offset")))] = str(
-                    rec.get("reason") or ""
-                )
-            except (orjson.JSONDecodeError, TypeError, ValueError):
-                got[("?", -1, r.offset)] = "undecodable dead letter"
+                rec = decode_dead_letter(r.value or b"{}")
+                got[(str(rec.get("topic")), int(rec["partition"]), int(rec["offset"]))] = rec
+            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError):
+                got[("?", -1, r.offset)] = {"reason": "undecodable dead letter"}
         return got
 
     progress: dict[str, Any] = {"seen": None, "at": time.monotonic()}
@@ -1039,7 +1057,19 @@ def verify(
     got = dead_lettered()
     report.measures["bad_messages"] = len(ledger.bad)
     no_dl = {w: k for w, k in ledger.bad.items() if w not in got}
-    no_reason = {w: ledger.bad[w] for w in bad_where & set(got) if not got[w]}
+    no_reason = {w: ledger.bad[w] for w in bad_where & set(got) if not got[w].get("reason")}
+    # The original must be findable: its sha256 and size as sent (the copy may be capped).
+    wrong_digest = sorted(
+        {
+            ledger.bad[w]
+            for w in bad_where & set(got)
+            if ledger.bad_digest.get(w) is not None
+            and (got[w].get("value_sha256"), got[w].get("value_size")) != ledger.bad_digest[w]
+        }
+    )
+    report.measures["reasons"] = dict(
+        sorted(collections.Counter(str(got[w].get("reason")) for w in bad_where & set(got)).items())
+    )
     if no_dl:
         kinds = sorted({k for k in no_dl.values()})
         report.problems.append(
@@ -1049,6 +1079,10 @@ def verify(
     if no_reason:
         report.problems.append(
             f"{len(no_reason)} dead letters without a reason: {sorted(set(no_reason.values()))}"
+        )
+    if wrong_digest:
+        report.problems.append(
+            f"dead letters whose value_sha256/value_size do not match the original (kinds: {wrong_digest})"
         )
     unexpected = [g for g in got if g[0] == "?"]
     if unexpected:

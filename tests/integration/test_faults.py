@@ -54,6 +54,10 @@ from weir.settings import load_settings
 SEED = int(os.environ.get("WEIR_FAULT_SEED", "11"))
 #: Every run mixes these in: a malformed event every BAD_EVERY good ones (and bad labels).
 BAD_EVERY = 10
+#: Seconds from a kill -9 to the restarted process's first output, at most. It includes
+#: the suite's 1 s restart delay and the Python start (5-20 s on 2 busy cores); a process
+#: that waits for its dead predecessor's session to expire (45 s) takes longer.
+RESTART_BOUND = 40.0
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +106,9 @@ class Run:
             assert time.monotonic() < deadline, f"the driver did not reach event {k}"
             time.sleep(0.02)
 
-    def finish(self, measure: Any = None, timeout: float = 150.0) -> None:
+    def finish(self, measure: Any = None, check: Any = None, timeout: float = 150.0) -> None:
         """Wait for the stream, check the invariants and progress, add ``measure()``'s
-        figures (recovery times); fail listing the losses."""
+        figures (recovery times) and ``check(measures)``'s problems; fail listing them."""
         self.traffic.join()
         report = verify(
             self.name,
@@ -119,6 +123,8 @@ class Run:
         if measure is not None:
             self.outputs.poll()
             report.measures.update(measure())
+        if check is not None:
+            report.problems += check(report.measures)
         report.fail_if_lost(self.deployment)
 
     def close(self) -> None:
@@ -170,6 +176,21 @@ def _recoveries(run: Run, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _restarted_in_time(measures: dict[str, Any]) -> list[str]:
+    """A restarted process's first output must not wait out the group's session timeout."""
+    problems = []
+    for rec in measures["recovery"]:
+        took = rec["first_output_s"]
+        if took is None or took > RESTART_BOUND:
+            when = "never came" if took is None else f"came after {took}s"
+            problems.append(
+                f"{rec['role']} killed at event {rec['at_event']}: the restarted process's first output "
+                f"{when} (> {RESTART_BOUND:.0f}s: it waited for the consumer group's session timeout "
+                "instead of rejoining as a static member)"
+            )
+    return problems
+
+
 # -- kill -9 -----------------------------------------------------------------------------------
 
 
@@ -183,7 +204,7 @@ def test_kill9_role_all(run_factory: Any) -> None:
         k2 = min(880, k1 + 200)
     kills = [_kill_and_measure(run, "all", k1, "predictions")]
     kills.append(_kill_and_measure(run, "all", k2, "predictions"))
-    run.finish(lambda: {"recovery": _recoveries(run, kills)})
+    run.finish(lambda: {"recovery": _recoveries(run, kills)}, _restarted_in_time)
 
 
 def test_kill9_scorer(run_factory: Any) -> None:
@@ -192,7 +213,7 @@ def test_kill9_scorer(run_factory: Any) -> None:
     run.ready()
     run.stream(800, rate=100)
     kills = [_kill_and_measure(run, "scorer", run.rng.randrange(150, 650), "predictions")]
-    run.finish(lambda: {"recovery": _recoveries(run, kills)})
+    run.finish(lambda: {"recovery": _recoveries(run, kills)}, _restarted_in_time)
 
 
 def test_kill9_learner(run_factory: Any) -> None:
@@ -201,7 +222,7 @@ def test_kill9_learner(run_factory: Any) -> None:
     run.ready()
     run.stream(800, rate=100)
     kills = [_kill_and_measure(run, "learner", run.rng.randrange(250, 650), "training_log")]
-    run.finish(lambda: {"recovery": _recoveries(run, kills)})
+    run.finish(lambda: {"recovery": _recoveries(run, kills)}, _restarted_in_time)
 
 
 def test_kill9_monitor(run_factory: Any) -> None:
@@ -210,13 +231,13 @@ def test_kill9_monitor(run_factory: Any) -> None:
     run.ready()
     run.stream(800, rate=100)
     kills = [_kill_and_measure(run, "monitor", run.rng.randrange(250, 650), "drift")]
-    run.finish(lambda: {"recovery": _recoveries(run, kills)})
+    run.finish(lambda: {"recovery": _recoveries(run, kills)}, _restarted_in_time)
 
 
 # -- server outages ----------------------------------------------------------------------------
 
 
-def _outage(run: Run, what: str, fault: Any, n: int = 1500, rate: float = 50) -> None:
+def _outage(run: Run, what: str, fault: Any, n: int = 1200, rate: float = 50) -> None:
     """Stream, run ``fault()`` (returns (start, end) wall times) at a seeded moment, check."""
     run.ready()
     run.stream(n, rate=rate)
@@ -262,7 +283,7 @@ def test_redis_restart(run_factory: Any) -> None:
         run.servers.redis.start()
         return t0, time.time()
 
-    _outage(run, "redis restart (3 s down)", restart, n=1000)
+    _outage(run, "redis restart (3 s down)", restart, n=1000, rate=100)
 
 
 # -- malformed input ---------------------------------------------------------------------------
@@ -292,7 +313,7 @@ def test_kafka_restart(run_factory: Any) -> None:
         run.measures["broker_start_s"] = round(took, 1)
         return t0, time.time()
 
-    _outage(run, "kafka restart", restart, n=1000)
+    _outage(run, "kafka restart", restart, n=1000, rate=100)
 
 
 def test_private_servers_are_private(servers: Servers) -> None:
