@@ -663,7 +663,7 @@ class Traffic:
         self._counts: dict[str, int] = {}
         self._seq = 0
         self._lock = threading.Lock()
-        self.producer = Producer(
+        self.producer: Any = Producer(
             {
                 **servers.settings.confluent_config(),
                 "linger.ms": 5,
@@ -821,6 +821,11 @@ class Traffic:
         left = self.producer.flush(timeout)
         if left:
             self.ledger.undelivered.append(f"{left} messages still in the test producer after {timeout}s")
+
+    def close(self) -> None:
+        """Drop the producer (it would log reconnects to a broker the suite stopped)."""
+        self.producer.flush(5)
+        self.producer = None
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         def target() -> None:

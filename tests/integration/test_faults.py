@@ -29,6 +29,7 @@ import os
 import random
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ class Run:
     def __init__(self, servers: Servers, tmp: Path, name: str, layout: str, monitor: bool) -> None:
         self.rng = random.Random(f"{SEED}-{name}")
         self.name = name
-        self.spec = fault_spec(f"f-{name}-{self.rng.randrange(16**6):06x}")
+        # Unique per session, not seeded: worker instance slots are host-wide, so two test
+        # sessions at once must not run pipelines of the same name.
+        self.spec = fault_spec(f"f-{name}-{uuid.uuid4().hex[:6]}")
         self.servers = servers
         self.deployment = Deployment(servers, self.spec, tmp, layout, monitor)
         self.traffic = Traffic(servers, self.spec, seed=self.rng.randrange(2**32))
@@ -129,6 +132,7 @@ class Run:
 
     def close(self) -> None:
         self.deployment.stop()
+        self.traffic.close()
         self.outputs.close()
         self.redis.close()
 
