@@ -8,6 +8,7 @@ outside (output topics, /proc, /metrics, Redis INFO).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -33,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition  # noqa: E402
 
-from streams.admin import delete_keys, delete_topics, ensure_topics  # noqa: E402
+from streams.admin import admin_client, delete_keys, delete_topics, ensure_topics  # noqa: E402
 from streams.produce import build_messages, open_source  # noqa: E402
 from weir.settings import Settings  # noqa: E402
 from weir.spec import PipelineSpec, parse_spec  # noqa: E402
@@ -78,6 +79,18 @@ def cleanup(settings: Settings, spec: PipelineSpec) -> None:
         delete_topics(settings, names)
     except Exception as exc:  # clean-up must not hide the figures
         print(f"  (clean-up of {spec.name}'s topics failed: {exc})", file=sys.stderr)
+    try:  # the consumer groups of the pipeline and of its baselines (offsets, static members)
+        admin = admin_client(settings)
+        groups = [g.group_id for g in admin.list_consumer_groups(request_timeout=10).result().valid]
+        mine = [g for g in groups if g.endswith(spec.name) or g == spec.consumer_group]
+        if mine:
+            for fut in admin.delete_consumer_groups(mine, request_timeout=10).values():
+                # NON_EMPTY_GROUP: Weir's static members stay in the group for a session
+                # timeout after they stop; its offsets then age out with the broker's retention.
+                with contextlib.suppress(KafkaException):
+                    fut.result()
+    except Exception as exc:
+        print(f"  (clean-up of {spec.name}'s consumer groups failed: {exc})", file=sys.stderr)
     shutil.rmtree(Path(settings.data_dir) / "faust" / spec.name, ignore_errors=True)
     try:
         client = settings.redis()
@@ -266,7 +279,10 @@ class OutputReader(threading.Thread):
 
     def __init__(self, settings: Settings, topic: str) -> None:
         super().__init__(daemon=True)
-        self.c = Consumer({**settings.confluent_config(), "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}"})
+        conf = settings.confluent_config()
+        self.c = Consumer(
+            {**conf, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+        )
         md = self.c.list_topics(topic, timeout=10).topics[topic]
         parts = []
         for part in md.partitions:
@@ -487,7 +503,13 @@ def lag(settings: Settings, group: str, topic: str) -> int | None:
 
 def high_watermarks(settings: Settings, topic: str) -> int | None:
     """Messages ever written to ``topic`` (sum of its partitions' high watermarks)."""
-    c = Consumer({**settings.confluent_config(), "group.id": f"bench-hw-{uuid.uuid4().hex[:6]}"})
+    c = Consumer(
+        {
+            **settings.confluent_config(),
+            "group.id": f"bench-hw-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=10).topics.get(topic)
         if md is None:
