@@ -68,10 +68,14 @@ demo: up ## the demo: stack, worker, monitor, a drifting stream, live summary; s
 	@status=0; $(VENV)/bin/weir demo $(SPEC) --duration $(DURATION) || status=$$?; \
 	if [ -z "$(KEEP_STACK)" ]; then $(PY) deploy/local/stack.py down; fi; exit $$status
 
-bench: up ## benchmarks against their baselines, ~10 min (BENCH_ARGS=--quick: smoke; docs/performance.md)
+bench: up ## benchmarks against their baselines, ~10 min (QUICK=1: e2e smoke only; docs/performance.md)
+ifdef QUICK
+	$(PY) bench/e2e.py --quick $(BENCH_ARGS)
+else
 	$(PY) bench/e2e.py $(BENCH_ARGS)
 	$(PY) bench/features.py
 	$(PY) bench/drift_overhead.py
+endif
 
 soak: up ## soak of roles all and split: Redis memory, RSS, lag over time (RATE=500 DURATION=60 s each)
 	$(PY) bench/soak.py --rate $(RATE) --duration $(DURATION)
