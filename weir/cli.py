@@ -26,7 +26,7 @@ import traceback
 import weir
 import weir.commands
 from weir.errors import WeirError
-from weir.redact import install_log_redaction, redact_text, register_env_secrets
+from weir.redact import install_excepthooks, install_log_redaction, redact_text, register_env_secrets
 
 #: Exit status of a command whose output was closed: 128 + SIGPIPE, as a shell reports it.
 EXIT_BROKEN_PIPE = 128 + 13
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     register_env_secrets()
     install_log_redaction()
+    if argv is None:  # the process's own command line: its hooks are ours (not a test's)
+        install_excepthooks()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []

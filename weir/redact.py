@@ -9,7 +9,8 @@ Two nets, both cheap:
   ``WEIR_KAFKA_SASL_PASSWORD``, ``WEIR_MODEL_KEY``, ``GRAFANA_TOKEN``...). The CLI
   registers them at start, redacts its error output with it and installs
   :func:`install_log_redaction`, so a log line from any library is redacted before a
-  handler sees it.
+  handler sees it, and :func:`install_excepthooks` for the tracebacks Python prints
+  itself (a thread's uncaught exception).
 
 Examples:
     >>> redact_url("redis://:s3cret@cache:6379/0")
@@ -110,6 +111,27 @@ def redact_text(text: str) -> str:
         if secret in out:
             out = out.replace(secret, MASK)
     return out
+
+
+def install_excepthooks() -> None:
+    """Redact the tracebacks Python prints itself: an uncaught exception, a thread's."""
+    import sys
+    import threading
+    import traceback
+
+    def excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(redact_text(text))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        sys.stderr.write(redact_text(f"Exception in thread {name}:\n{text}"))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_hook
 
 
 def install_log_redaction() -> None:

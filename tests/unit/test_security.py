@@ -309,3 +309,30 @@ def test_closed_output_midway_through_head(tmp_path: Path) -> None:
     )
     assert done.stdout == "| Variable | Default | Meaning |\n"
     assert done.stderr == ""
+
+
+def test_a_thread_traceback_is_redacted(tmp_path: Path) -> None:
+    # Python prints a thread's uncaught exception itself, past logging: the CLI's hook redacts it.
+    code = (
+        "import sys, threading\n"
+        "import weir.commands.config as c\n"
+        "def run(args):\n"
+        "    t = threading.Thread(target=lambda: (_ for _ in ()).throw("
+        "RuntimeError('redis://:thread-pw-99@h:1 token glsa-thread-77')))\n"
+        "    t.start(); t.join(); return 0\n"
+        "c.run = run\n"
+        "from weir.cli import main\n"
+        "sys.argv = ['weir', 'config']\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_env(GRAFANA_TOKEN="glsa-thread-77"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Exception in thread" in done.stderr and "RuntimeError: redis://:***@h:1 token ***" in done.stderr
+    assert "thread-pw-99" not in done.stderr and "glsa-thread-77" not in done.stderr
