@@ -175,6 +175,13 @@ def _import(path: str, where: str, prefixes: Sequence[str]) -> Any:
             f"{where}: {path!r} is defined in {origin or 'an unknown module'!r}, outside the "
             f"allowed {', '.join(repr(p) for p in prefixes)}; name the class where it is defined"
         )
+    # River's components are classes; its functions (river.stream.iter_csv reads files) are
+    # not steps. Factories are for the operator's own packages (WEIR_MODEL_ALLOW).
+    if _under(path, DEFAULT_ALLOWED) and not inspect.isclass(target):
+        raise ModelError(
+            f"{where}: {path!r} is a {type(target).__name__}, not a class; a spec builds River "
+            "classes only, e.g. 'river.linear_model.LogisticRegression'"
+        )
     return target
 
 

@@ -106,6 +106,14 @@ def test_private_and_reexported_names_are_refused() -> None:
         )
 
 
+def test_river_functions_are_not_steps() -> None:
+    iter_csv = ComponentSpec.model_validate(
+        {"class": "river.stream.iter_csv", "params": {"filepath_or_buffer": "/etc/passwd"}}
+    )
+    with pytest.raises(ModelError, match=r"'river\.stream\.iter_csv' is a function, not a class"):
+        build_component(iter_csv, "c", ["river."])
+
+
 def test_extra_prefix_allows_a_package(marker_module: tuple[str, Path]) -> None:
     name, marker = marker_module
     pkg = Path(marker.parent) / name
