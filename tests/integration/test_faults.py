@@ -20,7 +20,8 @@ docs/reliability.md). A suite-side supervisor restarts any process that exits, 1
 as systemd or Kubernetes would: a kill -9 is restarted that way, and an exit the suite did
 not cause is reported as a failure.
 
-``WEIR_FAULT_SEED`` (default 11) picks the moments and durations.
+``FAULT_SEED`` (default 11) picks the moments and durations (not ``WEIR_``: Weir refuses
+unknown ``WEIR_*`` variables).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from tests.integration.faults import (
 )
 from weir.settings import load_settings
 
-SEED = int(os.environ.get("WEIR_FAULT_SEED", "11"))
+SEED = int(os.environ.get("FAULT_SEED", "11"))
 #: Every run mixes these in: a malformed event every BAD_EVERY good ones (and bad labels).
 BAD_EVERY = 10
 #: Seconds from a kill -9 to the restarted process's first output, at most. It includes
