@@ -117,3 +117,34 @@ def test_export_sets_gauges() -> None:
 def test_version_of() -> None:
     assert version_of("v3.17") == "v3"
     assert version_of("v3") == "v3"
+
+
+def test_binary_rolling_with_unscored_and_probaless_labels_matches_river() -> None:
+    """A label without proba is out of the proba metrics' window only (River's Rolling
+    updated only when there is a proba); the windows wrap many times."""
+    rng = random.Random(11)
+    ev = OnlineEvaluator("binary", rolling_window=7)
+    names = {
+        "accuracy": metrics.Accuracy,
+        "f1": metrics.F1,
+        "log_loss": metrics.LogLoss,
+        "roc_auc": metrics.ROCAUC,
+    }
+    ref: dict[str, tuple[Any, Any]] = {n: (c(), utils.Rolling(c, window_size=7)) for n, c in names.items()}
+    for y, yp, proba in _binary_stream(400, seed=11):
+        p: dict[str, float] | None = None if rng.random() < 0.3 else proba
+        ev.update(y, yp, p, model_version="v1")
+        for name, (m, r) in ref.items():
+            if name in ("log_loss", "roc_auc"):
+                if p is None:
+                    continue
+                arg: object = {True: p["True"], False: p["False"]}
+            else:
+                arg = yp
+            m.update(y, arg)
+            r.update(y, arg)
+    snap = ev.snapshot()["v1"]
+    for name, (m, r) in ref.items():
+        assert snap["all"][name] == pytest.approx(m.get(), abs=1e-12), name
+        assert snap["rolling"][name] == pytest.approx(r.get(), abs=1e-12), name
+        assert ev.get(name, "v1", "rolling") == pytest.approx(r.get(), abs=1e-12), name
