@@ -1142,11 +1142,20 @@ def verify(
     return report
 
 
-def recovery(tail: TopicTail, fault_end: float, sent_at: dict[str, float] | None = None) -> dict[str, Any]:
-    """Seconds from ``fault_end`` to the first record Weir appended to ``tail`` after it,
-    and (given ``sent_at`` of events, for the predictions topic) until every event sent
-    before ``fault_end`` had its first prediction: the backlog cleared."""
-    after = [r.timestamp for r in tail.records if r.timestamp > fault_end]
+def recovery(
+    tail: TopicTail,
+    fault_end: float,
+    sent_at: dict[str, float] | None = None,
+    *,
+    output_after: float | None = None,
+) -> dict[str, Any]:
+    """Seconds from ``fault_end`` to the first record Weir appended to ``tail`` after
+    ``output_after`` (default ``fault_end``; for a kill -9, the restart, so that a record
+    the killed process had in flight does not count), and (given ``sent_at`` of events,
+    for the predictions topic) until every event sent before ``fault_end`` had its first
+    prediction: the backlog cleared."""
+    since = fault_end if output_after is None else output_after
+    after = [r.timestamp for r in tail.records if r.timestamp > since]
     out: dict[str, Any] = {"first_output_s": round(min(after) - fault_end, 1) if after else None}
     if sent_at is not None:
         first: dict[str, float] = {}

@@ -163,7 +163,7 @@ def _kill_and_measure(run: Run, role: str, k: int, topic: str) -> dict[str, Any]
     deadline = time.monotonic() + 30
     while proc.starts == starts and time.monotonic() < deadline:
         time.sleep(0.1)
-    return {"role": role, "at_event": k, "t_kill": t_kill, "topic": topic}
+    return {"role": role, "at_event": k, "t_kill": t_kill, "t_restart": proc.started_at[-1], "topic": topic}
 
 
 def _recoveries(run: Run, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +176,7 @@ def _recoveries(run: Run, kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for kill in kills:
         sent = run.traffic.ledger.sent_at if kill["topic"] == "predictions" else None
-        rec = recovery(tails[kill["topic"]], kill["t_kill"], sent)
+        rec = recovery(tails[kill["topic"]], kill["t_kill"], sent, output_after=kill["t_restart"])
         out.append({"role": kill["role"], "at_event": kill["at_event"], **rec})
     return out
 
