@@ -2,9 +2,11 @@
 
 Redis keys (``P`` = ``spec.redis_prefix``), all with a TTL of ``labels.horizon``:
 
-* ``P:served:{event_id}`` - the served record (orjson of the Prediction: features as served,
-  prediction, proba, model_version, ts, entity_id, scored_at), written by the scorer
-  through :meth:`ServedStore.add_to_pipeline` on the pipeline it already executes.
+* ``P:served:{event_id}`` - the served record (compact: the features as served as packed
+  doubles, their names kept once per pipeline; prediction, proba, model_version, ts,
+  entity_id, scored_at; see :class:`ServedStore`), written by the scorer through
+  :meth:`ServedStore.add_to_pipeline` on the pipeline it already executes, and deleted by
+  the learner once the label joined to it is in a published snapshot.
 * ``P:join:pending`` - sorted set of served event ids by deadline (scored_at + horizon);
   the learner's sweep counts those past their deadline as expiries (no label came).
 * ``P:join:expired`` - sorted set of event ids whose horizon passed, kept one more horizon,
@@ -28,6 +30,12 @@ runs the queued commands when it resumes). Every write here is idempotent: serve
 and holds are ``SET NX`` (a retried hold that finds its own body counts as ``early``, not
 ``duplicate``), markers are rewritten with the same value, sorted-set adds are ``NX``.
 
+**Round trips.** A label batch costs one script call (:data:`_JOIN_LUA`): it writes the
+markers of the labels learned before (queued by :meth:`LabelJoiner.mark_learned`) and the
+deletions of served records, then reads the batch's state; the decisions are pure Python.
+Early labels add one pipeline to hold them. The sweep moves expiries in bounded script
+calls (:data:`EXPIRE_CHUNK`) and looks at :data:`SWEEP_HELD_CHUNK` held labels at most.
+
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
 ``hit`` (learned now), ``early`` (held), ``duplicate`` (already learned or already held),
 ``expired`` (its served record is gone: the horizon passed), ``invalid`` (dead-lettered);
@@ -36,6 +44,8 @@ and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (ne
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -57,8 +67,6 @@ OUTCOMES: tuple[str, ...] = (
     "resolved",
     "unknown",
 )
-#: At most this many ids are handled per sweep step, so one sweep never stalls the learner.
-SWEEP_LIMIT = 10_000
 #: Held (early) labels looked at per sweep: a backlog of them is walked in chunks,
 #: round robin, over several sweeps (three GETs each; a chunk is ~1,500 pipelined ops).
 SWEEP_HELD_CHUNK = 500
@@ -102,17 +110,84 @@ def prediction_from_dict(d: dict[str, Any]) -> Prediction:
     )
 
 
+#: First byte of a compact served record (an older record is an orjson object, ``{``).
+_COMPACT = b"\x01"
+_HEADER_LEN = struct.Struct("<H")
+_BINARY_CLASSES = ("False", "True")
+_NAN = math.nan
+
+
 class ServedStore:
     """Where scorers record what they served, for the label join.
 
+    One record per event, compact: ``\\x01``, the header's length (2 bytes), the header
+    (orjson array: entity, ts, model version, prediction, proba, scored_at, and the
+    features when they are not all numbers), then the features as little-endian doubles
+    in ``spec.feature_names`` order (NaN for None). Feature names, the model's name and
+    a binary task's class names are kept once, here, not per event. The learner deletes a
+    record once the label joined to it is in a published snapshot (see
+    :meth:`LabelJoiner.published`).
+
     Args:
-        spec: the pipeline spec (prefix and ``labels.horizon``).
+        spec: the pipeline spec (prefix, ``labels.horizon``, feature names, model name).
     """
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
         self.keys = Keys(spec)
         self.px = _px(spec)
+        self.names = tuple(spec.feature_names)
+        self.model_name = spec.model.name
+        self._doubles = struct.Struct(f"<{len(self.names)}d")
+
+    def encode(self, p: Prediction) -> bytes:
+        """The compact record of ``p`` (its event id is in the key, not the record).
+
+        Numbers are stored as doubles (the feature engine serves floats, or None).
+        """
+        feats: Any = p.features
+        packed = b""
+        if tuple(feats) == self.names:
+            values = tuple(feats.values())
+            try:
+                packed = self._doubles.pack(*values)
+                feats = 0
+            except struct.error:  # a None, or a string
+                if all(v is None or type(v) is float for v in values):
+                    packed = self._doubles.pack(*[_NAN if v is None else v for v in values])
+                    feats = 0
+                else:
+                    feats = values
+        proba: Any = p.proba
+        if proba is not None and tuple(proba) == _BINARY_CLASSES:
+            proba = tuple(proba.values())
+        model = "" if p.model == self.model_name else p.model
+        head = orjson.dumps(
+            (p.entity_id, p.ts, p.model_version, p.prediction, proba, p.scored_at, feats, model)
+        )
+        return _COMPACT + _HEADER_LEN.pack(len(head)) + head + packed
+
+    def decode(self, event_id: str, raw: bytes) -> Prediction:
+        """The Prediction of a stored record (compact, or an older orjson object)."""
+        if raw[:1] != _COMPACT:
+            return prediction_from_dict(orjson.loads(raw))
+        (n,) = _HEADER_LEN.unpack_from(raw, 1)
+        entity, ts, version, prediction, proba, scored_at, feats, model = orjson.loads(raw[3 : 3 + n])
+        if feats == 0:
+            values = self._doubles.unpack_from(raw, 3 + n)
+            total = sum(values)
+            if total != total:  # a NaN somewhere: None as served
+                values = tuple(None if v != v else v for v in values)
+            features = dict(zip(self.names, values, strict=True))
+        elif isinstance(feats, list):
+            features = dict(zip(self.names, feats, strict=True))
+        else:
+            features = feats
+        if proba is not None and type(proba) is list:
+            proba = {"False": proba[0], "True": proba[1]}
+        return Prediction(
+            event_id, entity, ts, model or self.model_name, version, prediction, proba, features, scored_at
+        )
 
     def add_to_pipeline(self, pipe: Any, predictions: Sequence[Prediction], now: float | None = None) -> None:
         """Queue the served records on ``pipe`` (the caller executes it).
@@ -124,8 +199,9 @@ class ServedStore:
             return
         now = time.time() if now is None else now
         deadline = now + self.spec.labels.horizon
+        served, encode, px = self.keys.served, self.encode, self.px
         for p in predictions:
-            pipe.set(self.keys.served(p.event_id), orjson.dumps(p.to_dict()), px=self.px, nx=True)
+            pipe.set(served(p.event_id), encode(p), px=px, nx=True)
         pipe.zadd(self.keys.pending, {p.event_id: deadline for p in predictions}, nx=True)
         # Bounded without a learner: deadlines more than a horizon ago are dropped here.
         pipe.zremrangebyscore(self.keys.pending, "-inf", now - self.spec.labels.horizon)
@@ -136,7 +212,7 @@ class ServedStore:
         if not event_ids:
             return []
         raws = client.mget([self.keys.served(e) for e in event_ids])
-        return [None if r is None else prediction_from_dict(orjson.loads(r)) for r in raws]
+        return [None if r is None else self.decode(e, r) for e, r in zip(event_ids, raws, strict=True)]
 
 
 @dataclass(slots=True)
@@ -215,11 +291,98 @@ class Lineage:
         return out
 
 
+#: The join's one call per batch: first the writes the learner queued (learned markers,
+#: served records to delete), then the state of each label's event, three values per id:
+#: its learned marker, its served record, and (mode ``expired``) its score in the
+#: expired set or (mode ``early``) its held label. ARGV: prefix, marker TTL (ms), mode,
+#: number of markers, number of deletions, the markers as (id, marker) pairs, the ids to
+#: delete, then the ids to read.
+_JOIN_LUA = r"""
+local p, px, mode = ARGV[1], ARGV[2], ARGV[3]
+local nm, nd = tonumber(ARGV[4]), tonumber(ARGV[5])
+local pending = p .. ':join:pending'
+local i = 6
+local rem = {}
+for _ = 1, nm do
+  local eid = ARGV[i]
+  redis.call('SET', p .. ':learned:' .. eid, ARGV[i + 1], 'PX', px)
+  rem[#rem + 1] = eid
+  if #rem == 500 then redis.call('ZREM', pending, unpack(rem)); rem = {} end
+  i = i + 2
+end
+if #rem > 0 then redis.call('ZREM', pending, unpack(rem)) end
+rem = {}
+for _ = 1, nd do
+  rem[#rem + 1] = p .. ':served:' .. ARGV[i]
+  if #rem == 500 then redis.call('DEL', unpack(rem)); rem = {} end
+  i = i + 1
+end
+if #rem > 0 then redis.call('DEL', unpack(rem)) end
+local out = {}
+local expired = p .. ':join:expired'
+for j = i, #ARGV do
+  local eid = ARGV[j]
+  local m = redis.call('GET', p .. ':learned:' .. eid)
+  local s = redis.call('GET', p .. ':served:' .. eid)
+  local x = false
+  if mode == 'early' then
+    x = redis.call('GET', p .. ':early:' .. eid)
+  elseif not s and not m then
+    x = redis.call('ZSCORE', expired, eid)
+  end
+  out[#out + 1] = m
+  out[#out + 1] = s
+  out[#out + 1] = x
+end
+return out
+"""
+
+#: The sweep's expiries: up to ARGV[3] pending ids whose deadline (ARGV[2]) passed move to
+#: the expired set (kept one more horizon, ARGV[4] seconds); returns how many moved.
+_EXPIRE_LUA = r"""
+local p, now, limit, horizon, px2 = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local pending, expired = p .. ':join:pending', p .. ':join:expired'
+local ids = redis.call('ZRANGEBYSCORE', pending, '-inf', now, 'LIMIT', 0, limit)
+local n = #ids
+local j = 1
+while j <= n do
+  local chunk, adds = {}, {}
+  for k = j, math.min(n, j + 499) do
+    chunk[#chunk + 1] = ids[k]
+    adds[#adds + 1] = now + horizon
+    adds[#adds + 1] = ids[k]
+  end
+  redis.call('ZREM', pending, unpack(chunk))
+  redis.call('ZADD', expired, unpack(adds))
+  j = j + 500
+end
+if n > 0 then redis.call('PEXPIRE', expired, px2) end
+redis.call('ZREMRANGEBYSCORE', expired, '-inf', now)
+return n
+"""
+
+#: Served records deleted per call at most (the rest go with the next calls).
+DROP_CHUNK = 2_000
+#: Expiries moved per script call, and script calls per sweep (so at most 20,000 a sweep,
+#: in slices short enough not to hold Redis up for the scorers).
+EXPIRE_CHUNK = 2_000
+EXPIRE_CALLS = 10
+
+
 class LabelJoiner:
-    """Joins labels with served records in Redis; pure decisions, batched round trips.
+    """Joins labels with served records in Redis; pure decisions, one round trip per batch.
 
     One joiner per learner (one writer per model). The caller learns every example of
-    a ``hit``/``resolved`` result, then calls :meth:`mark_learned`.
+    a ``hit``/``resolved`` result, then calls :meth:`mark_learned`, which only queues the
+    markers: they are written at the start of the next call to Redis (the next batch's
+    join, the sweep, or :meth:`flush` before a snapshot), in the same script, before that
+    call reads anything. So a batch costs one round trip (plus one to hold early labels,
+    if any), and a later label for an event learned earlier still finds its marker.
+    A crash that loses queued markers also loses the model state that learned their
+    labels (no snapshot is taken before :meth:`flush`): they are learned again.
+
+    Served records are deleted once their label is in a published snapshot
+    (:meth:`published`): before that, a crash would need them to learn the label again.
     """
 
     def __init__(self, spec: PipelineSpec, client: Any, lineage: Lineage | None = None) -> None:
@@ -230,6 +393,19 @@ class LabelJoiner:
         self.lineage = lineage or Lineage()
         self.served = ServedStore(spec)
         self._held_cursor = 0  # rank in the early index where the next sweep looks
+        #: markers learned, not yet written: (event id, seq)
+        self._marks: list[tuple[str, int]] = []
+        #: event ids learned since the last snapshot (their records are still needed)
+        self._unpublished: list[str] = []
+        #: event ids whose served records may go (their label is in a snapshot)
+        self._droppable: list[str] = []
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, text: str) -> Any:
+        s = self._scripts.get(text)
+        if s is None:
+            s = self._scripts[text] = self.client.register_script(text)
+        return s
 
     def _example(self, label: Label, served: Prediction) -> Example:
         return Example(
@@ -244,12 +420,57 @@ class LabelJoiner:
             model_version=served.model_version,
         )
 
+    # -- the writes queued, sent with the next call ------------------------------------
+
+    @property
+    def unwritten(self) -> int:
+        """Markers queued and not yet written."""
+        return len(self._marks)
+
+    def _call(self, ids: Sequence[str], mode: str = "expired") -> list[Any]:
+        """Write the queued markers and deletions, then read ``ids``; one script call.
+
+        The queues are emptied only once the call succeeded: a retried call sends them
+        again (rewriting a marker with the same value, deleting a deleted key: no-ops).
+        """
+        marks, drops = self._marks, self._droppable[:DROP_CHUNK]
+        args: list[Any] = [self.keys.prefix, self.px, mode, len(marks), len(drops)]
+        marker = self.lineage.marker
+        for eid, seq in marks:
+            args += (eid, marker(seq))
+        args += drops
+        args += ids
+        raw: list[Any] = self._script(_JOIN_LUA)(keys=[], args=args)
+        self._marks = []
+        del self._droppable[: len(drops)]
+        return raw
+
+    def flush(self) -> None:
+        """Write the queued markers (and deletions) now; a snapshot waits for this."""
+        if self._marks or self._droppable:
+            self._call([])
+
+    def mark_learned(self, learned: Iterable[tuple[str, int]]) -> None:
+        """Queue the learned markers ``(event_id, seq)``; no I/O (see the class)."""
+        items = list(learned)
+        self._marks.extend(items)
+        self._unpublished.extend(eid for eid, _ in items)
+
+    def published(self, seq: int) -> None:
+        """A snapshot at ``seq`` was published: every label learned so far is in it, so
+        their served records are deleted with the next calls."""
+        self.published_seq = seq
+        self._droppable.extend(self._unpublished)
+        self._unpublished = []
+
+    # -- decisions ---------------------------------------------------------------------
+
     def join(
         self, labels: Sequence[Label], now: float | None = None, sources: Sequence[str] | None = None
     ) -> list[JoinResult]:
         """Decide each label's outcome (labels already validated and coerced).
 
-        Two round trips at most: one pipeline of reads, one to hold early labels.
+        One round trip (:meth:`_call`), and one more only to hold early labels.
         ``sources`` names each label's message (``partition:offset``); it goes into the
         hold, so a retried call tells its own hold from a second label for the event.
         """
@@ -257,26 +478,21 @@ class LabelJoiner:
             return []
         now = time.time() if now is None else now
         k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        for lab in labels:
-            pipe.get(k.served(lab.event_id))
-            pipe.get(k.learned(lab.event_id))
-            pipe.zscore(k.expired, lab.event_id)
-        raw = pipe.execute()
+        raw = self._call([lab.event_id for lab in labels])
         results: list[JoinResult] = []
         seen: set[str] = set()
         early: list[tuple[int, Label]] = []
         label_index: dict[int, int] = {}  # position in results -> index in labels
+        contains, decode = self.lineage.contains, self.served.decode
         for i, lab in enumerate(labels):
-            served_raw, marker, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
+            marker, served_raw, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
             eid = lab.event_id
-            if eid in seen or self.lineage.contains(marker):
+            if eid in seen or (marker is not None and contains(marker)):
                 results.append(JoinResult("duplicate", eid, detail="label already learned"))
                 continue
             if served_raw is not None:
                 seen.add(eid)
-                served = prediction_from_dict(orjson.loads(served_raw))
-                results.append(JoinResult("hit", eid, self._example(lab, served)))
+                results.append(JoinResult("hit", eid, self._example(lab, decode(eid, served_raw))))
                 continue
             if expired is not None:
                 results.append(JoinResult("expired", eid, detail="label came after the horizon; not learned"))
@@ -309,16 +525,21 @@ class LabelJoiner:
                     )
         return results
 
-    def mark_learned(self, learned: Iterable[tuple[str, int]]) -> None:
-        """Write the learned markers ``(event_id, seq)`` and stop waiting for those events."""
-        items = list(learned)
-        if not items:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for eid, seq in items:
-            pipe.set(self.keys.learned(eid), self.lineage.marker(seq), px=self.px)
-        pipe.zrem(self.keys.pending, *[eid for eid, _ in items])
-        pipe.execute()
+    def expire(self, now: float) -> int:
+        """Move the pending ids whose deadline passed to the expired set; how many.
+
+        Bounded: at most :data:`EXPIRE_CALLS` script calls of :data:`EXPIRE_CHUNK` ids,
+        each a short slice of Redis time; a larger backlog goes on at the next sweep.
+        """
+        script = self._script(_EXPIRE_LUA)
+        args = [self.keys.prefix, repr(now), EXPIRE_CHUNK, repr(self.spec.labels.horizon), 2 * self.px]
+        total = 0
+        for _ in range(EXPIRE_CALLS):
+            n = int(script(keys=[], args=args))
+            total += n
+            if n < EXPIRE_CHUNK:
+                break
+        return total
 
     def sweep(self, now: float | None = None) -> tuple[int, list[JoinResult]]:
         """Count expiries and resolve held labels (a chunk of them per call, round robin).
@@ -331,30 +552,19 @@ class LabelJoiner:
         now = time.time() if now is None else now
         k = self.keys
         c = self.client
-        expired_ids = [e.decode() for e in c.zrangebyscore(k.pending, "-inf", now, start=0, num=SWEEP_LIMIT)]
-        pipe = c.pipeline(transaction=False)
-        if expired_ids:
-            pipe.zrem(k.pending, *expired_ids)
-            pipe.zadd(k.expired, {e: now + self.spec.labels.horizon for e in expired_ids})
-            pipe.pexpire(k.expired, 2 * self.px)
-        pipe.zremrangebyscore(k.expired, "-inf", now)
+        self.flush()
+        expiries = self.expire(now)
         start = self._held_cursor
-        pipe.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
-        held = pipe.execute()[-1]
+        held = c.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
         results: list[JoinResult] = []
         if not held:
             self._held_cursor = 0
-            return len(expired_ids), results
+            return expiries, results
         ids = [e.decode() for e, _ in held]
-        pipe = c.pipeline(transaction=False)
-        for eid in ids:
-            pipe.get(k.early(eid))
-            pipe.get(k.served(eid))
-            pipe.get(k.learned(eid))
-        raw = pipe.execute()
+        raw = self._call(ids, mode="early")
         done: list[str] = []
         for i, (eid, (_, deadline)) in enumerate(zip(ids, held, strict=True)):
-            body, served_raw, marker = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
+            marker, served_raw, body = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
             if body is None:  # its hold expired
                 done.append(eid)
                 if marker is None:
@@ -367,7 +577,7 @@ class LabelJoiner:
             if served_raw is not None:
                 lab = orjson.loads(body)
                 label = Label(event_id=eid, label=lab["label"], ts=float(lab["ts"]))
-                served = prediction_from_dict(orjson.loads(served_raw))
+                served = self.served.decode(eid, served_raw)
                 results.append(JoinResult("resolved", eid, self._example(label, served)))
                 continue
             if deadline <= now:
@@ -381,7 +591,7 @@ class LabelJoiner:
         # Ids not done keep their ranks (resolved ones leave once they are in a snapshot).
         kept = len(held) - len(done)
         self._held_cursor = start + kept if len(held) == SWEEP_HELD_CHUNK else 0
-        return len(expired_ids), results
+        return expiries, results
 
     #: seq of the newest published snapshot of this run (set by the learner)
     published_seq: int = -1

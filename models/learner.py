@@ -25,6 +25,10 @@ reads. Every yielded call is idempotent, so retrying one after a timeout whose w
 were applied anyway changes nothing: the label join's reads and holds (``SET NX``), the
 learned markers (the same ``run:seq`` value again). A ``None`` yielded is a point where
 the driver may let other work run (between chunks of learning).
+
+**One round trip per batch.** The learned markers of a batch are queued, not written: the
+next call to Redis (the next batch's join, the sweep, or the flush a snapshot starts
+with) writes them first, in the same script that reads the next batch's state.
 """
 
 from __future__ import annotations
@@ -231,12 +235,13 @@ class LearnerCore:
         :meth:`maybe_snapshot`) once it has delivered this batch's training-log records.
         """
         out = run_step(self.process_step(messages, now))
+        self.joiner.flush()
         if snapshot:
             out.snapshot_id = self.maybe_snapshot(out.now)
         return out
 
     def process_step(self, messages: Sequence[LabelMessage], now: float | None = None) -> Step[StepOutput]:
-        """The step of one batch: parse, join (one :class:`Io`), learn, mark (one :class:`Io`)."""
+        """The step of one batch: parse, join (one :class:`Io`), learn, queue the markers."""
         now = self.clock() if now is None else now
         out = StepOutput(now=now)
         labels: list[Label] = []
@@ -268,8 +273,9 @@ class LearnerCore:
             joiner = self.joiner
             results = yield Io(lambda: joiner.join(labels, now=now, sources=sources), "label join")
             yield from self._apply_step(results, out)
-        # The offsets move once the batch is learned and marked: a snapshot never records
-        # offsets past a batch whose step did not finish.
+        # The offsets move once the batch is learned and its markers queued (a snapshot
+        # writes them first): a snapshot never records offsets past a batch whose step
+        # did not finish.
         for msg in messages:
             if msg.offset >= 0:
                 self.offsets[msg.partition] = max(self.offsets.get(msg.partition, 0), msg.offset + 1)
@@ -278,6 +284,7 @@ class LearnerCore:
     def sweep(self, now: float | None = None, snapshot: bool = True) -> StepOutput:
         """Count expiries, resolve held (early) labels, snapshot if due. Call every second or so."""
         out = run_step(self.sweep_step(now))
+        self.joiner.flush()
         if snapshot:
             out.snapshot_id = self.maybe_snapshot(out.now)
         return out
@@ -301,7 +308,7 @@ class LearnerCore:
             self.metrics.joins.labels(self._pipeline, outcome).inc()
 
     def _apply_step(self, results: list[JoinResult], out: StepOutput) -> Step[None]:
-        """Learn the examples of ``hit``/``resolved`` results, then write their markers.
+        """Learn the examples of ``hit``/``resolved`` results, then queue their markers.
 
         A label whose learning raises (a poison example) is dead-lettered as
         ``model_error`` and the rest of the batch goes on; it is marked like a learned one,
@@ -323,9 +330,8 @@ class LearnerCore:
                 marked.append((res.event_id, self.labels_learned))
                 if len(marked) % LEARN_CHUNK == 0:
                     yield None
-        if marked:
-            joiner = self.joiner
-            yield Io(lambda: joiner.mark_learned(marked), "learned markers")
+        # Queued, written at the start of the next call to Redis (see LabelJoiner).
+        self.joiner.mark_learned(marked)
         if self.metrics is not None and learned:
             self.metrics.learned.labels(self._pipeline, self._model_name).inc(learned)
 
@@ -374,6 +380,8 @@ class LearnerCore:
             return None
         if not (force or self._due(now)):
             return None
+        # The markers of every label the snapshot contains are written before it is.
+        self.joiner.flush()
         self.follow_champion()
         lineage = self.joiner.lineage.for_snapshot(self.labels_learned, now, self.spec.labels.horizon)
         sid = self.registry.publish_snapshot(
@@ -385,7 +393,7 @@ class LearnerCore:
         )
         self.snapshot_id = sid
         self.snapshot_created = now
-        self.joiner.published_seq = self.labels_learned
+        self.joiner.published(self.labels_learned)
         self._learned_at_snapshot = self.labels_learned
         self._offsets_at_snapshot = dict(self.offsets)
         self._last_snapshot = now

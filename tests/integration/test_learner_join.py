@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from models.factory import build_model, predict
 from models.join import Keys, ServedStore
-from models.learner import LabelMessage, LearnerCore, status_key
+from models.learner import LabelMessage, LearnerCore, run_step, status_key
 from models.registry import ModelRegistry
 from streams.contracts import decode_dead_letter
 from weir.errors import IntegrityError
@@ -252,6 +252,67 @@ def test_crash_recovery_no_loss_no_double_learning(redis_client: Any, unique: An
     third = LearnerCore.start(spec, registry, redis_client)
     assert third.labels_learned == 5
     assert [r.outcome for r in third.process(msgs[3:]).results] == ["duplicate", "duplicate"]
+
+
+def test_served_records_are_deleted_once_their_labels_are_in_a_snapshot(
+    redis_client: Any, unique: Any
+) -> None:
+    """A joined event's served record stays while a crash could need it (until the
+    snapshot containing its label), then goes with the next call; its marker stays."""
+    spec = make_spec(unique, learner={"snapshot_every_labels": 1000, "snapshot_every_seconds": 3600})
+    registry = ModelRegistry(redis_client, spec, key=b"k")
+    core = LearnerCore.start(spec, registry, redis_client)
+    keys = Keys(spec)
+    now = time.time()
+    for i in range(3):
+        serve(redis_client, spec, core, f"e{i}", float(i), now)
+    core.process([label_msg(f"e{i}", 1, now, offset=i) for i in range(2)])
+    assert redis_client.exists(keys.served("e0"), keys.served("e1")) == 2  # not in a snapshot yet
+    assert redis_client.exists(keys.learned("e0"), keys.learned("e1")) == 2
+    assert core.maybe_snapshot(force=True) == "v1.1"
+    core.process([label_msg("e2", 0, now, offset=2)])  # the next call deletes them
+    assert redis_client.exists(keys.served("e0"), keys.served("e1")) == 0
+    assert redis_client.exists(keys.served("e2")) == 1  # learned after the snapshot: kept
+    assert redis_client.exists(keys.learned("e0"), keys.learned("e1"), keys.learned("e2")) == 3
+    # a label delivered again for a deleted record is still a duplicate
+    assert [r.outcome for r in core.process([label_msg("e0", 1, now, offset=3)]).results] == ["duplicate"]
+    # a crash now: e2 (after the snapshot) is learned again from its record
+    again = LearnerCore.start(spec, registry, redis_client)
+    assert [r.outcome for r in again.process([label_msg("e2", 0, now, offset=2)]).results] == ["hit"]
+
+
+def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, settings: Any) -> None:
+    """Join (and the previous batch's markers) in one script call; no per-label call."""
+    import redis
+
+    calls: list[str] = []
+
+    class Counting(redis.Redis):  # the real client, counting what it sends
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            calls.append(str(args[0]))
+            return super().execute_command(*args, **options)
+
+        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+            calls.append("PIPELINE")
+            return super().pipeline(transaction, shard_hint)
+
+    client = Counting.from_url(settings.redis_url, **settings.redis_kwargs())
+    spec = make_spec(unique)
+    core = _core(spec, client)
+    now = time.time()
+    for i in range(200):
+        serve(redis_client, spec, core, f"e{i}", float(i), now)
+    for lo in (0, 100):
+        calls.clear()
+        out = run_step(
+            core.process_step([label_msg(f"e{i}", i % 2, now, offset=i) for i in range(lo, lo + 100)])
+        )
+        assert [r.outcome for r in out.results] == ["hit"] * 100
+        assert calls in (["EVALSHA"], ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]), calls  # loaded on first use
+    assert core.labels_learned == 200 and core.joiner.unwritten == 100
+    core.joiner.flush()
+    assert redis_client.exists(*[Keys(spec).learned(f"e{i}") for i in range(200)]) == 200
+    client.close()
 
 
 def test_follow_champion(redis_client: Any, unique: Any) -> None:
