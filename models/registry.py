@@ -22,26 +22,37 @@ metadata (``meta.pruned_at``) as the audit trail and can no longer be loaded or
 aliased. Publishing a snapshot deletes those beyond ``learner.keep_snapshots``, in the
 same atomic script.
 
-Every blob is stored with its sha256 and, when the registry has a key
-(``WEIR_MODEL_KEY``), an HMAC-SHA256. Loading checks both *before* unpickling and
-refuses a mismatch with :class:`~weir.errors.IntegrityError`: pickle runs code, so an
-unchecked blob is never loaded. With a key, a blob stored without an HMAC is refused too.
+Integrity (pickle runs code, so an unchecked blob is never loaded): every blob is
+stored with its sha256 and an HMAC-SHA256 under the registry's key, computed over what
+the blob is (version, parked state, snapshot or checkpoint), the pipeline, its ids (the
+version id, the snapshot id and its version, the checkpoint name; a version's model
+name) and the blob. Loading checks both *before* unpickling and refuses a mismatch with
+:class:`~weir.errors.IntegrityError`, so a valid blob cannot be swapped in under another
+id either. The key (:func:`registry_key`) is ``WEIR_MODEL_KEY``, else the file
+``WEIR_MODEL_KEY_FILE``, else ``WEIR_DATA_DIR/model.key``, created on first use (mode
+0600). Every process of a pipeline needs the same key; a blob signed with another key is
+refused with an error that says so and names this process's key source. Only
+``WEIR_MODEL_INSECURE=1`` runs without a key (sha256 only, logged loudly).
 """
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
+import enum
 import hashlib
 import hmac
 import logging
+import os
 import pickle
+import secrets
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from weir.errors import IntegrityError, ModelError
+from weir.errors import ConfigError, IntegrityError, ModelError, ModelKeyError
 from weir.types import ModelVersion
 
 if TYPE_CHECKING:
@@ -79,11 +90,163 @@ def _river_version() -> str:
     return str(river.__version__)
 
 
-def registry_key(settings: Settings) -> bytes | None:
-    """The HMAC key from the settings (``WEIR_MODEL_KEY``), or None."""
-    if settings.model_key is None:
+#: The HMAC's format: stored as ``hmac_scheme`` with every signed blob. Scheme 2 covers
+#: the blob's kind, pipeline and ids; a blob without it (signed by an older Weir, over the
+#: blob alone) is refused.
+HMAC_SCHEME = 2
+KEY_FILE_NAME = "model.key"
+
+
+class ModelKey(bytes):
+    """An HMAC key that knows where it came from (for error messages; never the value)."""
+
+    source: str
+
+    def __new__(cls, value: bytes, source: str) -> ModelKey:
+        obj = super().__new__(cls, value)
+        obj.source = source
+        return obj
+
+    def __repr__(self) -> str:  # never the key itself
+        return f"ModelKey(source={self.source!r})"
+
+    __str__ = __repr__
+
+
+class _FromSettings(enum.Enum):
+    TOKEN = 0
+
+
+#: ``ModelRegistry(key=FROM_SETTINGS)`` (the default): the key :func:`registry_key` gives.
+FROM_SETTINGS = _FromSettings.TOKEN
+
+
+def key_id(key: bytes) -> str:
+    """A short fingerprint of a key, stored with each blob so a key mismatch can be told
+    from tampering. It is an HMAC under the key itself: it tells nothing a signed blob
+    does not already."""
+    return hmac.new(key, b"weir model key id", hashlib.sha256).hexdigest()[:12]
+
+
+def _read_key_file(path: Path, what: str, timeout: float = 5.0) -> bytes:
+    """The key in ``path``; waits a little for a file another process is creating."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            raw = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{what} {path} cannot be read ({exc.strerror or exc}); fix its permissions "
+                "(the Weir user must read it, mode 0600), or set WEIR_MODEL_KEY"
+            ) from None
+        if raw or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not raw:
+        raise ConfigError(
+            f"{what} {path} is empty; write a key into it (`openssl rand -hex 32 > {path}; "
+            f"chmod 600 {path}`), or delete it to have Weir create one"
+        )
+    from weir import redact
+
+    redact.register_secret(raw.decode(errors="replace"))  # masked in logs like WEIR_MODEL_KEY
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s %s is readable by other users (mode %o): chmod 600 %s", what, path, mode, path)
+    return raw
+
+
+def _create_key_file(path: Path) -> bool:
+    """Create ``path`` with a new random key, atomically; False if it already existed.
+
+    The key is written to a private temporary file first and then hard-linked into place,
+    which fails if ``path`` exists: two processes starting together never see a half-written
+    key, and both end up with the one that won (each reads ``path`` back).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode() + b"\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system: O_EXCL create (readers wait for it)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def registry_key(settings: Settings) -> ModelKey | None:
+    """The registry's HMAC key: ``WEIR_MODEL_KEY``, else ``WEIR_MODEL_KEY_FILE``, else
+    ``WEIR_DATA_DIR/model.key`` (created on first use, mode 0600).
+
+    None only with ``WEIR_MODEL_INSECURE=1`` and no key given (logged as an error).
+    Raises :class:`~weir.errors.ConfigError` when no key can be had.
+    """
+    if settings.model_key is not None and settings.model_key_file is not None:
+        raise ConfigError("both WEIR_MODEL_KEY and WEIR_MODEL_KEY_FILE are set; set only one of them")
+    if settings.model_key is not None:
+        value = settings.model_key.get_secret_value().strip().encode()
+        if not value:
+            raise ConfigError(
+                "WEIR_MODEL_KEY is set but empty; give it a random secret (`openssl rand -hex 32`), "
+                "the same in every process of the pipeline, or unset it to use the key file "
+                "WEIR_DATA_DIR/model.key"
+            )
+        key = ModelKey(value, "WEIR_MODEL_KEY")
+    elif settings.model_key_file is not None:
+        path = Path(settings.model_key_file).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"WEIR_MODEL_KEY_FILE={settings.model_key_file!r}: no such file; create it with "
+                f"`openssl rand -hex 32 > {path}; chmod 600 {path}` (the same key for every "
+                "process of the pipeline), or unset WEIR_MODEL_KEY_FILE"
+            )
+        key = ModelKey(_read_key_file(path, "WEIR_MODEL_KEY_FILE"), f"WEIR_MODEL_KEY_FILE {path}")
+    elif settings.model_insecure:
+        log.error(
+            "WEIR_MODEL_INSECURE=1: model blobs are NOT signed and are checked by sha256 only. "
+            "Anyone who can write to Redis can make this process unpickle (run) anything. "
+            "Unset WEIR_MODEL_INSECURE to sign them with a key"
+        )
         return None
-    return settings.model_key.get_secret_value().encode()
+    else:
+        path = (Path(settings.data_dir) / KEY_FILE_NAME).expanduser().absolute()
+        try:
+            created = _create_key_file(path) if not path.exists() else False
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the model key file {path} ({exc.strerror or exc}); make "
+                "WEIR_DATA_DIR writable, or set WEIR_MODEL_KEY or WEIR_MODEL_KEY_FILE "
+                "(WEIR_MODEL_INSECURE=1 runs without a key, unsafely)"
+            ) from None
+        if created:
+            log.warning(
+                "created a new model key in %s (mode 0600). Every process of this pipeline "
+                "must use the same key: give them the same WEIR_DATA_DIR, or copy this file, "
+                "or set WEIR_MODEL_KEY (or WEIR_MODEL_KEY_FILE) for all of them",
+                path,
+            )
+        key = ModelKey(_read_key_file(path, "the model key file"), f"key file {path}")
+    if settings.model_insecure:
+        log.warning("WEIR_MODEL_INSECURE=1 is ignored: a model key is set (%s)", key.source)
+    return key
 
 
 class ModelRegistry:
@@ -92,7 +255,9 @@ class ModelRegistry:
     Args:
         client: a synchronous Redis client.
         spec: the pipeline spec (its ``redis_prefix`` and ``spec_hash()`` are used).
-        key: HMAC key; when given, every blob is signed and checked.
+        key: HMAC key: every blob is signed with it and checked against it. Default: the
+            key of the process's settings (:func:`registry_key`); None signs nothing and
+            checks the sha256 only (what ``WEIR_MODEL_INSECURE=1`` gives).
         keep_snapshots: snapshots to keep (default the spec's ``learner.keep_snapshots``).
         keep_versions: newest version blobs to keep besides the champion, its predecessor
             and the challenger (default the spec's ``retrain.keep_versions``).
@@ -102,13 +267,19 @@ class ModelRegistry:
         self,
         client: redis.Redis,
         spec: PipelineSpec,
-        key: bytes | None = None,
+        key: bytes | _FromSettings | None = FROM_SETTINGS,
         keep_snapshots: int | None = None,
         keep_versions: int | None = None,
     ) -> None:
         self.client: Any = client  # redis-py's stubs type replies as bytes | str
         self.spec = spec
-        self.key = key
+        if isinstance(key, _FromSettings):
+            from weir.settings import load_settings
+
+            key = registry_key(load_settings())
+        self.key: bytes | None = key
+        self.key_source = getattr(key, "source", "the key given to ModelRegistry")
+        self.key_id = key_id(key) if key is not None else None
         ks = spec.learner.keep_snapshots if keep_snapshots is None else keep_snapshots
         kv = spec.retrain.keep_versions if keep_versions is None else keep_versions
         self.keep_snapshots = max(1, ks)
@@ -118,14 +289,34 @@ class ModelRegistry:
 
     # -- blobs -------------------------------------------------------------------
 
-    def _sign(self, blob: bytes) -> str | None:
-        if self.key is None:
-            return None
-        return hmac.new(self.key, blob, hashlib.sha256).hexdigest()
+    def _mac(self, blob: bytes, kind: str, ids: tuple[str, ...]) -> str:
+        assert self.key is not None
+        # What the blob is, whose and under which ids, then the blob: a valid blob moved
+        # under another id, kind or pipeline no longer matches. JSON keeps the parts apart.
+        head = orjson.dumps(["weir-blob", HMAC_SCHEME, kind, self.spec.name, *ids])
+        return hmac.new(self.key, head + b"\n" + blob, hashlib.sha256).hexdigest()
 
-    def _verify(self, what: str, blob: bytes | None, sha: str, mac: str | None) -> Any:
+    def _sign(self, blob: bytes, kind: str, ids: tuple[str, ...]) -> dict[str, Any]:
+        """The integrity fields stored with a blob: sha256, and with a key the HMAC."""
+        out: dict[str, Any] = {"blob_sha256": hashlib.sha256(blob).hexdigest(), "blob_hmac": None}
+        if self.key is not None:
+            out.update(blob_hmac=self._mac(blob, kind, ids), hmac_scheme=HMAC_SCHEME, key_id=self.key_id)
+        return out
+
+    def _share_hint(self) -> str:
+        return (
+            f"Every process of pipeline {self.spec.name!r} must use the same model key: set the "
+            "same WEIR_MODEL_KEY (or WEIR_MODEL_KEY_FILE) for all of them, or give them one "
+            "WEIR_DATA_DIR (or a copy of its model.key)"
+        )
+
+    def _verify(
+        self, what: str, blob: bytes | None, meta: dict[str, Any], kind: str, ids: tuple[str, ...]
+    ) -> Any:
+        """Unpickle ``blob`` only after its sha256 and (with a key) HMAC check."""
         if blob is None:
             raise IntegrityError(f"{what}: the model blob is missing from Redis; it cannot load")
+        sha = str(meta.get("blob_sha256") or "")
         got = hashlib.sha256(blob).hexdigest()
         if not hmac.compare_digest(got, sha):
             raise IntegrityError(
@@ -133,16 +324,32 @@ class ModelRegistry:
                 "the blob was altered or corrupted and was NOT unpickled"
             )
         if self.key is not None:
+            mac = meta.get("blob_hmac")
             if not mac:
                 raise IntegrityError(
-                    f"{what}: the blob has no HMAC but WEIR_MODEL_KEY is set; it was saved "
-                    "without the key and was NOT unpickled. Re-save it with the key"
+                    f"{what}: the blob is not signed (saved by a process with "
+                    f"WEIR_MODEL_INSECURE=1, or by an older Weir) but this process has a model "
+                    f"key ({self.key_source}); it was NOT unpickled. Re-create it from a process "
+                    f"with the key, or reset the pipeline's registry. {self._share_hint()}"
                 )
-            want = self._sign(blob) or ""
-            if not hmac.compare_digest(want, mac):
+            if meta.get("hmac_scheme") != HMAC_SCHEME:
                 raise IntegrityError(
-                    f"{what}: blob HMAC mismatch; it was signed with another WEIR_MODEL_KEY or "
-                    "tampered with and was NOT unpickled"
+                    f"{what}: signed by an older Weir (hmac_scheme={meta.get('hmac_scheme')!r}, "
+                    f"want {HMAC_SCHEME}: an HMAC of the blob alone, not bound to its id); it was "
+                    "NOT unpickled. Re-create it with this Weir, or reset the pipeline's registry"
+                )
+            if not isinstance(mac, str) or not hmac.compare_digest(self._mac(blob, kind, ids), mac):
+                theirs = meta.get("key_id")
+                if theirs and theirs != self.key_id:
+                    raise ModelKeyError(
+                        f"{what}: signed with another model key (key id {theirs}; this process's "
+                        f"key, from {self.key_source}, has key id {self.key_id}); it was NOT "
+                        f"unpickled. {self._share_hint()}"
+                    )
+                raise IntegrityError(
+                    f"{what}: blob HMAC mismatch under this process's key ({self.key_source}, "
+                    f"key id {self.key_id}): the blob, its id or its metadata was changed after "
+                    "it was signed; it was NOT unpickled"
                 )
         return pickle.loads(blob)
 
@@ -167,13 +374,14 @@ class ModelRegistry:
             created=time.time(),
             trigger=trigger,
             reason=reason,
-            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            blob_sha256="",
             river_version=_river_version(),
             spec_hash=self.spec.spec_hash(),
             meta=dict(meta or {}),
         )
-        record = dataclasses.asdict(version)
-        record["blob_hmac"] = self._sign(blob)
+        signed = self._sign(blob, "version", (version.id, version.model))
+        version = dataclasses.replace(version, blob_sha256=signed["blob_sha256"])
+        record = {**dataclasses.asdict(version), **signed}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.prefix + f"blob:{version.id}", blob)
         pipe.set(self.prefix + f"meta:{version.id}", orjson.dumps(record, default=str))
@@ -218,9 +426,8 @@ class ModelRegistry:
         record = self._record(version_id)
         self._check_not_pruned(version_id, record)
         blob = self.client.get(self.prefix + f"blob:{version_id}")
-        model = self._verify(
-            f"model version {version_id}", blob, record["blob_sha256"], record.get("blob_hmac")
-        )
+        ids = (version_id, str(record.get("model")))
+        model = self._verify(f"model version {version_id}", blob, record, "version", ids)
         return model, self._version(record)
 
     def update_meta(self, version_id: str, **meta: Any) -> ModelVersion:
@@ -397,8 +604,7 @@ class ModelRegistry:
             "labels_learned": int(labels_learned),
             "parked_by": by,
             "created": time.time(),
-            "blob_sha256": hashlib.sha256(blob).hexdigest(),
-            "blob_hmac": self._sign(blob),
+            **self._sign(blob, "parked", (version_id,)),
         }
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.prefix + f"parkblob:{version_id}", blob)
@@ -415,7 +621,7 @@ class ModelRegistry:
             return model, None
         meta = dict(orjson.loads(raw))
         what = f"parked state of {version_id}"
-        return self._verify(what, blob, meta["blob_sha256"], meta.get("blob_hmac")), meta
+        return self._verify(what, blob, meta, "parked", (version_id,)), meta
 
     # -- snapshots ---------------------------------------------------------------
 
@@ -442,9 +648,8 @@ class ModelRegistry:
             "labels_learned": labels_learned,
             "offsets": {str(p): int(o) for p, o in offsets.items()},
             "created": time.time(),
-            "blob_sha256": hashlib.sha256(blob).hexdigest(),
-            "blob_hmac": self._sign(blob),
             **(extra or {}),
+            **self._sign(blob, "snapshot", (sid, version_id)),
         }
         if self._publish_script is None:
             self._publish_script = self.client.register_script(_PUBLISH_SNAPSHOT)
@@ -482,7 +687,8 @@ class ModelRegistry:
         """``(model, meta)``; meta has version_id, labels_learned, offsets, created."""
         meta = self.snapshot_meta(snapshot_id)
         blob = self.client.get(self.prefix + f"snapblob:{snapshot_id}")
-        model = self._verify(f"snapshot {snapshot_id}", blob, meta["blob_sha256"], meta.get("blob_hmac"))
+        ids = (snapshot_id, str(meta.get("version_id")))
+        model = self._verify(f"snapshot {snapshot_id}", blob, meta, "snapshot", ids)
         return model, meta
 
     # -- process checkpoints -------------------------------------------------------
@@ -497,9 +703,8 @@ class ModelRegistry:
             "name": name,
             "created": time.time(),
             "bytes": len(blob),
-            "blob_sha256": hashlib.sha256(blob).hexdigest(),
-            "blob_hmac": self._sign(blob),
             **(info or {}),
+            **self._sign(blob, "checkpoint", (name,)),
         }
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.prefix + f"checkpoint:{name}", blob)
@@ -515,5 +720,5 @@ class ModelRegistry:
         if raw is None:
             return None
         meta = dict(orjson.loads(raw))
-        state = self._verify(f"checkpoint {name}", blob, meta["blob_sha256"], meta.get("blob_hmac"))
+        state = self._verify(f"checkpoint {name}", blob, meta, "checkpoint", (name,))
         return state, meta

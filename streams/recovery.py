@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from weir.errors import ModelError, StackError
+from weir.errors import ModelError, ModelKeyError, StackError
 from weir.resilience import Backoff, DependencyHealth, retry_sync
 
 if TYPE_CHECKING:
@@ -165,6 +165,8 @@ def restore(monitor: Monitor, registry: RetryingRegistry, settings: Settings, sp
     """Take up the last checkpoint, if any: state, buffer (read back) and offsets."""
     try:
         found = registry.load_checkpoint(CHECKPOINT)
+    except ModelKeyError:  # this process has another key than the pipeline: stop, say so
+        raise
     except ModelError as exc:  # refused (integrity): start afresh rather than trust it
         log.error("ignoring the monitor checkpoint: %s", exc)
         found = None

@@ -50,3 +50,10 @@ class ModelError(WeirError):
 
 class IntegrityError(ModelError):
     """A model blob failed its sha256/HMAC check and was refused (never unpickled)."""
+
+
+class ModelKeyError(IntegrityError):
+    """A blob was signed with another model key: this process's key is not its pipeline's.
+
+    A configuration error to stop on (share the key), not a bad blob to skip.
+    """

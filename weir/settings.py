@@ -87,8 +87,20 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="`WEIR_METRICS_HOST`: address `/metrics` listens on.")
     model_key: SecretStr | None = Field(
         None,
-        description="`WEIR_MODEL_KEY`: HMAC key for model snapshots (secret); "
-        "when set, snapshots without a valid HMAC are refused.",
+        description="`WEIR_MODEL_KEY`: HMAC key that signs every model blob (versions, snapshots, "
+        "checkpoints) and is checked before one is unpickled (secret). The same in every "
+        "process of a pipeline. Unset: `WEIR_MODEL_KEY_FILE`, else `WEIR_DATA_DIR/model.key` "
+        "(created on first use, mode 0600).",
+    )
+    model_key_file: str | None = Field(
+        None,
+        description="`WEIR_MODEL_KEY_FILE`: a file holding the model key (e.g. a mounted secret); "
+        "it must exist. Instead of `WEIR_MODEL_KEY`.",
+    )
+    model_insecure: bool = Field(
+        False,
+        description="`WEIR_MODEL_INSECURE`: `1` runs without a model key: blobs are checked by "
+        "sha256 only, so a writer to Redis can make Weir unpickle (run) anything. Tests only.",
     )
     model_allow: str = Field(
         "",

@@ -10,7 +10,8 @@ Fixtures:
     stack          session  Stack: kafka_bootstrap, redis_url, prometheus_url, state_dir,
                             add_scrape_target(name, host_port), remove_scrape_target(name),
                             query(promql)
-    settings       session  weir Settings pointing at the stack
+    settings       session  weir Settings pointing at the stack (and this session's
+                            WEIR_MODEL_KEY, set in os.environ for every process)
     redis_client   function sync ``redis.Redis`` (bytes); use ``unique`` in key names
     unique         function short unique id, e.g. ``t3f9a0c1d``
     make_topics    function make_topics(*names, partitions=1) -> [topic names], deleted after;
@@ -49,6 +50,14 @@ PROMETHEUS_URL = "http://127.0.0.1:9090"
 # Cold start: the first Maven fetch of the Kafka jars plus a cold JVM; seconds.
 STACK_UP_TIMEOUT = 240.0
 CHECK_TIMEOUT = 10.0
+
+
+# One model key for the whole session: every Weir process a test starts (each may have its
+# own WEIR_DATA_DIR, as scale-out scorers on other hosts do) and every registry a test
+# opens sign and check with it, like the processes of one deployment sharing WEIR_MODEL_KEY.
+# Tests of the default key file (WEIR_DATA_DIR/model.key) unset it for their processes
+# (tests/integration/test_integrity.py; the fault suites' processes, tests/integration/faults.py).
+os.environ.setdefault("WEIR_MODEL_KEY", f"weir-test-session-{uuid.uuid4().hex}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,7 +2,8 @@
 
 Each runs in its own session with its log in a file, and stops with SIGTERM (SIGKILL
 after 30 s). ``WEIR_METRICS*`` variables of the test's environment are not passed on:
-a test gives each process its metrics port.
+a test gives each process its metrics port. The rest is (the session's ``WEIR_MODEL_KEY``
+among them, see conftest.py); ``env`` overrides it, a None value unsets a variable.
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ REPO = Path(__file__).resolve().parents[2]
 class WeirProcess:
     """``python -m weir.cli ARGS`` with its output in ``log_path``."""
 
-    def __init__(self, args: list[str], log_path: Path, data_dir: Path) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, data_dir: Path, env: dict[str, str | None] | None = None
+    ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
-        env["WEIR_DATA_DIR"] = str(data_dir)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
+        base["WEIR_DATA_DIR"] = str(data_dir)
+        for k, v in (env or {}).items():
+            base.pop(k, None)
+            if v is not None:
+                base[k] = v
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "weir.cli", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=env,
+            env=base,
             start_new_session=True,
         )
 
@@ -64,23 +71,37 @@ class WeirProcess:
 class Worker(WeirProcess):
     """``weir worker SPEC --role ROLE``; writes the spec to ``tmp/<name>.yaml`` first."""
 
-    def __init__(self, spec: PipelineSpec, tmp: Path, role: str = "all", metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        tmp: Path,
+        role: str = "all",
+        metrics_port: int = 0,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.spec_path = tmp / f"{spec.name}.yaml"
         self.spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
         args = ["worker", str(self.spec_path), "--role", role, "--metrics-port", str(metrics_port)]
         args += ["--", "--without-web", "-l", "warn"]
-        super().__init__(args, tmp / f"{spec.name}-{role}.log", tmp / "data")
+        super().__init__(args, tmp / f"{spec.name}-{role}.log", tmp / "data", env)
 
 
 class Monitor(WeirProcess):
     """``weir monitor SPEC`` on a spec file a :class:`Worker` wrote."""
 
-    def __init__(self, spec_path: Path, tmp: Path, metrics_port: int = 0, check_every: int = 250) -> None:
+    def __init__(
+        self,
+        spec_path: Path,
+        tmp: Path,
+        metrics_port: int = 0,
+        check_every: int = 250,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         args = ["monitor", str(spec_path), "--metrics-port", str(metrics_port)]
         args += ["--check-every", str(check_every)]
-        super().__init__(args, tmp / "monitor.log", tmp / "data")
+        super().__init__(args, tmp / "monitor.log", tmp / "data", env)
 
 
 def free_port() -> int:

@@ -22,7 +22,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def env(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("WEIR_REDIS_URL", settings.redis_url)
-    monkeypatch.delenv("WEIR_MODEL_KEY", raising=False)
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

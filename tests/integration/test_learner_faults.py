@@ -110,7 +110,6 @@ def private_redis(
     server = PrivateRedis(tmp_path / "redis")
     monkeypatch.setenv("WEIR_REDIS_URL", server.url)
     monkeypatch.setenv("WEIR_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
-    monkeypatch.delenv("WEIR_MODEL_KEY", raising=False)
     try:
         yield server
     finally:

@@ -97,7 +97,7 @@ def test_hmac_mismatch_refused(redis_client: Any, spec: PipelineSpec) -> None:
         _trained(spec), parent=None, trigger="t", reason="r", meta={}
     )
     other = ModelRegistry(redis_client, spec, key=b"another-key")
-    with pytest.raises(IntegrityError, match=r"v1: blob HMAC mismatch"):
+    with pytest.raises(IntegrityError, match=r"v1: signed with another model key.*same model key"):
         other.load("v1")
 
 
@@ -119,11 +119,12 @@ def test_tampered_blob_with_matching_sha_refused_by_hmac(
 
 
 def test_unsigned_blob_refused_when_key_set(redis_client: Any, spec: PipelineSpec) -> None:
-    ModelRegistry(redis_client, spec).save(_trained(spec), parent=None, trigger="t", reason="r")
-    with pytest.raises(IntegrityError, match="has no HMAC but WEIR_MODEL_KEY is set"):
+    insecure = ModelRegistry(redis_client, spec, key=None)  # what WEIR_MODEL_INSECURE=1 gives
+    insecure.save(_trained(spec), parent=None, trigger="t", reason="r")
+    with pytest.raises(IntegrityError, match=r"is not signed .*WEIR_MODEL_INSECURE=1.*NOT unpickled"):
         ModelRegistry(redis_client, spec, key=b"k1").load("v1")
     # Without a key the sha256 alone is checked.
-    ModelRegistry(redis_client, spec).load("v1")
+    insecure.load("v1")
 
 
 def test_aliases_and_rollback(registry: ModelRegistry, spec: PipelineSpec) -> None:
