@@ -66,6 +66,20 @@ def version_of(model_version: str | None) -> str | None:
     return None if model_version is None else str(model_version).split(".", 1)[0]
 
 
+def snapshot_number(model_version: str | None) -> int:
+    """The snapshot's number in its version: ``v3.17`` -> 17; a bare ``v3`` (the version as
+    saved or parked, before the learner's first snapshot of it) -> 0.
+
+    Examples:
+        >>> snapshot_number("v3.17"), snapshot_number("v3"), snapshot_number(None)
+        (17, 0, 0)
+    """
+    if model_version is None:
+        return 0
+    _, _, n = str(model_version).partition(".")
+    return int(n) if n.isdigit() else 0
+
+
 @dataclass
 class _Shadow:
     version_id: str
@@ -126,6 +140,12 @@ class Monitor:
         # over the last rollback_labels labels: its "last known rolling metric".
         self._served: collections.deque[float] = collections.deque(maxlen=spec.retrain.rollback_labels)
         self._was_drifted: dict[tuple[str, str], bool] = {}
+        # The newest snapshot number seen per version in the training log: a record served
+        # by an older one is a straggler (see _measures_champion).
+        self._newest_snapshot: dict[str, int] = {}
+        # Examples kept out of the performance statistics: served by another version than
+        # the champion, or by an older snapshot of it than one already seen.
+        self.stale_examples = 0
         self.since_check = 0
         self.predictions_seen = 0
         self.examples_seen = 0
@@ -160,7 +180,11 @@ class Monitor:
             return
         task = self.spec.task
         self.examples_seen += 1
-        if self.suite.observe_label(y, served):
+        mv_full = msg.get("model_version")
+        current = self._measures_champion(mv_full)
+        if not current:
+            self.stale_examples += 1
+        if current and self.suite.observe_label(y, served):
             assert self.suite.performance is not None
             rec = self.suite.performance.record(self.spec.name, self.champion_id, self.clock())
             rec.detail = {
@@ -180,8 +204,8 @@ class Monitor:
         self.policy.add_labels(1)
         self.buffer.append(msg)
         self.positions.append(pos)
-        mv = version_of(msg.get("model_version"))
-        if mv == self.champion_id or self.champion_id is None:
+        mv = version_of(mv_full)
+        if current:
             err = loss(task, y, served)
             if not math.isnan(err):
                 self._served.append(err)
@@ -204,6 +228,33 @@ class Monitor:
             if verdict is not None:
                 self._settle_guard(verdict)
         self._count()
+
+    def _measures_champion(self, model_version: str | None) -> bool:
+        """True if a training-log record's served prediction measures the champion as it
+        serves now, so that it may feed the performance statistics.
+
+        The training log is in the order the learner joined the labels, not the order the
+        events were served in: a label held because it came before its event was scored is
+        joined seconds later, in a block. Such a block, served by an older snapshot (a model
+        earlier in its learning curve) or by the version before a promotion or rollback, read
+        in sequence looks like a rise in loss: a false performance drift, and a retrain or a
+        second rollback watch for nothing. Those records still count as labels and still go
+        to the buffer a challenger is fitted on; they are kept out of the performance
+        detector and of the champion's served metric. A record without a model version is
+        taken as current.
+        """
+        if model_version is None:
+            return True
+        version = version_of(model_version)
+        if self.champion_id is not None and version != self.champion_id:
+            return False
+        assert version is not None
+        n = snapshot_number(model_version)
+        newest = self._newest_snapshot.get(version, 0)
+        if n < newest:
+            return False
+        self._newest_snapshot[version] = n
+        return True
 
     def on_control(self, msg: dict[str, Any]) -> None:
         if msg.get("command") == "retrain":
@@ -423,11 +474,13 @@ class Monitor:
             "guard": self.guard,
             "served": list(self._served),
             "was_drifted": dict(self._was_drifted),
+            "newest_snapshot": dict(self._newest_snapshot),
             "positions": list(self.positions),
             "since_check": self.since_check,
             "counts": {
                 "predictions_seen": self.predictions_seen,
                 "examples_seen": self.examples_seen,
+                "stale_examples": self.stale_examples,
                 "checks": self.checks,
                 "retrains": self.retrains,
                 "transitions": self.transitions,
@@ -447,6 +500,7 @@ class Monitor:
         self._served.clear()
         self._served.extend(state["served"])
         self._was_drifted = dict(state["was_drifted"])
+        self._newest_snapshot = dict(state.get("newest_snapshot") or {})
         self.since_check = int(state["since_check"])
         for name, value in state["counts"].items():
             setattr(self, name, int(value))
@@ -530,6 +584,72 @@ class Monitor:
                 m.drift_events.labels(self.spec.name, rec.kind).inc()
             self._was_drifted[key] = rec.drifted
         self.publish(rec)
+
+
+class Intake:
+    """Feeds consumed records to a :class:`Monitor` in order, and each one once.
+
+    ``offsets`` are, per topic and partition, the next offset the monitor's state has not
+    applied: the checkpoint's, then moved on as records are applied (the dict is updated
+    in place; :func:`run_monitor` checkpoints it with the state). A record below them is
+    one the state already covers, delivered again after a seek to the checkpoint, a
+    rebalance or a fetch reset: it is skipped (counted in ``replayed``), so a replay never
+    feeds the detectors, the shadow gate or the rollback watch twice. Predictions are
+    applied as one vectorised batch at :meth:`flush`; a record of another topic flushes
+    them first, so the order across topics holds.
+    """
+
+    def __init__(self, monitor: Monitor, offsets: Offsets | None = None) -> None:
+        self.monitor = monitor
+        self.offsets: Offsets = offsets if offsets is not None else {}
+        self.replayed = 0
+        self._predictions: list[dict[str, Any]] = []
+        self._pending: dict[tuple[str, int], int] = {}  # offsets of predictions not yet applied
+
+    def covered(self, topic: str, partition: int, offset: int) -> bool:
+        """True if the record at ``offset`` was applied (or is about to be, at flush)."""
+        nxt = self.offsets.get(topic, {}).get(partition)
+        if nxt is not None and offset < nxt:
+            return True
+        last = self._pending.get((topic, partition))
+        return last is not None and offset <= last
+
+    def add(self, topic: str, partition: int, offset: int, value: bytes | None) -> bool:
+        """Apply one record; False if it was a replay of one already applied (skipped)."""
+        if self.covered(topic, partition, offset):
+            self.replayed += 1
+            return False
+        try:
+            obj = orjson.loads(value or b"null")
+        except orjson.JSONDecodeError:
+            log.warning("skipping non-JSON message on %s @%s", topic, offset)
+            obj = None
+        t = self.monitor.spec.topics
+        if topic == t.predictions:
+            if isinstance(obj, dict):
+                self._predictions.append(obj)  # fed as one vectorised batch
+            self._pending[(topic, partition)] = offset
+            return True
+        self.flush()  # keep the order across topics
+        if isinstance(obj, dict):
+            if topic == t.training_log:
+                self.monitor.on_example(obj, (partition, offset))
+            elif topic == t.model_control:
+                self.monitor.on_control(obj)
+        self._mark(topic, partition, offset)
+        return True
+
+    def flush(self) -> None:
+        """Apply the predictions held for their batch."""
+        if self._predictions:
+            self.monitor.on_predictions(self._predictions)
+            self._predictions.clear()
+        for (topic, p), o in self._pending.items():
+            self._mark(topic, p, o)
+        self._pending.clear()
+
+    def _mark(self, topic: str, partition: int, offset: int) -> None:
+        self.offsets.setdefault(topic, {})[partition] = offset + 1
 
 
 def bufferable(msg: dict[str, Any]) -> bool:
@@ -668,22 +788,12 @@ def run_monitor(
         }
     )
     consumer.subscribe([t.predictions, t.training_log, t.model_control], on_assign=on_assign)
-    predictions: list[dict[str, Any]] = []
-    pending: dict[tuple[str, int], int] = {}  # offsets of predictions not yet applied
+    # Records at or past the checkpoint's offsets only: a replay is skipped, never re-applied.
+    intake = Intake(monitor, offsets)
     applied = 0  # records applied since the last checkpoint
+    replayed_logged = 0
     last_checkpoint = time.monotonic()
     checkpointed_transitions = monitor.transitions
-
-    def mark(topic: str, partition: int, offset: int) -> None:
-        offsets.setdefault(topic, {})[partition] = offset + 1
-
-    def flush_predictions() -> None:
-        if predictions:
-            monitor.on_predictions(predictions)
-            predictions.clear()
-        for (topic, p), o in pending.items():
-            mark(topic, p, o)
-        pending.clear()
 
     def checkpoint() -> None:
         nonlocal applied, last_checkpoint, checkpointed_transitions
@@ -740,32 +850,19 @@ def run_monitor(
                                 log.warning("consume error (%d so far): %s", kafka_errors, err.str())
                         continue
                     topic, part, off = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+                    if not intake.add(topic, part, off, msg.value()):
+                        continue
                     applied += 1
-                    try:
-                        obj = orjson.loads(msg.value() or b"null")
-                    except orjson.JSONDecodeError:
-                        log.warning("skipping non-JSON message on %s @%s", topic, off)
-                        obj = None
-                    if not isinstance(obj, dict):
-                        if topic == t.predictions:
-                            pending[(topic, part)] = off
-                        else:
-                            flush_predictions()
-                            mark(topic, part, off)
-                        continue
-                    if topic == t.predictions:
-                        predictions.append(obj)  # fed as one vectorised batch
-                        pending[(topic, part)] = off
-                        continue
-                    flush_predictions()  # keep the order across topics
-                    if topic == t.training_log:
-                        monitor.on_example(obj, (part, off))
-                    elif topic == t.model_control:
-                        monitor.on_control(obj)
-                    mark(topic, part, off)
                     if monitor.transitions != checkpointed_transitions:
                         checkpoint()  # a decision moved the registry: make it durable now
-                flush_predictions()
+                intake.flush()
+                if intake.replayed != replayed_logged:
+                    log.info(
+                        "skipped %d records the monitor's state already covers (a replay); %d so far",
+                        intake.replayed - replayed_logged,
+                        intake.replayed,
+                    )
+                    replayed_logged = intake.replayed
                 if batch and not failed:
                     health.ok("kafka")
                 if monitor.since_check and time.time() - monitor.last_check >= check_seconds:
@@ -792,10 +889,14 @@ def run_monitor(
         producer.flush(10)
         server.stop()
         log.info(
-            "monitor %s stopped: %d predictions, %d examples, %d retrains",
+            "monitor %s stopped: %d predictions, %d examples (%d kept out of the performance "
+            "statistics: another version or an older snapshot), %d replayed records skipped, "
+            "%d retrains",
             spec.name,
             monitor.predictions_seen,
             monitor.examples_seen,
+            monitor.stale_examples,
+            intake.replayed,
             monitor.retrains,
         )
     return monitor
