@@ -330,13 +330,15 @@ class ModelRegistry:
                     f"{what}: the blob is not signed (saved by a process with "
                     f"WEIR_MODEL_INSECURE=1, or by an older Weir) but this process has a model "
                     f"key ({self.key_source}); it was NOT unpickled. Re-create it from a process "
-                    f"with the key, or reset the pipeline's registry. {self._share_hint()}"
+                    f"with the key, or delete the pipeline's registry (Redis keys "
+                    f"{self.prefix}*) to start afresh. {self._share_hint()}"
                 )
             if meta.get("hmac_scheme") != HMAC_SCHEME:
                 raise IntegrityError(
                     f"{what}: signed by an older Weir (hmac_scheme={meta.get('hmac_scheme')!r}, "
                     f"want {HMAC_SCHEME}: an HMAC of the blob alone, not bound to its id); it was "
-                    "NOT unpickled. Re-create it with this Weir, or reset the pipeline's registry"
+                    "NOT unpickled. Re-create it with this Weir, or delete the pipeline's registry "
+                    f"(Redis keys {self.prefix}*) to start afresh"
                 )
             if not isinstance(mac, str) or not hmac.compare_digest(self._mac(blob, kind, ids), mac):
                 theirs = meta.get("key_id")
