@@ -1,11 +1,11 @@
 """The online feature engine: per-entity windows in Redis, one round trip per batch.
 
-Each event runs the spec's generated Lua script (:mod:`features.lua`) with ``EVALSHA``;
-a batch is one pipeline, so a batch of 500 events costs one network round trip. Events of
-the same entity in a batch are applied in arrival order because a pipeline runs in order.
-The script atomically: answers a duplicate from its stored served features, rejects a late
+A batch is one ``EVALSHA`` of the spec's generated Lua script (:mod:`features.lua`), which
+runs the events in arrival order, so events of the same entity in a batch see each other.
+Per event the script: answers a duplicate from its stored served features, rejects a late
 event, computes the features from the entity's window ZSET, stores the event, trims what no
-acceptable window can reach, and renews every TTL (docs/features.md).
+acceptable window can reach, and renews every TTL (docs/features.md). A script runs
+atomically, so no other client sees a batch half applied.
 
 Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL:
 
@@ -165,28 +165,24 @@ class RedisFeatureStore:
     # -- encoding, shared by the sync and async paths ---------------------------------
 
     def _commands(self, events: Sequence[Event]) -> list[tuple[Any, ...]]:
-        """One EVALSHA argument tuple per event; validates every event before any runs."""
-        sha, prefix, encoders = self.sha, self._prefix, self._encoders
-        cmds = []
+        """The ``EVALSHA`` argument tuple of the batch; validates every event before any runs.
+
+        One command (see :mod:`features.lua` for the layout of its batch argument).
+        """
+        encoders = self._encoders
+        parts: list[str] = []
+        add = parts.append
         for e in events:
             eid, ent, data = e.event_id, e.entity_id, e.data
             ts = e.ts
             if type(ts) is not float or ts - ts != 0.0:
                 ts = check_ts(ts, eid)
-            payload = "|".join([enc(data.get(name), eid) for name, enc in encoders])
-            cmds.append(
-                (
-                    "EVALSHA",
-                    sha,
-                    3,
-                    f"{prefix}:win:{ent}",
-                    f"{prefix}:meta:{ent}",
-                    f"{prefix}:fv:{eid}",
-                    repr(ts + 0.0),
-                    payload,
-                )
-            )
-        return cmds
+            rest = repr(ts + 0.0) + "|" + "|".join([enc(data.get(name), eid) for name, enc in encoders])
+            # Lengths in bytes (Lua strings are bytes); ids and tokens are mostly ASCII.
+            add(f"{len(ent) if ent.isascii() else len(ent.encode())}:{ent}")
+            add(f"{len(eid) if eid.isascii() else len(eid.encode())}:{eid}")
+            add(f"{len(rest) if rest.isascii() else len(rest.encode())}:{rest}")
+        return [("EVALSHA", self.sha, 0, self._prefix, "".join(parts))]
 
     def _features(self, body: str) -> FeatureVector:
         parts = body.split("|")
@@ -200,18 +196,24 @@ class RedisFeatureStore:
             return FeatureResult("late", None)
         return FeatureResult("ok" if s[0] == "o" else "duplicate", self._features(s[2:]))
 
-    def _check(self, replies: list[Any]) -> list[int]:
-        """Indices that failed with NOSCRIPT; raises FeatureError for any other error."""
-        retry = []
-        for i, r in enumerate(replies):
-            if isinstance(r, NoScriptError):
-                retry.append(i)
-            elif isinstance(r, Exception):
-                raise FeatureError(
-                    f"the feature script failed in Redis: {r}; check the Redis server "
-                    "(version >= 6.2) and that the spec is valid"
-                ) from r
-        return retry
+    @staticmethod
+    def _failed(exc: RedisError) -> FeatureError:
+        if isinstance(exc, NoScriptError):
+            return FeatureError("Redis lost the feature script twice in a row; retry later")
+        return FeatureError(
+            f"the feature batch failed in Redis: {exc}; check the Redis server (version >= 6.2) "
+            "and that the spec is valid"
+        )
+
+    def _results(self, replies: Any, n: int) -> list[FeatureResult]:
+        if not isinstance(replies, list) or len(replies) != n:
+            got = len(replies) if isinstance(replies, list) else type(replies).__name__
+            raise FeatureError(
+                f"the feature script answered {got} result(s) for {n} event(s); is another "
+                f"script loaded under sha {self.sha}? Run SCRIPT FLUSH on Redis"
+            )
+        decode = self._decode
+        return [decode(r) for r in replies]
 
     # -- sync -------------------------------------------------------------------------
 
@@ -231,28 +233,17 @@ class RedisFeatureStore:
         """
         if not events:
             return []
-        cmds = self._commands(events)
-        replies = self._run(client, cmds)
-        retry = self._check(replies)
-        if retry:
-            # The script cache was empty (restart, SCRIPT FLUSH): load it, redo those events.
-            client.script_load(self.script)
-            again = self._run(client, [cmds[i] for i in retry])
-            if self._check(again):
-                raise FeatureError("Redis lost the feature script twice in a row; retry later")
-            for i, r in zip(retry, again, strict=True):
-                replies[i] = r
-        return [self._decode(r) for r in replies]
-
-    @staticmethod
-    def _run(client: redis.Redis, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for c in cmds:
-            pipe.execute_command(*c)
+        (cmd,) = self._commands(events)
         try:
-            return pipe.execute(raise_on_error=False)
+            try:
+                replies = client.execute_command(*cmd)
+            except NoScriptError:
+                # The script cache was empty (restart, SCRIPT FLUSH): load it, run again.
+                client.script_load(self.script)
+                replies = client.execute_command(*cmd)
         except RedisError as exc:
-            raise FeatureError(f"Redis failed during a feature batch: {exc}") from exc
+            raise self._failed(exc) from exc
+        return self._results(replies, len(events))
 
     def served_features(self, client: redis.Redis, event_id: str) -> FeatureVector | None:
         """The features served when ``event_id`` was accepted; None if unknown or expired."""
@@ -269,27 +260,16 @@ class RedisFeatureStore:
         """:meth:`compute_batch` for ``redis.asyncio.Redis`` (the Faust worker)."""
         if not events:
             return []
-        cmds = self._commands(events)
-        replies = await self._arun(client, cmds)
-        retry = self._check(replies)
-        if retry:
-            await client.script_load(self.script)
-            again = await self._arun(client, [cmds[i] for i in retry])
-            if self._check(again):
-                raise FeatureError("Redis lost the feature script twice in a row; retry later")
-            for i, r in zip(retry, again, strict=True):
-                replies[i] = r
-        return [self._decode(r) for r in replies]
-
-    @staticmethod
-    async def _arun(client: redis.asyncio.Redis, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for c in cmds:
-            pipe.execute_command(*c)
+        (cmd,) = self._commands(events)
         try:
-            return await pipe.execute(raise_on_error=False)
+            try:
+                replies = await client.execute_command(*cmd)
+            except NoScriptError:
+                await client.script_load(self.script)
+                replies = await client.execute_command(*cmd)
         except RedisError as exc:
-            raise FeatureError(f"Redis failed during a feature batch: {exc}") from exc
+            raise self._failed(exc) from exc
+        return self._results(replies, len(events))
 
     async def aserved_features(self, client: redis.asyncio.Redis, event_id: str) -> FeatureVector | None:
         """:meth:`served_features` for ``redis.asyncio.Redis``."""

@@ -42,15 +42,29 @@ def test_escape_round_trips_and_has_no_separator(s: str) -> None:
     assert _unescape(_escape(s)) == s
 
 
-def test_commands_encode_keys_and_exact_tokens() -> None:
+def _lp(*parts: str) -> str:
+    """Length-prefixed strings, lengths in UTF-8 bytes (the batch layout of features.lua)."""
+    return "".join(f"{len(p.encode())}:{p}" for p in parts)
+
+
+def test_commands_encode_the_batch_in_one_call_with_exact_tokens() -> None:
     store = RedisFeatureStore(_spec())
-    (cmd,) = store._commands([Event("e1", "u:1", 1.7e9, {"x": 0.1, "c": "a|b", "b": True})])
-    assert cmd[:3] == ("EVALSHA", store.sha, 3)
-    assert cmd[3:6] == ("weir:codec:win:u:1", "weir:codec:meta:u:1", "weir:codec:fv:e1")
-    assert cmd[6] == repr(1.7e9)
-    assert cmd[7] == "0.1|sa%7Cb|1"
-    (cmd,) = store._commands([Event("e2", "u", 5, {"x": -0.0, "c": None, "b": False})])
-    assert cmd[6] == "5.0" and cmd[7] == "0.0||0"  # ints become floats, -0.0 becomes 0.0
+    (cmd,) = store._commands(
+        [
+            Event("e1", "u:1", 1.7e9, {"x": 0.1, "c": "a|b", "b": True}),
+            Event("e2", "u", 5, {"x": -0.0, "c": None, "b": False}),
+        ]
+    )
+    assert cmd[:4] == ("EVALSHA", store.sha, 0, "weir:codec")
+    # Per event: entity, event id, "ts|tokens"; ints become floats, -0.0 becomes 0.0.
+    assert cmd[4] == _lp("u:1", "e1", "1700000000.0|0.1|sa%7Cb|1", "u", "e2", "5.0|0.0||0")
+    assert cmd[4].startswith("3:u:12:e125:1700000000.0|")
+
+
+def test_lengths_are_in_bytes_so_ids_may_hold_any_character() -> None:
+    store = RedisFeatureStore(_spec())
+    (cmd,) = store._commands([Event("é:|\n9:", "ü", 1.0, {"x": 1.0, "c": "€"})])
+    assert cmd[4] == "2:ü7:é:|\n9:13:1.0|1.0|s€|"
 
 
 def test_decode_replies() -> None:
@@ -93,7 +107,7 @@ def test_nan_is_missing_for_optional_fields() -> None:
     store = RedisFeatureStore(_spec())
     nan = float("nan")
     (cmd,) = store._commands([Event("e", "u", 1.0, {"x": 2, "c": nan, "b": nan})])
-    assert cmd[7] == "2.0||"
+    assert cmd[4] == _lp("u", "e", "1.0|2.0||")
 
 
 def test_script_is_deterministic_and_bakes_the_spec() -> None:
