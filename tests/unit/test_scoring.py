@@ -337,3 +337,29 @@ def test_served_records_are_retried_until_stored() -> None:
         registry.get_sample_value("weir_dependency_retries_total", {"pipeline": "p", "dependency": "redis"})
         == 2
     )
+
+
+def test_observe_many_equals_observing_one_by_one() -> None:
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from streams.scoring import observe_many
+    from weir.metrics import LATENCY_BUCKETS
+
+    rng = random.Random(3)
+    values = [rng.expovariate(20.0) for _ in range(500)] + [0.0, 0.001, 0.0010001, 99.0]
+    r1, r2 = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("lat_seconds", "x", ["p"], buckets=LATENCY_BUCKETS, registry=r1)
+    h2 = Histogram("lat_seconds", "x", ["p"], buckets=LATENCY_BUCKETS, registry=r2)
+    for v in values:
+        h1.labels("a").observe(v)
+    observe_many(h2.labels("a"), values)
+    observe_many(h2.labels("a"), [])
+    s1 = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in next(iter(h1.collect())).samples}
+    s2 = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in next(iter(h2.collect())).samples}
+    s1.pop(("lat_seconds_created", (("p", "a"),)), None)
+    s2.pop(("lat_seconds_created", (("p", "a"),)), None)
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert s2[k] == pytest.approx(s1[k], rel=1e-12), k
