@@ -670,6 +670,8 @@ class Traffic:
                 "message.max.bytes": BROKER_MAX_BYTES,
                 "message.timeout.ms": 300_000,
                 "compression.type": "none",
+                # Quiet while the suite stops the broker: delivery reports carry the errors.
+                "log_level": 2,
             }
         )
         self.thread: threading.Thread | None = None
@@ -873,6 +875,7 @@ class TopicTail:
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
                 "fetch.max.bytes": 8 * BROKER_MAX_BYTES,
+                "log_level": 2,  # no reconnect chatter while the suite stops the broker
             }
         )
         md = self.consumer.list_topics(topic, timeout=10)
