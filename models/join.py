@@ -320,19 +320,32 @@ end
 if #rem > 0 then redis.call('DEL', unpack(rem)) end
 local out = {}
 local expired = p .. ':join:expired'
-for j = i, #ARGV do
-  local eid = ARGV[j]
-  local m = redis.call('GET', p .. ':learned:' .. eid)
-  local s = redis.call('GET', p .. ':served:' .. eid)
-  local x = false
-  if mode == 'early' then
-    x = redis.call('GET', p .. ':early:' .. eid)
-  elseif not s and not m then
-    x = redis.call('ZSCORE', expired, eid)
+local last = #ARGV
+while i <= last do
+  local stop = math.min(last, i + 499)
+  local lk, sk, ek = {}, {}, {}
+  for j = i, stop do
+    lk[#lk + 1] = p .. ':learned:' .. ARGV[j]
+    sk[#sk + 1] = p .. ':served:' .. ARGV[j]
+    if mode == 'early' then ek[#ek + 1] = p .. ':early:' .. ARGV[j] end
   end
-  out[#out + 1] = m
-  out[#out + 1] = s
-  out[#out + 1] = x
+  local ms = redis.call('MGET', unpack(lk))
+  local ss = redis.call('MGET', unpack(sk))
+  local es = ms
+  if mode == 'early' then es = redis.call('MGET', unpack(ek)) end
+  for q = 1, #lk do
+    local m, s = ms[q], ss[q]
+    local x = false
+    if mode == 'early' then
+      x = es[q]
+    elseif not s and not m then
+      x = redis.call('ZSCORE', expired, ARGV[i + q - 1])
+    end
+    out[#out + 1] = m
+    out[#out + 1] = s
+    out[#out + 1] = x
+  end
+  i = stop + 1
 end
 return out
 """

@@ -164,6 +164,8 @@ class LearnerCore:
         self._last_snapshot = clock()
         self._pipeline = spec.name
         self._model_name = spec.model.name
+        self._delay: Any = None
+        self._delay_of: Any = None
         if metrics is not None:
             metrics.model_version.labels(self._pipeline, self._model_name, version_id).set(1)
 
@@ -316,9 +318,13 @@ class LearnerCore:
         """
         marked: list[tuple[str, int]] = []
         learned = 0
+        outcomes: Counter[str] = Counter(res.outcome for res in results)
+        self.joins.update(outcomes)
+        if self.metrics is not None:  # once per outcome and batch, not per label
+            for outcome, n in outcomes.items():
+                self.metrics.joins.labels(self._pipeline, outcome).inc(n)
+        out.results.extend(results)
         for res in results:
-            self._count(res.outcome)
-            out.results.append(res)
             if res.example is not None and res.outcome in ("hit", "resolved"):
                 try:
                     self.learn_example(res.example)
@@ -357,8 +363,11 @@ class LearnerCore:
         self.evaluator.update(ex.label, ex.prediction, ex.proba, model_version=ex.model_version)
         learn(self.model, model_input(ex.features), ex.label, self.spec.task)
         self.labels_learned += 1
-        if self.metrics is not None:
-            self.metrics.label_delay.labels(self._pipeline).observe(max(0.0, ex.delay))
+        m = self.metrics
+        if m is not None:
+            if self._delay_of is not m:  # the child series, looked up once per metrics object
+                self._delay, self._delay_of = m.label_delay.labels(self._pipeline), m
+            self._delay.observe(max(0.0, ex.delay))
 
     # -- snapshots ---------------------------------------------------------------
 
