@@ -42,6 +42,8 @@ from weir.types import DeadLetter, Event, Label, Prediction, Value
 MAX_ID_LEN = 256
 # Epoch seconds above this are almost surely milliseconds (year 5138 otherwise).
 _MS_SUSPECT = 1e11
+#: orjson's nesting limit: deeper input is refused as not JSON.
+_MAX_DEPTH = 1024
 
 
 def _loads(raw: bytes | None) -> Any:
@@ -49,12 +51,17 @@ def _loads(raw: bytes | None) -> Any:
         raise InvalidMessage("empty", "message has no value (a tombstone?); send a JSON object")
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc) or "recursion" in str(exc).lower():
+            # json.loads below would raise RecursionError on such nesting (not a ValueError).
+            raise InvalidMessage(
+                "not_json",
+                f"value nests arrays/objects deeper than {_MAX_DEPTH} levels; send a flat JSON object",
+            ) from None
     # orjson refuses NaN/Infinity; tell that apart from plain garbage.
     try:
         json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         snippet = raw[:60]
         raise InvalidMessage("not_json", f"value is not JSON ({exc}); got {snippet!r}") from None
     raise InvalidMessage(

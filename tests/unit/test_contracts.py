@@ -172,3 +172,19 @@ def test_label_dead_letters_use_the_same_capped_record() -> None:
     assert len(encoded) <= DEAD_LETTER_MAX_BYTES
     rec = decode_dead_letter(encoded)
     assert rec["value_size"] == len(raw) and rec["truncated"] is True and rec["key"] is None
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_deeply_nested_json_is_not_json_not_a_crash(opener: bytes) -> None:
+    """Nesting past orjson's limit once crashed the score agent with RecursionError."""
+    from streams.contracts import _loads
+
+    closer = b"]" if opener == b"[" else b"}"
+    raw = opener * 20_000 + b"1" + closer * 20_000
+    with pytest.raises(InvalidMessage, match="deeper than 1024 levels") as info:
+        _loads(raw)
+    assert info.value.reason == "not_json"
+    # Deep and broken too: still a dead letter, never a RecursionError.
+    with pytest.raises(InvalidMessage) as info2:
+        _loads(b"[" * 5_000 + b"x")
+    assert info2.value.reason == "not_json"
