@@ -60,24 +60,17 @@ log = logging.getLogger("weir.monitor")
 
 Publish = Callable[[DriftRecord], None]
 
+#: A training-log record whose event is more than this many seconds older than the newest
+#: one seen from the champion is a straggler: a label joined late (held until its served
+#: record was found), its prediction made by the model as it was then. Measured in the
+#: retrain loop test: in-order records arrive at most ~2 s out of event order (label
+#: batches of two partitions, the learner's one-second sweep), stragglers 6-20 s.
+STRAGGLER_SECONDS = 5.0
+
 
 def version_of(model_version: str | None) -> str | None:
     """A snapshot id ``v3.17`` counts for version ``v3``."""
     return None if model_version is None else str(model_version).split(".", 1)[0]
-
-
-def snapshot_number(model_version: str | None) -> int:
-    """The snapshot's number in its version: ``v3.17`` -> 17; a bare ``v3`` (the version as
-    saved or parked, before the learner's first snapshot of it) -> 0.
-
-    Examples:
-        >>> snapshot_number("v3.17"), snapshot_number("v3"), snapshot_number(None)
-        (17, 0, 0)
-    """
-    if model_version is None:
-        return 0
-    _, _, n = str(model_version).partition(".")
-    return int(n) if n.isdigit() else 0
 
 
 @dataclass
@@ -106,6 +99,8 @@ class Monitor:
         metrics: MonitorMetrics to update, or None.
         check_every: records (predictions + examples) between two checks.
         clock: wall clock, injectable for tests.
+        straggler_seconds: a record whose event is older than the newest seen from the
+            champion by more than this is kept out of the performance statistics.
     """
 
     def __init__(
@@ -116,8 +111,10 @@ class Monitor:
         metrics: MonitorMetrics | None = None,
         check_every: int = 500,
         clock: Callable[[], float] = time.time,
+        straggler_seconds: float = STRAGGLER_SECONDS,
     ) -> None:
         self.spec = spec
+        self.straggler_seconds = straggler_seconds
         self.registry = registry
         self.publish = publish
         self.metrics = metrics
@@ -140,11 +137,11 @@ class Monitor:
         # over the last rollback_labels labels: its "last known rolling metric".
         self._served: collections.deque[float] = collections.deque(maxlen=spec.retrain.rollback_labels)
         self._was_drifted: dict[tuple[str, str], bool] = {}
-        # The newest snapshot number seen per version in the training log: a record served
-        # by an older one is a straggler (see _measures_champion).
-        self._newest_snapshot: dict[str, int] = {}
+        # The newest event time seen per served version in the training log: a record much
+        # older is a straggler (see _measures_champion).
+        self._newest_ts: dict[str, float] = {}
         # Examples kept out of the performance statistics: served by another version than
-        # the champion, or by an older snapshot of it than one already seen.
+        # the champion, or stragglers.
         self.stale_examples = 0
         self.since_check = 0
         self.predictions_seen = 0
@@ -181,7 +178,7 @@ class Monitor:
         task = self.spec.task
         self.examples_seen += 1
         mv_full = msg.get("model_version")
-        current = self._measures_champion(mv_full)
+        current = self._measures_champion(mv_full, msg.get("ts"))
         if not current:
             self.stale_examples += 1
         if current and self.suite.observe_label(y, served):
@@ -229,31 +226,34 @@ class Monitor:
                 self._settle_guard(verdict)
         self._count()
 
-    def _measures_champion(self, model_version: str | None) -> bool:
+    def _measures_champion(self, model_version: str | None, event_ts: Any) -> bool:
         """True if a training-log record's served prediction measures the champion as it
         serves now, so that it may feed the performance statistics.
 
         The training log is in the order the learner joined the labels, not the order the
-        events were served in: a label held because it came before its event was scored is
-        joined seconds later, in a block. Such a block, served by an older snapshot (a model
-        earlier in its learning curve) or by the version before a promotion or rollback, read
-        in sequence looks like a rise in loss: a false performance drift, and a retrain or a
-        second rollback watch for nothing. Those records still count as labels and still go
-        to the buffer a challenger is fitted on; they are kept out of the performance
-        detector and of the champion's served metric. A record without a model version is
-        taken as current.
+        events were served in: a label held because it came before its served record was
+        found is joined seconds later, in a block. Such a block, served by the model as it
+        was earlier in its learning curve, or by the version before a promotion or
+        rollback, read in sequence looks like a rise in loss: a false performance drift,
+        and a retrain or a second rollback watch for nothing. So a record served by another
+        version than the champion, or whose event is more than ``straggler_seconds`` older
+        than the newest seen from that version, is kept out of the performance detector and
+        of the champion's served metric; it still counts as a fresh label and still goes to
+        the buffer a challenger is fitted on. Without a model version or event time, a
+        record is taken as current.
         """
-        if model_version is None:
-            return True
         version = version_of(model_version)
-        if self.champion_id is not None and version != self.champion_id:
+        if version is not None and self.champion_id is not None and version != self.champion_id:
             return False
-        assert version is not None
-        n = snapshot_number(model_version)
-        newest = self._newest_snapshot.get(version, 0)
-        if n < newest:
+        ts = _float(event_ts)
+        if ts is None or not math.isfinite(ts):
+            return True
+        key = version or ""
+        newest = self._newest_ts.get(key)
+        if newest is not None and ts < newest - self.straggler_seconds:
             return False
-        self._newest_snapshot[version] = n
+        if newest is None or ts > newest:
+            self._newest_ts[key] = ts
         return True
 
     def on_control(self, msg: dict[str, Any]) -> None:
@@ -474,7 +474,7 @@ class Monitor:
             "guard": self.guard,
             "served": list(self._served),
             "was_drifted": dict(self._was_drifted),
-            "newest_snapshot": dict(self._newest_snapshot),
+            "newest_ts": dict(self._newest_ts),
             "positions": list(self.positions),
             "since_check": self.since_check,
             "counts": {
@@ -500,7 +500,7 @@ class Monitor:
         self._served.clear()
         self._served.extend(state["served"])
         self._was_drifted = dict(state["was_drifted"])
-        self._newest_snapshot = dict(state.get("newest_snapshot") or {})
+        self._newest_ts = dict(state.get("newest_ts") or {})
         self.since_check = int(state["since_check"])
         for name, value in state["counts"].items():
             setattr(self, name, int(value))
@@ -890,7 +890,7 @@ def run_monitor(
         server.stop()
         log.info(
             "monitor %s stopped: %d predictions, %d examples (%d kept out of the performance "
-            "statistics: another version or an older snapshot), %d replayed records skipped, "
+            "statistics: served by another version, or late), %d replayed records skipped, "
             "%d retrains",
             spec.name,
             monitor.predictions_seen,
