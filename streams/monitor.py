@@ -60,13 +60,6 @@ log = logging.getLogger("weir.monitor")
 
 Publish = Callable[[DriftRecord], None]
 
-#: A training-log record whose event is more than this many seconds older than the newest
-#: one seen from the champion is a straggler: a label joined late (held until its served
-#: record was found), its prediction made by the model as it was then. Measured in the
-#: retrain loop test: in-order records arrive at most ~2 s out of event order (label
-#: batches of two partitions, the learner's one-second sweep), stragglers 6-20 s.
-STRAGGLER_SECONDS = 5.0
-
 
 def version_of(model_version: str | None) -> str | None:
     """A snapshot id ``v3.17`` counts for version ``v3``."""
@@ -99,8 +92,6 @@ class Monitor:
         metrics: MonitorMetrics to update, or None.
         check_every: records (predictions + examples) between two checks.
         clock: wall clock, injectable for tests.
-        straggler_seconds: a record whose event is older than the newest seen from the
-            champion by more than this is kept out of the performance statistics.
     """
 
     def __init__(
@@ -111,10 +102,8 @@ class Monitor:
         metrics: MonitorMetrics | None = None,
         check_every: int = 500,
         clock: Callable[[], float] = time.time,
-        straggler_seconds: float = STRAGGLER_SECONDS,
     ) -> None:
         self.spec = spec
-        self.straggler_seconds = straggler_seconds
         self.registry = registry
         self.publish = publish
         self.metrics = metrics
@@ -137,11 +126,8 @@ class Monitor:
         # over the last rollback_labels labels: its "last known rolling metric".
         self._served: collections.deque[float] = collections.deque(maxlen=spec.retrain.rollback_labels)
         self._was_drifted: dict[tuple[str, str], bool] = {}
-        # The newest event time seen per served version in the training log: a record much
-        # older is a straggler (see _measures_champion).
-        self._newest_ts: dict[str, float] = {}
         # Examples kept out of the performance statistics: served by another version than
-        # the champion, or stragglers.
+        # the champion (see _measures_champion).
         self.stale_examples = 0
         self.since_check = 0
         self.predictions_seen = 0
@@ -178,7 +164,7 @@ class Monitor:
         task = self.spec.task
         self.examples_seen += 1
         mv_full = msg.get("model_version")
-        current = self._measures_champion(mv_full, msg.get("ts"))
+        current = self._measures_champion(mv_full)
         if not current:
             self.stale_examples += 1
         if current and self.suite.observe_label(y, served):
@@ -226,35 +212,21 @@ class Monitor:
                 self._settle_guard(verdict)
         self._count()
 
-    def _measures_champion(self, model_version: str | None, event_ts: Any) -> bool:
-        """True if a training-log record's served prediction measures the champion as it
-        serves now, so that it may feed the performance statistics.
+    def _measures_champion(self, model_version: str | None) -> bool:
+        """True if a training-log record's served prediction was made by the champion, so
+        that it may feed the performance statistics (and the champion's served metric).
 
         The training log is in the order the learner joined the labels, not the order the
-        events were served in: a label held because it came before its served record was
-        found is joined seconds later, in a block. Such a block, served by the model as it
-        was earlier in its learning curve, or by the version before a promotion or
-        rollback, read in sequence looks like a rise in loss: a false performance drift,
-        and a retrain or a second rollback watch for nothing. So a record served by another
-        version than the champion, or whose event is more than ``straggler_seconds`` older
-        than the newest seen from that version, is kept out of the performance detector and
-        of the champion's served metric; it still counts as a fresh label and still goes to
-        the buffer a challenger is fitted on. Without a model version or event time, a
-        record is taken as current.
+        events were served in: labels held because they came before their served record
+        was found are joined seconds later, in blocks. After a promotion or a rollback
+        (which re-bases the detector), such a block served by the version before, read as
+        the new champion's loss, is a rise (or a fall, then a rise): a false performance
+        drift, and a second retrain or a second rollback watch for nothing. Those records
+        still count as fresh labels and still go to the buffer a challenger is fitted on.
+        While no champion is known, and without a model version, a record counts.
         """
         version = version_of(model_version)
-        if version is not None and self.champion_id is not None and version != self.champion_id:
-            return False
-        ts = _float(event_ts)
-        if ts is None or not math.isfinite(ts):
-            return True
-        key = version or ""
-        newest = self._newest_ts.get(key)
-        if newest is not None and ts < newest - self.straggler_seconds:
-            return False
-        if newest is None or ts > newest:
-            self._newest_ts[key] = ts
-        return True
+        return version is None or self.champion_id is None or version == self.champion_id
 
     def on_control(self, msg: dict[str, Any]) -> None:
         if msg.get("command") == "retrain":
@@ -474,7 +446,6 @@ class Monitor:
             "guard": self.guard,
             "served": list(self._served),
             "was_drifted": dict(self._was_drifted),
-            "newest_ts": dict(self._newest_ts),
             "positions": list(self.positions),
             "since_check": self.since_check,
             "counts": {
@@ -500,7 +471,6 @@ class Monitor:
         self._served.clear()
         self._served.extend(state["served"])
         self._was_drifted = dict(state["was_drifted"])
-        self._newest_ts = dict(state.get("newest_ts") or {})
         self.since_check = int(state["since_check"])
         for name, value in state["counts"].items():
             setattr(self, name, int(value))
@@ -890,7 +860,7 @@ def run_monitor(
         server.stop()
         log.info(
             "monitor %s stopped: %d predictions, %d examples (%d kept out of the performance "
-            "statistics: served by another version, or late), %d replayed records skipped, "
+            "statistics: served by another version), %d replayed records skipped, "
             "%d retrains",
             spec.name,
             monitor.predictions_seen,
