@@ -376,6 +376,9 @@ return n
 
 #: Served records deleted per call at most (the rest go with the next calls).
 DROP_CHUNK = 2_000
+#: Learned event ids remembered until a snapshot lets their served records go; past
+#: this (a learner that never snapshots) the oldest are left to their TTL.
+UNPUBLISHED_CAP = 200_000
 #: Expiries moved per script call, and script calls per sweep (so at most 20,000 a sweep,
 #: in slices short enough not to hold Redis up for the scorers).
 EXPIRE_CHUNK = 2_000
@@ -468,6 +471,8 @@ class LabelJoiner:
         items = list(learned)
         self._marks.extend(items)
         self._unpublished.extend(eid for eid, _ in items)
+        if len(self._unpublished) > UNPUBLISHED_CAP:  # no snapshots (a replay): TTLs do it
+            del self._unpublished[: len(self._unpublished) - UNPUBLISHED_CAP]
 
     def published(self, seq: int) -> None:
         """A snapshot at ``seq`` was published: every label learned so far is in it, so

@@ -80,3 +80,16 @@ def test_an_older_json_record_is_still_read() -> None:
     store = ServedStore(_spec())
     p = _pred({"a": 1.0, "b": None}, {"False": 0.5, "True": 0.5})
     assert store.decode("evt-1", orjson.dumps(p.to_dict())) == p
+
+
+def test_a_learner_that_never_snapshots_keeps_a_bounded_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without snapshots (a replay) no served record may be deleted: they are left to their
+    TTL and the ids the learner remembers stay bounded; a snapshot lets the rest go."""
+    import models.join as join
+
+    monkeypatch.setattr(join, "UNPUBLISHED_CAP", 10)
+    joiner = join.LabelJoiner(_spec(), client=None)
+    joiner.mark_learned((f"e{i}", i) for i in range(25))
+    assert joiner.unwritten == 25 and joiner._unpublished == [f"e{i}" for i in range(15, 25)]
+    joiner.published(25)
+    assert joiner._droppable == [f"e{i}" for i in range(15, 25)] and joiner._unpublished == []
