@@ -123,6 +123,8 @@ def parse_ts(value: Any, field: str, spec: PipelineSpec, now: float | None = Non
 
 def _id(obj: dict[str, Any], field: str) -> str:
     v = obj.get(field)
+    if type(v) is str and 0 < len(v) <= MAX_ID_LEN:  # the common case, checked first
+        return v
     if v is None:
         raise InvalidMessage("missing_field", f"{field} is missing; every message needs one")
     if isinstance(v, bool) or not isinstance(v, str | int):

@@ -279,3 +279,84 @@ def test_every_agent_of_the_app_ends_the_process_when_it_fails(tmp_path: Path) -
         asyncio.run(agent._on_error(agent, boom))
     assert [e for _, e in fatal] == [boom] * len(agents)
     assert "score" in fatal[0][0]
+
+
+def _drain_consumer() -> Any:
+    """A mode Service with faust's fetcher hand-off shape, made fast by fast_drain_consumer."""
+    from mode import Service
+
+    from streams.worker import fast_drain_consumer
+
+    class Base(Service):
+        calls = 0
+
+        async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
+            type(self).calls += 1
+            return await super().wait_first(*coros, timeout=timeout)
+
+    consumer = fast_drain_consumer(Base)()
+    consumer.suspend_flow = asyncio.Event()
+    return consumer
+
+
+def test_fast_drain_hands_off_a_message_inline_when_nothing_waits() -> None:
+    async def main() -> None:
+        consumer = _drain_consumer()
+        seen: list[int] = []
+
+        async def callback(n: int) -> int:
+            seen.append(n)
+            return n
+
+        res = await consumer.wait_first(callback(1), consumer.suspend_flow.wait())
+        assert seen == [1] and res.results == [1] and not res.stopped
+        assert type(consumer).calls == 0  # no tasks: mode's wait_first was not needed
+
+    asyncio.run(main())
+
+
+def test_fast_drain_falls_back_when_the_callback_waits_and_keeps_its_result() -> None:
+    async def main() -> None:
+        consumer = _drain_consumer()
+        gate = asyncio.Event()
+
+        async def callback() -> str:
+            await gate.wait()  # a full stream buffer
+            await asyncio.sleep(0)
+            return "delivered"
+
+        asyncio.get_running_loop().call_later(0.01, gate.set)
+        res = await consumer.wait_first(callback(), consumer.suspend_flow.wait())
+        assert "delivered" in res.results
+        assert type(consumer).calls == 1
+
+    asyncio.run(main())
+
+
+def test_fast_drain_a_suspended_flow_still_interrupts_a_waiting_callback() -> None:
+    async def main() -> None:
+        consumer = _drain_consumer()
+        cancelled: list[bool] = []
+
+        async def callback() -> None:
+            try:
+                await asyncio.Event().wait()  # never set
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        asyncio.get_running_loop().call_later(0.01, consumer.suspend_flow.set)
+        res = await asyncio.wait_for(consumer.wait_first(callback(), consumer.suspend_flow.wait()), 5)
+        assert res.results == [True]  # the flow's wait won
+        await asyncio.sleep(0.01)
+        assert cancelled == [True]  # and the callback was cancelled, as faust's own does
+        # With the flow suspended, the hand-off is faust's from the start.
+        n = type(consumer).calls
+
+        async def quick() -> int:
+            return 1
+
+        await consumer.wait_first(quick(), consumer.suspend_flow.wait())
+        assert type(consumer).calls == n + 1
+
+    asyncio.run(main())
