@@ -9,7 +9,8 @@ join with the served records, prequential evaluation, learning), produces the jo
 examples to the training-log topic and bad labels to the dead-letter topic, and publishes
 model snapshots the scorers pick up (``registry.latest_snapshot()``).
 
-The sequence, per batch: process (join, learn, learned markers) -> hand the training-log
+The sequence, per batch: process (join, learn, queue the learned markers: the next
+batch's join or the snapshot writes them) -> hand the training-log
 records and dead letters to the producer -> every second, the sweep (expiries, held early
 labels) and the status -> when a snapshot is due: **flush** (every record delivered) ->
 **snapshot** with the labels topic's next offsets. On start it loads the latest snapshot
