@@ -175,6 +175,28 @@ def test_expired_label_and_expiry_counted(redis_client: Any, unique: Any, metric
     assert [r.outcome for r in out.results] == ["expired"] and core.labels_learned == 0
 
 
+def test_a_backlog_of_expiries_is_moved_in_bounded_slices(
+    redis_client: Any, unique: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep moves at most EXPIRE_CHUNK x EXPIRE_CALLS expiries (each script call a short
+    slice of Redis time); the rest go with the next sweeps, none counted twice."""
+    import models.join as join
+
+    monkeypatch.setattr(join, "EXPIRE_CHUNK", 40)
+    monkeypatch.setattr(join, "EXPIRE_CALLS", 2)
+    spec = make_spec(unique, labels={"horizon": 60})
+    core = _core(spec, redis_client)
+    served_at = time.time() - 61  # deadlines passed a second ago
+    pipe = redis_client.pipeline(transaction=False)
+    ServedStore(spec).add_to_pipeline(
+        pipe, [_prediction(f"e{i}", served_at) for i in range(205)], now=served_at
+    )
+    pipe.execute()
+    counts = [core.sweep(snapshot=False).expiries for _ in range(4)]
+    assert counts == [80, 80, 45, 0]
+    assert redis_client.zcard(Keys(spec).expired) == 205 and core.expiries == 205
+
+
 def test_hit_removes_pending_so_no_expiry(redis_client: Any, unique: Any) -> None:
     spec = make_spec(unique, labels={"horizon": 0.3})
     core = _core(spec, redis_client)
