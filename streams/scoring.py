@@ -3,7 +3,8 @@
 The Faust agent in :mod:`streams.worker` is a thin loop around :meth:`Scorer.process`;
 tests and benchmarks drive the same code directly.
 
-Failures of a batch fall in two kinds (:func:`is_transient_failure`):
+Failures of a batch fall in two kinds (:func:`weir.resilience.is_transient`, imported here
+as ``is_transient_failure``):
 
 * *Transient*: a server is down, hung or refusing for a while (a Redis timeout, a refused
   connection, an ``OOM``/``READONLY``/``NOPERM`` reply, an undelivered Kafka batch). The step
@@ -31,7 +32,8 @@ from features.base import FeatureResult, to_model_input
 from streams.contracts import parse_event
 from weir.errors import InvalidMessage
 from weir.metrics import WorkerMetrics, version_label
-from weir.resilience import Backoff, DependencyHealth, is_transient, retry_async
+from weir.resilience import Backoff, DependencyHealth, retry_async
+from weir.resilience import is_transient as is_transient_failure
 from weir.spec import PipelineSpec
 from weir.types import DeadLetter, Event, Prediction
 
@@ -100,45 +102,6 @@ class StaticModel:
 # Redis replies that say the server cannot take the command now (out of memory, a read-only
 # replica, a revoked permission, a failed RDB save): the operator's fix cures them for every
 # message alike, so they are retried like an outage, never dead-lettered message by message.
-_REDIS_STATE_ERRORS: tuple[type[BaseException], ...] = ()
-try:
-    from redis import exceptions as _rexc
-
-    _REDIS_STATE_ERRORS = (_rexc.OutOfMemoryError, _rexc.ReadOnlyError, _rexc.NoPermissionError)
-except ImportError:  # pragma: no cover - redis is a dependency
-    pass
-_REDIS_STATE_PREFIXES = ("OOM ", "READONLY ", "NOPERM ", "MISCONF ", "CLUSTERDOWN ", "BUSY ")
-
-
-def is_transient_failure(exc: BaseException) -> bool:
-    """True if ``exc`` (or an exception it was raised from) is a server's, not a message's fault.
-
-    :func:`weir.resilience.is_transient` on the exception and its ``__cause__`` chain (the
-    feature engine wraps Redis errors in ``FeatureError``), plus the Redis replies that report
-    the server's state (``OOM``, ``READONLY``, ``NOPERM``, ``MISCONF``, ``BUSY``...).
-
-    Examples:
-        >>> from weir.errors import FeatureError
-        >>> is_transient_failure(FeatureError("bad value"))
-        False
-        >>> try:
-        ...     raise FeatureError("Redis failed") from TimeoutError("timed out")
-        ... except FeatureError as exc:
-        ...     is_transient_failure(exc)
-        True
-    """
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if is_transient(e) or isinstance(e, _REDIS_STATE_ERRORS):
-            return True
-        if type(e).__module__.startswith("redis") and str(e).startswith(_REDIS_STATE_PREFIXES):
-            return True
-        e = e.__cause__
-    return False
-
-
 async def isolate(
     items: Sequence[T],
     run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],

@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -58,36 +58,81 @@ class Backoff:
         return round(d, 6)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for failures that a server's return cures: retry them, do not dead-letter."""
-    try:
+#: Redis replies that report the server's state, not the command's fault (a replica during a
+#: failover, a full or misconfigured server, a script holding it, a revoked ACL).
+_REDIS_STATE_PREFIXES = (
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "OOM ",
+    "READONLY ",
+    "NOPERM ",
+    "MISCONF ",
+    "CLUSTERDOWN ",
+    "BUSY ",
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (``raise ... from``), each once."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__
+
+
+def _is_kafka(exc: BaseException) -> bool:
+    from confluent_kafka import KafkaException  # its module is "cimpl", not confluent_kafka
+
+    return isinstance(exc, KafkaException)
+
+
+def _transient_one(exc: BaseException) -> bool:
+    mod = type(exc).__module__
+    if mod.startswith("redis"):
         import redis.exceptions as rexc
 
         if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | rexc.BusyLoadingError):
             return True
-        if isinstance(exc, rexc.ResponseError) and str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN")):
+        if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.NoPermissionError):
             return True
-    except ImportError:  # pragma: no cover - redis is a dependency
-        pass
-    try:
-        from confluent_kafka import KafkaException
-
-        if isinstance(exc, KafkaException):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+        return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_REDIS_STATE_PREFIXES)
+    if _is_kafka(exc):
+        return True  # a broker that is down or not answering
     return isinstance(exc, StackError | ConnectionError | TimeoutError | asyncio.TimeoutError | OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that a server's return cures: retry them, do not dead-letter.
+
+    Looks through the ``__cause__`` chain (the feature engine wraps Redis errors in
+    ``FeatureError``) and counts the Redis replies that report the server's state
+    (``OOM``, ``READONLY``, ``NOPERM``, ``LOADING``...) as transient.
+
+    Examples:
+        >>> from weir.errors import FeatureError
+        >>> is_transient(FeatureError("bad value"))
+        False
+        >>> try:
+        ...     raise FeatureError("Redis failed") from TimeoutError("timed out")
+        ... except FeatureError as exc:
+        ...     is_transient(exc)
+        True
+    """
+    return any(_transient_one(e) for e in _chain(exc))
 
 
 def dependency_of(exc: BaseException) -> Dependency:
     """Which server a transient failure is about (for the metrics)."""
-    mod = type(exc).__module__
-    if mod.startswith("redis"):
-        return "redis"
-    if mod.startswith(("confluent_kafka", "aiokafka", "kafka")):
-        return "kafka"
-    text = str(exc).lower()
-    return "redis" if "redis" in text else "kafka"
+    for e in _chain(exc):
+        mod = type(e).__module__
+        if mod.startswith("redis"):
+            return "redis"
+        if _is_kafka(e) or mod.startswith(("aiokafka", "kafka")):
+            return "kafka"
+    return "redis" if "redis" in str(exc).lower() else "kafka"
 
 
 class DependencyHealth:
@@ -137,6 +182,41 @@ class DependencyHealth:
             self.retries.labels(self.pipeline, dependency).inc()
 
 
+class _Outage:
+    """The bookkeeping both retry loops share: metrics, one log line when a server goes
+    away and one when it is back, and the backoff's attempt count."""
+
+    def __init__(self, what: str, health: DependencyHealth | None, backoff: Backoff) -> None:
+        self.what, self.health, self.backoff = what, health, backoff
+        self.attempt = 0
+        self.since: float | None = None
+        self.dependency: str | None = None
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a transient failure; the seconds to wait before the next try."""
+        self.dependency = dependency_of(exc)
+        if self.health is not None:
+            self.health.failed(self.dependency)
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s failed (%s: %s); retrying with backoff", self.what, type(exc).__name__, exc)
+        delay = self.backoff.delay(self.attempt)
+        self.attempt += 1
+        return delay
+
+    def succeeded(self) -> None:
+        if self.since is None:
+            return
+        log.warning(
+            "%s succeeded again after %.1fs (%d retries)",
+            self.what,
+            time.monotonic() - self.since,
+            self.attempt,
+        )
+        if self.health is not None and self.dependency is not None:
+            self.health.ok(self.dependency)
+
+
 async def retry_async(
     op: Callable[[], Awaitable[T]],
     *,
@@ -151,32 +231,19 @@ async def retry_async(
     Raises the last error if ``stop()`` turns true while retrying, and any non-transient
     error at once.
     """
-    attempt = 0
-    down_since: float | None = None
-    dep: str | None = None
+    outage = _Outage(what, health, backoff)
     while True:
         try:
             result = await op()
         except Exception as exc:
             if not transient(exc):
                 raise
-            dep = dependency_of(exc)
-            if health is not None:
-                health.failed(dep)
-            if down_since is None:
-                down_since = time.monotonic()
-                log.warning("%s failed (%s: %s); retrying with backoff", what, type(exc).__name__, exc)
+            delay = outage.failed(exc)
             if stop is not None and stop():
                 raise
-            await asyncio.sleep(backoff.delay(attempt))
-            attempt += 1
+            await asyncio.sleep(delay)
             continue
-        if down_since is not None:
-            log.warning(
-                "%s succeeded again after %.1fs (%d retries)", what, time.monotonic() - down_since, attempt
-            )
-            if health is not None and dep is not None:
-                health.ok(dep)
+        outage.succeeded()
         return result
 
 
@@ -190,32 +257,19 @@ def retry_sync(
     transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """The blocking twin of :func:`retry_async`, for the learner's and monitor's threads."""
-    attempt = 0
-    down_since: float | None = None
-    dep: str | None = None
+    outage = _Outage(what, health, backoff)
     while True:
         try:
             result = op()
         except Exception as exc:
             if not transient(exc):
                 raise
-            dep = dependency_of(exc)
-            if health is not None:
-                health.failed(dep)
-            if down_since is None:
-                down_since = time.monotonic()
-                log.warning("%s failed (%s: %s); retrying with backoff", what, type(exc).__name__, exc)
+            delay = outage.failed(exc)
             if stop is not None and stop.is_set():
                 raise
-            time.sleep(backoff.delay(attempt))
-            attempt += 1
+            time.sleep(delay)
             continue
-        if down_since is not None:
-            log.warning(
-                "%s succeeded again after %.1fs (%d retries)", what, time.monotonic() - down_since, attempt
-            )
-            if health is not None and dep is not None:
-                health.ok(dep)
+        outage.succeeded()
         return result
 
 
