@@ -158,7 +158,7 @@ class Monitor:
 
         y: Any = msg.get("label")
         served = msg.get("prediction")
-        if not bufferable(msg):
+        if y is None:
             log.warning("skipping a training-log record without a label: %r", msg.get("event_id"))
             return
         task = self.spec.task
@@ -622,11 +622,6 @@ class Intake:
         self.offsets.setdefault(topic, {})[partition] = offset + 1
 
 
-def bufferable(msg: dict[str, Any]) -> bool:
-    """A training-log record the monitor uses (and buffers): it has a label."""
-    return msg.get("label") is not None
-
-
 def _float(v: Any) -> float | None:
     try:
         return None if v is None else float(v)
@@ -875,8 +870,6 @@ def run_monitor(
 def request_retrain(spec: PipelineSpec, settings: Settings, reason: str) -> None:
     """Ask the monitor for a manual retrain (a message on the model-control topic)."""
     from confluent_kafka import Producer
-
-    from weir.errors import StackError
 
     producer = Producer(settings.confluent_config())
     errors: list[str] = []
