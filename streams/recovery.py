@@ -13,9 +13,12 @@ Durable state (a restart, even a kill -9, loses nothing):
 * The training buffer (up to ``retrain.window_labels`` joined examples) is not copied
   into the checkpoint: it holds the training-log positions of the buffered records and
   a restart reads them back from the training-log topic.
-* On start the monitor seeks every partition to the checkpoint's offsets, so the
-  records after the checkpoint are replayed through the same state (at-least-once: a
-  drift record may be published twice). A retrain saved in the few milliseconds
+* On start the monitor seeks every partition to the checkpoint's offsets and applies
+  the records from there on to the restored state, including those the stopped process
+  had applied after its last checkpoint (at-least-once: a drift record may be published
+  twice). A record below those offsets, which Kafka may still deliver (a rebalance, a
+  fetch reset), is one the state covers: :class:`streams.monitor.Intake` skips it, so no
+  record is applied twice to one state. A retrain saved in the few milliseconds
   between a registry write and its checkpoint is adopted from the ``challenger`` alias.
 
 Outages: every registry call, the checkpoint, and the drift records' flush are retried
