@@ -483,10 +483,14 @@ class ModelRegistry:
                 out.add(str(parent))
         return out
 
+    def _retained(self, ids: builtins.list[str]) -> set[str]:
+        """The retention rule: of ``ids`` (oldest first), the protected and the newest."""
+        return self.protected() | set(ids[-self.keep_versions :])
+
     def kept(self) -> builtins.list[str]:
         """Version ids whose blobs are kept now (protected or among the newest), oldest first."""
         ids = self.ids()
-        keep = self.protected() | set(ids[-self.keep_versions :])
+        keep = self._retained(ids)
         return [i for i in ids if i in keep]
 
     def prune(self) -> builtins.list[str]:
@@ -508,7 +512,7 @@ class ModelRegistry:
                 try:
                     pipe.watch(*watched)
                     ids = self.ids()
-                    keep = self.protected() | set(ids[-self.keep_versions :])
+                    keep = self._retained(ids)
                     candidates = [i for i in ids if i not in keep]
                     if candidates:  # an update_meta racing with us restarts the prune
                         pipe.watch(*watched, *(self.prefix + f"meta:{i}" for i in candidates))
