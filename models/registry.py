@@ -368,21 +368,20 @@ class ModelRegistry:
     ) -> ModelVersion:
         """Store a new version; returns its metadata (id ``v<N>``)."""
         blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
-        n = int(self.client.incr(self.prefix + "seq"))
+        vid = f"v{int(self.client.incr(self.prefix + 'seq'))}"
+        signed = self._sign(blob, "version", (vid, self.spec.model.name))
         version = ModelVersion(
-            id=f"v{n}",
+            id=vid,
             model=self.spec.model.name,
             parent=parent,
             created=time.time(),
             trigger=trigger,
             reason=reason,
-            blob_sha256="",
+            blob_sha256=signed["blob_sha256"],
             river_version=_river_version(),
             spec_hash=self.spec.spec_hash(),
             meta=dict(meta or {}),
         )
-        signed = self._sign(blob, "version", (version.id, version.model))
-        version = dataclasses.replace(version, blob_sha256=signed["blob_sha256"])
         record = {**dataclasses.asdict(version), **signed}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.prefix + f"blob:{version.id}", blob)
