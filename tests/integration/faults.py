@@ -4,8 +4,9 @@ Weir processes, a seeded traffic driver, and the checks every fault run ends wit
 Nothing here touches the shared local stack (Kafka 9092, Redis 6379): the suite stops,
 pauses and restarts servers, so it runs its own.
 
-* :class:`PrivateRedis` - ``redis-server`` on a free port, ``appendonly yes`` with
-  ``appendfsync everysec`` in a temporary directory (as production should run it).
+* :class:`PrivateRedis` (tests/integration/private_redis.py) - ``redis-server`` on a free
+  port with the local stack's configuration (``appendonly yes``, ``appendfsync everysec``,
+  as production should run it) in a temporary directory.
 * :class:`PrivateKafka` - a single-node KRaft broker (the local stack's Kafka jars,
   ``deploy/local/stack.py``'s configuration) on free ports, state in a temporary directory.
 * :class:`WeirProc` - ``weir worker SPEC --role ...`` / ``weir monitor SPEC`` pointed at
@@ -25,13 +26,11 @@ import base64
 import collections
 import contextlib
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +46,8 @@ import yaml
 
 from streams import admin
 from streams.contracts import decode_dead_letter
+from tests.integration.private_redis import PrivateRedis, stack_module
+from tests.integration.processes import free_port
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -59,12 +60,6 @@ BROKER_MAX_BYTES = 1_048_588
 KAFKA_START_TIMEOUT = 120.0
 #: The count feature of :func:`fault_spec` (``{agg: count, window: 1h}``).
 COUNT_FEATURE = "events_count_1h"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
@@ -86,81 +81,11 @@ def _tail(path: Path, n: int = 30) -> str:
 # -- private servers -------------------------------------------------------------------------
 
 
-class PrivateRedis:
-    """``redis-server`` on a free port with an append-only file, in ``root``."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = self.dir / "redis.log"
-        self.conf = self.dir / "redis.conf"
-        self.conf.write_text(
-            f"bind 127.0.0.1\nport {self.port}\nprotected-mode yes\ndaemonize no\n"
-            f'dir {self.dir}\nlogfile {self.log}\nsave ""\n'
-            "appendonly yes\nappendfsync everysec\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        if not _wait(self.ping, 20):
-            raise RuntimeError(f"private redis-server on {self.port} did not answer PING:\n{_tail(self.log)}")
-
-    def ping(self) -> bool:
-        import redis
-
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        """SIGTERM: Redis fsyncs its append-only file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _stack_module() -> Any:
-    """deploy/local/stack.py as a module (it is a script, not a package)."""
-    name = "weir_local_stack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "deploy" / "local" / "stack.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class PrivateKafka:
     """A one-node KRaft broker like the local stack's, on free ports, state in ``root``."""
 
     def __init__(self, root: Path) -> None:
-        self.stack = _stack_module()
+        self.stack = stack_module()
         self.dir = root / "kafka"
         self.data = self.dir / "data"
         self.data.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 Never pause or kill the shared stack's Redis: other sessions use it. This one runs on a
 free port with the local stack's own configuration (``deploy/local/stack.py``
 ``redis_config``: append-only file, fsync every second), its data in the test's tmp dir,
-in the foreground so that its pid is the server's.
+in the foreground so that its pid is the server's. Every test that needs a Redis of its
+own uses this one (the fault suite, the worker, learner and monitor fault tests, the
+secrets test with ``password``).
 """
 
 from __future__ import annotations
@@ -38,28 +40,58 @@ def stack_module() -> Any:
     return module
 
 
-class PrivateRedis:
-    """``redis-server`` on a free 127.0.0.1 port with its data in ``data_dir``."""
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Stop a private server cleanly: SIGCONT (a paused server cannot stop), SIGTERM, and
+    SIGKILL if it is still there after ``timeout`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+
+class PrivateRedis:
+    """``redis-server`` on a free 127.0.0.1 port with its data in ``data_dir``; started
+    by the constructor. With ``password`` it refuses clients without it (``requirepass``)
+    and :attr:`url` and :meth:`client` carry it."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None) -> None:
         self.dir = data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password
         self.conf = self.dir / "redis.conf"
         self.log = self.dir / "redis.log"
-        self.conf.write_text(stack_module().redis_config(self.port, self.dir, self.log))
+        conf = stack_module().redis_config(self.port, self.dir, self.log)
+        self.conf.write_text(conf + (f"requirepass {password}\n" if password else ""))
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=timeout)
+
+    def ping(self) -> bool:
+        client = self.client(timeout=1.0)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def start(self, timeout: float = 20.0) -> None:
-        program = shutil.which("redis-server") or "/usr/bin/redis-server"
+        program = shutil.which("redis-server")
+        if program is None:
+            raise RuntimeError("redis-server is not installed: `sudo apt-get install -y redis-server`")
         self.proc = subprocess.Popen(
             [program, str(self.conf)],
             stdout=subprocess.DEVNULL,
@@ -67,42 +99,27 @@ class PrivateRedis:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while True:
-            client = self.client(timeout=1.0)
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                pass
-            finally:
-                client.close()
+        while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = self.log.read_text(errors="replace") if self.log.exists() else ""
                 raise RuntimeError(f"private redis-server on port {self.port} did not start:\n{log[-2000:]}")
             time.sleep(0.1)
 
-    def _signal(self, sig: int) -> None:
+    def signal(self, sig: int) -> None:
         assert self.proc is not None and self.proc.poll() is None, "the private redis-server is not running"
         os.kill(self.proc.pid, sig)
 
     def pause(self) -> None:
-        self._signal(signal.SIGSTOP)
+        self.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+        self.signal(signal.SIGCONT)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        self.signal(signal.SIGKILL)
         assert self.proc is not None
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGCONT)  # a paused server cannot stop
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGTERM: Redis fsyncs its append-only file and exits."""
+        terminate(self.proc, 20)

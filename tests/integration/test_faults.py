@@ -65,10 +65,9 @@ RESTART_BOUND = 40.0
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     root = tmp_path_factory.mktemp("faults")
-    redis = PrivateRedis(root)
     kafka = PrivateKafka(root)
+    redis = PrivateRedis(root / "redis")
     try:
-        redis.start()
         took = kafka.start()
         print(f"\n[faults] private broker {kafka.bootstrap} ready in {took:.1f}s, redis {redis.url}")
         settings = load_settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis.url)

@@ -16,10 +16,7 @@ Printed: the time from the fault's end to the last label learned.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -44,6 +41,7 @@ from weir.settings import Settings
 from weir.spec import PipelineSpec
 from weir.types import Prediction
 
+from .private_redis import PrivateRedis
 from .processes import Worker, free_port
 from .test_learner_registry import make_spec
 
@@ -53,53 +51,6 @@ pytestmark = pytest.mark.integration
 START_WAIT = 90.0
 #: Seconds Redis stays paused.
 PAUSE = 20.0
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test alone, on a free port, that may be paused."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (Debian: apt-get install redis-server)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=workdir,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.client = redis.Redis.from_url(self.url, socket_timeout=5)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if self.client.ping():
-                    break
-            except redis.ConnectionError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                pytest.fail(f"private redis-server on port {self.port} did not start")
-            time.sleep(0.1)
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.resume()
-        self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture
@@ -255,7 +206,7 @@ def test_kill_9_of_role_all_mid_stream_learns_every_label_once(
 ) -> None:
     n = 2400
     spec = _spec(unique, make_topics)
-    client = private_redis.client
+    client = private_redis.client()
     worker = Worker(spec, tmp_path / "run1", role="all")
     restarted: Worker | None = None
     try:
@@ -295,7 +246,7 @@ def test_redis_paused_learner_waits_and_learns_every_label_once(
 ) -> None:
     n = 1200
     spec = _spec(unique, make_topics)
-    client = private_redis.client
+    client = private_redis.client()
     port = free_port()
     if role == "learner":
         _serve(client, spec, n)

@@ -15,13 +15,10 @@ pipe (issue #18 point 6).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ import pytest
 import redis
 import yaml
 
-from tests.integration.private_redis import stack_module
+from tests.integration.private_redis import PrivateRedis
 from tests.integration.processes import free_port
 from weir.spec import load_spec
 
@@ -50,56 +47,18 @@ SECRETS = {
 }
 
 
-@dataclass
-class SecureRedis:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{URL_PASSWORD}@127.0.0.1:{self.port}/0"
-
-
 @pytest.fixture
-def secure_redis(tmp_path: Path) -> Iterator[SecureRedis]:
+def secure_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A private redis-server that refuses clients without the URL's password."""
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    conf = data / "redis.conf"
-    log = data / "redis.log"
-    conf.write_text(stack_module().redis_config(port, data, log) + f"requirepass {URL_PASSWORD}\n")
-    program = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = subprocess.Popen(
-        [program, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    server = PrivateRedis(tmp_path / "redis", password=URL_PASSWORD)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            client = redis.Redis(host="127.0.0.1", port=port, password=URL_PASSWORD, socket_timeout=1)
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                pass
-            finally:
-                client.close()
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                f"private redis-server did not start: {log.read_text(errors='replace')[-2000:]}"
-            )
-            time.sleep(0.1)
-        anonymous = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        anonymous = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
         with pytest.raises(redis.AuthenticationError):
             anonymous.get("x")
         anonymous.close()
-        yield SecureRedis(port, proc)
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        server.stop()
 
 
 def _closed_port() -> int:
@@ -172,7 +131,7 @@ def _spec_file(tmp: Path, make_topics: Any) -> tuple[Path, Any]:
 
 
 def test_no_secret_is_shown_or_logged(
-    stack: Any, secure_redis: SecureRedis, make_topics: Any, consume_all: Any, tmp_path: Path
+    stack: Any, secure_redis: PrivateRedis, make_topics: Any, consume_all: Any, tmp_path: Path
 ) -> None:
     path, spec = _spec_file(tmp_path, make_topics)
     weir = Runner(tmp_path, stack.kafka_bootstrap, secure_redis.url)

@@ -18,8 +18,6 @@ disturbs no one else).
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -32,7 +30,6 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from river import linear_model
@@ -41,6 +38,7 @@ from models.factory import build_model
 from models.registry import ModelRegistry
 from streams.contracts import decode_dead_letter
 from tests.integration.conftest import wait_for
+from tests.integration.private_redis import PrivateRedis
 from tests.integration.processes import Worker, assigned_members, free_port
 from weir.spec import PipelineSpec, parse_spec
 
@@ -59,63 +57,13 @@ class PoisonClassifier(linear_model.LogisticRegression):
 # -- a private Redis ---------------------------------------------------------------------------
 
 
-@dataclass
-class PrivateRedis:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = PrivateRedis(proc, port)
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
     try:
-
-        def up() -> bool:
-            try:
-                return bool(server.client().ping())
-            except redis.RedisError:
-                return False
-
-        wait_for(up, 20, f"the private redis-server on port {port}")
         yield server
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)  # a failed test may leave it stopped
-            proc.terminate()
-            proc.wait(10)
+        server.stop()  # continues it first: a failed test may leave it stopped
 
 
 # -- the pipeline ------------------------------------------------------------------------------
