@@ -7,8 +7,8 @@ pauses and restarts servers, so it runs its own.
 * :class:`PrivateRedis` (tests/integration/private_redis.py) - ``redis-server`` on a free
   port with the local stack's configuration (``appendonly yes``, ``appendfsync everysec``,
   as production should run it) in a temporary directory.
-* :class:`PrivateKafka` - a single-node KRaft broker (the local stack's Kafka jars,
-  ``deploy/local/stack.py``'s configuration) on free ports, state in a temporary directory.
+* :class:`PrivateKafka` - a single-node KRaft broker (``deploy/local/stack.py``'s ``Kafka``:
+  its jars and configuration) on free ports, state in a temporary directory.
 * :class:`WeirProc` - ``weir worker SPEC --role ...`` / ``weir monitor SPEC`` pointed at
   them through ``WEIR_KAFKA_BOOTSTRAP`` / ``WEIR_REDIS_URL``; kill -9 and restart.
 * :class:`Traffic` - good events (and their labels, ``label_delay`` later) interleaved with
@@ -22,7 +22,6 @@ pauses and restarts servers, so it runs its own.
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import hashlib
@@ -46,7 +45,7 @@ import yaml
 
 from streams import admin
 from streams.contracts import decode_dead_letter
-from tests.integration.private_redis import PrivateRedis, stack_module
+from tests.integration.private_redis import PrivateRedis, stack_module, terminate
 from tests.integration.processes import free_port
 from weir.settings import Settings
 from weir.spec import PipelineSpec
@@ -54,10 +53,9 @@ from weir.spec import PipelineSpec
 REPO = Path(__file__).resolve().parents[2]
 #: Where the suite writes what it measured (docs/reliability.md quotes it).
 RESULTS = REPO / ".weir" / "faults" / "results.json"
-#: The broker's message.max.bytes (Kafka's default) and the test producer's; the
-#: oversized messages come within 1% of it.
+#: The broker's message.max.bytes (Kafka's default: the local stack's configuration does
+#: not set it) and the test producer's; the oversized messages come within 1% of it.
 BROKER_MAX_BYTES = 1_048_588
-KAFKA_START_TIMEOUT = 120.0
 #: The count feature of :func:`fault_spec` (``{agg: count, window: 1h}``).
 COUNT_FEATURE = "events_count_1h"
 
@@ -82,145 +80,32 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 class PrivateKafka:
-    """A one-node KRaft broker like the local stack's, on free ports, state in ``root``."""
+    """A one-node KRaft broker: the local stack's (``deploy/local/stack.py`` ``Kafka``: its
+    jars and configuration) on free ports, its state and logs in ``root/kafka``."""
 
     def __init__(self, root: Path) -> None:
-        self.stack = stack_module()
-        self.dir = root / "kafka"
-        self.data = self.dir / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.ctl_port = free_port()
-        self.props = self.dir / "server.properties"
-        self.log = self.dir / "kafka.log"
+        state = root / "kafka"
+        self.broker = stack_module().Kafka(self.port, free_port(), state=state, logs=state)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def write_config(self) -> None:
-        host = "127.0.0.1"
-        self.props.write_text(
-            f"""# The fault suite's private broker (tests/integration/faults.py).
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{host}:{self.ctl_port}
-listeners=PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{self.ctl_port}
-advertised.listeners=PLAINTEXT://{host}:{self.port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-controller.listener.names=CONTROLLER
-log.dirs={self.data}
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-offsets.topic.num.partitions=1
-transaction.state.log.num.partitions=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-delete.topic.enable=true
-num.partitions=1
-num.network.threads=2
-num.io.threads=2
-log.retention.hours=2
-message.max.bytes={BROKER_MAX_BYTES}
-"""
-        )
-        (self.dir / "log4j.properties").write_text(
-            "log4j.rootLogger=INFO, file\n"
-            "log4j.appender.file=org.apache.log4j.FileAppender\n"
-            f"log4j.appender.file.File={self.log}\n"
-            "log4j.appender.file.layout=org.apache.log4j.PatternLayout\n"
-            "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
-            "log4j.logger.kafka.request.logger=WARN\n"
-            "log4j.logger.state.change.logger=WARN\n"
-            "log4j.logger.org.apache.kafka.storage.internals.log=WARN\n"
-            "log4j.logger.kafka.log.LogCleaner=WARN\n"
-        )
-
-    def _java(self, *args: str, heap: bool = False) -> list[str]:
-        libs = self.stack.Kafka.libs()
-        argv = [self.stack.find_program("java") or "java"]
-        if heap:
-            argv += ["-Xms384m", "-Xmx384m"]
-        return [
-            *argv,
-            "-Djava.awt.headless=true",
-            f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
-            f"-Dkafka.logs.dir={self.dir}",
-            "-cp",
-            f"{libs}/*",
-            *args,
-        ]
-
     def start(self) -> float:
-        """Format (first time) and start; returns the seconds it took to be ready."""
+        """Start (formatting the storage the first time); the seconds it took to be ready."""
         t0 = time.monotonic()
-        libs = self.stack.Kafka.libs()
-        if not (libs / ".complete").exists():
-            # The session's shared stack fetched them, or `make up` does; fetch here otherwise.
-            self.stack.Kafka().fetch_libs()
-        self.write_config()
-        if not (self.data / "meta.properties").exists():
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=").replace("-", "x")
-            res = subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(self.props)),
-                capture_output=True,
-                text=True,
-            )
-            if res.returncode != 0:
-                raise RuntimeError(f"formatting the private broker failed:\n{res.stdout}{res.stderr}")
-        if self.log.exists():  # a restart: wait for this start's ready line, not the last one's
-            self.log.replace(self.log.with_name(f"kafka.log.{int(time.time())}"))
-        out = open(self.dir / "kafka.stdout.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            self._java("kafka.Kafka", str(self.props), heap=True),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
-
-        def ready() -> bool:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"private broker exited while starting:\n{_tail(self.log)}")
-            try:
-                return self.stack.KAFKA_READY_LINE in self.log.read_text(errors="replace") and self.healthy()
-            except OSError:
-                return False
-
-        if not _wait(ready, KAFKA_START_TIMEOUT, interval=0.5):
-            raise RuntimeError(
-                f"private broker not ready within {KAFKA_START_TIMEOUT:.0f}s:\n{_tail(self.log)}"
-            )
+        self.proc = self.broker.launch()
+        self.broker.wait_ready(self.proc.pid)
         return time.monotonic() - t0
-
-    def healthy(self) -> bool:
-        from confluent_kafka.admin import AdminClient
-
-        try:
-            md = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0}).list_topics(timeout=2)
-        except Exception:
-            return False
-        return bool(md.brokers)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, 30)
 
 
 @dataclass
