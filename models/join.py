@@ -5,8 +5,9 @@ Redis keys (``P`` = ``spec.redis_prefix``), all with a TTL of ``labels.horizon``
 * ``P:served:{event_id}`` - the served record (compact: the features as served as packed
   doubles, their names kept once per pipeline; prediction, proba, model_version, ts,
   entity_id, scored_at; see :class:`ServedStore`), written by the scorer through
-  :meth:`ServedStore.add_to_pipeline` on the pipeline it already executes, and deleted by
-  the learner once the label joined to it is in a published snapshot.
+  :meth:`ServedStore.add_to_pipeline` (one script command per batch) on the pipeline it
+  already executes, and deleted by the learner once the label joined to it is in a
+  published snapshot.
 * ``P:join:pending`` - sorted set of served event ids by deadline (scored_at + horizon);
   the learner's sweep counts those past their deadline as expiries (no label came).
 * ``P:join:expired`` - sorted set of event ids whose horizon passed, kept one more horizon,
@@ -110,6 +111,28 @@ def prediction_from_dict(d: dict[str, Any]) -> Prediction:
     )
 
 
+#: The served records of a batch, one command instead of one ``SET`` per prediction (the
+#: largest client-side cost of a scorer's batch, docs/performance.md): each record
+#: ``SET PX NX``, its id added to the pending set (``ZADD NX``, deadline ARGV[3]), the
+#: pending ids whose deadline passed a horizon ago (before ARGV[4]) dropped, and the set's
+#: TTL renewed (ARGV[5] ms). ARGV: prefix, record TTL (ms), deadline, cutoff, set TTL, then
+#: (event id, record) pairs.
+_SERVED_LUA = r"""
+local p, px, deadline = ARGV[1], ARGV[2], ARGV[3]
+local pending = p .. ':join:pending'
+local adds = {}
+for i = 6, #ARGV, 2 do
+  redis.call('SET', p .. ':served:' .. ARGV[i], ARGV[i + 1], 'PX', px, 'NX')
+  adds[#adds + 1] = deadline
+  adds[#adds + 1] = ARGV[i]
+  if #adds == 1000 then redis.call('ZADD', pending, 'NX', unpack(adds)); adds = {} end
+end
+if #adds > 0 then redis.call('ZADD', pending, 'NX', unpack(adds)) end
+redis.call('ZREMRANGEBYSCORE', pending, '-inf', ARGV[4])
+redis.call('PEXPIRE', pending, ARGV[5])
+return 0
+"""
+
 #: First byte of a compact served record (an older record is an orjson object, ``{``).
 _COMPACT = b"\x01"
 _HEADER_LEN = struct.Struct("<H")
@@ -190,7 +213,8 @@ class ServedStore:
         )
 
     def add_to_pipeline(self, pipe: Any, predictions: Sequence[Prediction], now: float | None = None) -> None:
-        """Queue the served records on ``pipe`` (the caller executes it).
+        """Queue the served records on ``pipe`` (the caller executes it): one command,
+        :data:`_SERVED_LUA`, for the whole batch.
 
         A redelivered event keeps its first served record (``SET NX``): that is what
         was published first and what its label must be joined with.
@@ -198,14 +222,15 @@ class ServedStore:
         if not predictions:
             return
         now = time.time() if now is None else now
-        deadline = now + self.spec.labels.horizon
-        served, encode, px = self.keys.served, self.encode, self.px
-        for p in predictions:
-            pipe.set(served(p.event_id), encode(p), px=px, nx=True)
-        pipe.zadd(self.keys.pending, {p.event_id: deadline for p in predictions}, nx=True)
+        horizon = self.spec.labels.horizon
         # Bounded without a learner: deadlines more than a horizon ago are dropped here.
-        pipe.zremrangebyscore(self.keys.pending, "-inf", now - self.spec.labels.horizon)
-        pipe.pexpire(self.keys.pending, 2 * self.px)
+        args: list[Any] = [self.keys.prefix, self.px, repr(now + horizon), repr(now - horizon), 2 * self.px]
+        encode = self.encode
+        for p in predictions:
+            args += (p.event_id, encode(p))
+        # EVAL, not EVALSHA: the script's text (under 1 KB) rides with the batch, so a Redis
+        # that lost its script cache (restart, SCRIPT FLUSH) needs no NOSCRIPT round trip.
+        pipe.eval(_SERVED_LUA, 0, *args)
 
     def get_many(self, client: Any, event_ids: Sequence[str]) -> list[Prediction | None]:
         """The served records of ``event_ids`` (None where absent), one MGET."""

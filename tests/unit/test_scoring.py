@@ -290,7 +290,7 @@ class FlakyPipeline:
 
     def __getattr__(self, name: str) -> Any:
         def queue(*args: Any, **kwargs: Any) -> None:
-            self.ops.append((name, args[0] if args else None))
+            self.ops.append((name, args))
 
         return queue
 
@@ -332,7 +332,9 @@ def test_served_records_are_retried_until_stored() -> None:
     asyncio.run(scorer.record_served(out, client))
     assert client.executes == 3
     ops = [op for op, _ in client.done]
-    assert ops.count("set") == 2 and "zadd" in ops, ops  # stored once, after the failures
+    assert ops == ["eval"], ops  # stored once, after the failures: one call for the batch
+    records = client.done[0][1][7:]  # after the script, its key count and 5 arguments
+    assert len(records) == 2 * 2, records  # (event id, record) of both predictions
     assert (
         registry.get_sample_value("weir_dependency_retries_total", {"pipeline": "p", "dependency": "redis"})
         == 2
