@@ -72,15 +72,20 @@ class Io:
 Step = Generator["Io | None", Any, T]
 
 
-def run_step(step: Step[T]) -> T:
-    """Drive a step inline: every call runs at once, an error propagates."""
+def _at_once(op: Io) -> Any:
+    return op.call()
+
+
+def run_step(step: Step[T], call: Callable[[Io], Any] = _at_once) -> T:
+    """Drive a step on this thread: ``call`` runs each :class:`Io` and returns its result
+    (default: at once, an error propagates; the learner process retries it)."""
     result: Any = None
     while True:
         try:
             op = step.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        result = None if op is None else op.call()
+        result = None if op is None else call(op)
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput
+from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput, run_step
 from models.registry import ModelRegistry, registry_key
 from weir.errors import StackError
 from weir.metrics import LearnerMetrics, MetricsServer
@@ -313,13 +313,7 @@ class LearnerLoop:
     # -- drivers ---------------------------------------------------------------------
 
     def _drive(self, step: Step[Any]) -> Any:
-        result: Any = None
-        while True:
-            try:
-                op = step.send(result)
-            except StopIteration as done:
-                return done.value
-            result = None if op is None else self._retry(op)
+        return run_step(step, self._retry)
 
     async def _drive_async(self, step: Step[Any], call: Callable[..., Any]) -> Any:
         result: Any = None
