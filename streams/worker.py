@@ -66,8 +66,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
+from streams.delivery import Delivery
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer, is_transient_failure
-from weir.errors import StackError, WeirError
+from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
 from weir.resilience import Backoff, DependencyHealth, dependency_of, retry_async
 from weir.settings import Settings
@@ -82,10 +83,6 @@ EXIT_CRASHED = 70
 
 #: What to do when an agent fails for good: ``(what, exception)``; the default exits.
 OnFatal = Callable[[str, BaseException], None]
-
-
-class OutputRejected(WeirError):
-    """Kafka refused a prediction or dead letter for good (retrying cannot help)."""
 
 
 def exit_process(what: str, exc: BaseException) -> None:
@@ -146,25 +143,8 @@ def release_instance_ids() -> None:
 # -- Kafka output -------------------------------------------------------------------------
 
 
-def _refused_for_good(err: Any) -> bool:
-    """A produce error retrying cannot cure: the record or the topic is wrong, or the
-    producer is unusable (a fatal error of the idempotent producer)."""
-    from confluent_kafka import KafkaError
-
-    permanent = {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError._INVALID_ARG,
-    }
-    return bool(err.fatal()) or err.code() in permanent
-
-
 class KafkaOutput:
-    """Produces predictions and dead letters with confluent-kafka.
+    """Produces predictions and dead letters with confluent-kafka (:class:`Delivery`).
 
     :meth:`emit` queues a batch's records; :meth:`flush` is one delivery attempt that
     raises a transient :class:`StackError` until every queued record is acknowledged (those
@@ -176,61 +156,28 @@ class KafkaOutput:
 
         conf = settings.confluent_config()
         conf.update({"linger.ms": 5, "enable.idempotence": True, "compression.type": "lz4"})
-        self.producer: Any = Producer(conf)
+        self.delivery = Delivery(Producer(conf))
         self.spec = spec
         self.flush_timeout = flush_timeout
-        #: Records to produce on the next attempt: ``(topic, value, key)``.
-        self.pending: list[tuple[str, bytes, bytes | None]] = []
-        #: Delivery failures reported since the last attempt: ``(topic, value, key, error)``.
-        self.failed: list[tuple[str, bytes, bytes | None, Any]] = []
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self.failed.append((msg.topic(), msg.value(), msg.key(), err))
+    @property
+    def producer(self) -> Any:
+        return self.delivery.producer
 
     def emit(self, out: BatchOutput) -> None:
         """Queue the batch's predictions and dead letters for the next :meth:`flush`."""
-        t = self.spec.topics
-        self.pending.extend(
-            (t.predictions, encode_prediction(p), p.entity_id.encode()) for p in out.predictions
-        )
-        self.pending.extend(
-            (t.dead_letters, encode_dead_letter(d), dead_letter_key(d)) for d in out.dead_letters
-        )
-
-    def _refused(self, topic: str, err: Any) -> OutputRejected:
-        return OutputRejected(
-            f"Kafka refused a record for topic {topic!r} for good: {err}; check the topic "
-            "(max.message.bytes, ACLs) and the broker, then restart the worker"
-        )
+        t, add = self.spec.topics, self.delivery.add
+        add((t.predictions, encode_prediction(p), p.entity_id.encode()) for p in out.predictions)
+        add((t.dead_letters, encode_dead_letter(d), dead_letter_key(d)) for d in out.dead_letters)
 
     async def flush(self) -> None:
         """Produce what is pending and wait for every acknowledgement (one attempt)."""
-        from confluent_kafka import KafkaException
-
-        todo, self.pending = self.pending, []
-        for i, (topic, value, key) in enumerate(todo):
-            try:
-                self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
-            except BufferError:  # the local queue is full: flush, then produce the rest
-                self.pending.extend(todo[i:])
-                break
-            except KafkaException as exc:
-                if _refused_for_good(exc.args[0]):
-                    # Not chained: the KafkaException would make it look transient.
-                    raise self._refused(topic, exc.args[0]) from None
-                self.pending.append((topic, value, key))
+        self.delivery.send()
         loop = asyncio.get_running_loop()
-        left = await loop.run_in_executor(None, self.producer.flush, self.flush_timeout)
-        failed, self.failed = self.failed, []
-        for topic, value, key, err in failed:
-            if _refused_for_good(err):
-                raise self._refused(topic, err)
-            self.pending.append((topic, value, key))
-        if left or self.pending:
-            errs = sorted({str(err) for *_, err in failed})[:3]
+        left, errs = await loop.run_in_executor(None, self.delivery.wait, self.flush_timeout)
+        if left:
             raise StackError(
-                f"Kafka did not acknowledge {left + len(self.pending)} record(s) for "
+                f"Kafka did not acknowledge {left} record(s) for "
                 f"{self.spec.topics.predictions!r}/{self.spec.topics.dead_letters!r} within "
                 f"{self.flush_timeout:g}s (errors: {errs}); retrying, the batch's offsets wait"
             )

@@ -2,7 +2,8 @@
 and the faust behaviour the never-ack-what-was-not-done rule relies on.
 
 The producer here is a stand-in with confluent-kafka's call shapes: what is tested is
-:class:`streams.worker.KafkaOutput`'s bookkeeping (what is produced again, what is fatal),
+:class:`streams.worker.KafkaOutput`'s bookkeeping (:class:`streams.delivery.Delivery`: what is
+produced again, what is fatal),
 not Kafka (tests/integration/test_worker_faults.py runs the real thing).
 """
 
@@ -22,10 +23,10 @@ from confluent_kafka import KafkaError, KafkaException
 from faust.types.tuples import ConsumerMessage
 from prometheus_client import CollectorRegistry
 
+from streams.delivery import Delivery, OutputRejected
 from streams.scoring import BatchOutput
 from streams.worker import (
     KafkaOutput,
-    OutputRejected,
     _hold,
     claim_instance_id,
     release_instance_ids,
@@ -196,10 +197,9 @@ class StandInProducer:
 
 def _output(outcomes: list[Any]) -> KafkaOutput:
     out = KafkaOutput.__new__(KafkaOutput)
-    out.producer = StandInProducer(outcomes)
+    out.delivery = Delivery(StandInProducer(outcomes))
     out.spec = _spec()
     out.flush_timeout = 0.01
-    out.pending, out.failed = [], []
     return out
 
 
