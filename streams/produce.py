@@ -144,14 +144,21 @@ def open_source(source: str, label_column: str = "label") -> Iterable[Row]:
     return file_source(source, label_column)
 
 
+def _plain(v: Any) -> Any:
+    """A numpy scalar (pandas or River sources) as the Python value; anything else as is."""
+    return v.item() if hasattr(v, "item") else v
+
+
 def by_name(x: dict[Any, Any]) -> dict[str, Any]:
-    """A source row keyed by field name: integer keys (River's SEA) as their string form.
+    """A source row keyed by field name: integer keys (River's SEA) as their string form,
+    numpy scalars as Python values.
 
     Examples:
-        >>> by_name({0: 1.5, "b": 2})
+        >>> import numpy as np
+        >>> by_name({0: np.float64(1.5), "b": 2})
         {'0': 1.5, 'b': 2}
     """
-    return {k if isinstance(k, str) else str(k): v for k, v in x.items()}
+    return {k if isinstance(k, str) else str(k): _plain(v) for k, v in x.items()}
 
 
 def _id_columns(spec: PipelineSpec) -> set[str]:
@@ -164,9 +171,8 @@ def _missing(v: Any) -> bool:
 
 
 def _coerce_value(ftype: str, v: Any) -> Any:
-    """``v`` as the spec's field type, or None when it is missing or cannot be one."""
-    if hasattr(v, "item"):  # numpy scalars
-        v = v.item()
+    """``v`` (from a row :func:`by_name`) as the spec's field type, or None when it is
+    missing or cannot be one."""
     if _missing(v):
         return None
     if ftype == "numeric":
@@ -252,12 +258,6 @@ def check_source(spec: PipelineSpec, head: list[Row], source: str) -> list[str]:
     return unused
 
 
-def _label(y: Any) -> Any:
-    if hasattr(y, "item"):
-        y = y.item()
-    return y
-
-
 @dataclass
 class Message:
     topic: str
@@ -299,8 +299,6 @@ def build_messages(
         entity = _id_value(entity_value, f"c{i % entities}")
         if not _missing(x.get("ts")):
             ts = x["ts"]
-            if hasattr(ts, "item"):
-                ts = ts.item()
         elif time_step is not None:
             ts = (start_ts if start_ts is not None else time.time()) + i * time_step
         else:
@@ -311,7 +309,7 @@ def build_messages(
         event_ts = float(ts) if isinstance(ts, int | float) else 0.0
         label_msg = None
         if y is not None:
-            lab: dict[str, Any] = {"event_id": event_id, "label": _label(y)}
+            lab: dict[str, Any] = {"event_id": event_id, "label": _plain(y)}
             if label_delay is not None:
                 lab["ts"] = (event_ts or time.time()) + label_delay
             label_msg = Message(t.labels, event_id.encode(), orjson.dumps(lab))
@@ -319,8 +317,6 @@ def build_messages(
 
 
 def _id_value(v: Any, default: str) -> str:
-    if hasattr(v, "item"):
-        v = v.item()
     if _missing(v) or v == "":
         return default
     if isinstance(v, float) and v.is_integer():  # a CSV id column read as floats
