@@ -123,6 +123,15 @@ class Machine:
         self.policy.write_bytes(IMAGE_POLICY)
         self.policy.chmod(IMAGE_POLICY_MODE)
 
+    def assert_policy_as_before(self, image_policy: bool) -> None:
+        """The image's own policy file is as it was (bytes and mode); without one, the
+        script left none behind."""
+        if image_policy:
+            assert self.policy.read_bytes() == IMAGE_POLICY
+            assert mode(self.policy) == IMAGE_POLICY_MODE
+        else:
+            assert not self.policy.exists()
+
     def run(self, shell: str, **env: str) -> Run:
         interpreter = shutil.which(shell)
         assert interpreter, f"{shell} is not installed"
@@ -181,11 +190,7 @@ def test_nothing_missing_does_nothing(tmp_path: Path, shell: str, policy_exists:
     assert res.rc == 0, res.stderr
     assert "all present; nothing to do" in res.stdout
     assert res.apt_log == []
-    if policy_exists:
-        assert machine.policy.read_bytes() == IMAGE_POLICY
-        assert mode(machine.policy) == IMAGE_POLICY_MODE
-    else:
-        assert not machine.policy.exists()
+    machine.assert_policy_as_before(policy_exists)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -200,8 +205,7 @@ def test_missing_packages_with_a_policy_file_already_there(tmp_path: Path, shell
         "argv: install -y --no-install-recommends redis-server prometheus",
         "policy-rc.d: present, answers 101",
     ]
-    assert machine.policy.read_bytes() == IMAGE_POLICY
-    assert mode(machine.policy) == IMAGE_POLICY_MODE
+    machine.assert_policy_as_before(image_policy=True)
     assert "install-debian.sh: done" in res.stdout
 
 
@@ -247,11 +251,7 @@ def test_failing_apt_get_exits_non_zero_and_says_so(
     assert res.rc == 100, f"exit {res.rc}\n{res.stderr}"
     assert f"install-debian.sh: `{command}` failed (exit 100)" in res.stderr
     assert "install-debian.sh: done" not in res.stdout
-    if policy_exists:
-        assert machine.policy.read_bytes() == IMAGE_POLICY
-        assert mode(machine.policy) == IMAGE_POLICY_MODE
-    else:
-        assert not machine.policy.exists()
+    machine.assert_policy_as_before(policy_exists)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
