@@ -67,10 +67,10 @@ from typing import Any, Literal
 
 from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from streams.delivery import Delivery
-from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer, is_transient_failure
+from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
 from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
-from weir.resilience import Backoff, DependencyHealth, dependency_of, retry_async
+from weir.resilience import Backoff, DependencyHealth, dependency_of, is_transient, retry_async
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -80,6 +80,9 @@ Role = Literal["all", "scorer"]
 
 #: Exit status of a worker whose agent failed in a way it cannot ride out (EX_SOFTWARE).
 EXIT_CRASHED = 70
+
+#: Checks for a newer model after a failed one: 5 s doubling to 60 s (a newer model can wait).
+FOLLOW_BACKOFF = Backoff(initial=5.0, maximum=60.0, jitter=0.0)
 
 #: What to do when an agent fails for good: ``(what, exception)``; the default exits.
 OnFatal = Callable[[str, BaseException], None]
@@ -199,7 +202,6 @@ class KafkaOutput:
             health=health,
             backoff=backoff,
             stop=stop,
-            transient=is_transient_failure,
         )
 
 
@@ -378,7 +380,6 @@ def create_app(
     @app.agent(events, concurrency=1)
     async def score(stream: Any) -> None:
         output = KafkaOutput(spec, settings)
-        state["output"] = output
         try:
             async for batch in stream.take_events(spec.scoring.batch_size, within=spec.scoring.batch_within):
                 try:
@@ -435,10 +436,10 @@ def create_app(
     def follow() -> None:
         """Swap in a newer model if there is one (the sources throttle their own checks).
 
-        A failed check keeps the current model and is tried again after a backoff (5 s
-        doubling to 60 s): a Redis outage must not stop scoring with the model in hand, nor
-        block the event loop on every batch (the snapshot source's Redis client is
-        synchronous).
+        A failed check keeps the current model and is tried again after
+        :data:`FOLLOW_BACKOFF`: a Redis outage must not stop scoring with the model in
+        hand, nor block the event loop on every batch (the snapshot source's Redis client
+        is synchronous: it blocks for up to ``WEIR_REDIS_TIMEOUT`` while Redis hangs).
         """
         now = time.monotonic()
         if now < following["next"]:
@@ -448,10 +449,8 @@ def create_app(
         except Exception as exc:
             n = following["failures"]
             following["failures"] = n + 1
-            # 5 s doubling to 60 s: the snapshot source's synchronous Redis call blocks the
-            # event loop for up to WEIR_REDIS_TIMEOUT while Redis hangs; a newer model can wait.
-            following["next"] = now + min(60.0, 5.0 * 2 ** min(n, 4))
-            if is_transient_failure(exc):
+            following["next"] = now + FOLLOW_BACKOFF.delay(n)
+            if is_transient(exc):
                 health.failed(dependency_of(exc))
             if n == 0:
                 log.warning("keeping the current model: checking for a newer one failed: %r", exc)
