@@ -99,9 +99,6 @@ class StaticModel:
         return 0.0
 
 
-# Redis replies that say the server cannot take the command now (out of memory, a read-only
-# replica, a revoked permission, a failed RDB save): the operator's fix cures them for every
-# message alike, so they are retried like an outage, never dead-lettered message by message.
 async def isolate(
     items: Sequence[T],
     run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
@@ -284,7 +281,6 @@ class Scorer:
             health=self.health,
             backoff=self.backoff,
             stop=self.stop,
-            transient=is_transient_failure,
         )
 
     async def compute_features(
