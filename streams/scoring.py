@@ -53,6 +53,10 @@ class RawMessage:
     timestamp: float | None = None
     """Kafka message timestamp (epoch seconds): the start of event-to-prediction latency."""
 
+    def dead_letter(self, reason: str, detail: str, now: float) -> DeadLetter:
+        """This message as a dead letter: why, and where it came from."""
+        return DeadLetter(reason, detail, self.topic, self.partition, self.offset, self.value, self.key, now)
+
 
 @dataclass
 class BatchOutput:
@@ -179,15 +183,10 @@ def model_error(msg: RawMessage, exc: BaseException, now: float) -> DeadLetter:
     text = f"{type(exc).__name__}: {exc}"
     if len(text) > 2000:
         text = text[:2000] + "..."
-    return DeadLetter(
+    return msg.dead_letter(
         "model_error",
         f"scoring this event raised {text}; the rest of its batch was scored. Fix the model "
         "or the event and replay it from the dead-letter topic",
-        msg.topic,
-        msg.partition,
-        msg.offset,
-        msg.value,
-        msg.key,
         now,
     )
 
@@ -202,7 +201,7 @@ def validate_batch(
         try:
             good.append((parse_event(m.value, spec, now), m))
         except InvalidMessage as exc:
-            dead.append(DeadLetter(exc.reason, str(exc), m.topic, m.partition, m.offset, m.value, m.key, now))
+            dead.append(m.dead_letter(exc.reason, str(exc), now))
     return good, dead
 
 
@@ -317,19 +316,11 @@ class Scorer:
             for (event, msg), res in computed:
                 if res.status == "late":
                     if self.spec.late_events == "dead_letter":
-                        out.dead_letters.append(
-                            DeadLetter(
-                                "late",
-                                f"event ts={event.ts} is more than lateness={self.spec.lateness}s behind "
-                                f"entity {event.entity_id!r}'s newest event; raise `lateness` to accept it",
-                                msg.topic,
-                                msg.partition,
-                                msg.offset,
-                                msg.value,
-                                msg.key,
-                                now,
-                            )
+                        detail = (
+                            f"event ts={event.ts} is more than lateness={self.spec.lateness}s behind "
+                            f"entity {event.entity_id!r}'s newest event; raise `lateness` to accept it"
                         )
+                        out.dead_letters.append(msg.dead_letter("late", detail, now))
                     else:
                         out.late_ignored += 1
                     continue

@@ -157,7 +157,7 @@ def test_known_label_values_match_the_code_that_produces_them() -> None:
     assert emitted == set(RETRAIN_OUTCOMES)
     raised = _strings("streams/contracts.py", r'InvalidMessage\(\s*"(\w+)"')
     raised |= _strings("models/factory.py", r'InvalidMessage\(\s*"(\w+)"')
-    raised |= _strings("streams/scoring.py", r'DeadLetter\(\s*"(\w+)"')
+    raised |= _strings("streams/scoring.py", r'(?:DeadLetter|dead_letter)\(\s*"(\w+)"')
     label_only = {"label_type", "label_class"}
     assert raised == set(EVENT_DEAD_LETTER_REASONS) | label_only
     assert set(LABEL_DEAD_LETTER_REASONS) == raised - {"late"}
