@@ -696,11 +696,9 @@ def run_monitor(
             "enable.idempotence": True,
         }
     )
-    errors: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:
         if err is not None:
-            errors.append(str(err))
             log.error("drift record not delivered to %s: %s", msg.topic(), err)
 
     def publish(rec: DriftRecord) -> None:
