@@ -190,6 +190,29 @@ def _dead_letters_counter(registry: CollectorRegistry) -> Counter:
 
 
 @dataclass
+class DependencyMetrics:
+    """``weir_dependency_up`` and ``weir_dependency_retries_total``, which every process has
+    (set by :class:`weir.resilience.DependencyHealth`); built once per registry."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.up: Gauge = _existing(r, "weir_dependency_up") or Gauge(
+            "weir_dependency_up",
+            "1 while the last call to this server succeeded, 0 while it is being retried.",
+            ["pipeline", "dependency"],
+            registry=r,
+        )
+        self.retries: Counter = _existing(r, "weir_dependency_retries_total") or Counter(
+            "weir_dependency_retries_total",
+            "Retries of a call to a server that failed transiently (outage, timeout).",
+            ["pipeline", "dependency"],
+            registry=r,
+        )
+
+
+@dataclass
 class WorkerMetrics:
     """Metrics of a scoring worker (``weir worker SPEC``)."""
 

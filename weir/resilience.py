@@ -32,6 +32,7 @@ from typing import Literal, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from weir.errors import StackError
+from weir.metrics import DependencyMetrics
 
 log = logging.getLogger("weir.resilience")
 
@@ -148,29 +149,11 @@ class DependencyHealth:
         self.retries: Counter | None = None
         if registry is None:
             return
-        up: Gauge
-        retries: Counter
-        found = registry._names_to_collectors.get("weir_dependency_up")
-        if found is not None:
-            up = found  # type: ignore[assignment]
-            retries = registry._names_to_collectors["weir_dependency_retries"]  # type: ignore[assignment]
-        else:
-            up = Gauge(
-                "weir_dependency_up",
-                "1 while the last call to this server succeeded, 0 while it is being retried.",
-                ["pipeline", "dependency"],
-                registry=registry,
-            )
-            retries = Counter(
-                "weir_dependency_retries_total",
-                "Retries of a call to a server that failed transiently (outage, timeout).",
-                ["pipeline", "dependency"],
-                registry=registry,
-            )
+        m = DependencyMetrics(registry)
         for dep in DEPENDENCIES:
-            up.labels(pipeline, dep).set(1)
-            retries.labels(pipeline, dep)
-        self.up, self.retries = up, retries
+            m.up.labels(pipeline, dep).set(1)
+            m.retries.labels(pipeline, dep)
+        self.up, self.retries = m.up, m.retries
 
     def ok(self, dependency: str) -> None:
         if self.up is not None:
