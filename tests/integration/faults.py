@@ -23,7 +23,6 @@ pauses and restarts servers, so it runs its own.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import itertools
 import json
@@ -31,7 +30,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -46,7 +44,7 @@ import yaml
 from streams import admin
 from streams.contracts import decode_dead_letter
 from tests.integration.private_redis import PrivateRedis, stack_module, terminate
-from tests.integration.processes import free_port
+from tests.integration.processes import WeirProcess, free_port
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 
@@ -67,13 +65,6 @@ def _wait(check: Callable[[], Any], timeout: float, interval: float = 0.25) -> A
         if got or time.monotonic() >= deadline:
             return got
         time.sleep(interval)
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 # -- private servers -------------------------------------------------------------------------
@@ -175,82 +166,50 @@ def create_topics(settings: Settings, spec: PipelineSpec) -> None:
     )
 
 
-class WeirProc:
-    """A ``python -m weir.cli ARGS`` process on the private servers; restartable."""
+class WeirProc(WeirProcess):
+    """A ``python -m weir.cli ARGS`` process on the private servers (no ``WEIR_*`` variable
+    of the test's environment reaches it); kill -9 and restartable."""
 
     def __init__(self, name: str, args: list[str], servers: Servers, workdir: Path) -> None:
         self.name = name
-        self.args = args
-        self.workdir = workdir
-        self.log_path = workdir / f"{name}.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")}
-        self.env.update(
-            {
-                "WEIR_KAFKA_BOOTSTRAP": servers.settings.kafka_bootstrap,
-                "WEIR_REDIS_URL": servers.settings.redis_url,
-                "WEIR_DATA_DIR": str(workdir / "data"),
-                "WEIR_METRICS_PORT": "0",
-            }
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        #: wall-clock times of every start
-        self.started_at: list[float] = []
         #: set by kill9(): the supervisor restarts without reporting an unexpected exit
         self.killed = False
         self.lock = threading.Lock()
-        self.start()
+        env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("WEIR_")}
+        env.update(
+            {
+                "WEIR_KAFKA_BOOTSTRAP": servers.settings.kafka_bootstrap,
+                "WEIR_REDIS_URL": servers.settings.redis_url,
+                "WEIR_METRICS_PORT": "0",
+            }
+        )
+        super().__init__(args, workdir / f"{name}.log", workdir / "data", env)
 
     @property
     def starts(self) -> int:
         return len(self.started_at)
 
     def start(self) -> None:
-        t = time.time()
         with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts + 1} at {t:.3f} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "weir.cli", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=self.env,
-                start_new_session=True,
-            )
-        self.started_at.append(t)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+            log.write(f"\n===== start #{self.starts + 1} at {time.time():.3f} =====\n".encode())
+        super().start()
 
     def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
+        return self.proc.poll()
 
     def kill9(self) -> float:
         """SIGKILL the process group (the supervisor restarts it); the time of the kill."""
         with self.lock:
-            assert self.proc is not None
             t = time.time()
             self.killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            self.kill()
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== kill -9 at {t:.3f} =====\n".encode())
         return t
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         with self.lock:
-            if self.alive():
-                assert self.proc is not None
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(10)
-
-    def tail(self, n: int = 25) -> str:
-        return _tail(self.log_path, n)
+            return super().stop()
 
     def grep(self, *needles: str, n: int = 6) -> list[str]:
         """Log lines holding any of ``needles`` (the last ``n``): the evidence of a failure."""
@@ -751,10 +710,6 @@ class Outputs:
             rec["_appended"] = r.timestamp
             out.setdefault(str(rec.get("event_id")), []).append(rec)
         return out
-
-    def first_append_after(self, tail: TopicTail, t: float) -> float | None:
-        times = [r.timestamp for r in tail.records if r.timestamp > t]
-        return min(times) if times else None
 
 
 def learned_status(client: Any, spec: PipelineSpec) -> dict[str, Any]:

@@ -8,11 +8,13 @@ among them, see conftest.py); ``env`` overrides it, a None value unsets a variab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +26,51 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class WeirProcess:
-    """``python -m weir.cli ARGS`` with its output in ``log_path``."""
+    """``python -m weir.cli ARGS`` with its output in ``log_path``; :meth:`start` again
+    after it exited restarts it (its output appended)."""
 
     def __init__(
         self, args: list[str], log_path: Path, data_dir: Path, env: dict[str, str | None] | None = None
     ) -> None:
+        self.args = args
         self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        base = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
-        base["WEIR_DATA_DIR"] = str(data_dir)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_METRICS")}
         for k, v in (env or {}).items():
-            base.pop(k, None)
+            self.env.pop(k, None)
             if v is not None:
-                base[k] = v
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "weir.cli", *args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=base,
-            start_new_session=True,
-        )
+                self.env[k] = v
+        self.env["WEIR_DATA_DIR"] = str(data_dir)
+        #: wall-clock times of every start
+        self.started_at: list[float] = []
+        log_path.write_bytes(b"")
+        self.start()
+
+    def start(self) -> None:
+        t = time.time()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "weir.cli", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=self.env,
+                start_new_session=True,
+            )
+        self.started_at.append(t)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return f"(no log at {self.log_path})"
 
     def stop(self) -> int:
         if self.alive():
@@ -64,7 +80,6 @@ class WeirProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self.log.close()
         return int(self.proc.returncode)
 
 
