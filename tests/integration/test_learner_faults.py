@@ -19,7 +19,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from models.factory import build_model, predict
 from models.join import Keys, ServedStore
@@ -42,7 +40,7 @@ from weir.spec import PipelineSpec
 from weir.types import Prediction
 
 from .private_redis import PrivateRedis
-from .processes import Worker, free_port
+from .processes import Worker, free_port, metric
 from .test_learner_registry import make_spec
 
 pytestmark = pytest.mark.integration
@@ -175,16 +173,7 @@ def _all_served(client: Any, spec: PipelineSpec, n: int) -> bool:
 
 def _redis_up(port: int, spec: PipelineSpec) -> float | None:
     """``weir_dependency_up{dependency="redis"}`` of the process's /metrics."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "weir_dependency_up" and s.labels == {"pipeline": spec.name, "dependency": "redis"}:
-                return float(s.value)
-    return None
+    return metric(port, "weir_dependency_up", pipeline=spec.name, dependency="redis")
 
 
 def _assert_exactly(client: Any, spec: PipelineSpec, n: int, worker: Worker) -> None:

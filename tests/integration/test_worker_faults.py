@@ -22,7 +22,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from models.registry import ModelRegistry
 from streams.contracts import decode_dead_letter
 from tests.integration.conftest import wait_for
 from tests.integration.private_redis import PrivateRedis
-from tests.integration.processes import Worker, assigned_members, free_port
+from tests.integration.processes import Worker, assigned_members, free_port, metric
 from weir.spec import PipelineSpec, parse_spec
 
 POISON = 666.0
@@ -178,22 +177,6 @@ class Watcher:
         self.thread.join(10)
 
 
-def _metric(port: int, name: str, **labels: str) -> float | None:
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return None
-    total = None
-    for line in body.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        series, _, value = line.rpartition(" ")
-        got = dict(part.split("=", 1) for part in series[len(name) + 1 : -1].split(","))
-        if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
-            total = (total or 0.0) + float(value)
-    return total
-
-
 def _start(spec: PipelineSpec, tmp: Path, settings: Any, port: int) -> Worker:
     worker = Worker(spec, tmp, role="scorer", metrics_port=port)
     try:
@@ -232,11 +215,11 @@ def test_redis_paused_20s_mid_stream_loses_nothing_and_the_worker_stays_up(
         feeder.start()
         wait_for(lambda: len(predictions.seen) >= 100, 60, "the first 100 predictions")
         up = {"pipeline": spec.name, "dependency": "redis"}
-        assert _metric(port, "weir_dependency_up", **up) == 1
+        assert metric(port, "weir_dependency_up", **up) == 1
 
         private_redis.pause()
         paused_at = time.monotonic()
-        wait_for(lambda: _metric(port, "weir_dependency_up", **up) == 0, 15, "weir_dependency_up{redis} == 0")
+        wait_for(lambda: metric(port, "weir_dependency_up", **up) == 0, 15, "weir_dependency_up{redis} == 0")
         time.sleep(max(0.0, 20 - (time.monotonic() - paused_at)))
         assert worker.alive(), f"the worker exited during the Redis pause:\n{worker.tail()}"
         sent_during = len(feeder.sent)
@@ -253,15 +236,15 @@ def test_redis_paused_20s_mid_stream_loses_nothing_and_the_worker_stays_up(
         _all_predicted(predictions, backlog, 30, worker)
         drained = time.monotonic() - resumed_at
         wait_for(
-            lambda: _metric(port, "weir_dependency_up", **up) == 1, 15, "weir_dependency_up{redis} back to 1"
+            lambda: metric(port, "weir_dependency_up", **up) == 1, 15, "weir_dependency_up{redis} back to 1"
         )
         print(
             f"\nRedis paused {resumed_at - paused_at:.1f}s: first prediction {first_new:.1f}s after SIGCONT, "
             f"backlog of {len(backlog)} events predicted {drained:.1f}s after SIGCONT"
         )
 
-        assert (_metric(port, "weir_dependency_retries_total", **up) or 0) > 0
-        dead = _metric(port, "weir_dead_letters_total", pipeline=spec.name)
+        assert (metric(port, "weir_dependency_retries_total", **up) or 0) > 0
+        dead = metric(port, "weir_dead_letters_total", pipeline=spec.name)
         assert dead == 0, f"{dead} dead letters: an outage must never dead-letter events"
         assert worker.alive(), worker.tail()
 
@@ -269,7 +252,7 @@ def test_redis_paused_20s_mid_stream_loses_nothing_and_the_worker_stays_up(
         # the batch in hand until Redis is back), acks nothing unfinished, exits 0, and its
         # successor predicts what it left.
         private_redis.pause()
-        wait_for(lambda: _metric(port, "weir_dependency_up", **up) == 0, 15, "weir_dependency_up{redis} == 0")
+        wait_for(lambda: metric(port, "weir_dependency_up", **up) == 0, 15, "weir_dependency_up{redis} == 0")
         t_term = time.monotonic()
         code = worker.stop()
         stopped = time.monotonic() - t_term
@@ -313,7 +296,7 @@ def test_failed_batches_are_redone_and_poison_events_dead_lettered(
         wait_for(lambda: len(dead_letters.records) >= len(poison), 30, "the poison events' dead letters")
         time.sleep(2)  # nothing else may come
 
-        retries = _metric(port, "weir_dependency_retries_total", pipeline=spec.name, dependency="redis")
+        retries = metric(port, "weir_dependency_retries_total", pipeline=spec.name, dependency="redis")
         assert retries and retries > 0, "the injected failure did not hit a batch"
         assert not poison & {int(i[1:]) for i in predictions.seen}
         letters = [decode_dead_letter(orjson.dumps(r)) for r in dead_letters.records]
@@ -322,7 +305,7 @@ def test_failed_batches_are_redone_and_poison_events_dead_lettered(
         )
         assert {d["reason"] for d in letters} == {"model_error"}
         assert all("ArithmeticError: poison input x=666.0" in d["detail"] for d in letters)
-        assert _metric(port, "weir_dead_letters_total", pipeline=spec.name, reason="model_error") == len(
+        assert metric(port, "weir_dead_letters_total", pipeline=spec.name, reason="model_error") == len(
             poison
         )
         assert worker.alive(), worker.tail()
