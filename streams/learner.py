@@ -97,11 +97,6 @@ class StepEmitter:
             self.pending.extend((t.training_log, rec, key) for rec in out.training_log)
             self.pending.extend((t.dead_letters, dl, None) for dl in out.dead_letters)
 
-    def emit(self, out: StepOutput) -> None:
-        """:meth:`add` then :meth:`send`."""
-        self.add(out)
-        self.send()
-
     def send(self, timeout: float = 30.0) -> None:
         """Hand the queued records to the producer (waits while its queue is full)."""
         from confluent_kafka import KafkaException
