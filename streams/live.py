@@ -36,10 +36,9 @@ log = logging.getLogger("weir.worker")
 class LiveModel:
     """The embedded learner's live model (role ``all``)."""
 
-    def __init__(self, core: Any, name: str, poll_seconds: float = 0.5) -> None:
+    def __init__(self, core: Any, name: str) -> None:
         self.core: LearnerCore = core
         self.name = name
-        self.poll_seconds = poll_seconds  # kept for callers; the learner does the polling
         self._version = str(core.version_id)
 
     def current(self) -> tuple[Any, str, str]:
