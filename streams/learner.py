@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput, run_step
 from models.registry import ModelRegistry, registry_key
+from streams.delivery import Delivery, Record
 from weir.errors import StackError
 from weir.metrics import LearnerMetrics, MetricsServer
 from weir.resilience import Backoff, DependencyHealth, is_transient, retry_sync
@@ -60,30 +61,33 @@ LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
 
 
 class StepEmitter:
-    """Produces what a :class:`LearnerCore` step asks for: training-log records and dead
-    letters. ``flush`` waits for delivery and raises (a transient ``KafkaException``) if
-    anything was not delivered, so a caller never moves offsets (or a snapshot) past
-    records that were lost; records whose delivery failed are produced again by the next
-    ``send``/``flush``, so retrying ``flush`` until it succeeds delivers everything.
+    """Produces what a :class:`LearnerCore` step asks for, training-log records and dead
+    letters, through a :class:`streams.delivery.Delivery` (as the worker's output does).
+
+    ``flush`` waits for delivery and raises (a transient ``KafkaException``) while anything
+    is unacknowledged, so a caller never moves offsets (or a snapshot) past records that
+    were lost; records whose delivery failed are produced again by the next ``flush``, so
+    retrying it until it succeeds delivers everything. A record Kafka refuses for good (too
+    large, not authorised) raises :class:`streams.delivery.OutputRejected`: retrying cannot
+    help.
     """
 
     def __init__(self, spec: PipelineSpec, settings: Settings, linger_ms: int = 20) -> None:
         from confluent_kafka import Producer
 
         self.spec = spec
-        self.producer = Producer(
-            {**settings.confluent_config(), "linger.ms": linger_ms, "enable.idempotence": True}
+        self.delivery = Delivery(
+            Producer({**settings.confluent_config(), "linger.ms": linger_ms, "enable.idempotence": True})
         )
-        #: (topic, value, key) not yet handed to the producer, or handed and failed
-        self.pending: list[tuple[str, bytes, bytes | None]] = []
-        self.errors: list[str] = []
-        self._lock = threading.Lock()  # delivery callbacks run in whichever thread polls
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            with self._lock:
-                self.errors.append(str(err))
-                self.pending.append((msg.topic(), msg.value(), msg.key()))
+    @property
+    def producer(self) -> Any:
+        return self.delivery.producer
+
+    @property
+    def pending(self) -> list[Record]:
+        """Records not yet handed to the producer, or handed and failed."""
+        return self.delivery.pending
 
     def add(self, out: StepOutput) -> None:
         """Queue a step's records (no I/O); :meth:`send` or :meth:`flush` produces them."""
@@ -93,31 +97,25 @@ class StepEmitter:
         # a monitor catching up would read them in partition-sized blocks, replaying the
         # model's learning curve once per partition (each one a "rise" in loss).
         key = self.spec.model.name.encode()
-        with self._lock:
-            self.pending.extend((t.training_log, rec, key) for rec in out.training_log)
-            self.pending.extend((t.dead_letters, dl, None) for dl in out.dead_letters)
+        self.delivery.add([(t.training_log, rec, key) for rec in out.training_log])
+        self.delivery.add([(t.dead_letters, dl, None) for dl in out.dead_letters])
 
     def send(self, timeout: float = 30.0) -> None:
-        """Hand the queued records to the producer (waits while its queue is full)."""
+        """Hand the queued records to the producer, waiting while its queue is full (the
+        learner slows down with the broker instead of piling records up)."""
         from confluent_kafka import KafkaException
 
-        with self._lock:
-            todo, self.pending = self.pending, []
+        delivery = self.delivery
         deadline = time.monotonic() + timeout
-        for i, (topic, value, key) in enumerate(todo):
-            while True:
-                try:
-                    self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
-                    break
-                except BufferError:
-                    if time.monotonic() > deadline:
-                        with self._lock:
-                            self.pending[:0] = todo[i:]
-                        raise KafkaException(
-                            f"learner: the producer's queue stayed full for {timeout:g}s "
-                            f"({len(todo) - i} records waiting); is the broker up?"
-                        ) from None
-                    self.producer.poll(0.1)
+        delivery.send()
+        while delivery.pending:
+            if time.monotonic() > deadline:
+                raise KafkaException(
+                    f"learner: the producer's queue stayed full for {timeout:g}s "
+                    f"({len(delivery.pending)} records waiting); is the broker up?"
+                )
+            self.producer.poll(0.1)
+            delivery.send()
         self.producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -125,13 +123,10 @@ class StepEmitter:
         from confluent_kafka import KafkaException
 
         self.send(timeout)
-        remaining = self.producer.flush(timeout)
-        with self._lock:
-            errors, self.errors = self.errors[:3], []
-            failed = len(self.pending)
-        if remaining or failed:
+        left, errors = self.delivery.wait(timeout)
+        if left:
             raise KafkaException(
-                f"learner: {remaining + failed} training-log/dead-letter records undelivered "
+                f"learner: {left} training-log/dead-letter records undelivered "
                 f"({errors or 'delivery timed out'}); not moving past them, retrying"
             )
 
