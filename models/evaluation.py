@@ -80,12 +80,10 @@ class BinnedROCAUC:
         self.pos = [0.0] * (n_thresholds + 1)
         self.neg = [0.0] * (n_thresholds + 1)
 
-    def update(self, y_true: Any, y_pred: Any, w: float = 1.0) -> None:
-        p_true = y_pred.get(True, 0.0) if isinstance(y_pred, dict) else y_pred
+    def update(self, y_true: Any, p_true: float, w: float = 1.0) -> None:
         (self.pos if y_true == self.pos_val else self.neg)[bisect_left(self.thresholds, p_true)] += w
 
-    def revert(self, y_true: Any, y_pred: Any, w: float = 1.0) -> None:
-        p_true = y_pred.get(True, 0.0) if isinstance(y_pred, dict) else y_pred
+    def revert(self, y_true: Any, p_true: float, w: float = 1.0) -> None:
         (self.pos if y_true == self.pos_val else self.neg)[bisect_left(self.thresholds, p_true)] -= w
 
     def get(self) -> float:
@@ -109,7 +107,8 @@ def version_of(model_version: str) -> str:
 
 
 class _Set:
-    """The metrics of one model version, overall and rolling."""
+    """The multiclass or regression metrics of one model version, overall and rolling
+    (River's metrics; binary ones are :class:`_BinarySet`)."""
 
     def __init__(self, task: Task, rolling_window: int) -> None:
         from river import metrics, utils
@@ -119,7 +118,7 @@ class _Set:
         self.rolling: dict[str, Any] = {}
         self.needs_proba: dict[str, bool] = {}
         for name, cls_name, needs_proba in _METRICS[task]:
-            cls = BinnedROCAUC if cls_name == "ROCAUC" else getattr(metrics, cls_name)
+            cls = getattr(metrics, cls_name)
             self.all[name] = cls()
             self.rolling[name] = utils.Rolling(cls, window_size=rolling_window)
             self.needs_proba[name] = needs_proba
