@@ -104,6 +104,15 @@ def _refusal(where: str, path: str, prefixes: Sequence[str]) -> str | None:
     return None
 
 
+def _refusals(component: ComponentSpec, where: str, prefixes: Sequence[str]) -> Iterator[str]:
+    """The refusals of a component and of every component nested in its parameters."""
+    tree = {"class": component.cls, "params": component.params}
+    for w, path in _components(tree, where):
+        problem = _refusal(w, path, prefixes)
+        if problem:
+            yield problem
+
+
 def check_allowed(model_spec: ModelSpec, prefixes: Sequence[str] | None = None) -> None:
     """Refuse a spec naming anything outside ``prefixes``; imports and calls nothing.
 
@@ -122,13 +131,11 @@ def check_allowed(model_spec: ModelSpec, prefixes: Sequence[str] | None = None) 
         weir.errors.ModelError: model.steps[0].class: 'subprocess.run' is not allowed: ...
     """
     prefixes = tuple(prefixes) if prefixes is not None else allowed_prefixes()
-    problems = []
-    for i, step in enumerate(model_spec.steps):
-        tree = {"class": step.cls, "params": step.params}
-        for where, path in _components(tree, f"model.steps[{i}]"):
-            problem = _refusal(where, path, prefixes)
-            if problem:
-                problems.append(problem)
+    problems = [
+        problem
+        for i, step in enumerate(model_spec.steps)
+        for problem in _refusals(step, f"model.steps[{i}]", prefixes)
+    ]
     if problems:
         raise ModelError("\n".join(problems))
 
@@ -236,11 +243,8 @@ def build_component(
     Every dotted path must be under ``prefixes`` (default :func:`allowed_prefixes`).
     """
     prefixes = tuple(prefixes) if prefixes is not None else allowed_prefixes()
-    tree = {"class": component.cls, "params": component.params}
-    for w, path in _components(tree, where):
-        problem = _refusal(w, path, prefixes)
-        if problem:
-            raise ModelError(problem)
+    for problem in _refusals(component, where, prefixes):
+        raise ModelError(problem)
     return _build(component.cls, dict(component.params), where, prefixes)
 
 
