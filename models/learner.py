@@ -253,13 +253,14 @@ class LearnerCore:
         out = StepOutput(now=now)
         labels: list[Label] = []
         sources: list[str] = []
+        invalid = 0
         for msg in messages:
             self.labels_seen += 1
             try:
                 labels.append(self._parse(msg, now))
                 sources.append(f"{msg.partition}:{msg.offset}" if msg.offset >= 0 else "")
             except InvalidMessage as exc:
-                self._count("invalid")
+                invalid += 1
                 if self.metrics is not None:
                     self.metrics.dead_letters.labels(self._pipeline, exc.reason).inc()
                 out.dead_letters.append(
@@ -274,6 +275,8 @@ class LearnerCore:
                     )
                 )
                 out.results.append(JoinResult("invalid", "", detail=str(exc)))
+        if invalid:
+            self._tally(Counter(invalid=invalid))
         if self.metrics is not None and messages:
             self.metrics.labels.labels(self._pipeline).inc(len(messages))
         if labels:
@@ -309,10 +312,12 @@ class LearnerCore:
         yield from self._apply_step(results, out)
         return out
 
-    def _count(self, outcome: str) -> None:
-        self.joins[outcome] += 1
+    def _tally(self, outcomes: Counter[str]) -> None:
+        """Count join outcomes, once per outcome and batch (not per label)."""
+        self.joins.update(outcomes)
         if self.metrics is not None:
-            self.metrics.joins.labels(self._pipeline, outcome).inc()
+            for outcome, n in outcomes.items():
+                self.metrics.joins.labels(self._pipeline, outcome).inc(n)
 
     def _apply_step(self, results: list[JoinResult], out: StepOutput) -> Step[None]:
         """Learn the examples of ``hit``/``resolved`` results, then queue their markers.
@@ -323,11 +328,7 @@ class LearnerCore:
         """
         marked: list[tuple[str, int]] = []
         learned = 0
-        outcomes: Counter[str] = Counter(res.outcome for res in results)
-        self.joins.update(outcomes)
-        if self.metrics is not None:  # once per outcome and batch, not per label
-            for outcome, n in outcomes.items():
-                self.metrics.joins.labels(self._pipeline, outcome).inc(n)
+        self._tally(Counter(res.outcome for res in results))
         out.results.extend(results)
         for res in results:
             if res.example is not None and res.outcome in ("hit", "resolved"):
