@@ -524,8 +524,7 @@ class LabelJoiner:
         raw = self._call([lab.event_id for lab in labels])
         results: list[JoinResult] = []
         seen: set[str] = set()
-        early: list[tuple[int, Label]] = []
-        label_index: dict[int, int] = {}  # position in results -> index in labels
+        early: list[tuple[int, Label, str]] = []  # (position in results, label, source)
         contains, decode = self.lineage.contains, self.served.decode
         for i, lab in enumerate(labels):
             marker, served_raw, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
@@ -541,15 +540,13 @@ class LabelJoiner:
                 results.append(JoinResult("expired", eid, detail="label came after the horizon; not learned"))
                 continue
             seen.add(eid)
-            early.append((len(results), lab))
-            label_index[len(results)] = i
+            early.append((len(results), lab, sources[i] if sources is not None else ""))
             results.append(JoinResult("early", eid, detail="event not served yet; label held"))
         if early:
             pipe = self.client.pipeline(transaction=False)
             deadline = now + self.spec.labels.horizon
             bodies: list[bytes | None] = []  # None: no source, a failed SET NX is a duplicate
-            for pos, lab in early:
-                src = sources[label_index[pos]] if sources is not None else ""
+            for _, lab, src in early:
                 body = orjson.dumps({"event_id": lab.event_id, "label": lab.label, "ts": lab.ts, "src": src})
                 bodies.append(body if src else None)
                 pipe.set(k.early(lab.event_id), body, px=self.px, nx=True)
@@ -558,7 +555,7 @@ class LabelJoiner:
             pipe.zremrangebyscore(k.early_index, "-inf", now - self.spec.labels.horizon)
             pipe.pexpire(k.early_index, 2 * self.px)
             held = pipe.execute()
-            for j, (pos, lab) in enumerate(early):
+            for j, (pos, lab, _) in enumerate(early):
                 # Not set, and what is held is another body: a second label for the event.
                 # The same body (same source message) is this label's own hold, from an
                 # earlier try of this call that timed out but was applied.
