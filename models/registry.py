@@ -3,6 +3,8 @@
 Keys, all under ``{spec.redis_prefix}:registry:``:
 
 * ``seq`` - counter behind version ids ``v1``, ``v2``...
+* ``saved:{token}`` - the version id a save with an idempotency token reserved (what
+  makes a retried :meth:`ModelRegistry.save` return the version it already stored)
 * ``versions`` - list of version ids, oldest first
 * ``meta:{id}`` / ``blob:{id}`` - a version's metadata (JSON) and pickled model;
   ``parkmeta:{id}`` / ``parkblob:{id}`` - its parked live state (:meth:`ModelRegistry.park`)
@@ -81,6 +83,16 @@ for _, s in ipairs(old) do
   redis.call('DEL', ARGV[3] .. 'snapblob:' .. s, ARGV[3] .. 'snapmeta:' .. s)
 end
 return #old
+"""
+
+# KEYS: saved:{token}, seq. The version id this save is (or is being) stored under:
+# reserved once, so a save() retried after a reply was lost stores no second version.
+_RESERVE_VERSION = """
+local vid = redis.call('GET', KEYS[1])
+if vid then return vid end
+vid = 'v' .. redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], vid)
+return vid
 """
 
 
@@ -286,6 +298,7 @@ class ModelRegistry:
         self.keep_versions = max(1, kv)
         self.prefix = f"{spec.redis_prefix}:registry:"
         self._publish_script: Any = None
+        self._reserve_script: Any = None
 
     # -- blobs -------------------------------------------------------------------
 
@@ -365,10 +378,33 @@ class ModelRegistry:
         trigger: str,
         reason: str,
         meta: dict[str, Any] | None = None,
+        token: str | None = None,
     ) -> ModelVersion:
-        """Store a new version; returns its metadata (id ``v<N>``)."""
+        """Store a new version; returns its metadata (id ``v<N>``).
+
+        Args:
+            token: an idempotency token naming this save (e.g. the retrain that made the
+                model). The id is reserved for it before anything is written, so a save
+                retried after a lost reply, or repeated after a crash, with the same token
+                returns the version already stored instead of a second copy; a crash
+                between the reservation and the write leaves the id to the next call.
+                Without a token every call stores a new version.
+
+        The version (blob, metadata, list entry) is written in one transaction.
+        """
         blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
-        vid = f"v{int(self.client.incr(self.prefix + 'seq'))}"
+        if token is None:
+            vid = f"v{int(self.client.incr(self.prefix + 'seq'))}"
+        else:
+            if self._reserve_script is None:
+                self._reserve_script = self.client.register_script(_RESERVE_VERSION)
+            raw = self._reserve_script(keys=[self._saved_key(token), self.prefix + "seq"])
+            vid = raw.decode() if isinstance(raw, bytes) else str(raw)
+        meta_key = self.prefix + f"meta:{vid}"
+        existing = self.client.get(meta_key)
+        if existing is not None:
+            log.info("save %r was already stored as %s", token, vid)
+            return self._version(dict(orjson.loads(existing)))
         signed = self._sign(blob, "version", (vid, self.spec.model.name))
         version = ModelVersion(
             id=vid,
@@ -380,19 +416,32 @@ class ModelRegistry:
             blob_sha256=signed["blob_sha256"],
             river_version=_river_version(),
             spec_hash=self.spec.spec_hash(),
-            meta=dict(meta or {}),
+            meta=dict(meta or {}, **({"save_token": token} if token is not None else {})),
         )
         record = {**dataclasses.asdict(version), **signed}
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.prefix + f"blob:{version.id}", blob)
-        pipe.set(self.prefix + f"meta:{version.id}", orjson.dumps(record, default=str))
-        pipe.rpush(self.prefix + "versions", version.id)
-        pipe.execute()
+        written: dict[str, bytes] = {}
+
+        def write(pipe: Any) -> None:
+            raced = pipe.get(meta_key)  # a concurrent save of the same model got there first
+            if raced is not None:
+                written["raced"] = raced
+                return
+            pipe.multi()
+            pipe.set(self.prefix + f"blob:{vid}", blob)
+            pipe.set(meta_key, orjson.dumps(record, default=str))
+            pipe.rpush(self.prefix + "versions", vid)
+
+        self.client.transaction(write, meta_key)
+        if "raced" in written:
+            return self._version(dict(orjson.loads(written["raced"])))
         try:
             self.prune()
-        except Exception as exc:  # the version is saved; a caller retrying save() would duplicate it
+        except Exception as exc:  # the version is saved; the next save prunes
             log.warning("saved %s but could not prune old versions (next save will): %s", version.id, exc)
         return version
+
+    def _saved_key(self, token: str) -> str:
+        return self.prefix + f"saved:{hashlib.sha256(token.encode()).hexdigest()[:32]}"
 
     def ids(self) -> list[str]:
         return [v.decode() for v in self.client.lrange(self.prefix + "versions", 0, -1)]
@@ -531,11 +580,14 @@ class ModelRegistry:
                     for vid, record in gone:
                         record["meta"] = {**(record.get("meta") or {}), "pruned_at": now}
                         pipe.set(self.prefix + f"meta:{vid}", orjson.dumps(record, default=str))
+                        token = (record.get("meta") or {}).get("save_token")
+                        saved = [self._saved_key(str(token))] if token is not None else []
                         pipe.delete(
                             self.prefix + f"blob:{vid}",
                             self.prefix + f"parkblob:{vid}",
                             self.prefix + f"parkmeta:{vid}",
                             self.prefix + f"snapseq:{vid}",
+                            *saved,
                         )
                     pipe.execute()
                     return [vid for vid, _ in gone]
@@ -549,21 +601,29 @@ class ModelRegistry:
             raise ModelError(f"alias must be one of {list(ALIASES)}, got {name!r}")
 
     def set_alias(self, alias: Alias, version_id: str | None) -> None:
-        """Point ``alias`` at a version (None removes it); the old target goes to history."""
+        """Point ``alias`` at a version (None removes it); the old target goes to history.
+
+        One transaction under WATCH of the alias: a racing move makes it start over, so
+        the history never records a target the alias did not have.
+        """
         self._check_alias(alias)
         if version_id is not None:
             self._check_not_pruned(version_id, self._record(version_id))  # unknown -> ModelError
         key = self.prefix + f"alias:{alias}"
-        old = self.client.get(key)
-        pipe = self.client.pipeline(transaction=True)
-        if old is not None and old.decode() != version_id:
-            pipe.lpush(self.prefix + f"alias_history:{alias}", old)
-            pipe.ltrim(self.prefix + f"alias_history:{alias}", 0, 99)
-        if version_id is None:
-            pipe.delete(key)
-        else:
-            pipe.set(key, version_id)
-        pipe.execute()
+        hist = self.prefix + f"alias_history:{alias}"
+
+        def move(pipe: Any) -> None:
+            old = pipe.get(key)
+            pipe.multi()
+            if old is not None and old.decode() != version_id:
+                pipe.lpush(hist, old)
+                pipe.ltrim(hist, 0, 99)
+            if version_id is None:
+                pipe.delete(key)
+            else:
+                pipe.set(key, version_id)
+
+        self.client.transaction(move, key)
 
     def alias(self, name: str) -> str | None:
         self._check_alias(name)
@@ -576,20 +636,36 @@ class ModelRegistry:
         return [v.decode() for v in self.client.lrange(self.prefix + f"alias_history:{name}", 0, -1)]
 
     def rollback(self, alias: Alias = "champion") -> str:
-        """Point ``alias`` back at its previous target; returns that version id."""
+        """Point ``alias`` back at its previous target; returns that version id.
+
+        Atomic: the history's head is popped and the alias moved in one transaction
+        under WATCH of both, and only after the target is checked, so a failure (a pruned
+        target, a lost connection) leaves alias and history as they were.
+        """
         self._check_alias(alias)
+        key = self.prefix + f"alias:{alias}"
         hist = self.prefix + f"alias_history:{alias}"
-        prev = self.client.lpop(hist)
-        if prev is None:
-            current = self.alias(alias)
-            parent = self.get(current).parent if current else None
-            if parent is None:
-                raise ModelError(f"cannot roll back {alias!r}: it has no previous version")
-            prev = parent.encode()
-        target = prev.decode() if isinstance(prev, bytes) else str(prev)
-        self._check_not_pruned(target, self._record(target))
-        self.client.set(self.prefix + f"alias:{alias}", target)
-        return target
+        chosen: dict[str, str] = {}
+
+        def back(pipe: Any) -> None:
+            prev = pipe.lindex(hist, 0)
+            if prev is None:
+                current = pipe.get(key)
+                parent = self.get(current.decode()).parent if current is not None else None
+                if parent is None:
+                    raise ModelError(f"cannot roll back {alias!r}: it has no previous version")
+                target = parent
+            else:
+                target = prev.decode()
+            self._check_not_pruned(target, self._record(target))
+            chosen["target"] = target
+            pipe.multi()
+            if prev is not None:
+                pipe.lpop(hist)
+            pipe.set(key, target)
+
+        self.client.transaction(back, key, hist)
+        return chosen["target"]
 
     # -- parked state: where a version resumes when it serves again ----------------
 

@@ -237,3 +237,42 @@ def test_checkpoint_roundtrip_and_integrity(
     redis_client.set(registry.prefix + "checkpoint:monitor", pickle.dumps(_Boom()))
     with pytest.raises(IntegrityError, match=r"checkpoint monitor: blob sha256 mismatch"):
         registry.load_checkpoint("monitor")
+
+
+def test_save_with_a_token_is_stored_once_however_often_it_is_retried(
+    redis_client: Any, registry: ModelRegistry, spec: PipelineSpec
+) -> None:
+    m = _trained(spec)
+    first = registry.save(m, parent=None, trigger="drift", reason="r", token="retrain-7")
+    again = registry.save(m, parent=None, trigger="drift", reason="r (retried)", token="retrain-7")
+    assert again.id == first.id and again.reason == "r"
+    assert registry.ids() == [first.id]
+    # A crash after the id was reserved but before the write: the retry completes it.
+    registry._reserve_script(keys=[registry._saved_key("retrain-8"), registry.prefix + "seq"])
+    assert registry.ids() == [first.id]
+    late = registry.save(m, parent=first.id, trigger="drift", reason="r", token="retrain-8")
+    assert registry.ids() == [first.id, late.id]
+    assert registry.load(late.id)[1].meta["save_token"] == "retrain-8"
+    # Another token, or none, is another version.
+    other = registry.save(m, parent=None, trigger="drift", reason="r", token="retrain-9")
+    plain = registry.save(m, parent=None, trigger="drift", reason="r")
+    assert len({first.id, late.id, other.id, plain.id}) == 4
+
+
+def test_rollback_to_a_pruned_version_changes_nothing(redis_client: Any, spec: PipelineSpec) -> None:
+    registry = ModelRegistry(redis_client, spec, key=b"k1", keep_versions=1)
+    m = _trained(spec)
+    for parent in (None, "v1", "v2"):
+        v = registry.save(m, parent=parent, trigger="t", reason="r")
+        registry.set_alias("champion", v.id)
+    # Champion v3, history v2, v1: v1 is neither kept nor protected any more.
+    registry.save(m, parent="v3", trigger="t", reason="r")
+    assert registry.get("v1").meta.get("pruned_at") is not None
+    assert registry.rollback() == "v2"  # the predecessor is protected
+    history = registry.alias_history("champion")
+    assert history[0] == "v1"
+    with pytest.raises(ModelError, match="was pruned"):
+        registry.rollback()
+    # The failed rollback left the alias and its history as they were.
+    assert registry.alias("champion") == "v2"
+    assert registry.alias_history("champion") == history
