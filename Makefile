@@ -11,7 +11,8 @@ RATE ?= 500
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench soak clean
+.PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench soak clean \
+	up-cluster down-cluster test-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -30,11 +31,22 @@ install: deps $(STAMP) ## virtualenv with pinned Python packages, plus deps
 up: install ## start Kafka, Redis and Prometheus on 127.0.0.1 (idempotent)
 	$(PY) deploy/local/stack.py up
 
-down: ## stop the local stack; leaves no process behind
-	@if [ -x $(PY) ]; then $(PY) deploy/local/stack.py down; else python3 deploy/local/stack.py down; fi
+down: ## stop the local stack and the local cluster; leaves no process behind
+	@py=$(PY); [ -x $$py ] || py=python3; status=0; \
+	$$py deploy/local/stack.py down || status=$$?; $$py deploy/local/cluster.py down || status=$$?; exit $$status
 
-status: ## health of each server
-	$(PY) deploy/local/stack.py status
+status: ## health of each server (and of the local cluster when it runs)
+	@status=0; $(PY) deploy/local/stack.py status || status=$$?; \
+	$(PY) deploy/local/cluster.py status --optional || status=$$?; exit $$status
+
+up-cluster: install ## 3 KRaft brokers (19092-19094) and a Redis Cluster 3+3 (7000-7005) (idempotent)
+	$(PY) deploy/local/cluster.py up
+
+down-cluster: ## stop the local cluster only
+	$(PY) deploy/local/cluster.py down
+
+test-cluster: install ## tests against the local cluster (tests/cluster; starts it, stops what it started)
+	$(PYTEST) -q -p no:cacheprovider tests/cluster --durations=0
 
 logs: ## tail the servers' logs
 	$(PY) deploy/local/stack.py logs
