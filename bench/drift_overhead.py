@@ -84,9 +84,9 @@ async def run_pipeline(
     from models.factory import build_model
     from models.join import ServedStore
     from models.learner import LabelMessage, LearnerCore
-    from streams.contracts import encode_dead_letter, encode_prediction
     from streams.live import LiveModel
     from streams.scoring import RawMessage, Scorer
+    from weir.contracts import encode_dead_letter, encode_prediction
     from weir.metrics import LearnerMetrics, WorkerMetrics
 
     client = settings.redis()
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import river
 
     from models.factory import coerce_label
-    from streams.contracts import encode_prediction, parse_label
+    from weir.contracts import encode_prediction, parse_label
     from weir.settings import load_settings
     from weir.spec import load_spec
 

@@ -315,7 +315,7 @@ def ceiling(spec: PipelineSpec, recs: Sequence[Record], delay_events: int) -> di
     from features.base import to_model_input
     from features.offline import compute_offline
     from models.factory import build_model, coerce_label, learn, predict
-    from streams.contracts import encode_prediction, parse_event, parse_label
+    from weir.contracts import encode_prediction, parse_event, parse_label
     from weir.types import Prediction
 
     model = build_model(spec.model)

@@ -22,12 +22,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from weir.contracts import DriftKind, DriftRecord
 from weir.errors import WeirError
 
 if TYPE_CHECKING:
     from weir.spec import PipelineSpec
 
-DriftKind = Literal["feature", "prediction", "performance", "decision"]
 Method = Literal["psi", "ks", "js"]
 
 #: Added to every bin's share so an empty bin gives a finite PSI (log of 0 otherwise).
@@ -39,71 +39,6 @@ MISSING = "__missing__"
 
 class DriftError(WeirError):
     """A drift statistic was configured or fed wrongly."""
-
-
-# --------------------------------------------------------------------------------------
-# The record: the drift topic's contract
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class DriftRecord:
-    """One check of one statistic (or one retrain/promotion/rollback decision).
-
-    The JSON form (:meth:`to_dict`) is the drift topic's message; its keys are
-    ``time`` (epoch seconds of the check), ``pipeline``, ``model_version`` (the
-    champion when checked, or null), ``kind`` (feature|prediction|performance|decision),
-    ``name`` (feature name, ``prediction``, ``loss`` or the decision's name),
-    ``statistic`` (psi, ks, js, adwin, page_hinkley, or the decision's trigger),
-    ``value``, ``threshold``, ``drifted`` and an optional ``detail`` mapping.
-    """
-
-    time: float
-    pipeline: str
-    model_version: str | None
-    kind: DriftKind
-    name: str
-    statistic: str
-    value: float
-    threshold: float
-    drifted: bool
-    detail: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "time": self.time,
-            "pipeline": self.pipeline,
-            "model_version": self.model_version,
-            "kind": self.kind,
-            "name": self.name,
-            "statistic": self.statistic,
-            "value": _finite(self.value),
-            "threshold": self.threshold,
-            "drifted": self.drifted,
-        }
-        if self.detail is not None:
-            out["detail"] = self.detail
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DriftRecord:
-        return cls(
-            time=float(d["time"]),
-            pipeline=str(d["pipeline"]),
-            model_version=d.get("model_version"),
-            kind=d["kind"],
-            name=str(d["name"]),
-            statistic=str(d["statistic"]),
-            value=float(d["value"]) if d["value"] is not None else math.nan,
-            threshold=float(d["threshold"]),
-            drifted=bool(d["drifted"]),
-            detail=d.get("detail"),
-        )
-
-
-def _finite(v: float) -> float | None:
-    # JSON has no NaN/inf: an undefined value goes out as null.
-    return v if math.isfinite(v) else None
 
 
 # --------------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ from typing import Any, Literal
 
 import orjson
 
+from weir.contracts import Example, prediction_from_dict
 from weir.spec import PipelineSpec
-from weir.types import DeadLetter, FeatureVector, Label, LabelValue, Prediction
+from weir.types import DeadLetter, Label, Prediction
 
 Outcome = Literal["hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown"]
 OUTCOMES: tuple[str, ...] = (
@@ -95,20 +96,6 @@ class Keys:
 
     def learned(self, event_id: str) -> str:
         return f"{self.prefix}:learned:{event_id}"
-
-
-def prediction_from_dict(d: dict[str, Any]) -> Prediction:
-    return Prediction(
-        event_id=str(d["event_id"]),
-        entity_id=str(d["entity_id"]),
-        ts=float(d["ts"]),
-        model=str(d.get("model", "")),
-        model_version=str(d.get("model_version", "")),
-        prediction=d.get("prediction"),
-        proba=d.get("proba"),
-        features=dict(d.get("features") or {}),
-        scored_at=float(d.get("scored_at", 0.0)),
-    )
 
 
 #: The served records of a batch, one command instead of one ``SET`` per prediction (the
@@ -238,39 +225,6 @@ class ServedStore:
             return []
         raws = client.mget([self.keys.served(e) for e in event_ids])
         return [None if r is None else self.decode(e, r) for e, r in zip(event_ids, raws, strict=True)]
-
-
-@dataclass(slots=True)
-class Example:
-    """A joined training example: the served features and prediction, and the label."""
-
-    event_id: str
-    entity_id: str
-    event_ts: float
-    label_ts: float
-    features: FeatureVector
-    label: LabelValue
-    prediction: LabelValue | None
-    proba: dict[str, float] | None
-    model_version: str
-
-    def to_record(self) -> dict[str, Any]:
-        """The training-log record (JSON on the training_log topic)."""
-        return {
-            "event_id": self.event_id,
-            "entity_id": self.entity_id,
-            "ts": self.event_ts,  # the event's time: what retraining windows and sorts on
-            "label_ts": self.label_ts,
-            "features": self.features,
-            "label": self.label,
-            "prediction": self.prediction,
-            "proba": self.proba,
-            "model_version": self.model_version,
-        }
-
-    @property
-    def delay(self) -> float:
-        return self.label_ts - self.event_ts
 
 
 @dataclass(slots=True)
@@ -652,7 +606,7 @@ def dead_letter(
     value: bytes | None,
     key: bytes | None = None,
 ) -> bytes:
-    """A dead-letter record (the contract of :func:`streams.contracts.encode_dead_letter`)."""
-    from streams.contracts import encode_dead_letter
+    """A dead-letter record (the contract of :func:`weir.contracts.encode_dead_letter`)."""
+    from weir.contracts import encode_dead_letter
 
     return encode_dead_letter(DeadLetter(reason, detail, topic, partition, offset, value, key, time.time()))

@@ -2,7 +2,7 @@
 
 :class:`LearnerCore` is the only writer of its model. Per batch of label messages it
 
-1. parses and validates each label (``streams.contracts.parse_label`` then the task's label
+1. parses and validates each label (``weir.contracts.parse_label`` then the task's label
    type via :func:`models.factory.coerce_label`); a bad one becomes a dead letter;
 2. joins the labels with the served records (:class:`models.join.LabelJoiner`);
 3. for each joined example, first scores the prediction that was *served* for the event
@@ -227,7 +227,7 @@ class LearnerCore:
     # -- per batch ---------------------------------------------------------------
 
     def _parse(self, msg: LabelMessage, now: float) -> Label:
-        from streams.contracts import parse_label
+        from weir.contracts import parse_label
 
         lab = parse_label(msg.value, self.spec, now=now)
         lab.label = coerce_label(lab.label, self.spec)

@@ -22,12 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from models.evaluation import OnlineEvaluator
 from models.factory import build_model, model_input, predict
 from models.join import ServedStore
 from models.learner import LabelMessage, LearnerCore
+from weir.contracts import encode_label
 from weir.spec import PipelineSpec
 from weir.types import Prediction
 
@@ -122,7 +121,7 @@ def replay(
             )
         )
         events += 1
-        body = orjson.dumps({"event_id": f"r{i}", "label": _json_label(y), "ts": ts + delay})
+        body = encode_label(f"r{i}", _json_label(y), ts + delay)
         heapq.heappush(due, (ts + delay, i, body))
     flush_events(start + len(rows) * step)
     while due:

@@ -3,7 +3,7 @@
 :class:`RetrainPolicy` turns triggers (performance drift, feature drift on enough
 features, a schedule, a manual request) into decisions, held back by a cooldown
 and a minimum of fresh labels. Every decision, taken or not, is a ``decision``
-:class:`~models.drift.DriftRecord` with its reason.
+:class:`~weir.contracts.DriftRecord` with its reason.
 
 :func:`fit_challenger` fits a fresh model of the spec on the training-log window
 (the last ``window_labels`` joined examples, not before the drift point), scores it
@@ -18,12 +18,12 @@ import copy
 import hashlib
 import math
 import time as _time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from models.drift import DriftRecord
 from models.shadow import Score, improvement
+from weir.contracts import DriftRecord
 from weir.errors import ModelError
 
 if TYPE_CHECKING:
@@ -195,9 +195,10 @@ class RetrainPolicy:
 # --------------------------------------------------------------------------------------
 
 
-def train_log_frame(records: Iterable[dict[str, Any]], features: list[str] | None = None) -> pd.DataFrame:
-    """Training-log JSON records -> a frame: event_id, ts, label, prediction,
-    model_version and one column per feature (missing features are NaN/None).
+def train_log_frame(records: Iterable[Mapping[str, Any]], features: list[str] | None = None) -> pd.DataFrame:
+    """Training-log records (:class:`~weir.contracts.TrainingRecord`) -> a frame: event_id,
+    ts, label, prediction, model_version and one column per feature (missing features are
+    NaN/None).
 
     ``features`` fixes the feature columns (default: every feature seen, sorted).
     The feature names are kept in ``frame.attrs["features"]``.

@@ -23,7 +23,8 @@ import time as _time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.drift import DriftRecord, same_label
+from models.drift import same_label
+from weir.contracts import DriftRecord
 
 Task = Literal["binary", "multiclass", "regression"]
 

@@ -31,13 +31,13 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from models.drift import DriftRecord, DriftSuite, loss
+from models.drift import DriftSuite, loss
 from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
 from models.shadow import RollbackGuard, ShadowGate, Verdict
 from streams.recovery import (
@@ -47,6 +47,14 @@ from streams.recovery import (
     Position,
     RetryingRegistry,
     restore,
+)
+from weir.contracts import (
+    DriftRecord,
+    control_message,
+    encode_drift_record,
+    encode_retrain_request,
+    json_object,
+    training_record,
 )
 from weir.errors import StackError
 from weir.resilience import Backoff, DependencyHealth, retry_sync
@@ -112,7 +120,9 @@ class Monitor:
         self.suite = DriftSuite(spec)
         self.policy = RetrainPolicy(spec.retrain, spec.name, started=clock())
         # Joined examples a challenger may be fitted on: at most window_labels are used.
-        self.buffer: collections.deque[dict[str, Any]] = collections.deque(maxlen=spec.retrain.window_labels)
+        self.buffer: collections.deque[Mapping[str, Any]] = collections.deque(
+            maxlen=spec.retrain.window_labels
+        )
         # Their training-log positions (None when fed without one): what a restart reads back.
         self.positions: collections.deque[Position | None] = collections.deque(
             maxlen=spec.retrain.window_labels
@@ -148,8 +158,9 @@ class Monitor:
         self.predictions_seen += len(msgs)
         self._count(len(msgs))
 
-    def on_example(self, msg: dict[str, Any], pos: Position | None = None) -> None:
-        """One training-log record: event_id, ts, features, label, prediction, model_version.
+    def on_example(self, msg: Mapping[str, Any], pos: Position | None = None) -> None:
+        """One training-log record (:class:`~weir.contracts.TrainingRecord`): event_id, ts,
+        features, label, prediction, model_version.
 
         ``pos`` is its (partition, offset) in the training-log topic, kept beside the
         buffered record so that a restart can read the buffer back.
@@ -228,7 +239,7 @@ class Monitor:
         version = version_of(model_version)
         return version is None or self.champion_id is None or version == self.champion_id
 
-    def on_control(self, msg: dict[str, Any]) -> None:
+    def on_control(self, msg: Mapping[str, Any]) -> None:
         if msg.get("command") == "retrain":
             reason = str(msg.get("reason") or "requested")
             log.info("manual retrain requested: %s", reason)
@@ -460,7 +471,7 @@ class Monitor:
             "rollbacks": list(self.rollbacks),
         }
 
-    def restore(self, state: dict[str, Any], records: dict[Position, dict[str, Any]]) -> int:
+    def restore(self, state: dict[str, Any], records: Mapping[Position, Mapping[str, Any]]) -> int:
         """Take up a :meth:`state`; ``records`` are the buffered examples read back by
         position. Returns how many buffered examples could not be read back."""
         self.champion_id = state["champion_id"]
@@ -590,22 +601,22 @@ class Intake:
             self.replayed += 1
             return False
         try:
-            obj = orjson.loads(value or b"null")
+            obj = json_object(value)
         except orjson.JSONDecodeError:
             log.warning("skipping non-JSON message on %s @%s", topic, offset)
             obj = None
         t = self.monitor.spec.topics
         if topic == t.predictions:
-            if isinstance(obj, dict):
+            if obj is not None:
                 self._predictions.append(obj)  # fed as one vectorised batch
             self._pending[(topic, partition)] = offset
             return True
         self.flush()  # keep the order across topics
-        if isinstance(obj, dict):
+        if obj is not None:
             if topic == t.training_log:
-                self.monitor.on_example(obj, (partition, offset))
+                self.monitor.on_example(training_record(obj), (partition, offset))
             elif topic == t.model_control:
-                self.monitor.on_control(obj)
+                self.monitor.on_control(control_message(obj))
         self._mark(topic, partition, offset)
         return True
 
@@ -704,12 +715,7 @@ def run_monitor(
     def publish(rec: DriftRecord) -> None:
         while True:
             try:
-                producer.produce(
-                    spec.topics.drift,
-                    orjson.dumps(rec.to_dict()),
-                    f"{rec.kind}:{rec.name}".encode(),
-                    on_delivery=delivered,
-                )
+                producer.produce(spec.topics.drift, encode_drift_record(rec), rec.key, on_delivery=delivered)
                 break
             except BufferError:  # the local queue is full while Kafka is away: wait
                 health.failed("kafka")
@@ -873,7 +879,7 @@ def request_retrain(spec: PipelineSpec, settings: Settings, reason: str) -> None
     errors: list[str] = []
     producer.produce(
         spec.topics.model_control,
-        orjson.dumps({"command": "retrain", "reason": reason, "requested_at": time.time()}),
+        encode_retrain_request(reason, time.time()),
         b"retrain",
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from weir.contracts import encode_event, encode_label
 from weir.errors import WeirError
 from weir.settings import Settings
 from weir.spec import PipelineSpec
+from weir.types import Event
 
 log = logging.getLogger("weir.produce")
 
@@ -304,15 +304,13 @@ def build_messages(
         else:
             ts = time.time()
         data, unfilled = _coerce(spec, x)
-        ev = {"event_id": event_id, spec.entity_field: entity, "ts": ts, "data": data}
-        event_msg = Message(t.events, entity.encode(), orjson.dumps(ev), unfilled=tuple(unfilled))
+        body = encode_event(Event(event_id, entity, ts, data), spec.entity_field)
+        event_msg = Message(t.events, entity.encode(), body, unfilled=tuple(unfilled))
         event_ts = float(ts) if isinstance(ts, int | float) else 0.0
         label_msg = None
         if y is not None:
-            lab: dict[str, Any] = {"event_id": event_id, "label": _plain(y)}
-            if label_delay is not None:
-                lab["ts"] = (event_ts or time.time()) + label_delay
-            label_msg = Message(t.labels, event_id.encode(), orjson.dumps(lab))
+            label_ts = (event_ts or time.time()) + label_delay if label_delay is not None else None
+            label_msg = Message(t.labels, event_id.encode(), encode_label(event_id, _plain(y), label_ts))
         yield event_msg, label_msg, event_ts
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from weir.contracts import TrainingRecord, decode_training_record
 from weir.errors import ModelError, ModelKeyError, StackError
 from weir.resilience import Backoff, DependencyHealth, retry_sync
 
@@ -103,7 +104,7 @@ Offsets = dict[str, dict[int, int]]
 
 def read_back(
     settings: Settings, spec: PipelineSpec, positions: list[Position], timeout: float = 30.0
-) -> dict[Position, dict[str, Any]]:
+) -> dict[Position, TrainingRecord]:
     """The training-log records at ``positions`` (the checkpointed buffer), by position.
 
     Records the topic's retention deleted are missing from the result. Raises StackError
@@ -129,7 +130,7 @@ def read_back(
             "enable.partition.eof": True,
         }
     )
-    out: dict[Position, dict[str, Any]] = {}
+    out: dict[Position, TrainingRecord] = {}
     done: set[int] = set()
     try:
         consumer.assign([TopicPartition(topic, p, o) for p, o in first.items()])
@@ -147,11 +148,11 @@ def read_back(
                     continue
                 if (p, o) in wanted:
                     try:
-                        obj = orjson.loads(msg.value() or b"null")
+                        rec = decode_training_record(msg.value())
                     except orjson.JSONDecodeError:
                         continue
-                    if isinstance(obj, dict):
-                        out[(p, o)] = obj
+                    if rec is not None:
+                        out[(p, o)] = rec
                 if o >= last[p]:
                     done.add(p)
     finally:

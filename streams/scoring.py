@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from features.base import FeatureResult, to_model_input
-from streams.contracts import parse_event
+from weir.contracts import parse_event
 from weir.errors import InvalidMessage
 from weir.metrics import WorkerMetrics, version_label
 from weir.resilience import Backoff, DependencyHealth, retry_async

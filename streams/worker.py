@@ -65,9 +65,9 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Literal
 
-from streams.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from streams.delivery import Delivery
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
+from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
 from weir.resilience import Backoff, DependencyHealth, dependency_of, is_transient, retry_async

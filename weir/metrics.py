@@ -102,7 +102,7 @@ BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 # Label values known before anything happens (see init_series).
-#: Dead-letter reasons of the events topic (streams/contracts.py parse_event, and
+#: Dead-letter reasons of the events topic (weir/contracts.py parse_event, and
 #: ``late`` and ``model_error`` (a poison event: scoring it raised) from streams/scoring.py).
 EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "not_json",
@@ -117,7 +117,7 @@ EVENT_DEAD_LETTER_REASONS: tuple[str, ...] = (
     "late",
     "model_error",
 )
-#: Dead-letter reasons of the labels topic (streams/contracts.py parse_label, then
+#: Dead-letter reasons of the labels topic (weir/contracts.py parse_label, then
 #: models/factory.py coerce_label): the message faults events have too, and the label's own.
 LABEL_DEAD_LETTER_REASONS: tuple[str, ...] = (
     *(r for r in EVENT_DEAD_LETTER_REASONS if r != "late"),

@@ -1,7 +1,7 @@
 """The domain types, named once and used everywhere.
 
 These are the in-process shapes; the wire contracts (JSON on Kafka) are in
-:mod:`streams.contracts` and documented in the README.
+:mod:`weir.contracts` and documented in the README.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class DeadLetter:
     """A message that broke its contract, with why and where it came from.
 
     ``value`` and ``key`` are the whole original; the wire record
-    (:func:`streams.contracts.encode_dead_letter`) copies a capped part of them, with the
+    (:func:`weir.contracts.encode_dead_letter`) copies a capped part of them, with the
     original's size and sha256.
     """
 

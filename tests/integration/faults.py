@@ -42,9 +42,9 @@ import orjson
 import yaml
 
 from streams import admin
-from streams.contracts import decode_dead_letter
 from tests.integration.private_redis import PrivateRedis, stack_module, terminate
 from tests.integration.processes import WeirProcess, free_port
+from weir.contracts import decode_dead_letter
 from weir.settings import Settings
 from weir.spec import PipelineSpec
 

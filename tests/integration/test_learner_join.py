@@ -13,7 +13,7 @@ from models.factory import build_model, predict
 from models.join import Keys, ServedStore
 from models.learner import LabelMessage, LearnerCore, run_step, status_key
 from models.registry import ModelRegistry
-from streams.contracts import decode_dead_letter
+from weir.contracts import decode_dead_letter
 from weir.errors import IntegrityError
 from weir.metrics import LearnerMetrics
 from weir.spec import PipelineSpec

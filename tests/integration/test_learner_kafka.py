@@ -20,8 +20,8 @@ from confluent_kafka import Producer
 from models.factory import build_model, predict
 from models.join import ServedStore
 from models.registry import ModelRegistry, registry_key
-from streams.contracts import decode_dead_letter
 from streams.learner import run_learner
+from weir.contracts import decode_dead_letter
 from weir.spec import PipelineSpec
 from weir.types import Prediction
 

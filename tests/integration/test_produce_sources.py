@@ -29,10 +29,10 @@ import pytest
 import yaml
 
 from streams.admin import delete_keys, delete_topics
-from streams.contracts import decode_dead_letter
 from streams.produce import FieldMismatch, produce
 from tests.integration.conftest import TopicFactory
 from tests.integration.processes import REPO, Worker
+from weir.contracts import decode_dead_letter
 from weir.settings import Settings
 from weir.spec import PipelineSpec, parse_spec
 

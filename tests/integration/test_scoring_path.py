@@ -24,8 +24,8 @@ import pytest
 from confluent_kafka import Producer
 
 from features.offline import compute_offline, isclose
-from streams.contracts import decode_dead_letter
 from tests.integration.processes import REPO, Worker
+from weir.contracts import decode_dead_letter
 from weir.spec import PipelineSpec, load_spec
 
 

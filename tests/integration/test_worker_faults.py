@@ -35,10 +35,10 @@ from river import linear_model
 
 from models.factory import build_model
 from models.registry import ModelRegistry
-from streams.contracts import decode_dead_letter
 from tests.integration.conftest import wait_for
 from tests.integration.private_redis import PrivateRedis
 from tests.integration.processes import Worker, assigned_members, free_port, metric
+from weir.contracts import decode_dead_letter
 from weir.spec import PipelineSpec, parse_spec
 
 POISON = 666.0
@@ -422,7 +422,7 @@ def test_rerunning_a_partly_applied_feature_batch_serves_what_one_run_serves(
     import asyncio
 
     from features.online import RedisFeatureStore
-    from streams.contracts import parse_event
+    from weir.contracts import parse_event
 
     def spec_named(name: str) -> PipelineSpec:
         return parse_spec(

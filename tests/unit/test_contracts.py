@@ -7,7 +7,7 @@ import math
 import orjson
 import pytest
 
-from streams.contracts import (
+from weir.contracts import (
     DEAD_LETTER_MAX_BYTES,
     DEAD_LETTER_MAX_KEY_BYTES,
     DEAD_LETTER_MAX_TEXT_CHARS,
@@ -177,7 +177,7 @@ def test_label_dead_letters_use_the_same_capped_record() -> None:
 @pytest.mark.parametrize("opener", [b"[", b'{"a":'])
 def test_deeply_nested_json_is_not_json_not_a_crash(opener: bytes) -> None:
     """Nesting past orjson's limit once crashed the score agent with RecursionError."""
-    from streams.contracts import _loads
+    from weir.contracts import _loads
 
     closer = b"]" if opener == b"[" else b"}"
     raw = opener * 20_000 + b"1" + closer * 20_000

@@ -159,7 +159,7 @@ def test_an_undelivered_flush_raises_a_transient_error_and_keeps_the_records() -
 def test_a_label_whose_learning_raises_is_dead_lettered_and_the_rest_learned() -> None:
     from river.linear_model import LogisticRegression
 
-    from streams.contracts import decode_dead_letter
+    from weir.contracts import decode_dead_letter
 
     class Poisoned(LogisticRegression):  # type: ignore[misc]
         def learn_one(self, x: Any, y: Any, w: float = 1.0) -> None:  # type: ignore[override]

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from streams.contracts import parse_event
 from streams.produce import (
     CHECK_ROWS,
     FieldMismatch,
@@ -20,6 +19,7 @@ from streams.produce import (
     open_source,
     produce,
 )
+from weir.contracts import parse_event
 from weir.errors import WeirError
 from weir.settings import load_settings
 from weir.spec import load_spec, parse_spec

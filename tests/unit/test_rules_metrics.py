@@ -155,7 +155,7 @@ def test_known_label_values_match_the_code_that_produces_them() -> None:
         "streams/monitor.py", r'retrains\.labels\([^()]*"(\w+)"\)'
     )
     assert emitted == set(RETRAIN_OUTCOMES)
-    raised = _strings("streams/contracts.py", r'InvalidMessage\(\s*"(\w+)"')
+    raised = _strings("weir/contracts.py", r'InvalidMessage\(\s*"(\w+)"')
     raised |= _strings("models/factory.py", r'InvalidMessage\(\s*"(\w+)"')
     raised |= _strings("streams/scoring.py", r'(?:DeadLetter|dead_letter)\(\s*"(\w+)"')
     label_only = {"label_type", "label_class"}

@@ -1,19 +1,31 @@
-"""Wire contracts: the JSON messages on Weir's topics, parsed and validated.
+"""Wire contracts: every record on Weir's topics, with its typed encode and decode.
 
-Producers and consumers outside Weir rely on these shapes (documented in the
-README). Parsing is pure: a bad message raises :class:`~weir.errors.InvalidMessage`
-whose ``reason`` is a short code (a metric label and the dead letter's ``reason``)
-and whose text names the field, the bad value and the fix.
+This is the public API documented in the README: producers and consumers outside Weir
+rely on these shapes. It is the bottom layer (it imports only ``weir.*``), so the data
+plane (``streams/``) and the model side (``models/``) read and write one definition.
 
-Event, key = entity id::
+Parsing an input is pure: a bad message raises :class:`~weir.errors.InvalidMessage`
+whose ``reason`` is a short code (a metric label and the dead letter's ``reason``) and
+whose text names the field, the bad value and the fix.
+
+Event (events topic, key = entity id; :func:`parse_event`, :func:`encode_event`)::
 
     {"event_id": str, "entity_id": str, "ts": epoch seconds | ISO-8601, "data": {field: value}}
 
-Label::
+The entity id is under the spec's ``entity_field`` (``entity_id`` by default).
+
+Label (labels topic, key = event id; :func:`parse_label`, :func:`encode_label`)::
 
     {"event_id": str, "label": bool | int | float | str, "ts": epoch seconds | ISO-8601}
 
-Dead letter, key = the original key (capped)::
+Prediction (predictions topic; :func:`encode_prediction`, :func:`decode_prediction`)::
+
+    {"event_id": str, "entity_id": str, "ts": float, "model": str, "model_version": str,
+     "prediction": label | null, "proba": {class: float} | null, "features": {name: value},
+     "scored_at": float}
+
+Dead letter (dead-letter topic, key = the original key, capped;
+:func:`encode_dead_letter`, :func:`decode_dead_letter`)::
 
     {"reason": str, "detail": str, "topic": str, "partition": int, "offset": int,
      "key_b64": str | null, "value_b64": str | null, "value_text": str | null,
@@ -21,6 +33,21 @@ Dead letter, key = the original key (capped)::
 
 A dead letter always fits its topic: at most :data:`DEAD_LETTER_MAX_VALUE_BYTES` of the
 original are copied; its sha256, size and topic/partition/offset find the rest.
+
+Training log (training-log topic, one joined example; :class:`Example`,
+:func:`encode_training_record`, :func:`decode_training_record`)::
+
+    {"event_id": str, "entity_id": str, "ts": event time, "label_ts": float,
+     "features": {name: value}, "label": label, "prediction": label | null,
+     "proba": {class: float} | null, "model_version": str}
+
+Drift record (drift topic, key = ``kind:name``; :class:`DriftRecord`,
+:func:`encode_drift_record`, :func:`decode_drift_record`): see :class:`DriftRecord`.
+
+Model control (model-control topic, key = the command; :func:`encode_retrain_request`,
+:func:`decode_control`)::
+
+    {"command": "retrain", "reason": str, "requested_at": float}
 """
 
 from __future__ import annotations
@@ -30,14 +57,15 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 import orjson
 
 from weir.errors import InvalidMessage
 from weir.spec import PipelineSpec
-from weir.types import DeadLetter, Event, Label, Prediction, Value
+from weir.types import DeadLetter, Event, FeatureVector, Label, LabelValue, Prediction, Value
 
 MAX_ID_LEN = 256
 # Epoch seconds above this are almost surely milliseconds (year 5138 otherwise).
@@ -231,20 +259,286 @@ def parse_label(raw: bytes | None, spec: PipelineSpec, now: float | None = None)
     return Label(event_id=event_id, label=y, ts=ts)
 
 
-def encode_event(event: Event) -> bytes:
-    """The wire form of an event (used by ``weir produce`` and tests)."""
+def encode_event(event: Event, entity_field: str = "entity_id") -> bytes:
+    """The wire form of an event, its entity id under ``entity_field`` (the spec's).
+
+    ``ts`` is written as given: epoch seconds, or an ISO-8601 string a source carried.
+
+    Examples:
+        >>> encode_event(Event("e1", "c7", 1.5, {"x": 2.0}), entity_field="customer")
+        b'{"event_id":"e1","customer":"c7","ts":1.5,"data":{"x":2.0}}'
+    """
     return orjson.dumps(
         {
             "event_id": event.event_id,
-            "entity_id": event.entity_id,
+            entity_field: event.entity_id,
             "ts": event.ts,
             "data": event.data,
         }
     )
 
 
+def encode_label(event_id: str, label: LabelValue, ts: float | None = None) -> bytes:
+    """The wire form of a label; without ``ts`` the reader stamps its arrival time.
+
+    Examples:
+        >>> encode_label("e1", True, 12.0)
+        b'{"event_id":"e1","label":true,"ts":12.0}'
+        >>> encode_label("e1", 3)
+        b'{"event_id":"e1","label":3}'
+    """
+    body: dict[str, Any] = {"event_id": event_id, "label": label}
+    if ts is not None:
+        body["ts"] = ts
+    return orjson.dumps(body)
+
+
 def encode_prediction(pred: Prediction) -> bytes:
+    """The predictions topic's record (:meth:`weir.types.Prediction.to_dict`)."""
     return orjson.dumps(pred.to_dict())
+
+
+def prediction_from_dict(d: dict[str, Any]) -> Prediction:
+    """A :class:`~weir.types.Prediction` from its JSON object (``model``,
+    ``model_version``, ``proba``, ``features`` and ``scored_at`` may be absent)."""
+    return Prediction(
+        event_id=str(d["event_id"]),
+        entity_id=str(d["entity_id"]),
+        ts=float(d["ts"]),
+        model=str(d.get("model", "")),
+        model_version=str(d.get("model_version", "")),
+        prediction=d.get("prediction"),
+        proba=d.get("proba"),
+        features=dict(d.get("features") or {}),
+        scored_at=float(d.get("scored_at", 0.0)),
+    )
+
+
+def decode_prediction(raw: bytes) -> Prediction:
+    """A predictions-topic record as a :class:`~weir.types.Prediction`.
+
+    Examples:
+        >>> p = Prediction("e1", "c7", 1.0, "m", "v1", True, {"True": 0.9}, {"x": 2.0}, 1.5)
+        >>> decode_prediction(encode_prediction(p)) == p
+        True
+    """
+    return prediction_from_dict(orjson.loads(raw))
+
+
+def json_object(raw: bytes | None) -> dict[str, Any] | None:
+    """A record's JSON object, or None if it is JSON but not an object (an empty value
+    is ``null``). Raises ``orjson.JSONDecodeError`` if it is not JSON.
+
+    The monitor reads the records it consumes with this: it skips what is not an object.
+    """
+    obj = orjson.loads(raw or b"null")
+    return obj if isinstance(obj, dict) else None
+
+
+# --------------------------------------------------------------------------------------
+# Training log: the joined examples the learner publishes
+# --------------------------------------------------------------------------------------
+
+
+class TrainingRecord(TypedDict, total=False):
+    """A training-log record as read back (the monitor and retrain read it leniently:
+    a key may be absent)."""
+
+    event_id: str
+    entity_id: str
+    ts: float
+    label_ts: float
+    features: FeatureVector
+    label: LabelValue
+    prediction: LabelValue | None
+    proba: dict[str, float] | None
+    model_version: str
+
+
+@dataclass(slots=True)
+class Example:
+    """A joined training example: the served features and prediction, and the label."""
+
+    event_id: str
+    entity_id: str
+    event_ts: float
+    label_ts: float
+    features: FeatureVector
+    label: LabelValue
+    prediction: LabelValue | None
+    proba: dict[str, float] | None
+    model_version: str
+
+    def to_record(self) -> dict[str, Any]:
+        """The training-log record (JSON on the training_log topic)."""
+        return {
+            "event_id": self.event_id,
+            "entity_id": self.entity_id,
+            "ts": self.event_ts,  # the event's time: what retraining windows and sorts on
+            "label_ts": self.label_ts,
+            "features": self.features,
+            "label": self.label,
+            "prediction": self.prediction,
+            "proba": self.proba,
+            "model_version": self.model_version,
+        }
+
+    @property
+    def delay(self) -> float:
+        return self.label_ts - self.event_ts
+
+
+def encode_training_record(example: Example) -> bytes:
+    """The training-log topic's record of a joined example."""
+    return orjson.dumps(example.to_record())
+
+
+def training_record(obj: dict[str, Any]) -> TrainingRecord:
+    """A decoded JSON object read as a training-log record (no key is required)."""
+    return cast(TrainingRecord, obj)
+
+
+def decode_training_record(raw: bytes | None) -> TrainingRecord | None:
+    """A training-log record, or None if it is not a JSON object.
+
+    Examples:
+        >>> ex = Example("e1", "c7", 1.0, 3.0, {"x": 2.0}, True, False, None, "v1.4")
+        >>> rec = decode_training_record(encode_training_record(ex))
+        >>> rec["ts"], rec["label"], rec["model_version"]
+        (1.0, True, 'v1.4')
+    """
+    obj = json_object(raw)
+    return None if obj is None else training_record(obj)
+
+
+# --------------------------------------------------------------------------------------
+# Model control: requests to the monitor
+# --------------------------------------------------------------------------------------
+
+
+class ControlMessage(TypedDict, total=False):
+    """A model-control record as read (``command`` is ``retrain``; others are ignored)."""
+
+    command: str
+    reason: str | None
+    requested_at: float
+
+
+def encode_retrain_request(reason: str, requested_at: float) -> bytes:
+    """The model-control record asking the monitor for a retrain (``weir retrain``).
+
+    Examples:
+        >>> encode_retrain_request("backfill", 10.0)
+        b'{"command":"retrain","reason":"backfill","requested_at":10.0}'
+    """
+    return orjson.dumps({"command": "retrain", "reason": reason, "requested_at": requested_at})
+
+
+def control_message(obj: dict[str, Any]) -> ControlMessage:
+    """A decoded JSON object read as a model-control record (no key is required)."""
+    return cast(ControlMessage, obj)
+
+
+def decode_control(raw: bytes | None) -> ControlMessage | None:
+    """A model-control record, or None if it is not a JSON object."""
+    obj = json_object(raw)
+    return None if obj is None else control_message(obj)
+
+
+# --------------------------------------------------------------------------------------
+# Drift record: the drift topic
+# --------------------------------------------------------------------------------------
+
+#: What a drift record is about; ``decision`` is a retrain/promotion/rollback decision.
+DriftKind = Literal["feature", "prediction", "performance", "decision"]
+
+
+def finite_or_none(v: float) -> float | None:
+    """JSON has no NaN or infinity: an undefined value goes out as null.
+
+    Examples:
+        >>> finite_or_none(0.5), finite_or_none(float("nan")), finite_or_none(float("inf"))
+        (0.5, None, None)
+    """
+    return v if math.isfinite(v) else None
+
+
+@dataclass(slots=True)
+class DriftRecord:
+    """One check of one statistic (or one retrain/promotion/rollback decision).
+
+    The JSON form (:meth:`to_dict`) is the drift topic's message; its keys are
+    ``time`` (epoch seconds of the check), ``pipeline``, ``model_version`` (the
+    champion when checked, or null), ``kind`` (feature|prediction|performance|decision),
+    ``name`` (feature name, ``prediction``, ``loss`` or the decision's name),
+    ``statistic`` (psi, ks, js, adwin, page_hinkley, or the decision's trigger),
+    ``value``, ``threshold``, ``drifted`` and an optional ``detail`` mapping.
+    """
+
+    time: float
+    pipeline: str
+    model_version: str | None
+    kind: DriftKind
+    name: str
+    statistic: str
+    value: float
+    threshold: float
+    drifted: bool
+    detail: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "time": self.time,
+            "pipeline": self.pipeline,
+            "model_version": self.model_version,
+            "kind": self.kind,
+            "name": self.name,
+            "statistic": self.statistic,
+            "value": finite_or_none(self.value),
+            "threshold": self.threshold,
+            "drifted": self.drifted,
+        }
+        if self.detail is not None:
+            out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DriftRecord:
+        return cls(
+            time=float(d["time"]),
+            pipeline=str(d["pipeline"]),
+            model_version=d.get("model_version"),
+            kind=d["kind"],
+            name=str(d["name"]),
+            statistic=str(d["statistic"]),
+            value=float(d["value"]) if d["value"] is not None else math.nan,
+            threshold=float(d["threshold"]),
+            drifted=bool(d["drifted"]),
+            detail=d.get("detail"),
+        )
+
+    @property
+    def key(self) -> bytes:
+        """The drift topic's key: ``kind:name``."""
+        return f"{self.kind}:{self.name}".encode()
+
+
+def encode_drift_record(rec: DriftRecord) -> bytes:
+    """The drift topic's record (an undefined value as null).
+
+    Examples:
+        >>> r = DriftRecord(1.0, "p", "v1", "feature", "x", "psi", float("nan"), 0.2, False)
+        >>> encode_drift_record(r)
+        b'{"time":1.0,"pipeline":"p","model_version":"v1","kind":"feature","name":"x","statistic":"psi","value":null,"threshold":0.2,"drifted":false}'
+        >>> decode_drift_record(encode_drift_record(r)).name
+        'x'
+    """
+    return orjson.dumps(rec.to_dict())
+
+
+def decode_drift_record(raw: bytes) -> DriftRecord:
+    """A drift-topic record (a null value is NaN)."""
+    return DriftRecord.from_dict(orjson.loads(raw))
 
 
 #: At most this many bytes of the original value are copied into a dead letter. The
