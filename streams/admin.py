@@ -97,6 +97,7 @@ def ensure_topics(
     partitions: int | None = None,
     replication_factor: int | None = None,
     *,
+    min_insync_replicas: int | None = None,
     config: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> dict[str, TopicStatus]:
@@ -108,31 +109,45 @@ def ensure_topics(
             mapping, or topic names.
         partitions: partitions of each new topic; default: the spec's
             ``topics.partitions``, or 1 for plain names.
-        replication_factor: default: the spec's ``topics.replication_factor``, or 1.
+        replication_factor: default: ``WEIR_TOPIC_REPLICATION_FACTOR``, else the spec's
+            ``topics.replication_factor``, else 1.
+        min_insync_replicas: each new topic's ``min.insync.replicas``; default:
+            ``WEIR_TOPIC_MIN_INSYNC_REPLICAS``, else the spec's ``topics.min_insync_replicas``,
+            else the broker's default (not set on the topic).
         config: topic configs for new topics (e.g. ``{"retention.ms": "3600000"}``).
         timeout: seconds to wait for the creation and for the new topics' leaders.
 
     Returns:
         Topic name -> ``"created"`` or ``"exists"``. An existing topic whose partition
         count differs from ``partitions`` is logged as a warning, not changed
-        (Kafka cannot shrink a topic, and growing it re-keys partitioned state).
+        (Kafka cannot shrink a topic, and growing it re-keys partitioned state), and so
+        is one whose replication factor differs.
     """
-    names, spec_partitions, spec_rf = _topic_names(spec_or_names)
+    names, spec_partitions, spec_rf, spec_isr = _topic_names(spec_or_names)
     partitions = partitions if partitions is not None else spec_partitions
-    replication_factor = replication_factor if replication_factor is not None else spec_rf
+    replication_factor = _first(replication_factor, settings.topic_replication_factor, spec_rf, 1)
+    min_insync_replicas = _first(min_insync_replicas, settings.topic_min_insync_replicas, spec_isr)
     if partitions < 1:
         raise StackError(f"partitions must be >= 1, got {partitions!r}")
     if replication_factor < 1:
         raise StackError(f"replication_factor must be >= 1, got {replication_factor!r}")
+    topic_config = dict(config or {})
+    if min_insync_replicas is not None:
+        if not 1 <= min_insync_replicas <= replication_factor:
+            raise StackError(
+                f"min.insync.replicas {min_insync_replicas!r} does not fit replication factor "
+                f"{replication_factor} (WEIR_TOPIC_MIN_INSYNC_REPLICAS / topics.min_insync_replicas, "
+                "WEIR_TOPIC_REPLICATION_FACTOR / topics.replication_factor): it must be between 1 and "
+                "the replication factor (2 with a factor of 3)"
+            )
+        topic_config.setdefault("min.insync.replicas", str(min_insync_replicas))
     if not names:
         return {}
 
     check_broker(settings, timeout=min(timeout, 10.0))
     admin = admin_client(settings)
     new = [
-        NewTopic(
-            n, num_partitions=partitions, replication_factor=replication_factor, config=dict(config or {})
-        )
+        NewTopic(n, num_partitions=partitions, replication_factor=replication_factor, config=topic_config)
         for n in names
     ]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
@@ -165,6 +180,15 @@ def ensure_topics(
                 name,
                 have,
                 partitions,
+            )
+        rf = min((len(p.replicas) for p in md.topics[name].partitions.values()), default=0)
+        if state == "exists" and rf != replication_factor:
+            log.warning(
+                "topic %r exists with replication factor %d, asked for %d; left unchanged "
+                "(raise it with kafka-reassign-partitions, or delete the topic)",
+                name,
+                rf,
+                replication_factor,
             )
     return {n: status[n] for n in names}
 
@@ -219,20 +243,26 @@ def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:
     return len(keys)
 
 
+def _first(*values: int | None) -> Any:
+    """The first value that is not None (None if all are)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _topic_names(
     spec_or_names: PipelineSpec | Iterable[str] | Mapping[str, str],
-) -> tuple[list[str], int, int]:
+) -> tuple[list[str], int, int | None, int | None]:
     if isinstance(spec_or_names, PipelineSpec):
         t = spec_or_names.topics
-        return list(dict.fromkeys(t.names().values())), t.partitions, t.replication_factor
+        names = list(dict.fromkeys(t.names().values()))
+        return names, t.partitions, t.replication_factor, t.min_insync_replicas
     if isinstance(spec_or_names, str):
         raise StackError(
             f"ensure_topics wants a spec or a list of topic names, got the string "
             f"{spec_or_names!r}; wrap it in a list: [{spec_or_names!r}]"
         )
     if isinstance(spec_or_names, Mapping):
-        return list(dict.fromkeys(spec_or_names.values())), 1, 1
-    return list(dict.fromkeys(spec_or_names)), 1, 1
+        return list(dict.fromkeys(spec_or_names.values())), 1, None, None
+    return list(dict.fromkeys(spec_or_names)), 1, None, None
 
 
 def _wait_for_leaders(

@@ -72,6 +72,21 @@ class Settings(BaseSettings):
         "worker that is gone for good (or scaled down) wait. Keep it above the longest broker "
         "pause to ride out (a paused broker expires the sessions it did not hear from).",
     )
+    topic_replication_factor: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="`WEIR_TOPIC_REPLICATION_FACTOR`: replication factor of the topics Weir creates, "
+        "instead of the spec's `topics.replication_factor` (so one spec runs on one broker and on "
+        "a cluster). Default: the spec's.",
+    )
+    topic_min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="`WEIR_TOPIC_MIN_INSYNC_REPLICAS`: `min.insync.replicas` of the topics Weir "
+        "creates, instead of the spec's `topics.min_insync_replicas`. Default: the spec's.",
+    )
     instance_id: str | None = Field(
         None,
         description="`WEIR_INSTANCE_ID`: this process's Kafka static-membership id "
@@ -175,6 +190,11 @@ class Settings(BaseSettings):
         if self.kafka_ssl_keyfile:
             conf["ssl.key.location"] = self.kafka_ssl_keyfile
         return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        """:meth:`confluent_config` for a producer: ``acks=all`` (a write is acknowledged once
+        the topic's ``min.insync.replicas`` have it) and idempotence (a retry writes once)."""
+        return {**self.confluent_config(), "acks": "all", "enable.idempotence": True}
 
     def faust_broker(self) -> str:
         """The broker URL list in faust's ``kafka://host:port;host:port`` form."""

@@ -69,6 +69,20 @@ class TopicsSpec(_Strict):
     training_log: str = ""
     partitions: int = Field(6, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
+    #: Kafka's ``min.insync.replicas`` of each topic Weir creates: with the producers'
+    #: ``acks=all``, a write is acknowledged once this many replicas have it. None: the
+    #: broker's default (not set on the topic).
+    min_insync_replicas: int | None = Field(None, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _insync_fits(self) -> TopicsSpec:
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"topics.min_insync_replicas is {self.min_insync_replicas}, more than "
+                f"topics.replication_factor {self.replication_factor}: no write could ever be "
+                "acknowledged; use at most the replication factor (2 with a factor of 3)"
+            )
+        return self
 
     def names(self) -> dict[str, str]:
         """Role -> topic name for every topic of the pipeline."""

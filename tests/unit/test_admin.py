@@ -85,11 +85,51 @@ def test_ensure_topics_refuses_a_bare_string() -> None:
 
 def test_topic_names_from_spec_mapping_and_list() -> None:
     spec = load_spec(REPO / "examples" / "demo.yaml")
-    names, partitions, rf = admin._topic_names(spec)
+    names, partitions, rf, isr = admin._topic_names(spec)
     assert names == list(spec.topics.names().values())
-    assert (partitions, rf) == (spec.topics.partitions, spec.topics.replication_factor)
-    assert admin._topic_names({"events": "a", "labels": "b"}) == (["a", "b"], 1, 1)
-    assert admin._topic_names(iter(["a", "b", "a"])) == (["a", "b"], 1, 1)
+    assert (partitions, rf, isr) == (spec.topics.partitions, spec.topics.replication_factor, None)
+    assert admin._topic_names({"events": "a", "labels": "b"}) == (["a", "b"], 1, None, None)
+    assert admin._topic_names(iter(["a", "b", "a"])) == (["a", "b"], 1, None, None)
+
+
+@pytest.mark.parametrize(
+    ("settings_kw", "args", "match"),
+    [
+        ({}, {"replication_factor": 1, "min_insync_replicas": 2}, r"min\.insync\.replicas 2 .* factor 1"),
+        ({"topic_replication_factor": 3, "topic_min_insync_replicas": 4}, {}, r"min\.insync\.replicas 4"),
+        ({"topic_min_insync_replicas": 2}, {}, r"replication factor 1 .*WEIR_TOPIC_REPLICATION_FACTOR"),
+    ],
+)
+def test_ensure_topics_refuses_insync_above_replication(
+    dead_port: int, settings_kw: dict[str, int], args: dict[str, int], match: str
+) -> None:
+    # Refused before any broker is asked (the address is dead).
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}", **settings_kw)
+    with pytest.raises(StackError, match=match):
+        admin.ensure_topics(settings, ["weir.test.x"], 1, **args, timeout=0.5)
+
+
+def test_spec_refuses_insync_above_replication() -> None:
+    import yaml
+
+    from weir.errors import SpecError
+    from weir.spec import parse_spec
+
+    raw = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+    raw.setdefault("topics", {}).update(replication_factor=3, min_insync_replicas=2)
+    assert parse_spec(raw).topics.min_insync_replicas == 2
+    raw["topics"].update(replication_factor=1)
+    with pytest.raises(
+        SpecError, match=r"topics\.min_insync_replicas is 2, more than topics\.replication_factor 1"
+    ):
+        parse_spec(raw)
+
+
+def test_producer_config_waits_for_all_insync_replicas() -> None:
+    conf = load_settings(kafka_bootstrap="b1:9092,b2:9092").producer_config()
+    assert conf["acks"] == "all"
+    assert conf["enable.idempotence"] is True
+    assert conf["bootstrap.servers"] == "b1:9092,b2:9092"
 
 
 def test_delete_topics_with_no_names_needs_no_broker(dead_port: int) -> None:
