@@ -93,20 +93,30 @@ def test_topic_names_from_spec_mapping_and_list() -> None:
 
 
 @pytest.mark.parametrize(
-    ("settings_kw", "args", "match"),
+    ("settings_kw", "rf", "isr", "match"),
     [
-        ({}, {"replication_factor": 1, "min_insync_replicas": 2}, r"min\.insync\.replicas 2 .* factor 1"),
-        ({"topic_replication_factor": 3, "topic_min_insync_replicas": 4}, {}, r"min\.insync\.replicas 4"),
-        ({"topic_min_insync_replicas": 2}, {}, r"replication factor 1 .*WEIR_TOPIC_REPLICATION_FACTOR"),
+        ({}, 1, 2, r"min\.insync\.replicas 2 .* factor 1"),
+        (
+            {"topic_replication_factor": 3, "topic_min_insync_replicas": 4},
+            None,
+            None,
+            r"min\.insync\.replicas 4",
+        ),
+        (
+            {"topic_min_insync_replicas": 2},
+            None,
+            None,
+            r"replication factor 1 .*WEIR_TOPIC_REPLICATION_FACTOR",
+        ),
     ],
 )
 def test_ensure_topics_refuses_insync_above_replication(
-    dead_port: int, settings_kw: dict[str, int], args: dict[str, int], match: str
+    dead_port: int, settings_kw: dict[str, int], rf: int | None, isr: int | None, match: str
 ) -> None:
     # Refused before any broker is asked (the address is dead).
     settings = load_settings(kafka_bootstrap=f"127.0.0.1:{dead_port}", **settings_kw)
     with pytest.raises(StackError, match=match):
-        admin.ensure_topics(settings, ["weir.test.x"], 1, **args, timeout=0.5)
+        admin.ensure_topics(settings, ["weir.test.x"], 1, rf, min_insync_replicas=isr, timeout=0.5)
 
 
 def test_spec_refuses_insync_above_replication() -> None:
