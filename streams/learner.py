@@ -77,7 +77,7 @@ class StepEmitter:
 
         self.spec = spec
         self.delivery = Delivery(
-            Producer({**settings.confluent_config(), "linger.ms": linger_ms, "enable.idempotence": True})
+            Producer({**settings.producer_config(), "linger.ms": linger_ms})  # acks=all, idempotent
         )
 
     @property

@@ -701,10 +701,9 @@ def run_monitor(
     # idempotence: the retries of an outage write it once.
     producer = Producer(
         {
-            **settings.confluent_config(),
+            **settings.producer_config(),  # acks=all, idempotent
             "linger.ms": 20,
             "message.timeout.ms": 0,
-            "enable.idempotence": True,
         }
     )
 
@@ -875,7 +874,7 @@ def request_retrain(spec: PipelineSpec, settings: Settings, reason: str) -> None
     """Ask the monitor for a manual retrain (a message on the model-control topic)."""
     from confluent_kafka import Producer
 
-    producer = Producer(settings.confluent_config())
+    producer = Producer(settings.producer_config())
     errors: list[str] = []
     producer.produce(
         spec.topics.model_control,

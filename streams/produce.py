@@ -370,8 +370,8 @@ def produce(
     unused = check_source(spec, head, source)
     rows = itertools.chain(head, it)
     run_id = run_id or f"r{int(time.time())}"
-    conf = settings.confluent_config()
-    conf.update({"linger.ms": 10, "compression.type": "lz4", "enable.idempotence": True})
+    conf = settings.producer_config()  # acks=all, idempotent
+    conf.update({"linger.ms": 10, "compression.type": "lz4"})
     producer = Producer(conf)
     errors: list[str] = []
 

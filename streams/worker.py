@@ -157,8 +157,8 @@ class KafkaOutput:
     def __init__(self, spec: PipelineSpec, settings: Settings, flush_timeout: float = 5.0) -> None:
         from confluent_kafka import Producer
 
-        conf = settings.confluent_config()
-        conf.update({"linger.ms": 5, "enable.idempotence": True, "compression.type": "lz4"})
+        conf = settings.producer_config()  # acks=all, idempotent
+        conf.update({"linger.ms": 5, "compression.type": "lz4"})
         self.delivery = Delivery(Producer(conf))
         self.spec = spec
         self.flush_timeout = flush_timeout
