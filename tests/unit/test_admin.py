@@ -158,3 +158,20 @@ def test_delete_topics_with_no_names_needs_no_broker(dead_port: int) -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert admin.redact_url(url) == shown
+
+
+def test_every_producer_is_built_from_producer_config() -> None:
+    """A new confluent-kafka Producer in Weir's code must take ``settings.producer_config()``
+    (acks=all): a plain ``confluent_config()`` would not say so and could drift."""
+    import re
+
+    calls = []
+    for package in ("weir", "streams", "models", "features"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            text = path.read_text()
+            for m in re.finditer(r"Producer\(", text):
+                # The producer's configuration: up to 400 characters before and after the call.
+                around = text[max(0, m.start() - 400) : m.end() + 400]
+                calls.append((path.relative_to(REPO), "producer_config()" in around))
+    assert len(calls) >= 4, f"expected the worker's, learner's, monitor's and produce's producers: {calls}"
+    assert [str(p) for p, ok in calls if not ok] == []
