@@ -274,6 +274,7 @@ class LearnerLoop:
         self.consistent = False
         if batch:
             out = yield from core.process_step(batch, now)
+            self.learned(batch)
             emitter.add(out)
             yield Io(emitter.send, "training-log produce")
         if now - self.last_sweep >= SWEEP_EVERY:
@@ -289,6 +290,10 @@ class LearnerLoop:
         self.consistent = True
         if core.snapshot_due(now):
             yield from self.snapshot_step(now)
+
+    def learned(self, batch: list[LabelMessage]) -> None:
+        """Called on the learning thread once ``batch`` is learned, before its records are
+        produced. Does nothing here; role ``all`` tells its scorer (:mod:`streams.live`)."""
 
     def snapshot_step(self, now: float | None = None, force: bool = False) -> Step[str | None]:
         """Flush (every record of the learned labels delivered), then snapshot."""
