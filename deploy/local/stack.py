@@ -615,6 +615,10 @@ log4j.logger.org.apache.kafka.storage.internals.log=WARN
             "log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
         )
 
+    def format_args(self) -> list[str]:
+        """Extra arguments of the storage format (deploy/local/secure.py adds SCRAM users)."""
+        return []
+
     def java(self, libs: Path, log4j: str, *args: str, heap: bool = False) -> list[str]:
         argv = [find_program("java") or "java"]
         if heap:
@@ -648,6 +652,7 @@ log4j.logger.org.apache.kafka.storage.internals.log=WARN
                 "-c",
                 str(self.props),
                 "--ignore-formatted",
+                *self.format_args(),
             )
             res = subprocess.run(argv, capture_output=True, text=True)
             if res.returncode != 0:
