@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from weir.errors import ConfigError
@@ -166,6 +166,30 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must start with redis://, rediss:// or unix://, got {v!r}; "
                 "e.g. WEIR_REDIS_URL=redis://127.0.0.1:6379/0"
+            )
+        return v
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _kafka_tls_on(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # A CA or certificate with a protocol without TLS would be ignored: traffic in clear.
+        proto = info.data.get("kafka_security_protocol")
+        if v and proto not in ("SSL", "SASL_SSL", None):
+            raise ValueError(
+                f"is set ({v!r}) but WEIR_KAFKA_SECURITY_PROTOCOL={proto} does not use TLS, so it "
+                "would be ignored and the traffic sent in clear; set WEIR_KAFKA_SECURITY_PROTOCOL "
+                "to SSL or SASL_SSL, or unset it"
+            )
+        return v
+
+    @field_validator("redis_ssl_ca_certs")
+    @classmethod
+    def _redis_tls_on(cls, v: str | None, info: ValidationInfo) -> str | None:
+        url = str(info.data.get("redis_url") or "")
+        if v and url and not url.startswith("rediss://"):
+            raise ValueError(
+                f"is set ({v!r}) but WEIR_REDIS_URL does not start with rediss://, so Redis would be "
+                "spoken to in clear (and redis-py fails on a CA there); use a rediss:// URL, or unset it"
             )
         return v
 
