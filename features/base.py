@@ -47,12 +47,15 @@ class FeatureEngine(Protocol):
 
     spec: PipelineSpec
 
-    def compute_batch(self, client: Any, events: Sequence[Event]) -> list[FeatureResult]:
-        """Compute (and record) the features of ``events``; one result per event, in order."""
+    def compute_batch(
+        self, client: Any, events: Sequence[Event], positions: Sequence[tuple[str, int, int]] | None = None
+    ) -> list[FeatureResult]:
+        """Compute (and record) the features of ``events``; one result per event, in order.
+        ``positions`` gives each event's Kafka message ``(topic, partition, offset)``."""
         ...
 
     def served_features(self, client: Any, event_id: str) -> FeatureVector | None:
-        """The features served for ``event_id`` when it was accepted, if still kept."""
+        """The features first served for ``event_id``, while the engine remembers it."""
         ...
 
 
@@ -92,14 +95,14 @@ def entity_ttl(spec: PipelineSpec) -> int:
     return math.ceil(max_window(spec) + spec.lateness + ENTITY_TTL_MARGIN)
 
 
-def served_ttl(spec: PipelineSpec) -> int:
-    """TTL (s) of an event's served-features key: long enough for its label and for dedupe.
+def dedupe_seconds(spec: PipelineSpec) -> int:
+    """How long (s, at least) the online engine remembers an event id and its first features.
 
-    Redeliveries come within minutes of a crash, so the dedupe memory is
-    ``scoring.dedupe_horizon`` (default 1 h), not the longest window: a 1-day window would
-    keep a key per event for a day (hundreds of millions of keys at a few thousand events/s).
+    Kafka redeliveries are recognised by their offsets for as long as they come; this
+    window is for the rest: a producer's retry under a new offset (librdkafka's
+    ``delivery.timeout.ms`` is 120 s), and a caller that gives no offsets.
     """
-    return max(1, math.ceil(max(spec.labels.horizon, spec.scoring.dedupe_horizon)))
+    return max(1, math.ceil(spec.scoring.dedupe_horizon))
 
 
 def check_ts(ts: Any, event_id: Any) -> float:

@@ -9,10 +9,10 @@ overhead; one call per batch costs well under 1 µs per event on the client.
 * ``ARGV[1]`` the pipeline's key prefix (``spec.redis_prefix``); the script derives the
   keys from it. Weir runs on a single Redis, not a Cluster (docs/features.md), so keys
   need not be declared in ``KEYS``.
-* ``ARGV[2]`` the batch: per event, three length-prefixed strings ``<bytes>:<string>``:
-  the entity id, the event id, and ``<ts>|<tokens>`` (ts as ``repr(float)``, then the
-  event's tokens, every used field, joined by ``|``). Length prefixes let ids hold any
-  character.
+* ``ARGV[2]`` the batch: per event, four length-prefixed strings ``<bytes>:<string>``:
+  the entity id, the event id, ``<ts>|<tokens>`` (ts as ``repr(float)``, then the
+  event's tokens, every used field, joined by ``|``), and ``<topic>:<partition>|<offset>``
+  of its Kafka message, or empty. Length prefixes let ids hold any character.
 
 Per event, with ``<p>`` the prefix:
 
@@ -21,7 +21,13 @@ Per event, with ``<p>`` the prefix:
   reads; raw-only fields are not stored); the zero-padded seq makes members unique and
   orders equal timestamps by arrival.
 * ``<p>:meta:<entity>`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``.
-* ``<p>:fv:<event>`` the event's served features (dedupe and the label join).
+* ``<p>:applied`` hash ``<topic>:<partition>`` -> highest offset decided; an event at or
+  below it is a redelivery: answered from ``recent``, else from its served record
+  ``<p>:served:<event>`` (packed doubles, :class:`models.join.ServedStore`), else computed
+  read-only (not stored again).
+* ``<p>:recent:<n>`` hash event id -> first served features, per ``DEDUPE`` seconds of
+  Redis ``TIME``; buckets n and n-1 are read, n-2 unlinked (an event id of a producer's
+  retry under a new offset is a duplicate for at least ``scoring.dedupe_horizon``).
 
 Tokens (see :mod:`features.online`): '' for missing; numbers as ``repr(float)`` (exact
 through ``tonumber``); booleans ``0``/``1``; categoricals ``s`` + the string with ``%`` and
@@ -34,7 +40,7 @@ numbers returned to Redis would be truncated to integers; '' stands for None.
 
 from __future__ import annotations
 
-from features.base import entity_ttl, served_ttl, used_fields
+from features.base import dedupe_seconds, entity_ttl, used_fields
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
@@ -95,11 +101,78 @@ function A.distinct(v, m)
   return fmt(d)
 end
 
--- One event: its keys, its ts (as sent) and its tokens.
-local function one(kwin, kmeta, kfv, ts_s, args)
+-- The first features served for an event, within the dedupe window: a hash per window
+-- of wall time (the current one and the one before are read, so an entry is found for at
+-- least DEDUPE seconds); the one before those is unlinked (freed off the main thread).
+local now = tonumber(redis.call('TIME')[1])
+local bucket = math.floor(now / DEDUPE)
+local recent_p = prefix .. ':recent:'
+local rnow, rprev = recent_p .. bucket, recent_p .. (bucket - 1)
+redis.call('UNLINK', recent_p .. (bucket - 2))
+local recent_written = false
+local function recent(eid)
+  return redis.call('HGET', rnow, eid) or redis.call('HGET', rprev, eid)
+end
+
+-- The highest offset applied per (events topic, partition), read once per call.
+local applied_key = prefix .. ':applied'
+local applied, applied_moved = {}, {}
+local function seen_offset(tp, off)
+  local a = applied[tp]
+  if a == nil then
+    a = tonumber(redis.call('HGET', applied_key, tp)) or -1
+    applied[tp] = a
+  end
+  if off > a then applied[tp] = off; applied_moved[tp] = true; return false end
+  return true
+end
+
+-- A served record (models.join.ServedStore) as feature tokens; nil if its layout is not
+-- the compact one with the features in spec order.
+local function esc(v)
+  return (string.gsub(string.gsub(v, '%%', '%%25'), '|', '%%7C'))
+end
+local function served_tokens(rec)
+  local pos = 1
+  if string.byte(rec, 1) == 2 then pos = 3 + string.byte(rec, 2) end  -- learned marker first
+  if string.byte(rec, pos) ~= 1 then return nil end
+  local n = struct.unpack('<H', rec, pos + 1)
+  local ok, head = pcall(cjson.decode, string.sub(rec, pos + 3, pos + 2 + n))
+  if not ok then return nil end
+  local feats, out = head[7], {}
+  if feats == 0 then
+    local p = pos + 3 + n
+    for i = 1, NFEAT do
+      local v = struct.unpack('<d', rec, p)
+      p = p + 8
+      if v ~= v then out[i] = '' else out[i] = fmt(v) end
+    end
+  elseif type(feats) == 'table' and #feats == NFEAT then
+    for i = 1, NFEAT do
+      local v = feats[i]
+      if type(v) == 'number' then out[i] = fmt(v)
+      elseif type(v) == 'string' then out[i] = 's' .. esc(v)
+      else out[i] = '' end
+    end
+  else
+    return nil
+  end
+  return table.concat(out, '|')
+end
+
+-- One event: its keys, its ts (as sent), its tokens, and its position (or nil).
+local function one(kwin, kmeta, eid, ts_s, args, tp, off)
 local ts = tonumber(ts_s)
-local served = redis.call('GET', kfv)
-if served then return 'd|' .. served end
+local again = tp ~= nil and seen_offset(tp, off)
+local known = recent(eid)
+if known then return 'd|' .. known end
+if again then
+  local rec = redis.call('GET', prefix .. ':served:' .. eid)
+  if rec then
+    local toks = served_tokens(rec)
+    if toks then return 'd|' .. toks end
+  end
+end
 local meta = redis.call('HMGET', kmeta, 'wm', 'seq')
 local wm = tonumber(meta[1])
 if wm and ts < wm - LATENESS then return 'l' end
@@ -158,17 +231,22 @@ local out = {}
 
 _EPILOGUE = r"""
 local fv = table.concat(out, '|')
+-- Redelivered (its offset was applied) yet unknown here: computed from the window as it is
+-- now, read-only (the event is not stored again).
+if again then return 'd|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
 if not wm or ts > wm then wm = ts end
 redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq))
 TRIM
 redis.call('EXPIRE', kwin, ENTITY_TTL)
 redis.call('EXPIRE', kmeta, ENTITY_TTL)
-redis.call('SET', kfv, fv, 'EX', SERVED_TTL)
+redis.call('HSET', rnow, eid, fv)
+recent_written = true
 return 'o|' .. fv
 end
 
--- The batch: per event three length-prefixed strings (entity, event id, ts|tokens).
+-- The batch: per event four length-prefixed strings (entity, event id, ts|tokens, and
+-- '<topic>:<partition>|<offset>' or '' when the position is unknown).
 local batch, pos, res = ARGV[2], 1, {}
 local function field()
   local c = string.find(batch, ':', pos, true)
@@ -176,17 +254,37 @@ local function field()
   pos = e + 1
   return string.sub(batch, c + 1, e)
 end
-local winp, metap, fvp = prefix .. ':win:', prefix .. ':meta:', prefix .. ':fv:'
+local winp, metap = prefix .. ':win:', prefix .. ':meta:'
 while pos <= #batch do
   local ent = field()
   local eid = field()
   local rest = field()
+  local where = field()
+  local tp, off = nil, nil
+  if where ~= '' then
+    local bar = string.find(where, '|', 1, true)
+    tp, off = string.sub(where, 1, bar - 1), tonumber(string.sub(where, bar + 1))
+  end
   local bar = string.find(rest, '|', 1, true)
-  res[#res + 1] = one(winp .. ent, metap .. ent, fvp .. eid, string.sub(rest, 1, bar - 1),
-                      string.sub(rest, bar + 1))
+  res[#res + 1] = one(winp .. ent, metap .. ent, eid, string.sub(rest, 1, bar - 1),
+                      string.sub(rest, bar + 1), tp, off)
+end
+if recent_written then redis.call('EXPIRE', rnow, 2 * DEDUPE + 60) end
+local moved = {}
+for tp, _ in pairs(applied_moved) do
+  moved[#moved + 1] = tp
+  moved[#moved + 1] = string.format('%d', applied[tp])
+end
+if #moved > 0 then
+  redis.call('HSET', applied_key, unpack(moved))
+  redis.call('EXPIRE', applied_key, APPLIED_TTL)
 end
 return res
 """
+
+#: TTL (s) of the applied offsets, renewed by every call that moves one: a week, longer than
+#: any outage a worker's uncommitted events could be redelivered after.
+APPLIED_TTL = 7 * 86_400
 
 #: Aggregates whose windowed value needs the list of window events (not a ZSET count).
 _LIST_AGGS = frozenset({"count", "sum", "mean", "min", "max", "std", "last", "distinct"})
@@ -252,6 +350,8 @@ def build_script(spec: PipelineSpec) -> str:
         parse, field = "split(r[k])", "tok[k][si + 1]"
     lines.append(
         _PRELUDE.replace("LATENESS", repr(float(spec.lateness)))
+        .replace("DEDUPE", str(dedupe_seconds(spec)))
+        .replace("NFEAT", str(len(spec.features)))
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
         .replace("FIELD", field)
@@ -286,6 +386,7 @@ def build_script(spec: PipelineSpec) -> str:
         _EPILOGUE.replace("STORED", member)
         .replace("TRIM", _trim(spec))
         .replace("ENTITY_TTL", str(entity_ttl(spec)))
-        .replace("SERVED_TTL", str(served_ttl(spec)))
+        .replace("APPLIED_TTL", str(APPLIED_TTL))
+        .replace("DEDUPE", str(dedupe_seconds(spec)))
     )
     return "\n".join(lines)

@@ -2,23 +2,38 @@
 
 A batch is one ``EVALSHA`` of the spec's generated Lua script (:mod:`features.lua`), which
 runs the events in arrival order, so events of the same entity in a batch see each other.
-Per event the script: answers a duplicate from its stored served features, rejects a late
-event, computes the features from the entity's window ZSET, stores the event, trims what no
-acceptable window can reach, and renews every TTL (docs/features.md). A script runs
-atomically, so no other client sees a batch half applied.
+Per event the script: recognises a redelivery (by its Kafka offset, or by its event id
+within ``scoring.dedupe_horizon``) and answers it with the features it was first served;
+rejects a late event; computes the features from the entity's window ZSET; stores the
+event; trims what no acceptable window can reach; and renews every TTL
+(docs/features.md). A script runs atomically, so no other client sees a batch half applied.
 
-Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL:
+Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL; none is
+per event:
 
 * ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s.
 * ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count); same TTL.
-* ``{prefix}:fv:{event_id}`` the served features; TTL max(labels.horizon, max window +
-  lateness). It makes redelivery idempotent and is what the label join reads
-  (:meth:`RedisFeatureStore.served_features`).
+* ``{prefix}:applied`` hash: per ``<events topic>:<partition>`` the highest offset whose
+  event the script has decided (accepted, late or duplicate), advanced in the same script
+  call as the event's effects; TTL :data:`features.lua.APPLIED_TTL` (a week).
+* ``{prefix}:recent:{n}`` hash: event id -> first served features of the events accepted
+  in the n-th ``scoring.dedupe_horizon`` of wall time (Redis ``TIME``). Two are read, the
+  one before is unlinked: an id is remembered at least one dedupe horizon, at most two.
+
+**Guarantee.** An event is never counted twice in a window when it comes again as the
+same Kafka message (same topic, partition and offset, given through ``positions``), however
+late, nor under another offset or with no position within ``scoring.dedupe_horizon`` of its
+first acceptance. The features a redelivered event is answered with are exactly those first
+served when it is still in ``recent`` or its served record (``P:served:``, written by the
+scorer and deleted once its label is learned) is still there; otherwise they are computed
+from the window as it is now, without storing the event again (events that arrived since
+are then counted in, and the event itself). A late event is late again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +43,7 @@ from features.base import (
     FeatureResult,
     bad_value,
     check_ts,
+    dedupe_seconds,
     missing_value,
     output_type,
     used_fields,
@@ -42,6 +58,8 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 _Encoder = Callable[[Any, Any], str]
+#: Where an event was read: ``(topic, partition, offset)`` of its Kafka message.
+Position = tuple[str, int, int]
 _Decoder = Callable[[str], FeatureValue]
 
 
@@ -158,21 +176,34 @@ class RedisFeatureStore:
         """The hash holding the entity's watermark and arrival sequence."""
         return f"{self._prefix}:meta:{entity_id}"
 
-    def served_key(self, event_id: str) -> str:
-        """The string holding the features served for the event."""
-        return f"{self._prefix}:fv:{event_id}"
+    def recent_keys(self, now: float | None = None) -> tuple[str, str]:
+        """The hashes of first served features that are read now (this window, the last)."""
+        n = int((time.time() if now is None else now) // dedupe_seconds(self.spec))
+        return f"{self._prefix}:recent:{n}", f"{self._prefix}:recent:{n - 1}"
+
+    @property
+    def applied_key(self) -> str:
+        """The hash of the highest applied offset per events topic and partition."""
+        return f"{self._prefix}:applied"
 
     # -- encoding, shared by the sync and async paths ---------------------------------
 
-    def _commands(self, events: Sequence[Event]) -> list[tuple[Any, ...]]:
+    def _commands(
+        self, events: Sequence[Event], positions: Sequence[Position] | None = None
+    ) -> list[tuple[Any, ...]]:
         """The ``EVALSHA`` argument tuple of the batch; validates every event before any runs.
 
         One command (see :mod:`features.lua` for the layout of its batch argument).
         """
+        if positions is not None and len(positions) != len(events):
+            raise FeatureError(
+                f"positions must give one (topic, partition, offset) per event: got {len(positions)} "
+                f"for {len(events)} events"
+            )
         encoders = self._encoders
         parts: list[str] = []
         add = parts.append
-        for e in events:
+        for i, e in enumerate(events):
             eid, ent, data = e.event_id, e.entity_id, e.data
             ts = e.ts
             if type(ts) is not float or ts - ts != 0.0:
@@ -182,6 +213,12 @@ class RedisFeatureStore:
             add(f"{len(ent) if ent.isascii() else len(ent.encode())}:{ent}")
             add(f"{len(eid) if eid.isascii() else len(eid.encode())}:{eid}")
             add(f"{len(rest) if rest.isascii() else len(rest.encode())}:{rest}")
+            if positions is None:
+                add("0:")
+            else:
+                topic, partition, offset = positions[i]
+                where = f"{topic}:{partition}|{int(offset)}"
+                add(f"{len(where)}:{where}")
         return [("EVALSHA", self.sha, 0, self._prefix, "".join(parts))]
 
     def _features(self, body: str) -> FeatureVector:
@@ -217,12 +254,17 @@ class RedisFeatureStore:
 
     # -- sync -------------------------------------------------------------------------
 
-    def compute_batch(self, client: redis.Redis, events: Sequence[Event]) -> list[FeatureResult]:
+    def compute_batch(
+        self, client: redis.Redis, events: Sequence[Event], positions: Sequence[Position] | None = None
+    ) -> list[FeatureResult]:
         """Compute and record the features of a batch in one round trip.
 
         Args:
             client: A ``redis.Redis`` (bytes or decoded responses).
             events: Validated events in arrival order.
+            positions: Each event's Kafka message as ``(topic, partition, offset)``, so a
+                redelivered message is recognised by its offset (see the module); None
+                when the events did not come from Kafka (then by event id only).
 
         Returns:
             One :class:`FeatureResult` per event, in order.
@@ -233,7 +275,7 @@ class RedisFeatureStore:
         """
         if not events:
             return []
-        (cmd,) = self._commands(events)
+        (cmd,) = self._commands(events, positions)
         try:
             try:
                 replies = client.execute_command(*cmd)
@@ -246,21 +288,27 @@ class RedisFeatureStore:
         return self._results(replies, len(events))
 
     def served_features(self, client: redis.Redis, event_id: str) -> FeatureVector | None:
-        """The features served when ``event_id`` was accepted; None if unknown or expired."""
-        raw = client.get(self.served_key(event_id))
-        if raw is None:
-            return None
-        return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+        """The features first served for ``event_id`` while the engine remembers it
+        (``scoring.dedupe_horizon``); None if unknown or forgotten. The label join reads the
+        scorer's served record instead (:class:`models.join.ServedStore`)."""
+        for key in self.recent_keys():
+            raw = client.hget(key, event_id)
+            if raw is not None:
+                return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+        return None
 
     # -- async ------------------------------------------------------------------------
 
     async def acompute_batch(
-        self, client: redis.asyncio.Redis, events: Sequence[Event]
+        self,
+        client: redis.asyncio.Redis,
+        events: Sequence[Event],
+        positions: Sequence[Position] | None = None,
     ) -> list[FeatureResult]:
         """:meth:`compute_batch` for ``redis.asyncio.Redis`` (the Faust worker)."""
         if not events:
             return []
-        (cmd,) = self._commands(events)
+        (cmd,) = self._commands(events, positions)
         try:
             try:
                 replies = await client.execute_command(*cmd)
@@ -273,7 +321,8 @@ class RedisFeatureStore:
 
     async def aserved_features(self, client: redis.asyncio.Redis, event_id: str) -> FeatureVector | None:
         """:meth:`served_features` for ``redis.asyncio.Redis``."""
-        raw = await client.get(self.served_key(event_id))
-        if raw is None:
-            return None
-        return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+        for key in self.recent_keys():
+            raw = await client.hget(key, event_id)
+            if raw is not None:
+                return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+        return None

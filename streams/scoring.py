@@ -11,8 +11,9 @@ as ``is_transient_failure``):
   that failed is retried on the same batch with bounded exponential backoff
   (:func:`weir.resilience.retry_async`) until it succeeds; the batch is never skipped.
   Re-running the feature step is safe whether or not Redis applied it: the feature script
-  answers an event it already stored from its stored features (``d|``), checked before
-  lateness, and a pipeline is applied in order, so a rerun serves what the first run served.
+  recognises an event it already decided by its offset (and event id), checked before
+  lateness, and answers it with the features it first served, so a rerun serves what the
+  first run served (docs/features.md, Duplicates).
 * *Poison*: anything else, raised by one message (a model that raises on one input, a bug
   one message triggers). :func:`isolate` splits the batch in halves until it has the
   messages that raise alone; those become ``model_error`` dead letters carrying the
@@ -289,7 +290,10 @@ class Scorer:
 
         async def run(pairs: Sequence[tuple[Event, RawMessage]]) -> list[FeatureResult]:
             t0 = time.perf_counter()
-            results: list[FeatureResult] = await self.features.acompute_batch(redis, [e for e, _ in pairs])
+            # With each message's offset: a redelivered message is recognised by it.
+            results: list[FeatureResult] = await self.features.acompute_batch(
+                redis, [e for e, _ in pairs], positions=[(m.topic, m.partition, m.offset) for _, m in pairs]
+            )
             if self.metrics is not None:
                 self.metrics.redis_seconds.labels(self.spec.name, "features").observe(
                     time.perf_counter() - t0

@@ -209,13 +209,28 @@ class ScoringSpec(_Strict):
 
     batch_size: int = Field(500, ge=1, le=100_000)
     batch_within: Duration = 0.05
+    max_idle: Duration = 1.0
+    """Role ``all``: how long the scorer waits for labels (and the learner for events) to
+    take both topics in event-time order when they hold a backlog; 0 never waits."""
     max_event_bytes: int = Field(65_536, ge=256)
     min_ts: float = 946_684_800.0
     """Events before this epoch time (default 2000-01-01) are dead-lettered as absurd."""
     max_future: Duration = 86_400.0
     """Events further than this in the future of the worker's clock are dead-lettered."""
-    dedupe_horizon: Duration = 3600.0
-    """How long an event_id is remembered, so a redelivered event is not counted twice."""
+    dedupe_horizon: Duration = 120.0
+    """How long (at least) an event_id and its first features are remembered, so an event
+    sent again under a new offset (a producer's retry) is not counted twice. Redeliveries
+    of the same Kafka message are recognised by their offsets, however late they come."""
+
+    @field_validator("max_idle")
+    @classmethod
+    def _idle(cls, v: float) -> float:
+        if not 0 <= v <= 300:
+            raise ValueError(
+                f"max_idle must be between 0 and 300 seconds, got {v!r}; use e.g. '1s', "
+                "or 0 to score without waiting for labels (no event-time order)"
+            )
+        return v
 
 
 class LearnerSpec(_Strict):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from features.base import entity_ttl, served_ttl
+from features.base import dedupe_seconds, entity_ttl
 from features.online import RedisFeatureStore, _escape, _unescape
 from weir.errors import FeatureError
 from weir.spec import PipelineSpec, parse_spec
@@ -56,15 +56,21 @@ def test_commands_encode_the_batch_in_one_call_with_exact_tokens() -> None:
         ]
     )
     assert cmd[:4] == ("EVALSHA", store.sha, 0, "weir:codec")
-    # Per event: entity, event id, "ts|tokens"; ints become floats, -0.0 becomes 0.0.
-    assert cmd[4] == _lp("u:1", "e1", "1700000000.0|0.1|sa%7Cb|1", "u", "e2", "5.0|0.0||0")
+    # Per event: entity, event id, "ts|tokens", position; ints become floats, -0.0 is 0.0.
+    assert cmd[4] == _lp("u:1", "e1", "1700000000.0|0.1|sa%7Cb|1", "", "u", "e2", "5.0|0.0||0", "")
     assert cmd[4].startswith("3:u:12:e125:1700000000.0|")
+    # With their Kafka positions, the redeliveries are recognised by offset.
+    events = [Event("e1", "u", 1.0, {"x": 1.0})]
+    (cmd,) = store._commands(events, [("events", 3, 42)])
+    assert cmd[4] == _lp("u", "e1", "1.0|1.0||", "events:3|42")
+    with pytest.raises(FeatureError, match=r"one \(topic, partition, offset\) per event: got 0 for 1"):
+        store._commands(events, [])
 
 
 def test_lengths_are_in_bytes_so_ids_may_hold_any_character() -> None:
     store = RedisFeatureStore(_spec())
     (cmd,) = store._commands([Event("é:|\n9:", "ü", 1.0, {"x": 1.0, "c": "€"})])
-    assert cmd[4] == "2:ü7:é:|\n9:13:1.0|1.0|s€|"
+    assert cmd[4] == "2:ü7:é:|\n9:13:1.0|1.0|s€|0:"
 
 
 def test_decode_replies() -> None:
@@ -82,7 +88,7 @@ def test_decode_replies() -> None:
 def test_ttls_follow_the_spec() -> None:
     spec = _spec()
     assert entity_ttl(spec) == 86_400 + 30 + 300
-    assert served_ttl(spec) == 7200  # max(horizon 2h, dedupe_horizon 1h), not the 1-day window
+    assert dedupe_seconds(spec) == 120  # scoring.dedupe_horizon: not the horizon, not the 1-day window
 
 
 @pytest.mark.parametrize(
@@ -107,13 +113,13 @@ def test_nan_is_missing_for_optional_fields() -> None:
     store = RedisFeatureStore(_spec())
     nan = float("nan")
     (cmd,) = store._commands([Event("e", "u", 1.0, {"x": 2, "c": nan, "b": nan})])
-    assert cmd[4] == _lp("u", "e", "1.0|2.0||")
+    assert cmd[4] == _lp("u", "e", "1.0|2.0||", "")
 
 
 def test_script_is_deterministic_and_bakes_the_spec() -> None:
     a, b = RedisFeatureStore(_spec()), RedisFeatureStore(_spec())
     assert a.sha == b.sha and len(a.sha) == 40
-    assert "wm - 30.0" in a.script and "'EX', 7200" in a.script
+    assert "wm - 30.0" in a.script and "math.floor(now / 120)" in a.script  # lateness, dedupe_horizon
     assert repr(a) == "RedisFeatureStore(spec='codec')"
 
 

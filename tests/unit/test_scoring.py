@@ -69,7 +69,9 @@ class MemoryFeatures:
         self.calls = 0
         self.seen: dict[str, dict[str, Any]] = {}
 
-    async def acompute_batch(self, redis: Any, events: Sequence[Event]) -> list[FeatureResult]:
+    async def acompute_batch(
+        self, redis: Any, events: Sequence[Event], positions: Sequence[Any] | None = None
+    ) -> list[FeatureResult]:
         self.calls += 1
         if self.fail_times:
             self.fail_times -= 1
