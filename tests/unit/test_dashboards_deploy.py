@@ -21,7 +21,7 @@ from weir.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-WEIR_SERVICES = ("weir-worker", "weir-learner", "weir-monitor")
+WEIR_SERVICES = ("weir-scorer", "weir-learner", "weir-monitor")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
 
 
 def test_weir_image_builds_from_existing_paths(compose: dict[str, Any]) -> None:
-    build = compose["services"]["weir-worker"]["build"]
+    build = compose["services"]["weir-scorer"]["build"]
     context = (DEPLOY / build["context"]).resolve()
     assert context == REPO
     assert "dockerfile_inline" not in build
@@ -72,7 +72,12 @@ def test_weir_services_listen_where_prometheus_scrapes(compose: dict[str, Any]) 
         env = compose["services"][name]["environment"]
         assert env["WEIR_METRICS_HOST"] == "0.0.0.0", "127.0.0.1 cannot be scraped from another container"
         port = env["WEIR_METRICS_PORT"]
-        assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:{port}"]
+        if name == "weir-scorer":
+            # Replicas: one target per replica, found through compose's DNS.
+            (sd,) = jobs[name]["dns_sd_configs"]
+            assert (sd["names"], sd["type"], str(sd["port"])) == ([name], "A", port)
+        else:
+            assert jobs[name]["static_configs"][0]["targets"] == [f"{name}:{port}"]
         assert name.startswith("weir"), "the WeirTargetDown alert matches job=~'weir.*'"
         env_names = [k for k in env if k.startswith("WEIR_")]
         known = {f"WEIR_{f.upper()}" for f in Settings.model_fields}
