@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from confluent_kafka import KafkaError, KafkaException
@@ -39,14 +39,17 @@ _KAFKA_FIX = (
 _REDIS_FIX = "start the local stack with `make up`, or set WEIR_REDIS_URL to a reachable Redis"
 
 
-def admin_client(settings: Settings) -> AdminClient:
+def admin_client(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None) -> AdminClient:
     """An AdminClient for the settings' brokers (security settings included).
 
     librdkafka's own log lines (one per failed connection attempt) go to the
-    ``streams.admin.librdkafka`` logger instead of stderr.
+    ``streams.admin.librdkafka`` logger instead of stderr; its errors to ``error_cb``
+    (served by the client's ``poll``).
     """
     conf: dict[str, Any] = dict(settings.confluent_config())
     conf["logger"] = logging.getLogger(f"{__name__}.librdkafka")
+    if error_cb is not None:
+        conf["error_cb"] = error_cb
     return AdminClient(conf)
 
 
@@ -56,9 +59,15 @@ def check_broker(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
     Returns:
         The cluster metadata (``.brokers``, ``.topics``, ``.cluster_id``).
     """
+    errors: list[KafkaError] = []
+    client = admin_client(settings, errors.append)
     try:
-        md = admin_client(settings).list_topics(timeout=timeout)
+        md = client.list_topics(timeout=timeout)
     except KafkaException as exc:
+        client.poll(0)  # serve the client's errors: a refused login or TLS says why
+        refused = _refusal(errors)
+        if refused:
+            raise StackError(f"Kafka at {settings.kafka_bootstrap} {refused}") from None
         raise StackError(
             f"Kafka at {settings.kafka_bootstrap} did not answer within {timeout:g}s "
             f"({_kafka_reason(exc)}); {_KAFKA_FIX}"
@@ -289,6 +298,22 @@ def _wait_for_leaders(
                 f"{settings.kafka_bootstrap}; check the broker's log (`make logs`)"
             )
         time.sleep(0.1)
+
+
+def _refusal(errors: list[KafkaError]) -> str | None:
+    """What to fix when a broker answered but refused the client (its login or TLS)."""
+    for e in errors:
+        if e.code() == KafkaError._AUTHENTICATION:
+            return (
+                f"refused the login ({e.str()}); check WEIR_KAFKA_SASL_MECHANISM, "
+                "WEIR_KAFKA_SASL_USERNAME and WEIR_KAFKA_SASL_PASSWORD"
+            )
+        if e.code() == KafkaError._SSL:
+            return (
+                f"could not be reached over TLS ({e.str()}); check WEIR_KAFKA_SSL_CAFILE (the CA "
+                "that signed the brokers' certificates) and WEIR_KAFKA_SECURITY_PROTOCOL"
+            )
+    return None
 
 
 def _kafka_reason(exc: KafkaException) -> str:

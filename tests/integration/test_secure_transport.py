@@ -93,9 +93,12 @@ def test_servers_refuse_plaintext_untrusted_and_wrong_credentials(secure: Any) -
     _kafka_refused({k: v for k, v in good.items() if k != "ssl.ca.location"}, {KafkaError._SSL})
     # Weir's own check names the failure and the fix, password hidden.
     wrong = _settings({**secure.env(), "WEIR_KAFKA_SASL_PASSWORD": "wrong-password"})
-    with pytest.raises(StackError, match="did not answer") as err:
+    with pytest.raises(StackError, match=r"refused the login .*check WEIR_KAFKA_SASL_MECHANISM") as err:
         admin.check_broker(wrong, timeout=2.0)
     assert "wrong-password" not in str(err.value)
+    untrusted_ca = _settings({**secure.env(), "WEIR_KAFKA_SSL_CAFILE": secure.tls.cert.as_posix()})
+    with pytest.raises(StackError, match=r"over TLS .*check WEIR_KAFKA_SSL_CAFILE"):
+        admin.check_broker(untrusted_ca, timeout=2.0)
 
     r = secure.redis
     assert r.client().ping()
