@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench soak clean \
-	up-cluster down-cluster test-cluster
+	up-cluster down-cluster test-cluster test-secure
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ test-integration: install ## integration tests only
 
 test-faults: install ## the fault suite: kill -9, paused/restarted servers, bad input (docs/reliability.md)
 	$(PYTEST) -q -p no:cacheprovider -s tests/integration/test_faults.py --durations=0
+
+test-secure: install ## Kafka SASL_SSL + Redis TLS end to end, own servers (deploy/local/secure.py; in `test` too)
+	$(PYTEST) -q -p no:cacheprovider tests/unit/test_settings_transport.py tests/integration/test_secure_transport.py --durations=0
 
 lint: $(STAMP) ## ruff, mypy, and shellcheck on the shell scripts in deploy/ and .ci/
 	$(VENV)/bin/ruff check .
