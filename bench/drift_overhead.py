@@ -17,7 +17,7 @@ On the same events, in one run (``--repeat`` times; the minimum of each stage is
   prequential evaluation, ``learn_one``, learned markers, training-log records), with
   :meth:`LearnerCore.sweep` every second as the learner runs it.
 * **drift**: every feature statistic and the prediction statistic of the spec over the
-  served features and predictions, in consumed batches (as ``streams.monitor`` feeds
+  served features and predictions, in consumed batches (as ``models.monitor.Intake`` feeds
   them), a full check every ``--check-every`` events. Also shown: the one-at-a-time
   path, the per-label performance detector, the monitor's JSON decoding of each
   prediction message, and the old denominator (the model's ``predict_proba_one`` +

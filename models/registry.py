@@ -15,7 +15,7 @@ Keys, all under ``{spec.redis_prefix}:registry:``:
 * ``snapshots`` - list of snapshot ids, newest first; only the last ``keep_snapshots`` are kept
 * ``snapmeta:{sid}`` / ``snapblob:{sid}`` - a snapshot's metadata and pickled model
 * ``checkpoint:{name}`` / ``checkpointmeta:{name}`` - a process's pickled state (the
-  monitor's, see ``streams/monitor.py``), signed like the models
+  monitor's, see ``streams/recovery.py``), signed like the models
 
 Retention (bounded memory): saving a version prunes the blobs, parked states and
 snapshot counters of every version that is not the champion, its predecessor, the

@@ -17,7 +17,7 @@ Durable state (a restart, even a kill -9, loses nothing):
   the records from there on to the restored state, including those the stopped process
   had applied after its last checkpoint (at-least-once: a drift record may be published
   twice). A record below those offsets, which Kafka may still deliver (a rebalance, a
-  fetch reset), is one the state covers: :class:`streams.monitor.Intake` skips it, so no
+  fetch reset), is one the state covers: :class:`models.monitor.Intake` skips it, so no
   record is applied twice to one state. A retrain saved in the few milliseconds
   between a registry write and its checkpoint is adopted from the ``challenger`` alias.
 
@@ -37,23 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from models.monitor import CHECKPOINT_FORMAT, Monitor, Offsets, Position
 from weir.contracts import TrainingRecord, decode_training_record
 from weir.errors import ModelError, ModelKeyError, StackError
 from weir.resilience import Backoff, DependencyHealth, retry_sync
 
 if TYPE_CHECKING:
-    from streams.monitor import Monitor
     from weir.settings import Settings
     from weir.spec import PipelineSpec
 
 log = logging.getLogger("weir.monitor")
 
-#: A record's place in its topic: (partition, offset).
-Position = tuple[int, int]
 #: The registry checkpoint the monitor keeps its state in.
 CHECKPOINT = "monitor"
-#: Bumped when the checkpoint's layout changes; an older one is ignored.
-CHECKPOINT_FORMAT = 1
 
 
 class RetryingRegistry:
@@ -97,9 +93,6 @@ class RetryingRegistry:
                 raise
 
         return call
-
-
-Offsets = dict[str, dict[int, int]]
 
 
 def read_back(

@@ -128,11 +128,11 @@ LABEL_DEAD_LETTER_REASONS: tuple[str, ...] = (
 JOIN_OUTCOMES: tuple[str, ...] = ("hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown")
 #: weir_redis_roundtrip_seconds{op}: streams/scoring.py.
 REDIS_OPS: tuple[str, ...] = ("features", "served")
-#: weir_drift_statistic{kind}, weir_drift_events_total{kind}: models/drift.py.
+#: weir_drift_statistic{kind}, weir_drift_events_total{kind}: models/drift/ (DriftKind in weir/contracts.py).
 DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance")
 #: weir_retrains_total{trigger}: models/retrain.py Trigger.
 RETRAIN_TRIGGERS: tuple[str, ...] = ("manual", "performance", "features", "schedule")
-#: weir_retrains_total{outcome}: streams/monitor.py.
+#: weir_retrains_total{outcome}: models/monitor.py.
 RETRAIN_OUTCOMES: tuple[str, ...] = ("skipped", "trained", "failed", "promoted", "rejected")
 
 

@@ -17,9 +17,10 @@ import orjson
 from confluent_kafka import Producer
 
 from models.drift import DriftRecord
+from models.monitor import Monitor
 from models.registry import ModelRegistry
 from streams.admin import delete_keys
-from streams.monitor import Monitor, request_retrain, run_monitor
+from streams.monitor import request_retrain, run_monitor
 from tests.integration.conftest import wait_for
 from tests.unit.test_retrain_monitor import agrawal_examples, make_spec, trained_champion
 from weir.settings import Settings

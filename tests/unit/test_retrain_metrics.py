@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from models.evaluation import OnlineEvaluator
-from streams.monitor import Monitor
+from models.monitor import Monitor
 from tests.unit.test_retrain_monitor import MemoryRegistry, agrawal_examples, make_spec, trained_champion
 from weir.metrics import LearnerMetrics, MonitorMetrics
 

@@ -1,6 +1,6 @@
 """The monitor's logic replayed offline: concept change -> drift -> challenger -> promotion.
 
-Same code as live (:class:`streams.monitor.Monitor`), fed decoded messages; the model
+Same code as live (:class:`models.monitor.Monitor`), fed decoded messages; the model
 registry is an in-memory stand-in with the registry's API.
 """
 
@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from models.drift import DriftRecord
 from models.factory import build_model, learn, model_input, predict
-from streams.monitor import Monitor
+from models.monitor import Monitor
 from weir.metrics import MonitorMetrics
 from weir.spec import PipelineSpec, parse_spec
 from weir.types import ModelVersion
@@ -299,7 +299,7 @@ def test_a_challenger_saved_after_the_checkpoint_is_adopted() -> None:
 def test_a_replay_of_covered_records_is_not_applied_twice() -> None:
     import orjson
 
-    from streams.monitor import Intake
+    from models.monitor import Intake
 
     spec, champion, reg = _setup()
     t = spec.topics

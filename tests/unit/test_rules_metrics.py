@@ -151,8 +151,8 @@ def test_known_label_values_match_the_code_that_produces_them() -> None:
     assert JOIN_OUTCOMES == join.OUTCOMES
     assert set(RETRAIN_TRIGGERS) == set(get_args(retrain.Trigger))
     assert set(DRIFT_KINDS) == set(get_args(drift.DriftKind)) - {"decision"}
-    emitted = _strings("streams/monitor.py", r'_count_retrain\([^()]*"(\w+)"\)') | _strings(
-        "streams/monitor.py", r'retrains\.labels\([^()]*"(\w+)"\)'
+    emitted = _strings("models/monitor.py", r'_count_retrain\([^()]*"(\w+)"\)') | _strings(
+        "models/monitor.py", r'retrains\.labels\([^()]*"(\w+)"\)'
     )
     assert emitted == set(RETRAIN_OUTCOMES)
     raised = _strings("weir/contracts.py", r'InvalidMessage\(\s*"(\w+)"')
