@@ -355,6 +355,26 @@ class LearnerMetrics:
             registry=r,
         )
         self.model_version = _model_version_gauge(r, "1 for the model version this process uses.")
+        # Sampled on a timer by weir/footprint.py (one SCAN step per sweep), never per event.
+        self.redis_keys = Gauge(
+            "weir_redis_keys",
+            "Keys of the pipeline in Redis by kind (win, meta, served, ...), at the last full SCAN pass.",
+            ["pipeline", "kind"],
+            registry=r,
+        )
+        self.redis_memory = Gauge(
+            "weir_redis_memory_bytes",
+            "Redis memory of the pipeline's keys by kind: keys x mean MEMORY USAGE of a sample.",
+            ["pipeline", "kind"],
+            registry=r,
+        )
+        self.redis_maxmemory = Gauge(
+            "weir_redis_maxmemory_bytes",
+            "The Redis server's maxmemory (0: no limit), read with the footprint.",
+            ["pipeline"],
+            registry=r,
+        )
+
 
     def init_series(self, spec: PipelineSpec) -> Self:
         """Create every series known at start at 0 (counters, histograms); returns self."""

@@ -1,0 +1,46 @@
+"""The pipeline's Redis memory, sampled with SCAN and MEMORY USAGE on the real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from weir.footprint import RedisFootprint
+from weir.metrics import LearnerMetrics
+
+
+def test_a_pass_counts_and_sizes_the_pipeline_keys_by_kind(redis_client: Any, unique: str) -> None:
+    prefix = f"weir:fp-{unique}"
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(300):
+        pipe.set(f"{prefix}:served:e{i}", b"\x01" + b"x" * 160, ex=60)
+    for i in range(20):
+        pipe.zadd(f"{prefix}:win:u{i}", {f"{k:012d}|1.0": k for k in range(50)})
+        pipe.expire(f"{prefix}:win:u{i}", 60)
+    pipe.set(f"{prefix}-other:served:e0", b"not this pipeline's", ex=60)
+    pipe.execute()
+    metrics = LearnerMetrics(CollectorRegistry())
+    footprint = RedisFootprint(prefix, "p", metrics)
+    try:
+        steps = 1
+        while not footprint.step(redis_client):
+            steps += 1
+            assert steps < 100_000
+        assert {k: n for k, (n, _) in footprint.last.items()} == {"served": 300, "win": 20}
+        served_bytes = footprint.last["served"][1] / 300
+        win_bytes = footprint.last["win"][1] / 20
+        assert 160 < served_bytes < 400, served_bytes  # a 161-byte value and its key
+        assert 50 * 10 < win_bytes < 50 * 200, win_bytes
+        value = metrics.registry.get_sample_value
+        assert value("weir_redis_keys", {"pipeline": "p", "kind": "served"}) == 300
+        assert value("weir_redis_memory_bytes", {"pipeline": "p", "kind": "win"}) == footprint.last["win"][1]
+        assert value("weir_redis_maxmemory_bytes", {"pipeline": "p"}) is not None
+        # A kind that is gone reads 0 at the next pass.
+        redis_client.delete(*[f"{prefix}:served:e{i}" for i in range(300)])
+        while not footprint.step(redis_client):
+            pass
+        assert value("weir_redis_keys", {"pipeline": "p", "kind": "served"}) == 0
+    finally:
+        for key in redis_client.scan_iter(match=f"weir:fp-{unique}*", count=1000):
+            redis_client.unlink(key)

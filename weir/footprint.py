@@ -1,0 +1,107 @@
+"""A pipeline's Redis memory, sampled on a timer: never per event.
+
+:class:`RedisFootprint` walks the keyspace with ``SCAN MATCH {prefix}:*`` one step per call
+(``COUNT`` :data:`SCAN_COUNT`), counts the pipeline's keys by kind (the segment after the
+prefix: ``win``, ``meta``, ``recent``, ``applied``, ``served``, ``early``, ``join``, ...)
+and takes ``MEMORY USAGE`` of one key in :data:`SAMPLE_EVERY` (and of the first key of
+every kind), pipelined with the step. When a pass ends (the cursor is back at 0) it sets
+``weir_redis_keys{pipeline,kind}``, ``weir_redis_memory_bytes{pipeline,kind}`` (keys x
+mean sampled size) and ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``).
+
+The learner calls :meth:`RedisFootprint.step` from its sweep every
+:data:`STEP_EVERY` seconds: a pass over a keyspace of N keys takes about
+``N / SCAN_COUNT * STEP_EVERY`` seconds (a million keys: ~3 minutes), each step a few
+milliseconds of Redis time. The alert ``WeirRedisMemoryHigh`` reads these gauges.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+#: Keys visited per SCAN step (Redis walks this many slots; the cost is ~1 ms per 10,000).
+SCAN_COUNT = 10_000
+#: One key in this many gets a MEMORY USAGE (SAMPLES 5: nested values are sampled too).
+SAMPLE_EVERY = 50
+#: Seconds between two steps (the learner's sweep decides when).
+STEP_EVERY = 2.0
+
+
+def kind_of(key: bytes | str, prefix: str) -> str:
+    """The kind of a pipeline key: its first segment after the prefix.
+
+    Examples:
+        >>> kind_of(b"weir:demo:win:user:1", "weir:demo")
+        'win'
+        >>> kind_of("weir:demo:status", "weir:demo")
+        'status'
+    """
+    text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    rest = text[len(prefix) + 1 :]
+    return rest.split(":", 1)[0] or "other"
+
+
+class RedisFootprint:
+    """Counts and sizes one pipeline's keys, one SCAN step per :meth:`step`.
+
+    Args:
+        prefix: the pipeline's key prefix (``spec.redis_prefix``).
+        pipeline: the pipeline's name (the ``pipeline`` label).
+        metrics: a :class:`weir.metrics.LearnerMetrics` (its ``redis_*`` gauges), or None.
+    """
+
+    def __init__(self, prefix: str, pipeline: str, metrics: Any = None) -> None:
+        self.prefix = prefix
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._cursor = 0
+        self._keys: Counter[str] = Counter()
+        self._sampled: Counter[str] = Counter()
+        self._bytes: Counter[str] = Counter()
+        self._seen = 0
+        #: the last full pass: kind -> (keys, estimated bytes)
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def step(self, client: Any) -> bool:
+        """One SCAN step (and its samples); True when it ended a pass (gauges set)."""
+        cursor, keys = client.scan(self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT)
+        sample: list[tuple[str, Any]] = []
+        for key in keys:
+            kind = kind_of(key, self.prefix)
+            self._keys[kind] += 1
+            self._seen += 1
+            if self._sampled[kind] == 0 or self._seen % SAMPLE_EVERY == 0:
+                self._sampled[kind] += 1
+                sample.append((kind, key))
+        if sample:
+            pipe = client.pipeline(transaction=False)
+            for _, key in sample:
+                pipe.memory_usage(key, samples=5)
+            for (kind, _), used in zip(sample, pipe.execute(), strict=True):
+                if used is None:  # gone between SCAN and MEMORY USAGE
+                    self._sampled[kind] -= 1
+                else:
+                    self._bytes[kind] += int(used)
+        self._cursor = int(cursor)
+        if self._cursor != 0:
+            return False
+        self._publish(client)
+        return True
+
+    def _publish(self, client: Any) -> None:
+        last: dict[str, tuple[int, int]] = {}
+        for kind, n in self._keys.items():
+            mean = self._bytes[kind] / self._sampled[kind] if self._sampled[kind] else 0.0
+            last[kind] = (n, int(n * mean))
+        m = self.metrics
+        if m is not None:
+            for kind in set(self.last) - set(last):  # a kind that is gone reads 0
+                m.redis_keys.labels(self.pipeline, kind).set(0)
+                m.redis_memory.labels(self.pipeline, kind).set(0)
+            for kind, (n, size) in last.items():
+                m.redis_keys.labels(self.pipeline, kind).set(n)
+                m.redis_memory.labels(self.pipeline, kind).set(size)
+            info = client.info("memory")
+            m.redis_maxmemory.labels(self.pipeline).set(float(info.get("maxmemory", 0) or 0))
+        self.last = last
+        self._keys, self._sampled, self._bytes, self._seen = Counter(), Counter(), Counter(), 0
