@@ -9,14 +9,27 @@ Redis keys (``P`` = ``spec.redis_prefix``), all with a TTL of ``labels.horizon``
   already executes, and deleted by the learner once the label joined to it is in a
   published snapshot.
 * ``P:join:pending`` - sorted set of served event ids by deadline (scored_at + horizon);
-  the learner's sweep counts those past their deadline as expiries (no label came).
+  the learner's sweep counts those past their deadline as expiries (no label came). A
+  learned event stays until its deadline with the score negated (``-deadline``): after its
+  served record is deleted, that is what tells a second label for it (a ``duplicate``)
+  from an early one.
 * ``P:join:expired`` - sorted set of event ids whose horizon passed, kept one more horizon,
   so a label arriving after the horizon is told apart from an early one.
 * ``P:early:{event_id}`` + ``P:join:early`` - labels that arrived before their event was
   scored, held until the *learner's periodic sweep* finds the served record (the scorer
   is never slowed by label work) or the horizon passes (outcome ``unknown``).
-* ``P:learned:{event_id}`` - the learned marker ``run:seq`` (dedupe, second line of
-  defence after the snapshot offsets; see :class:`Lineage`).
+
+**Learned, without a key per event.** A label message is read once per learner run
+(manual assignment); after a crash the learner seeks to its snapshot's labels offsets and
+reads again what the lost model state had learned. So: a label message at an offset the
+learner already passed (its snapshot's, or this run's) is a ``duplicate`` without a look at
+Redis. A learned label marks its served record with ``run:seq`` (a prefix of the record,
+:data:`_MARKED`), which :class:`Lineage` reads to learn again what a lost model state had
+learned; and negates its pending score. So a second label message for the event (another
+offset) is a ``duplicate`` while the record lives (marked by a run the model contains) and
+after it was deleted (the negated pending entry, until the event's deadline). After the
+deadline it finds nothing: it is held as early and counts ``unknown`` at its own deadline,
+never learned.
 
 **Bounded by the horizon, with or without a learner.** Every per-event key has a TTL of
 one horizon. The sorted sets are trimmed by whoever writes them: each scorer batch drops
@@ -29,16 +42,18 @@ of pending ids; nothing grows with the stream's length.
 **Retried calls.** A call that timed out may still have been applied (a paused Redis
 runs the queued commands when it resumes). Every write here is idempotent: served records
 and holds are ``SET NX`` (a retried hold that finds its own body counts as ``early``, not
-``duplicate``), markers are rewritten with the same value, sorted-set adds are ``NX``.
+``duplicate``), a record is marked again with the same marker, sorted-set adds are ``NX``
+and a pending score is negated only while positive.
 
 **Round trips.** A label batch costs one script call (:data:`_JOIN_LUA`): it writes the
-markers of the labels learned before (queued by :meth:`LabelJoiner.mark_learned`) and the
+marks of the labels learned before (queued by :meth:`LabelJoiner.mark_learned`) and the
 deletions of served records, then reads the batch's state; the decisions are pure Python.
 Early labels add one pipeline to hold them. The sweep moves expiries in bounded script
 calls (:data:`EXPIRE_CHUNK`) and looks at :data:`SWEEP_HELD_CHUNK` held labels at most.
 
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
-``hit`` (learned now), ``early`` (held), ``duplicate`` (already learned or already held),
+``hit`` (learned now), ``early`` (held), ``duplicate`` (its message already read, its event
+already learned, or a label already held),
 ``expired`` (its served record is gone: the horizon passed), ``invalid`` (dead-lettered);
 and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (never served).
 """
@@ -94,14 +109,11 @@ class Keys:
     def early(self, event_id: str) -> str:
         return f"{self.prefix}:early:{event_id}"
 
-    def learned(self, event_id: str) -> str:
-        return f"{self.prefix}:learned:{event_id}"
-
 
 #: The served records of a batch, one command instead of one ``SET`` per prediction (the
 #: largest client-side cost of a scorer's batch, docs/performance.md): each record
 #: ``SET PX NX``, its id added to the pending set (``ZADD NX``, deadline ARGV[3]), the
-#: pending ids whose deadline passed a horizon ago (before ARGV[4]) dropped, and the set's
+#: pending ids whose deadline passed a horizon ago (before ARGV[4]; learned ones too) dropped, and the set's
 #: TTL renewed (ARGV[5] ms). ARGV: prefix, record TTL (ms), deadline, cutoff, set TTL, then
 #: (event id, record) pairs.
 _SERVED_LUA = r"""
@@ -115,13 +127,17 @@ for i = 6, #ARGV, 2 do
   if #adds == 1000 then redis.call('ZADD', pending, 'NX', unpack(adds)); adds = {} end
 end
 if #adds > 0 then redis.call('ZADD', pending, 'NX', unpack(adds)) end
-redis.call('ZREMRANGEBYSCORE', pending, '-inf', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', pending, 0, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', pending, '(' .. string.format('%.17g', -tonumber(ARGV[4])), '(0')
 redis.call('PEXPIRE', pending, ARGV[5])
 return 0
 """
 
 #: First byte of a compact served record (an older record is an orjson object, ``{``).
 _COMPACT = b"\x01"
+#: First byte of a served record whose label was learned: ``\x02``, the marker's length
+#: (1 byte), the marker ``run:seq``, then the record as it was.
+_MARKED = b"\x02"
 _HEADER_LEN = struct.Struct("<H")
 _BINARY_CLASSES = ("False", "True")
 _NAN = math.nan
@@ -179,6 +195,8 @@ class ServedStore:
 
     def decode(self, event_id: str, raw: bytes) -> Prediction:
         """The Prediction of a stored record (compact, or an older orjson object)."""
+        if raw[:1] == _MARKED:
+            raw = raw[2 + raw[1] :]
         if raw[:1] != _COMPACT:
             return prediction_from_dict(orjson.loads(raw))
         (n,) = _HEADER_LEN.unpack_from(raw, 1)
@@ -235,15 +253,23 @@ class JoinResult:
     detail: str = ""
 
 
+#: The marker the join reads for a learned event whose served record is gone (its pending
+#: score is negated): in a published snapshot, which every later run starts from.
+PUBLISHED = "*"
+
+
 @dataclass
 class Lineage:
     """Which learned markers the live model really contains.
 
-    A marker is ``run_id:seq``: the learner run that learned the label and its count of
+    A marker is ``run_id:seq``, kept in the served record of the event whose label was
+    learned (:data:`_MARKED`): the learner run that learned the label and its count of
     labels learned. The model contains a marker's label if the marker is from this run,
     or from an earlier run up to the ``seq`` that run had reached when the snapshot this
     run started from was taken. A marker past that cutoff was learned by a model state
     lost in a crash: the label is learned again instead of being dropped as a duplicate.
+    :data:`PUBLISHED` stands for a learned event whose record is gone: records are deleted
+    only once a published snapshot contains their label.
     """
 
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -257,6 +283,8 @@ class Lineage:
         if marker is None:
             return False
         text = marker.decode() if isinstance(marker, bytes) else marker
+        if text == PUBLISHED:
+            return True
         run, _, seq = text.partition(":")
         if run == self.run_id:
             return True
@@ -270,27 +298,32 @@ class Lineage:
         return out
 
 
-#: The join's one call per batch: first the writes the learner queued (learned markers,
-#: served records to delete), then the state of each label's event, three values per id:
-#: its learned marker, its served record, and (mode ``expired``) its score in the
-#: expired set or (mode ``early``) its held label. ARGV: prefix, marker TTL (ms), mode,
-#: number of markers, number of deletions, the markers as (id, marker) pairs, the ids to
-#: delete, then the ids to read.
+#: The join's one call per batch: first the writes the learner queued (marks of learned
+#: labels, served records to delete), then the state of each label's event, three values
+#: per id: its learned marker (from its record's prefix, else ``*`` when its pending score
+#: is negated: learned, its record deleted or written again since), its served record
+#: (without the marker), and (mode ``expired``) its score in the expired set or (mode
+#: ``early``) its held label. A mark prefixes the record with the marker (keeping its TTL)
+#: and negates the pending score. ARGV: prefix, mode, number of marks, number of
+#: deletions, the marks as (id, marker) pairs, the ids to delete, then the ids to read.
 _JOIN_LUA = r"""
-local p, px, mode = ARGV[1], ARGV[2], ARGV[3]
-local nm, nd = tonumber(ARGV[4]), tonumber(ARGV[5])
+local p, mode = ARGV[1], ARGV[2]
+local nm, nd = tonumber(ARGV[3]), tonumber(ARGV[4])
 local pending = p .. ':join:pending'
-local i = 6
-local rem = {}
+local i = 5
 for _ = 1, nm do
-  local eid = ARGV[i]
-  redis.call('SET', p .. ':learned:' .. eid, ARGV[i + 1], 'PX', px)
-  rem[#rem + 1] = eid
-  if #rem == 500 then redis.call('ZREM', pending, unpack(rem)); rem = {} end
+  local eid, m = ARGV[i], ARGV[i + 1]
+  local k = p .. ':served:' .. eid
+  local rec = redis.call('GET', k)
+  if rec then
+    if string.byte(rec, 1) == 2 then rec = string.sub(rec, 3 + string.byte(rec, 2)) end
+    redis.call('SET', k, '\2' .. string.char(#m) .. m .. rec, 'KEEPTTL')
+  end
+  local d = tonumber(redis.call('ZSCORE', pending, eid))
+  if d and d > 0 then redis.call('ZADD', pending, 'XX', string.format('%.17g', -d), eid) end
   i = i + 2
 end
-if #rem > 0 then redis.call('ZREM', pending, unpack(rem)) end
-rem = {}
+local rem = {}
 for _ = 1, nd do
   rem[#rem + 1] = p .. ':served:' .. ARGV[i]
   if #rem == 500 then redis.call('DEL', unpack(rem)); rem = {} end
@@ -302,23 +335,30 @@ local expired = p .. ':join:expired'
 local last = #ARGV
 while i <= last do
   local stop = math.min(last, i + 499)
-  local lk, sk, ek = {}, {}, {}
+  local sk, ek = {}, {}
   for j = i, stop do
-    lk[#lk + 1] = p .. ':learned:' .. ARGV[j]
     sk[#sk + 1] = p .. ':served:' .. ARGV[j]
     if mode == 'early' then ek[#ek + 1] = p .. ':early:' .. ARGV[j] end
   end
-  local ms = redis.call('MGET', unpack(lk))
   local ss = redis.call('MGET', unpack(sk))
-  local es = ms
+  local es = ss
   if mode == 'early' then es = redis.call('MGET', unpack(ek)) end
-  for q = 1, #lk do
-    local m, s = ms[q], ss[q]
-    local x = false
-    if mode == 'early' then
-      x = es[q]
-    elseif not s and not m then
-      x = redis.call('ZSCORE', expired, ARGV[i + q - 1])
+  for q = 1, #sk do
+    local eid, s, m, x = ARGV[i + q - 1], ss[q], false, false
+    if s and string.byte(s, 1) == 2 then
+      local n = string.byte(s, 2)
+      m = string.sub(s, 3, 2 + n)
+      s = string.sub(s, 3 + n)
+    end
+    if mode == 'early' then x = es[q] end
+    if not m then
+      -- learned with its record gone (or written again by a redelivered event)
+      local d = tonumber(redis.call('ZSCORE', pending, eid))
+      if d and d < 0 then
+        m = '*'
+      elseif not s and mode ~= 'early' then
+        x = redis.call('ZSCORE', expired, eid)
+      end
     end
     out[#out + 1] = m
     out[#out + 1] = s
@@ -330,11 +370,12 @@ return out
 """
 
 #: The sweep's expiries: up to ARGV[3] pending ids whose deadline (ARGV[2]) passed move to
-#: the expired set (kept one more horizon, ARGV[4] seconds); returns how many moved.
+#: the expired set (kept one more horizon, ARGV[4] seconds), learned ones whose deadline
+#: passed go; returns how many moved.
 _EXPIRE_LUA = r"""
 local p, now, limit, horizon, px2 = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local pending, expired = p .. ':join:pending', p .. ':join:expired'
-local ids = redis.call('ZRANGEBYSCORE', pending, '-inf', now, 'LIMIT', 0, limit)
+local ids = redis.call('ZRANGEBYSCORE', pending, 0, now, 'LIMIT', 0, limit)
 local n = #ids
 local j = 1
 while j <= n do
@@ -350,6 +391,8 @@ while j <= n do
 end
 if n > 0 then redis.call('PEXPIRE', expired, px2) end
 redis.call('ZREMRANGEBYSCORE', expired, '-inf', now)
+-- learned events (negated scores) are kept until their deadline
+redis.call('ZREMRANGEBYSCORE', pending, '(' .. string.format('%.17g', -now), '(0')
 return n
 """
 
@@ -369,11 +412,11 @@ class LabelJoiner:
 
     One joiner per learner (one writer per model). The caller learns every example of
     a ``hit``/``resolved`` result, then calls :meth:`mark_learned`, which only queues the
-    markers: they are written at the start of the next call to Redis (the next batch's
+    marks: they are written at the start of the next call to Redis (the next batch's
     join, the sweep, or :meth:`flush` before a snapshot), in the same script, before that
     call reads anything. So a batch costs one round trip (plus one to hold early labels,
-    if any), and a later label for an event learned earlier still finds its marker.
-    A crash that loses queued markers also loses the model state that learned their
+    if any), and a later label for an event learned earlier still finds it learned.
+    A crash that loses queued marks also loses the model state that learned their
     labels (no snapshot is taken before :meth:`flush`): they are learned again.
 
     Served records are deleted once their label is in a published snapshot
@@ -419,17 +462,17 @@ class LabelJoiner:
 
     @property
     def unwritten(self) -> int:
-        """Markers queued and not yet written."""
+        """Marks queued and not yet written."""
         return len(self._marks)
 
     def _call(self, ids: Sequence[str], mode: str = "expired") -> list[Any]:
-        """Write the queued markers and deletions, then read ``ids``; one script call.
+        """Write the queued marks and deletions, then read ``ids``; one script call.
 
         The queues are emptied only once the call succeeded: a retried call sends them
-        again (rewriting a marker with the same value, deleting a deleted key: no-ops).
+        again (marking a record with the same marker, deleting a deleted key: no-ops).
         """
         marks, drops = self._marks, self._droppable[:DROP_CHUNK]
-        args: list[Any] = [self.keys.prefix, self.px, mode, len(marks), len(drops)]
+        args: list[Any] = [self.keys.prefix, mode, len(marks), len(drops)]
         marker = self.lineage.marker
         for eid, seq in marks:
             args += (eid, marker(seq))
@@ -441,12 +484,12 @@ class LabelJoiner:
         return raw
 
     def flush(self) -> None:
-        """Write the queued markers (and deletions) now; a snapshot waits for this."""
+        """Write the queued marks (and deletions) now; a snapshot waits for this."""
         if self._marks or self._droppable:
             self._call([])
 
     def mark_learned(self, learned: Iterable[tuple[str, int]]) -> None:
-        """Queue the learned markers ``(event_id, seq)``; no I/O (see the class)."""
+        """Queue the marks of learned labels ``(event_id, seq)``; no I/O (see the class)."""
         items = list(learned)
         self._marks.extend(items)
         self._unpublished.extend(eid for eid, _ in items)
@@ -462,14 +505,26 @@ class LabelJoiner:
 
     # -- decisions ---------------------------------------------------------------------
 
+    def learned(self, event_ids: Sequence[str]) -> list[bool]:
+        """Whether each event is known as learned (its record marked, or gone with its
+        pending score negated); writes the queued marks first. For tests and tools."""
+        raw = self._call(list(event_ids))
+        return [raw[3 * i] is not None for i in range(len(event_ids))]
+
     def join(
-        self, labels: Sequence[Label], now: float | None = None, sources: Sequence[str] | None = None
+        self,
+        labels: Sequence[Label],
+        now: float | None = None,
+        sources: Sequence[str] | None = None,
+        read: Sequence[bool] | None = None,
     ) -> list[JoinResult]:
         """Decide each label's outcome (labels already validated and coerced).
 
         One round trip (:meth:`_call`), and one more only to hold early labels.
         ``sources`` names each label's message (``partition:offset``); it goes into the
         hold, so a retried call tells its own hold from a second label for the event.
+        ``read`` is True for a label whose message the learner had already read (its
+        offset is before the learner's): a ``duplicate`` whatever Redis holds.
         """
         if not labels:
             return []
@@ -483,6 +538,9 @@ class LabelJoiner:
         for i, lab in enumerate(labels):
             marker, served_raw, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
             eid = lab.event_id
+            if read is not None and read[i]:
+                results.append(JoinResult("duplicate", eid, detail="label message already read"))
+                continue
             if eid in seen or (marker is not None and contains(marker)):
                 results.append(JoinResult("duplicate", eid, detail="label already learned"))
                 continue
@@ -592,6 +650,8 @@ class LabelJoiner:
 
     def _in_snapshot(self, marker: bytes) -> bool:
         run, _, seq = marker.decode().partition(":")
+        if run == PUBLISHED:
+            return True
         if run != self.lineage.run_id:
             return True  # an ancestor's marker the lineage contains is in the snapshot
         return int(seq) <= self.published_seq

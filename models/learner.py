@@ -4,7 +4,9 @@
 
 1. parses and validates each label (``weir.contracts.parse_label`` then the task's label
    type via :func:`models.factory.coerce_label`); a bad one becomes a dead letter;
-2. joins the labels with the served records (:class:`models.join.LabelJoiner`);
+2. joins the labels with the served records (:class:`models.join.LabelJoiner`); a label
+   message before the offsets (read already, by this run or before its snapshot) is a
+   ``duplicate``;
 3. for each joined example, first scores the prediction that was *served* for the event
    (prequential: what users actually got), then learns the *served* features;
 4. records the examples for the training-log topic and advances the offsets;
@@ -23,10 +25,10 @@ step at that call, it does not fail the batch); role ``all`` runs them on a thre
 the learning stays on the event loop thread, the only writer of the model the scorer
 reads. Every yielded call is idempotent, so retrying one after a timeout whose writes
 were applied anyway changes nothing: the label join's reads and holds (``SET NX``), the
-learned markers (the same ``run:seq`` value again). A ``None`` yielded is a point where
+marks of learned labels (the same ``run:seq`` on the served record again). A ``None`` yielded is a point where
 the driver may let other work run (between chunks of learning).
 
-**One round trip per batch.** The learned markers of a batch are queued, not written: the
+**One round trip per batch.** The marks of a batch's learned labels are queued, not written: the
 next call to Redis (the next batch's join, the sweep, or the flush a snapshot starts
 with) writes them first, in the same script that reads the next batch's state.
 """
@@ -45,6 +47,7 @@ from models.evaluation import OnlineEvaluator
 from models.factory import build_model, check_task, coerce_label, learn, model_input
 from models.join import Example, JoinResult, LabelJoiner, Lineage, dead_letter
 from weir.errors import InvalidMessage
+from weir.footprint import STEP_EVERY, RedisFootprint
 from weir.types import Label
 
 if TYPE_CHECKING:
@@ -126,7 +129,8 @@ class LearnerCore:
         metrics: Prometheus metrics; None for none.
         labels_learned: labels learned so far (restored from a snapshot).
         offsets: next labels-topic offset per partition (restored from a snapshot).
-        lineage: which learned markers the model contains (restored from a snapshot).
+        lineage: which learned markers (on served records) the model contains (restored
+            from a snapshot).
         clock: wall clock, for snapshots and the sweep.
     """
 
@@ -171,6 +175,11 @@ class LearnerCore:
         self._model_name = spec.model.name
         self._delay: Any = None
         self._delay_of: Any = None
+        #: the pipeline's Redis memory, sampled by the sweep (weir_redis_memory_bytes)
+        self.footprint = (
+            RedisFootprint(spec.redis_prefix, spec.name, metrics) if metrics is not None else None
+        )
+        self._footprint_at = 0.0
         if metrics is not None:
             metrics.model_version.labels(self._pipeline, self._model_name, version_id).set(1)
 
@@ -253,12 +262,15 @@ class LearnerCore:
         out = StepOutput(now=now)
         labels: list[Label] = []
         sources: list[str] = []
+        read: list[bool] = []  # the message is before the offsets: read already
+        offsets = self.offsets
         invalid = 0
         for msg in messages:
             self.labels_seen += 1
             try:
                 labels.append(self._parse(msg, now))
                 sources.append(f"{msg.partition}:{msg.offset}" if msg.offset >= 0 else "")
+                read.append(0 <= msg.offset < offsets.get(msg.partition, 0))
             except InvalidMessage as exc:
                 invalid += 1
                 if self.metrics is not None:
@@ -281,9 +293,10 @@ class LearnerCore:
             self.metrics.labels.labels(self._pipeline).inc(len(messages))
         if labels:
             joiner = self.joiner
-            results = yield Io(lambda: joiner.join(labels, now=now, sources=sources), "label join")
+            # Always a call, read labels included: it carries the previous batch's marks.
+            results = yield Io(lambda: joiner.join(labels, now=now, sources=sources, read=read), "label join")
             yield from self._apply_step(results, out)
-        # The offsets move once the batch is learned and its markers queued (a snapshot
+        # The offsets move once the batch is learned and its marks queued (a snapshot
         # writes them first): a snapshot never records offsets past a batch whose step
         # did not finish.
         for msg in messages:
@@ -300,11 +313,17 @@ class LearnerCore:
         return out
 
     def sweep_step(self, now: float | None = None) -> Step[StepOutput]:
-        """The sweep as a step: one :class:`Io` for the sweep, then learn and mark."""
+        """The sweep as a step: one :class:`Io` for the sweep (and, every
+        :data:`weir.footprint.STEP_EVERY` s, one for a step of the Redis memory sample),
+        then learn and mark."""
         now = self.clock() if now is None else now
         out = StepOutput(now=now)
         joiner = self.joiner
         expiries, results = yield Io(lambda: joiner.sweep(now), "label sweep")
+        footprint = self.footprint
+        if footprint is not None and now - self._footprint_at >= STEP_EVERY:
+            self._footprint_at = now
+            yield Io(lambda: footprint.step(self.client), "redis memory sample")
         self.expiries += expiries
         out.expiries = expiries
         if self.metrics is not None and expiries:

@@ -30,7 +30,7 @@ from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 
 from models.factory import build_model, predict
-from models.join import Keys, ServedStore
+from models.join import Keys, LabelJoiner, ServedStore
 from models.learner import LabelMessage, LearnerCore, status_key
 from models.registry import ModelRegistry
 from streams.learner import LearnerLoop
@@ -290,7 +290,7 @@ def test_a_step_paused_after_learning_retries_the_markers_and_learns_nothing_twi
     msgs = [LabelMessage(_label(i, now)[1], 0, i) for i in range(n)]
     loop._drive(core.process_step(msgs, now))
     assert core.labels_learned == n and core.offsets == {0: n}
-    assert core.joiner.unwritten == n and not client.exists(Keys(spec).learned("e0"))
+    assert core.joiner.unwritten == n and LabelJoiner(spec, client).learned(["e0"]) == [False]
     step = core.process_step(msgs, now)  # redelivered
     result: Any = None
     paused = False
@@ -313,7 +313,7 @@ def test_a_step_paused_after_learning_retries_the_markers_and_learns_nothing_twi
     up = registry.get_sample_value("weir_dependency_up", {"pipeline": spec.name, "dependency": "redis"})
     assert up == 1
     assert core.joiner.unwritten == 0
-    assert client.exists(*[Keys(spec).learned(f"e{i}") for i in range(n)]) == n
+    assert LabelJoiner(spec, client).learned([f"e{i}" for i in range(n)]) == [True] * n
     # nothing learned twice
     assert {r.outcome for r in again.results} == {"duplicate"} and core.labels_learned == n
     loop.emitter.producer.flush(1)
