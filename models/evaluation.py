@@ -32,7 +32,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from weir.types import LabelValue
+from weir.types import LabelValue, version_of
 
 if TYPE_CHECKING:
     from weir.metrics import LearnerMetrics
@@ -56,7 +56,8 @@ _METRICS: dict[str, list[tuple[str, str, bool]]] = {
     "regression": [("mae", "MAE", False), ("rmse", "RMSE", False)],
 }
 
-#: The headline metric of each task (used by status, shadow comparisons, dashboards).
+#: The headline metric of each task: what the shadow gate, the rollback guard and a
+#: retrain's holdout compare (:class:`models.shadow.Score`).
 PRIMARY_METRIC: dict[str, str] = {"binary": "accuracy", "multiclass": "accuracy", "regression": "mae"}
 
 
@@ -99,11 +100,6 @@ class BinnedROCAUC:
             tprs[i] = tp / (tp + fn) if tp + fn else 0.0
             fprs[i] = fp / (fp + tn) if fp + tn else 0.0
         return float(-integrate.trapezoid(x=fprs, y=tprs))
-
-
-def version_of(model_version: str) -> str:
-    """``'v3.17'`` (a snapshot id) -> ``'v3'``; a plain version id is returned as is."""
-    return model_version.split(".", 1)[0]
 
 
 class _Set:

@@ -30,6 +30,7 @@ from models.drift import DriftSuite, loss
 from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
 from models.shadow import RollbackGuard, ShadowGate, Verdict
 from weir.contracts import DriftRecord, control_message, json_object, training_record
+from weir.types import version_of
 
 if TYPE_CHECKING:
     from weir.metrics import MonitorMetrics
@@ -46,11 +47,6 @@ Offsets = dict[str, dict[int, int]]
 CHECKPOINT_FORMAT = 1
 
 Publish = Callable[[DriftRecord], None]
-
-
-def version_of(model_version: str | None) -> str | None:
-    """A snapshot id ``v3.17`` counts for version ``v3``."""
-    return None if model_version is None else str(model_version).split(".", 1)[0]
 
 
 @dataclass
@@ -177,7 +173,7 @@ class Monitor:
         self.policy.add_labels(1)
         self.buffer.append(msg)
         self.positions.append(pos)
-        mv = version_of(mv_full)
+        mv = _version(mv_full)
         if current:
             err = loss(task, y, served)
             if not math.isnan(err):
@@ -215,7 +211,7 @@ class Monitor:
         still count as fresh labels and still go to the buffer a challenger is fitted on.
         While no champion is known, and without a model version, a record counts.
         """
-        version = version_of(model_version)
+        version = _version(model_version)
         return version is None or self.champion_id is None or version == self.champion_id
 
     def on_control(self, msg: Mapping[str, Any]) -> None:
@@ -610,6 +606,11 @@ class Intake:
 
     def _mark(self, topic: str, partition: int, offset: int) -> None:
         self.offsets.setdefault(topic, {})[partition] = offset + 1
+
+
+def _version(model_version: Any) -> str | None:
+    """A record's model version as its registry version (:func:`weir.types.version_of`)."""
+    return None if model_version is None else version_of(str(model_version))
 
 
 def _float(v: Any) -> float | None:

@@ -22,8 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from models.shadow import Score, improvement
-from weir.contracts import DriftRecord
+from models.evaluation import PRIMARY_METRIC
+from models.shadow import Score, metric_improvement
+from weir.contracts import DriftRecord, finite_or_none
 from weir.errors import ModelError
 
 if TYPE_CHECKING:
@@ -265,15 +266,14 @@ class ChallengerResult:
 
     @property
     def improvement(self) -> float:
-        task = "regression" if self.metric == "mae" else "binary"
-        return improvement(task, self.challenger_score, self.champion_score)  # type: ignore[arg-type]
+        return metric_improvement(self.metric, self.challenger_score, self.champion_score)
 
     def as_meta(self) -> dict[str, Any]:
         """What goes into the registry's version meta."""
         return {
             "metric": self.metric,
-            "holdout_challenger": _json_float(self.challenger_score),
-            "holdout_champion": _json_float(self.champion_score),
+            "holdout_challenger": finite_or_none(self.challenger_score),
+            "holdout_champion": finite_or_none(self.champion_score),
             "rows": self.rows,
             "train_rows": self.train_rows,
             "holdout_rows": self.holdout_rows,
@@ -283,10 +283,6 @@ class ChallengerResult:
             "fit_seconds": round(self.seconds, 4),
             **self.meta,
         }
-
-
-def _json_float(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 def select_window(spec: PipelineSpec, frame: pd.DataFrame, since_ts: float | None = None) -> pd.DataFrame:
@@ -366,7 +362,7 @@ def fit_challenger(
         for i, row in enumerate(train_X.to_dict("records")):
             learn(model, model_input(_clean(row)), labels[i], task)
 
-    metric = "mae" if task == "regression" else "accuracy"
+    metric = PRIMARY_METRIC[task]
     ch_score, cp_score = Score(task), Score(task)
     champ = copy.deepcopy(champion) if champion is not None else None
     served = window["prediction"].tolist() if "prediction" in window.columns else [None] * n

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import time as _time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.drift import same_label
+from models.evaluation import PRIMARY_METRIC
 from weir.contracts import DriftRecord
 
-Task = Literal["binary", "multiclass", "regression"]
+if TYPE_CHECKING:
+    from weir.spec import Task
 
 
 class Score:
@@ -47,7 +49,7 @@ class Score:
 
     @property
     def metric(self) -> str:
-        return "mae" if self.task == "regression" else "accuracy"
+        return PRIMARY_METRIC[self.task]
 
     @property
     def higher_is_better(self) -> bool:
@@ -85,6 +87,17 @@ def improvement(task: Task, candidate: float, incumbent: float) -> float:
     return candidate - incumbent
 
 
+def metric_improvement(metric: str, candidate: float, incumbent: float) -> float:
+    """:func:`improvement` of two values of a task's primary metric (:data:`PRIMARY_METRIC`).
+
+    Examples:
+        >>> round(metric_improvement("accuracy", 0.85, 0.80), 4), metric_improvement("mae", 8.0, 10.0)
+        (0.05, 0.2)
+    """
+    task: Task = "regression" if metric == PRIMARY_METRIC["regression"] else "binary"
+    return improvement(task, candidate, incumbent)
+
+
 @dataclass(slots=True)
 class Verdict:
     """A gate's decision and why, with both sides' metric."""
@@ -105,7 +118,6 @@ class Verdict:
         **detail: Any,
     ) -> DriftRecord:
         """The verdict as a ``decision`` DriftRecord (value = improvement of the candidate)."""
-        task: Task = "regression" if self.metric == "mae" else "binary"
         return DriftRecord(
             time=_time.time() if now is None else now,
             pipeline=pipeline,
@@ -113,7 +125,7 @@ class Verdict:
             kind="decision",
             name=name,
             statistic=self.decision,
-            value=improvement(task, self.candidate, self.incumbent),
+            value=metric_improvement(self.metric, self.candidate, self.incumbent),
             threshold=float(detail.pop("margin", 0.0)),
             drifted=self.decision in ("promote", "rollback"),
             detail={

@@ -32,11 +32,11 @@ from typing import Any, Protocol, TypeVar
 from features.base import FeatureResult, to_model_input
 from weir.contracts import parse_event
 from weir.errors import InvalidMessage
-from weir.metrics import WorkerMetrics, version_label
+from weir.metrics import WorkerMetrics
 from weir.resilience import Backoff, DependencyHealth, retry_async
 from weir.resilience import is_transient as is_transient_failure
 from weir.spec import PipelineSpec
-from weir.types import DeadLetter, Event, Prediction
+from weir.types import DeadLetter, Event, Prediction, version_of
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -388,7 +388,7 @@ class Scorer:
             pred = out.predictions[0]
             # By model version (v1), not snapshot (v1.42): a label value per snapshot would
             # grow the series without bound; weir_model_version_info names the snapshot.
-            m.predictions.labels(p, pred.model, version_label(pred.model_version)).inc(len(out.predictions))
+            m.predictions.labels(p, pred.model, version_of(pred.model_version)).inc(len(out.predictions))
         if out.max_ts is not None:
             m.feature_freshness.labels(p).set(out.max_ts)
         now = time.time()

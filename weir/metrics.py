@@ -136,19 +136,6 @@ RETRAIN_TRIGGERS: tuple[str, ...] = ("manual", "performance", "features", "sched
 RETRAIN_OUTCOMES: tuple[str, ...] = ("skipped", "trained", "failed", "promoted", "rejected")
 
 
-def version_label(model_version: str) -> str:
-    """The model version a snapshot id belongs to, for metric labels: ``v1.42`` -> ``v1``.
-
-    Snapshot ids change every few seconds; as a label value each would be a new series
-    forever. Registry versions (``v1``, ``v2``...) change only on retrain/promotion.
-
-    Examples:
-        >>> version_label("v1.42"), version_label("v3")
-        ('v1', 'v3')
-    """
-    return model_version.split(".", 1)[0]
-
-
 def _existing(registry: CollectorRegistry, name: str) -> Any:
     """A collector already registered under ``name``: a process with two roles
     (``weir worker --role all`` scores and learns) shares the metrics both define."""

@@ -85,6 +85,20 @@ class DeadLetter:
     at: float = 0.0
 
 
+def version_of(model_version: str) -> str:
+    """The registry version a model version id belongs to: a snapshot id ``v3.17`` counts
+    for version ``v3``; a plain version id is returned as is.
+
+    Snapshot ids change every few seconds (as a metric label each would be a new series
+    forever); registry versions change only on retrain, promotion or rollback.
+
+    Examples:
+        >>> version_of("v1.42"), version_of("v3")
+        ('v1', 'v3')
+    """
+    return model_version.split(".", 1)[0]
+
+
 @dataclass(slots=True)
 class ModelVersion:
     """A stored model version's metadata (the blob is stored beside it)."""

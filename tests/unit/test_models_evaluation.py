@@ -9,8 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from river import metrics, utils
 
-from models.evaluation import OnlineEvaluator, version_of
+from models.evaluation import OnlineEvaluator
 from weir.metrics import LearnerMetrics
+from weir.types import version_of
 
 
 def _binary_stream(n: int, seed: int = 1) -> list[tuple[bool, bool, dict[str, float]]]:
