@@ -6,7 +6,8 @@
   in Redis, a generated Lua script (:mod:`features.lua`) run once per event, one round trip
   per batch.
 * :mod:`features.offline` - :func:`~features.offline.compute_offline`: the same features for
-  a whole stream in pandas (retraining, backfills, the parity tests).
+  a whole stream in pandas (the parity tests and the benchmarks; retraining fits on the
+  training log's served features instead).
 
 The window of an event at ``ts`` for a feature with window ``W`` is every event of its
 entity accepted earlier in arrival order (or itself) with a timestamp in ``(ts - W, ts]``;

@@ -2,7 +2,9 @@
 
 ``compute_offline(spec, events)`` takes the events in ARRIVAL order and returns, for every
 row, its status and features exactly as :class:`~features.online.RedisFeatureStore` serves
-them (tested to 1e-9 against the real Redis). Retraining and backfills use it.
+them (tested to 1e-9 against the real Redis). Its callers are the parity tests and the
+benchmarks (``bench/features.py``, ``bench/e2e.py``); retraining does not use it: a
+challenger is fitted on the training log, the features as they were served.
 
 How it works: one sequential pass decides each row's status (duplicate, late, ok) with a
 per-entity watermark; then the accepted rows are sorted by (entity, arrival) and cut into
