@@ -51,10 +51,6 @@ class Score:
     def metric(self) -> str:
         return PRIMARY_METRIC[self.task]
 
-    @property
-    def higher_is_better(self) -> bool:
-        return self.task != "regression"
-
     def update(self, y_true: Any, y_pred: Any) -> None:
         if y_pred is None:
             return

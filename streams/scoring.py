@@ -86,24 +86,6 @@ class ModelSource(Protocol):
         ...
 
 
-class StaticModel:
-    """A fixed model (tests, benchmarks, a scorer with learning disabled)."""
-
-    def __init__(self, model: Any, name: str, version: str) -> None:
-        self.model = model
-        self.name = name
-        self.version = version
-
-    def current(self) -> tuple[Any, str, str]:
-        return self.model, self.name, self.version
-
-    def refresh(self) -> bool:
-        return False
-
-    def age_seconds(self) -> float:
-        return 0.0
-
-
 async def isolate(
     items: Sequence[T],
     run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],

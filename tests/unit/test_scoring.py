@@ -18,7 +18,8 @@ import redis.exceptions as rexc
 from prometheus_client import CollectorRegistry
 
 from features.base import FeatureResult
-from streams.scoring import RawMessage, Scorer, StaticModel, is_transient_failure, isolate
+from streams.scoring import RawMessage, Scorer, is_transient_failure, isolate
+from tests.unit.doubles import StaticModel
 from weir.errors import FeatureError, StackError
 from weir.metrics import WorkerMetrics
 from weir.resilience import Backoff, DependencyHealth

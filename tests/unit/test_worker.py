@@ -263,8 +263,8 @@ def test_every_agent_of_the_app_ends_the_process_when_it_fails(tmp_path: Path) -
     idle): create_app hooks every agent's on_error to the fatal exit instead."""
     from river import linear_model
 
-    from streams.scoring import StaticModel
     from streams.worker import create_app
+    from tests.unit.doubles import StaticModel
 
     fatal: list[tuple[str, BaseException]] = []
     settings = load_settings(data_dir=str(tmp_path))
