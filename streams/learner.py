@@ -9,15 +9,15 @@ join with the served records, prequential evaluation, learning), produces the jo
 examples to the training-log topic and bad labels to the dead-letter topic, and publishes
 model snapshots the scorers pick up (``registry.latest_snapshot()``).
 
-The sequence, per batch: process (join, learn, queue the learned markers: the next
+The sequence, per batch: process (join, learn, queue the marks of learned labels: the next
 batch's join or the snapshot writes them) -> hand the training-log
 records and dead letters to the producer -> every second, the sweep (expiries, held early
 labels) and the status -> when a snapshot is due: **flush** (every record delivered) ->
 **snapshot** with the labels topic's next offsets. On start it loads the latest snapshot
 and assigns the partitions at the snapshot's offsets. So after a SIGKILL the labels learned
 since that snapshot (lost with the process) are read and learned again, and none before it
-is; the learned markers' lineage (:mod:`models.join`) tells a marker of a lost model state
-from one the snapshot contains. The training log is at-least-once, keyed by ``event_id``.
+is; the lineage of the markers on served records (:mod:`models.join`) tells a marker of a
+lost model state from one the snapshot contains. The training log is at-least-once, keyed by ``event_id``.
 
 Outages. Every call to Redis or Kafka in the sequence is retried where it failed, with
 bounded exponential backoff (:mod:`weir.resilience`), until the server is back: the
