@@ -36,6 +36,9 @@ from weir.errors import StackError
 from weir.settings import Settings, load_settings
 from weir.spec import load_spec
 
+# ~35 s alone, most of it the broker's start: `-m 'not secure'` leaves it out.
+pytestmark = pytest.mark.secure
+
 N_EVENTS = 300
 
 
@@ -74,7 +77,7 @@ def _kafka_refused(conf: dict[str, Any], codes: set[int], timeout: float = 20.0)
         interval=0,
     )
     with pytest.raises(KafkaException):
-        producer.list_topics(timeout=1.0)
+        producer.list_topics(timeout=0.5)
     assert not any("Connection refused" in e.str() for e in errors), f"nothing listens: {errors}"
     return errors
 
@@ -94,11 +97,11 @@ def test_servers_refuse_plaintext_untrusted_and_wrong_credentials(secure: Any) -
     # Weir's own check names the failure and the fix, password hidden.
     wrong = _settings({**secure.env(), "WEIR_KAFKA_SASL_PASSWORD": "wrong-password"})
     with pytest.raises(StackError, match=r"refused the login .*check WEIR_KAFKA_SASL_MECHANISM") as err:
-        admin.check_broker(wrong, timeout=2.0)
+        admin.check_broker(wrong, timeout=3.0)
     assert "wrong-password" not in str(err.value)
     untrusted_ca = _settings({**secure.env(), "WEIR_KAFKA_SSL_CAFILE": secure.tls.cert.as_posix()})
     with pytest.raises(StackError, match=r"over TLS .*check WEIR_KAFKA_SSL_CAFILE"):
-        admin.check_broker(untrusted_ca, timeout=2.0)
+        admin.check_broker(untrusted_ca, timeout=3.0)
 
     r = secure.redis
     assert r.client().ping()
