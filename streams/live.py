@@ -24,7 +24,9 @@ import logging
 import time
 from typing import Any
 
-from models.learner import LearnerCore
+from models.learner import LabelMessage, LearnerCore
+from streams.learner import LearnerLoop
+from streams.sync import EventTimeSync, consumed_all, merge_by_time, message_time
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -139,10 +141,104 @@ def snapshot_wiring(spec: PipelineSpec, settings: Settings) -> tuple[SnapshotFol
     return follower, ServedStore(spec)
 
 
-def live_wiring(spec: PipelineSpec, settings: Settings) -> tuple[LiveModel, Any, Any]:
-    """Role ``all``: an embedded learner on the labels topic sharing the scorer's model."""
+class OrderedLearnerLoop(LearnerLoop):
+    """The embedded learner of role ``all``, taking labels in event-time order with the
+    scorer (:mod:`streams.sync`).
+
+    It holds the labels it fetched in a buffer (ordered across partitions by ts, each
+    partition's order kept) and hands the learning step only those due: a label at ``ts``
+    once every event before ``ts`` is scored. It publishes the labels' frontier to the
+    scorer: the ts of the next label to learn, or "caught up" when the buffer is empty and
+    the consumer at the high watermark. The buffered labels are not in the offsets yet: a
+    snapshot never skips them.
+    """
+
+    def __init__(self, *args: Any, sync: EventTimeSync, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync = sync
+        self.buffer: list[tuple[float, LabelMessage]] = []
+        self.partitions: list[int] = []
+        #: per partition: the offset after the last label fetched, and the low watermark
+        self._fetched: dict[int, int] = {}
+        self._low: dict[int, int] = {}
+        self._high: dict[int, int] = {}
+        self._at_end = False
+        self._asked = 0.0
+
+    def open(self) -> list[tuple[int, int]]:
+        placed = super().open()
+        self.partitions = [p for p, _ in placed]
+        return placed
+
+    def poll(self, timeout: float = 0.2) -> list[LabelMessage]:
+        """The next labels due (see the class doc), waiting at most ``timeout`` seconds for
+        labels, then for the events they are due after."""
+        t0 = time.monotonic()
+        if not self.buffer:
+            fetched = super().poll(timeout)
+            for m in fetched:
+                self._fetched[m.partition] = max(self._fetched.get(m.partition, 0), m.offset + 1)
+            timed = [(message_time(m.value, self.spec), m) for m in fetched]
+            self.buffer = merge_by_time(timed, lambda t: t[1].partition, lambda t: t[0])
+            self._at_end = self._consumed_all()
+            self._publish()
+            if not self.buffer:
+                return []
+        left = max(0.0, timeout - (time.monotonic() - t0))
+        n = self.sync.wait_events([ts for ts, _ in self.buffer], left)
+        taken, self.buffer = self.buffer[:n], self.buffer[n:]
+        return [m for _, m in taken]
+
+    def learned(self, batch: list[LabelMessage]) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        head = self.buffer[0][0] if self.buffer else None
+        self.sync.publish_labels(head, caught_up=not self.buffer and self._at_end)
+
+    def _consumed_all(self) -> bool:
+        """Every label partition read up to its high watermark (the last known one).
+
+        librdkafka caches each partition's high watermark from its fetches; a partition
+        not fetched from yet is asked once (at most every second), with its low watermark
+        as the position of an empty one.
+        """
+        from confluent_kafka import KafkaException, TopicPartition
+
+        consumer, offsets = self.consumer, self.core.offsets
+        positions: dict[int, int] = {}
+        highs: dict[int, int | None] = {}
+        for p in self.partitions:
+            tp = TopicPartition(self.topic, p)
+            cached = consumer.get_watermark_offsets(tp, cached=True)
+            high = cached[1] if cached and cached[1] >= 0 else self._high.get(p, -1)
+            pos = max(self._fetched.get(p, -1), offsets.get(p, -1), self._low.get(p, -1))
+            if (high < 0 or pos < 0) and time.monotonic() - self._asked >= 1.0:
+                self._asked = time.monotonic()
+                try:
+                    asked = consumer.get_watermark_offsets(tp, timeout=2.0)
+                except KafkaException as exc:
+                    log.debug("learner: watermarks of %s[%d]: %s", self.topic, p, exc)
+                    return False
+                if not asked:
+                    return False
+                low, high = asked
+                self._low[p], self._high[p] = low, high
+                pos = max(pos, low)
+            positions[p], highs[p] = pos, high
+        return consumed_all(positions, highs)
+
+
+def live_wiring(
+    spec: PipelineSpec, settings: Settings, sync: EventTimeSync | None = None
+) -> tuple[LiveModel, Any, Any]:
+    """Role ``all``: an embedded learner on the labels topic sharing the scorer's model.
+
+    With ``sync`` (:func:`streams.sync.sync_for`), it takes labels in event-time order
+    with the scorer (:class:`OrderedLearnerLoop`).
+    """
     from models.join import ServedStore
-    from streams.learner import LearnerLoop, start_core
+    from streams.learner import start_core
     from weir.resilience import DependencyHealth
 
     core = start_core(spec, settings)
@@ -151,7 +247,12 @@ def live_wiring(spec: PipelineSpec, settings: Settings) -> tuple[LiveModel, Any,
     def hook(app: Any) -> None:
         # Metrics are attached (live.attach_metrics) before the hook runs.
         registry = core.metrics.registry if core.metrics is not None else None
-        learner = LearnerLoop(spec, settings, core, health=DependencyHealth(registry, spec.name), linger_ms=5)
+        health = DependencyHealth(registry, spec.name)
+        learner = (
+            LearnerLoop(spec, settings, core, health=health, linger_ms=5)
+            if sync is None
+            else OrderedLearnerLoop(spec, settings, core, health=health, linger_ms=5, sync=sync)
+        )
 
         @app.task
         async def learn_labels() -> None:

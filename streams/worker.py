@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 from streams.delivery import Delivery
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
+from streams.sync import UNTIMED, EventTimeSync, consumed_all, merge_by_time, message_time, sync_for
 from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
@@ -353,11 +354,13 @@ def create_app(
 
     served: Any = None
     learner_hook: Any = None
+    sync: EventTimeSync | None = None
     if models is None:
         from streams.live import live_wiring, snapshot_wiring
 
         if role == "all":
-            live, served, learner_hook = live_wiring(spec, settings)
+            sync = sync_for(spec, metrics)
+            live, served, learner_hook = live_wiring(spec, settings, sync)
             if metrics is not None:
                 live.attach_metrics(metrics.registry)
             models = live
@@ -380,6 +383,8 @@ def create_app(
     @app.agent(events, concurrency=1)
     async def score(stream: Any) -> None:
         output = KafkaOutput(spec, settings)
+        if sync is not None:
+            sync.bind(asyncio.get_running_loop())
         try:
             async for batch in stream.take_events(spec.scoring.batch_size, within=spec.scoring.batch_within):
                 try:
@@ -425,11 +430,63 @@ def create_app(
         ]
         follow()
         redis = redis_client()
-        out = await scorer.process(msgs, redis)
-        # Both durable before the agent returns for the next batch (which acks this one).
-        await asyncio.gather(scorer.record_served(out, redis), output.deliver(out, health, backoff, stopping))
+        if sync is None or sync.labels.caught_up:
+            if sync is not None:
+                sync.publish_events(UNTIMED)  # a batch in hand (times unread): labels wait for it
+            out = await scorer.process(msgs, redis)
+            # Both durable before the agent returns for the next batch (which acks this one).
+            await asyncio.gather(
+                scorer.record_served(out, redis), output.deliver(out, health, backoff, stopping)
+            )
+        else:
+            out = await score_in_order(msgs, redis, sync)
+            await output.deliver(out, health, backoff, stopping)
+        if sync is not None:
+            for e in batch:
+                scored_to[e.message.tp] = e.message.offset + 1
+            sync.publish_events(None, events_caught_up(full=len(batch) >= spec.scoring.batch_size))
         scorer.observe(msgs, out, time.perf_counter() - t0)
         _observe_lag(app, spec, metrics, batch)
+
+    async def score_in_order(msgs: list[RawMessage], redis: Any, sync: EventTimeSync) -> BatchOutput:
+        """Role ``all`` with labels behind: the batch in event-time order with the labels.
+
+        Each run of events with no label due before them is scored and its served records
+        stored (the learner joins its labels to them) before the next run waits for the
+        labels due before it (:mod:`streams.sync`). The batch's records go to Kafka once,
+        after all its runs.
+        """
+        timed = merge_by_time(
+            [(message_time(m.value, spec), m) for m in msgs], lambda t: t[1].partition, lambda t: t[0]
+        )
+        times = [ts for ts, _ in timed]
+        outs: list[BatchOutput] = []
+        i = 0
+        while i < len(timed):
+            sync.publish_events(times[i])
+            n = await sync.wait_labels(times[i:])
+            run = [m for _, m in timed[i : i + n]]
+            out = await scorer.process(run, redis)
+            await scorer.record_served(out, redis)
+            outs.append(out)
+            i += n
+        return merge_outputs(outs)
+
+    scored_to: dict[Any, int] = {}  # per events partition: the offset after the last scored
+
+    def events_caught_up(full: bool) -> bool:
+        """No event waiting to be scored, as far as this worker can tell: the last batch
+        did not fill up (faust's buffer ran dry) and every partition it scored from is
+        scored up to its high watermark (as of the consumer's last fetch)."""
+        if full:
+            return False
+        highs: dict[Any, int | None] = {}
+        for tp in scored_to:
+            try:
+                highs[tp] = app.consumer.highwater(tp)
+            except Exception:  # not assigned any more (a rebalance): not known
+                highs[tp] = None
+        return consumed_all(scored_to, highs)
 
     following: dict[str, Any] = {"next": 0.0, "failures": 0}
 
@@ -469,6 +526,9 @@ def create_app(
         # model it started with (it reads the model once, between awaits it does not).
         follow()
         _observe_model(spec, metrics, scorer.models)  # also ages the snapshot gauge
+        if sync is not None and sync.events.head is None and not sync.events.caught_up:
+            # An idle scorer after a full batch: caught up once nothing more came.
+            sync.publish_events(None, events_caught_up(full=False))
 
     if learner_hook is not None:
         learner_hook(app)
@@ -481,6 +541,21 @@ def create_app(
         agent._on_error = agent_crashed  # faust's on_error hook, set on every agent of the app
 
     return app
+
+
+def merge_outputs(outs: list[BatchOutput]) -> BatchOutput:
+    """The output of one batch scored in several runs (:func:`score_in_order`)."""
+    if len(outs) == 1:
+        return outs[0]
+    merged = BatchOutput()
+    for out in outs:
+        merged.predictions += out.predictions
+        merged.dead_letters += out.dead_letters
+        merged.duplicates += out.duplicates
+        merged.late_ignored += out.late_ignored
+        if out.max_ts is not None and (merged.max_ts is None or out.max_ts > merged.max_ts):
+            merged.max_ts = out.max_ts
+    return merged
 
 
 def _observe_lag(app: Any, spec: PipelineSpec, metrics: WorkerMetrics | None, batch: Any) -> None:

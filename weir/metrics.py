@@ -128,6 +128,8 @@ LABEL_DEAD_LETTER_REASONS: tuple[str, ...] = (
 JOIN_OUTCOMES: tuple[str, ...] = ("hit", "early", "duplicate", "expired", "invalid", "resolved", "unknown")
 #: weir_redis_roundtrip_seconds{op}: streams/scoring.py.
 REDIS_OPS: tuple[str, ...] = ("features", "served")
+#: weir_event_order_wait_seconds_total{waiter}: streams/sync.py WAITERS.
+ORDER_WAITERS: tuple[str, ...] = ("scorer", "learner")
 #: weir_drift_statistic{kind}, weir_drift_events_total{kind}: models/drift/ (DriftKind in weir/contracts.py).
 DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance")
 #: weir_retrains_total{trigger}: models/retrain.py Trigger.
@@ -277,10 +279,19 @@ class WorkerMetrics:
             ["pipeline"],
             registry=r,
         )
+        self.order_wait = Counter(
+            "weir_event_order_wait_seconds",
+            "Role all: seconds spent waiting to take events and labels in event-time order "
+            "(scorer: for labels due before its next event; learner: for events due before its next label).",
+            ["pipeline", "waiter"],
+            registry=r,
+        )
 
     def init_series(self, spec: PipelineSpec) -> Self:
         """Create every series known at start at 0 (counters, histograms); returns self."""
         p = spec.name
+        for waiter in ORDER_WAITERS:
+            self.order_wait.labels(p, waiter)
         for metric in (self.events, self.duplicates, self.batch_size, self.batch_seconds, self.latency):
             metric.labels(p)
         for reason in EVENT_DEAD_LETTER_REASONS:

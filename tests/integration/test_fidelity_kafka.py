@@ -1,26 +1,21 @@
-"""Fidelity end to end: the prequential accuracy a `weir worker` reports equals River's.
+"""Fidelity end to end, as a burst: a replayed backlog scores what River scores.
 
-One ``weir worker SPEC --role all`` subprocess reads events and labels from Kafka (fresh
-topics, one partition each), computes the features in Redis, scores, records what it
-served, joins the labels and learns. The accuracy it reports (``{prefix}:status``, what
-``weir status`` prints) must be within 1 percentage point of
-``river.evaluate.progressive_val_score(rows, model, Accuracy(), delay=k)`` on the same
-rows with the same model, for a bundled real data set and a synthetic one.
+Every event and every label of a stream is produced to fresh topics (one partition each)
+*before* ``weir worker SPEC --role all`` starts: a replay, or a catch-up after an outage,
+both topics holding a backlog. Event ``i`` has ``ts = start + i`` and its label
+``ts = start + i + k`` (it arrives ``k`` events later). The worker reads the events and
+the labels topics concurrently, and takes them in event-time order (``scoring.max_idle``,
+docs/spec.md): a label whose ts is at or before an event's ts is learned before that event
+is scored, as Kafka Streams' ``max.task.idle.ms`` orders two topics. So event ``i`` is
+scored by a model that learned exactly the labels ``0 .. i-k``: River's ``delay=k``.
 
-**A label delay in events, over two asynchronous topics.** River's ``delay=k`` means event
-``i`` is predicted by a model that has learned exactly the labels ``0 .. i-k``. The worker
-reads the events and the labels topics concurrently, so producing at a steady rate would
-leave the delay at the mercy of scheduling. This test runs in lockstep instead: it feeds
-the events in chunks of ``c``, and before each chunk releases the labels that must be in
-the model and waits until they are learned (their learned markers in Redis); after each
-chunk it waits until every event of the chunk was served (its served record in Redis, which
-is what the label join reads). So what the worker computes does not depend on timing at
-all: every event of chunk ``[s, s+c)`` is scored by the model that learned the labels
-``0 .. s + (c-1)//2 - k``, which is River's delay ``k`` for the chunk's middle event and
-``k ± c/2`` for the others. ``_lockstep_accuracy`` computes the same schedule offline with
-River; Weir must equal it exactly (any lost, repeated, reordered or early-joined label, or
-a feature not served exactly, would show), and that differs from River's
-``progressive_val_score`` only by the chunking (well under a point for these streams).
+The accuracy the worker reports (``{prefix}:status``, what ``weir status`` prints) must be
+within half a point of ``river.evaluate.progressive_val_score(rows, model, Accuracy(),
+delay=k)`` on the same rows with the same model, for a bundled real data set and a
+synthetic one. Without the ordering the worker scores most of the backlog before it
+learns from it (issue #16: 0.836 against River's 0.893 on Phishing). Completion is read
+from the learner's status (labels learned); every event is predicted exactly once, and
+every label joins the record served for its event on arrival (``hit``: none came early).
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ from river import datasets, evaluate, metrics
 from river.datasets import synth
 
 from models.factory import build_model
-from models.join import Keys
 from models.learner import status_key
 from streams.admin import delete_keys
 from weir.settings import Settings
@@ -54,10 +48,8 @@ pytestmark = pytest.mark.integration
 
 Rows = list[tuple[dict[Any, Any], Any]]
 
-#: Seconds to wait for the worker's first round trip (process start, consumer group join).
-FIRST_WAIT = 90.0
-#: Seconds to wait for any later round trip.
-WAIT = 30.0
+#: Seconds the worker may take to start and work through the backlog.
+WAIT = 120.0
 
 
 def _phishing() -> Rows:
@@ -73,46 +65,16 @@ class Case:
     name: str
     data: Callable[[], Rows]
     steps: list[Any]
-    delay: int  # k: labels revealed k events later
-    chunk: int  # c: events per lockstep chunk
+    delay: int  # k: each label arrives k events after its event (k seconds of event time)
 
 
 CASES = [
-    Case("phishing-logreg", _phishing, LOGREG, delay=30, chunk=10),
-    Case("agrawal-tree", _agrawal, TREE, delay=30, chunk=16),
+    Case("phishing-logreg", _phishing, LOGREG, delay=30),
+    Case("agrawal-tree", _agrawal, TREE, delay=30),
 ]
 
 
-def _learned_before(start: int, delay: int, chunk: int) -> int:
-    """How many labels (``0 .. n-1``) are in the model that scores the chunk at ``start``."""
-    return max(0, min(start, start + (chunk - 1) // 2 - delay + 1))
-
-
-def _lockstep_accuracy(rows: Rows, model: Any, delay: int, chunk: int) -> tuple[float, int]:
-    """River on the lockstep schedule: (accuracy, predictions scored). Test then train."""
-    acc = metrics.Accuracy()
-    preds: list[Any] = []
-    learned = 0
-
-    def learn_until(n: int) -> None:
-        nonlocal learned
-        while learned < n:
-            x, y = rows[learned]
-            if preds[learned] is not None:
-                acc.update(y, preds[learned])
-            model.learn_one(x, y)
-            learned += 1
-
-    for s in range(0, len(rows), chunk):
-        learn_until(_learned_before(s, delay, chunk))
-        for x, _ in rows[s : s + chunk]:
-            proba = model.predict_proba_one(x)
-            preds.append(max(proba, key=proba.get) if proba else None)
-    learn_until(len(rows))
-    return acc.get(), sum(p is not None for p in preds)
-
-
-def _spec(unique: str, rows: Rows, steps: list[Any]) -> PipelineSpec:
+def burst_spec(unique: str, rows: Rows, steps: list[Any], **scoring: Any) -> PipelineSpec:
     """Every raw field of the rows is a feature: the model sees exactly River's ``x``."""
     names = list(rows[0][0])
     return make_spec(
@@ -120,9 +82,43 @@ def _spec(unique: str, rows: Rows, steps: list[Any]) -> PipelineSpec:
         fields={n: "numeric" for n in names},
         features=[{"agg": "raw", "field": n} for n in names],
         model={"name": "m", "steps": steps},
-        scoring={"batch_size": 500, "batch_within": 0.01},
+        scoring={"batch_size": 500, "batch_within": 0.01, **scoring},
         learner={"snapshot_every_labels": 1000, "snapshot_every_seconds": 1.0},
     )
+
+
+def produce_burst(settings: Settings, spec: PipelineSpec, rows: Rows, delay: int) -> None:
+    """All events, then all labels (label ts = event ts + delay), before any worker runs.
+
+    Integer timestamps, so ``ts(event i) + delay == ts(event i + delay)`` exactly: a tie,
+    which River and the worker both break label first.
+    """
+    start = int(time.time()) - 3 * 3600  # event i at start + i: monotonic, never late
+    producer = Producer({**settings.confluent_config(), "linger.ms": 20})
+    for i, (x, _) in enumerate(rows):
+        entity = f"u{i % 17}"
+        ev = {"event_id": f"e{i}", "entity_id": entity, "ts": start + i, "data": x}
+        producer.produce(spec.topics.events, orjson.dumps(ev), entity.encode())
+    for i, (_, y) in enumerate(rows):
+        label = {"event_id": f"e{i}", "label": y.item() if hasattr(y, "item") else y, "ts": start + i + delay}
+        producer.produce(spec.topics.labels, orjson.dumps(label), f"e{i}".encode())
+    assert producer.flush(60) == 0, "could not deliver the burst"
+
+
+def wait_learned(client: Any, spec: PipelineSpec, worker: Worker, n: int, timeout: float) -> dict[str, Any]:
+    """The learner's status once it has learned ``n`` labels (what ``weir status`` prints)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = client.get(status_key(spec))
+        status: dict[str, Any] | None = orjson.loads(raw) if raw else None
+        if status is not None and status["labels_learned"] >= n:
+            return status
+        if not worker.alive():
+            pytest.fail(f"the worker died:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            got = status["labels_learned"] if status else "no status"
+            pytest.fail(f"{got} of {n} labels learned after {timeout:g}s:\n{worker.tail()}")
+        time.sleep(0.1)
 
 
 def _high_watermark(settings: Settings, topic: str) -> int:
@@ -131,54 +127,6 @@ def _high_watermark(settings: Settings, topic: str) -> int:
         return int(c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1])
     finally:
         c.close()
-
-
-class Lockstep:
-    """Feeds a worker events and labels, waiting for each step to be done in Redis."""
-
-    def __init__(self, settings: Settings, spec: PipelineSpec, client: Any, worker: Worker) -> None:
-        self.spec = spec
-        self.client = client
-        self.worker = worker
-        self.keys = Keys(spec)
-        self.producer = Producer({**settings.confluent_config(), "linger.ms": 0})
-        self.start_ts = time.time() - 3 * 3600  # event i at start_ts + i: monotonic, never late
-        self.first = True
-
-    def _send(self, topic: str, msgs: list[tuple[bytes, bytes]]) -> None:
-        for key, value in msgs:
-            self.producer.produce(topic, value, key)
-        assert self.producer.flush(30) == 0, f"could not deliver to {topic}"
-
-    def _wait_all(self, keys: list[str], what: str) -> None:
-        timeout = FIRST_WAIT if self.first else WAIT
-        deadline = time.monotonic() + timeout
-        while self.client.exists(*keys) < len(keys):
-            if not self.worker.alive():
-                pytest.fail(f"the worker died waiting for {what}:\n{self.worker.tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:g}s waiting for {what}:\n{self.worker.tail()}")
-            time.sleep(0.005)
-        self.first = False
-
-    def events(self, rows: Rows, lo: int, hi: int) -> None:
-        msgs = []
-        for i in range(lo, hi):
-            entity = f"u{i % 17}"
-            ev = {"event_id": f"e{i}", "entity_id": entity, "ts": self.start_ts + i, "data": rows[i][0]}
-            msgs.append((entity.encode(), orjson.dumps(ev)))
-        self._send(self.spec.topics.events, msgs)
-        self._wait_all([self.keys.served(f"e{i}") for i in range(lo, hi)], f"events {lo}..{hi - 1} served")
-
-    def labels(self, rows: Rows, lo: int, hi: int, delay: int) -> None:
-        msgs = []
-        for i in range(lo, hi):
-            y = rows[i][1]
-            label = {"event_id": f"e{i}", "label": y.item() if hasattr(y, "item") else y}
-            label["ts"] = self.start_ts + i + delay
-            msgs.append((f"e{i}".encode(), orjson.dumps(label)))
-        self._send(self.spec.topics.labels, msgs)
-        self._wait_all([self.keys.learned(f"e{i}") for i in range(lo, hi)], f"labels {lo}..{hi - 1} learned")
 
 
 @pytest.fixture
@@ -190,7 +138,7 @@ def cleanup_redis(redis_client: Any) -> Iterator[list[str]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_worker_accuracy_matches_progressive_val_score(
+def test_burst_accuracy_matches_progressive_val_score(
     settings: Settings,
     redis_client: Any,
     unique: str,
@@ -200,38 +148,19 @@ def test_worker_accuracy_matches_progressive_val_score(
     tmp_path: Path,
     case: Case,
 ) -> None:
-    t0 = time.monotonic()
     rows = case.data()
-    n, k, c = len(rows), case.delay, case.chunk
-    spec = make_topics.for_spec(_spec(unique, rows, case.steps), partitions=1)
+    n, k = len(rows), case.delay
+    spec = make_topics.for_spec(burst_spec(unique, rows, case.steps), partitions=1)
     cleanup_redis.append(spec.redis_prefix)
+    produce_burst(settings, spec, rows, k)
 
+    t0 = time.monotonic()
     worker = Worker(spec, tmp_path)
     try:
-        feed = Lockstep(settings, spec, redis_client, worker)
-        released = 0
-        for s in range(0, n, c):
-            target = _learned_before(s, k, c)
-            if target > released:
-                feed.labels(rows, released, target, k)
-                released = target
-            feed.events(rows, s, min(s + c, n))
-        feed.labels(rows, released, n, k)
-        fed = time.monotonic() - t0
-
-        def final_status() -> dict[str, Any] | None:
-            raw = redis_client.get(status_key(spec))
-            st = orjson.loads(raw) if raw else None
-            return st if st and st["labels_learned"] == n else None
-
-        deadline = time.monotonic() + WAIT
-        while (status := final_status()) is None:
-            assert worker.alive() and time.monotonic() < deadline, f"no final status:\n{worker.tail()}"
-            time.sleep(0.1)
-
-        # every event predicted exactly once (n distinct ids, and no more messages than n),
-        # nothing dead-lettered
-        preds = [orjson.loads(m.value()) for m in consume_all(spec.topics.predictions, n, timeout=WAIT)]
+        status = wait_learned(redis_client, spec, worker, n, WAIT)
+        took = time.monotonic() - t0
+        # every event predicted exactly once, nothing dead-lettered
+        preds = [orjson.loads(m.value()) for m in consume_all(spec.topics.predictions, n, timeout=30)]
         assert sorted(p["event_id"] for p in preds) == sorted(f"e{i}" for i in range(n))
         assert _high_watermark(settings, spec.topics.predictions) == n
         assert _high_watermark(settings, spec.topics.dead_letters) == 0, worker.tail()
@@ -239,21 +168,16 @@ def test_worker_accuracy_matches_progressive_val_score(
         code = worker.stop()
     assert code in (0, -signal.SIGTERM), f"worker exited with {code}:\n{worker.tail()}"
 
-    # what the worker reports (`weir status`)
     assert status["labels_learned"] == n == status["labels_seen"]
-    assert status["joins"] == {"hit": n}
     overall = status["metrics"]["*"]
     assert overall["n"] + status["unscored"] == n
     weir = overall["all"]["accuracy"]
-
-    # River: the same rows, the same model spec, the same delay
     river = evaluate.progressive_val_score(rows, build_model(spec.model), metrics.Accuracy(), delay=k).get()
-    lockstep, scored = _lockstep_accuracy(rows, build_model(spec.model), k, c)
     print(
-        f"\n{case.name}: {n} rows, delay {k} events, chunks of {c}: "
-        f"weir {weir:.4f}  river progressive_val_score {river:.4f}  (lockstep schedule {lockstep:.4f}); "
-        f"fed in {fed:.1f}s, {time.monotonic() - t0:.1f}s in all"
+        f"\n{case.name}: {n} rows, delay {k} events, as a burst: weir {weir:.4f}  "
+        f"river progressive_val_score {river:.4f}; joins {status['joins']}; "
+        f"worker start to all learned {took:.1f}s"
     )
-    assert overall["n"] == scored
-    assert weir == pytest.approx(lockstep, abs=1e-9), "the worker did not compute the lockstep schedule"
-    assert abs(weir - river) <= 0.01, (weir, river)
+    # Every label found its event served: none was taken before its event was scored.
+    assert status["joins"] == {"hit": n}, status["joins"]
+    assert abs(weir - river) <= 0.005, (weir, river)

@@ -1,0 +1,338 @@
+"""Event-time order of events and labels in role ``all`` (issue #16, point 1).
+
+When both the events and the labels topics hold a backlog (a replay, a catch-up after an
+outage, a new pipeline on old data), the scorer and the embedded learner would each read
+theirs as fast as they can, and the scorer would score most of the backlog before the
+learner learned from it. Kafka Streams orders two topics of one task by the timestamps of
+their buffered heads, waiting at most ``max.task.idle.ms`` for a side that has nothing in
+hand; role ``all`` does the same between its two consumers:
+
+* an event at ``ts`` is scored once every label with a ts at or before ``ts`` is learned
+  (the labels' head, the next label to learn, is later than ``ts``), or the labels are
+  caught up (nothing in hand, the consumer at the high watermark);
+* symmetrically, a label at ``ts`` is learned once every event before ``ts`` is scored
+  (the events' head is at or after ``ts``), or the events are caught up. A label that came
+  before its event was scored would be held (``early``) and learned only by the learner's
+  periodic sweep, which would reorder it again.
+
+Ties go to the label, as in ``river.evaluate.progressive_val_score``: with labels ``k``
+seconds after their events, event ``i`` is then scored by a model that learned exactly the
+labels of events ``0 .. i-k``.
+
+**Bounded waits.** A side that waits for the other stops waiting once the other has not
+moved for ``scoring.max_idle`` seconds (a learner stuck on an outage, a labels topic no one
+writes), and waits again only after the other moves (Kafka Streams' idle rule). With no
+backlog nothing waits: the labels are caught up, and scoring is as before.
+
+The decisions are pure functions (:func:`ready_count`, :func:`merge_by_time`,
+:class:`Idle`); :class:`EventTimeSync` holds the two sides' :class:`Frontier` for the two
+threads that publish and wait (the scorer on the event loop, the learner's consumer on a
+worker thread). No Kafka, no Redis here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from weir.errors import InvalidMessage
+from weir.spec import PipelineSpec
+
+log = logging.getLogger("weir.worker")
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+#: Which side waits: ``scorer`` waits for labels, ``learner`` for events.
+Waiter = Literal["scorer", "learner"]
+WAITERS: tuple[Waiter, ...] = ("scorer", "learner")
+
+#: The event time of a message whose ts cannot be read: before everything, so it never
+#: waits (an invalid event is dead-lettered anyway; a label without ts is learned at once).
+UNTIMED = -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Frontier:
+    """Where one side is in event time, as the other side sees it.
+
+    Attributes:
+        head: ts of the next item this side will process (None: nothing in hand).
+        caught_up: nothing in hand and its consumer at the high watermark.
+        version: bumps on every change: the other side's idle clock restarts then.
+    """
+
+    head: float | None = None
+    caught_up: bool = False
+    version: int = 0
+
+
+def ready(ts: float, other: Frontier, *, tie_first: bool) -> bool:
+    """May the item at ``ts`` be processed now, given the other side's frontier?
+
+    ``tie_first``: this side goes first on a tie (the labels: a label at ``ts`` is learned
+    before an event at ``ts`` is scored).
+
+    Examples:
+        >>> ready(10.0, Frontier(head=12.0), tie_first=False)  # an event before the next label
+        True
+        >>> ready(12.0, Frontier(head=12.0), tie_first=False)  # the label at 12 goes first
+        False
+        >>> ready(12.0, Frontier(head=12.0), tie_first=True)  # the label, with an event at 12 next
+        True
+        >>> ready(99.0, Frontier(caught_up=True), tie_first=False)  # nothing to wait for
+        True
+        >>> ready(1.0, Frontier(), tie_first=True)  # the other side has not said where it is
+        False
+    """
+    if other.caught_up:
+        return True
+    if other.head is None:
+        return False
+    return ts <= other.head if tie_first else ts < other.head
+
+
+def ready_count(times: Sequence[float], other: Frontier, *, tie_first: bool) -> int:
+    """How many of the next items (their event times, in processing order) may go now.
+
+    Items go in order, so the count stops at the first that must wait.
+
+    Examples:
+        >>> ready_count([1.0, 2.0, 3.0, 2.5], Frontier(head=3.0), tie_first=False)
+        2
+        >>> ready_count([1.0, 2.0, 3.0], Frontier(head=3.0), tie_first=True)
+        3
+        >>> ready_count([5.0, 1.0], Frontier(head=3.0), tie_first=False)
+        0
+    """
+    if other.caught_up:
+        return len(times)
+    n = 0
+    for ts in times:
+        if not ready(ts, other, tie_first=tie_first):
+            break
+        n += 1
+    return n
+
+
+def merge_by_time(
+    items: Sequence[T], partition: Callable[[T], Hashable], ts: Callable[[T], float]
+) -> list[T]:
+    """The items in event-time order across partitions, each partition's order kept.
+
+    Like Kafka Streams' partition group: repeatedly take the head with the smallest ts
+    among the partitions' heads (on a tie, the one that arrived first). A partition's own
+    order is never changed (an entity's events stay in the order its features expect).
+
+    Examples:
+        >>> batch = [("p0", 5), ("p0", 6), ("p1", 1), ("p1", 7), ("p0", 2)]
+        >>> merge_by_time(batch, lambda m: m[0], lambda m: m[1])
+        [('p1', 1), ('p0', 5), ('p0', 6), ('p0', 2), ('p1', 7)]
+    """
+    groups: dict[Hashable, list[tuple[float, int, T]]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(partition(item), []).append((ts(item), i, item))
+    if len(groups) <= 1:
+        return list(items)
+    # heapq.merge compares the heads only: exactly the head-by-head pick, sorted or not.
+    return [item for _, _, item in heapq.merge(*groups.values(), key=lambda t: (t[0], t[1]))]
+
+
+def consumed_all(positions: Mapping[K, int], highwaters: Mapping[K, int | None]) -> bool:
+    """True when every partition's position (the next offset to read) reached its high
+    watermark. An unknown high watermark (None or negative) is not reached.
+
+    Examples:
+        >>> consumed_all({0: 10, 1: 4}, {0: 10, 1: 4})
+        True
+        >>> consumed_all({0: 10}, {0: 10, 1: 4})  # nothing read from partition 1
+        False
+        >>> consumed_all({0: 10}, {0: None})
+        False
+    """
+    return all(hw is not None and hw >= 0 and positions.get(k, -1) >= hw for k, hw in highwaters.items())
+
+
+def message_time(value: bytes | None, spec: PipelineSpec) -> float:
+    """The ``ts`` of an event or label message, or :data:`UNTIMED` if it has none.
+
+    Only the ts is read (the scorer and the learner validate the whole message later).
+    """
+    from weir.contracts import parse_ts
+
+    try:
+        obj = orjson.loads(value or b"")
+        return parse_ts(obj["ts"], "ts", spec) if isinstance(obj, dict) and "ts" in obj else UNTIMED
+    except (orjson.JSONDecodeError, InvalidMessage, TypeError, ValueError):
+        return UNTIMED
+
+
+@dataclass(slots=True)
+class Idle:
+    """Kafka Streams' idle rule for one waiting side.
+
+    :meth:`left` is how much longer to wait for the other side at ``version`` of its
+    frontier: ``max_idle`` from the first wait at that version. Once that ran out, it is
+    0 at once until the other side moves (a new version).
+
+    Examples:
+        >>> idle = Idle(max_idle=1.0)
+        >>> idle.left(version=3, now=10.0), idle.left(version=3, now=10.5)
+        (1.0, 0.5)
+        >>> idle.left(version=3, now=11.5), idle.left(version=3, now=12.0)  # gave up on v3
+        (0.0, 0.0)
+        >>> idle.left(version=4, now=12.0)  # the other side moved: wait again
+        1.0
+    """
+
+    max_idle: float
+    version: int = -1
+    since: float = 0.0
+    logged: int = -1  # the version it last said it gave up on
+
+    def left(self, version: int, now: float) -> float:
+        if version != self.version:
+            self.version, self.since = version, now
+        return max(0.0, self.since + self.max_idle - now)
+
+
+@dataclass
+class EventTimeSync:
+    """The two frontiers of role ``all``, shared by the scorer and the embedded learner.
+
+    The scorer publishes and waits on the event loop (:meth:`wait_labels`, async); the
+    learner's consumer waits on its worker thread (:meth:`wait_events`, blocking) and
+    publishes from either thread. ``on_wait(waiter, seconds)`` counts the time waited
+    (``weir_event_order_wait_seconds_total``).
+    """
+
+    max_idle: float
+    on_wait: Callable[[Waiter, float], None] | None = None
+    events: Frontier = field(default_factory=Frontier)
+    labels: Frontier = field(default_factory=Frontier)
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._labels_moved: asyncio.Event | None = None
+        self.scorer_idle = Idle(self.max_idle)
+        self.learner_idle = Idle(self.max_idle)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The scorer's event loop (where :meth:`wait_labels` runs)."""
+        self._loop = loop
+        self._labels_moved = asyncio.Event()
+
+    # -- publishing -----------------------------------------------------------------
+
+    def publish_events(self, head: float | None, caught_up: bool = False) -> None:
+        with self._cond:
+            if (head, caught_up) == (self.events.head, self.events.caught_up):
+                return
+            self.events = Frontier(head, caught_up, self.events.version + 1)
+            self._cond.notify_all()
+
+    def publish_labels(self, head: float | None, caught_up: bool = False) -> None:
+        with self._cond:
+            if (head, caught_up) == (self.labels.head, self.labels.caught_up):
+                return
+            self.labels = Frontier(head, caught_up, self.labels.version + 1)
+        loop, moved = self._loop, self._labels_moved
+        if loop is not None and moved is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(moved.set)
+
+    # -- waiting --------------------------------------------------------------------
+
+    def _gave_up(self, who: Waiter, idle: Idle, other: Frontier, ts: float) -> None:
+        if idle.logged == other.version:
+            return
+        idle.logged = other.version
+        what = ("labels", "event") if who == "scorer" else ("events", "label")
+        log.warning(
+            "%s: the %s have not moved for %gs (%s); going on with the next %s (ts %s) without "
+            "waiting for them until they move (scoring.max_idle)",
+            who,
+            what[0],
+            self.max_idle,
+            "nothing in hand, not caught up" if other.head is None else f"next at ts {other.head}",
+            what[1],
+            ts,
+        )
+
+    def _waited(self, who: Waiter, seconds: float) -> None:
+        if self.on_wait is not None and seconds > 0:
+            self.on_wait(who, seconds)
+
+    async def wait_labels(self, times: Sequence[float]) -> int:
+        """The scorer: how many of the next events (their times, in order) to score now.
+
+        Waits while none may go (the labels are behind the first event), at most until the
+        labels have not moved for ``max_idle``; then all of them go.
+        """
+        while True:
+            labels = self.labels
+            n = ready_count(times, labels, tie_first=False)
+            if n:
+                return n
+            left = self.scorer_idle.left(labels.version, time.monotonic())
+            if left <= 0 or self._labels_moved is None:
+                self._gave_up("scorer", self.scorer_idle, labels, times[0])
+                return len(times)
+            self._labels_moved.clear()
+            if self.labels.version != labels.version:
+                continue  # moved between the read and the clear
+            t0 = time.monotonic()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._labels_moved.wait(), left)
+            finally:
+                self._waited("scorer", time.monotonic() - t0)
+
+    def wait_events(self, times: Sequence[float], timeout: float) -> int:
+        """The learner (blocking, on its own thread): how many of the next labels to learn.
+
+        Waits while none may go, at most ``timeout`` seconds (then 0: the caller does its
+        periodic work and asks again) and at most until the events have not moved for
+        ``max_idle`` (then all of them go).
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                events = self.events
+                n = ready_count(times, events, tie_first=True)
+                if n:
+                    return n
+                now = time.monotonic()
+                left = self.learner_idle.left(events.version, now)
+                if left <= 0:
+                    self._gave_up("learner", self.learner_idle, events, times[0])
+                    return len(times)
+                if now >= deadline:
+                    return 0
+                self._cond.wait(min(left, deadline - now))
+                self._waited("learner", time.monotonic() - now)
+
+
+def sync_for(spec: PipelineSpec, metrics: Any | None) -> EventTimeSync | None:
+    """The sync of a role ``all`` worker, or None when ``scoring.max_idle`` is 0."""
+    if spec.scoring.max_idle <= 0:
+        return None
+    on_wait: Callable[[Waiter, float], None] | None = None
+    if metrics is not None:
+        counters = {w: metrics.order_wait.labels(spec.name, w) for w in WAITERS}
+
+        def on_wait(who: Waiter, seconds: float) -> None:
+            counters[who].inc(seconds)
+
+    return EventTimeSync(spec.scoring.max_idle, on_wait)
