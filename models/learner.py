@@ -175,10 +175,9 @@ class LearnerCore:
         self._model_name = spec.model.name
         self._delay: Any = None
         self._delay_of: Any = None
-        #: the pipeline's Redis memory, sampled by the sweep (weir_redis_memory_bytes)
-        self.footprint = (
-            RedisFootprint(spec.redis_prefix, spec.name, metrics) if metrics is not None else None
-        )
+        #: the pipeline's Redis memory, sampled by the sweep while there are metrics
+        #: (weir_redis_memory_bytes; role all sets them after the start)
+        self.footprint = RedisFootprint(spec.redis_prefix, spec.name)
         self._footprint_at = 0.0
         if metrics is not None:
             metrics.model_version.labels(self._pipeline, self._model_name, version_id).set(1)
@@ -321,7 +320,8 @@ class LearnerCore:
         joiner = self.joiner
         expiries, results = yield Io(lambda: joiner.sweep(now), "label sweep")
         footprint = self.footprint
-        if footprint is not None and now - self._footprint_at >= STEP_EVERY:
+        if self.metrics is not None and now - self._footprint_at >= STEP_EVERY:
+            footprint.metrics = self.metrics
             self._footprint_at = now
             yield Io(lambda: footprint.step(self.client), "redis memory sample")
         self.expiries += expiries
