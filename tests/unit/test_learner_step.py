@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 
 from models.factory import build_model
-from models.join import Example, JoinResult
+from models.join import JoinResult
 from models.learner import Io, LabelMessage, LearnerCore, run_step
 from streams.learner import LearnerLoop
+from weir.contracts import Example
 from weir.settings import load_settings
 from weir.spec import PipelineSpec, parse_spec
 
