@@ -336,7 +336,8 @@ def create_app(
         datadir=str(datadir),
         web_enabled=False,
         topic_partitions=spec.topics.partitions,
-        topic_replication_factor=spec.topics.replication_factor,
+        # Faust's own topics (the assignor's leader topic) replicated like Weir's.
+        topic_replication_factor=settings.topic_replication_factor or spec.topics.replication_factor,
         consumer_auto_offset_reset="earliest",
         consumer_group_instance_id=instance_id,
         broker_session_timeout=settings.kafka_session_timeout,
