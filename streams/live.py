@@ -164,6 +164,8 @@ class OrderedLearnerLoop(LearnerLoop):
         self._high: dict[int, int] = {}
         self._at_end = False
         self._asked = 0.0
+        #: since when a fetch has found nothing while the labels are not caught up
+        self._empty_since: float | None = None
 
     def open(self) -> list[tuple[int, int]]:
         placed = super().open()
@@ -180,7 +182,8 @@ class OrderedLearnerLoop(LearnerLoop):
                 self._fetched[m.partition] = max(self._fetched.get(m.partition, 0), m.offset + 1)
             timed = [(message_time(m.value, self.spec), m) for m in fetched]
             self.buffer = merge_by_time(timed, lambda t: t[1].partition, lambda t: t[0])
-            self._at_end = self._consumed_all()
+            done = self._consumed_all()
+            self._at_end = self._stuck(bool(fetched) or done) or done
             self._publish()
             if not self.buffer:
                 return []
@@ -195,6 +198,19 @@ class OrderedLearnerLoop(LearnerLoop):
     def _publish(self) -> None:
         head = self.buffer[0][0] if self.buffer else None
         self.sync.publish_labels(head, caught_up=not self.buffer and self._at_end)
+
+    def _stuck(self, fetched: bool) -> bool:
+        """The labels are behind but nothing came for ``max_idle``: a partition that cannot
+        be read (its leader down, its watermarks unknown) counts as caught up until it can,
+        like a partition Kafka Streams stopped idling for; else the scorer would wait for it
+        again every time the other partitions move."""
+        now = time.monotonic()
+        if fetched:
+            self._empty_since = None
+            return False
+        if self._empty_since is None:
+            self._empty_since = now
+        return now - self._empty_since >= self.sync.max_idle
 
     def _consumed_all(self) -> bool:
         """Every label partition read up to its high watermark (the last known one).

@@ -61,6 +61,10 @@ WAITERS: tuple[Waiter, ...] = ("scorer", "learner")
 #: waits (an invalid event is dead-lettered anyway; a label without ts is learned at once).
 UNTIMED = -math.inf
 
+#: A side waits this many ``max_idle`` for the other while the other holds the items due
+#: first (it is processing them), and ``max_idle`` while it has nothing in hand.
+BUSY_IDLE = 10
+
 
 @dataclass(frozen=True, slots=True)
 class Frontier:
@@ -183,7 +187,10 @@ class Idle:
 
     :meth:`left` is how much longer to wait for the other side at ``version`` of its
     frontier: ``max_idle`` from the first wait at that version. Once that ran out, it is
-    0 at once until the other side moves (a new version).
+    0 at once until the other side moves (a new version). When the other side is ``busy``
+    (it holds the items due first and is processing them: a learner taking a snapshot on
+    a loaded machine), the wait is :data:`BUSY_IDLE` times longer: only a side with nothing
+    in hand is idle in Kafka Streams' sense.
 
     Examples:
         >>> idle = Idle(max_idle=1.0)
@@ -193,6 +200,8 @@ class Idle:
         (0.0, 0.0)
         >>> idle.left(version=4, now=12.0)  # the other side moved: wait again
         1.0
+        >>> idle.left(version=5, now=20.0, busy=True)
+        10.0
     """
 
     max_idle: float
@@ -200,10 +209,10 @@ class Idle:
     since: float = 0.0
     logged: int = -1  # the version it last said it gave up on
 
-    def left(self, version: int, now: float) -> float:
+    def left(self, version: int, now: float, busy: bool = False) -> float:
         if version != self.version:
             self.version, self.since = version, now
-        return max(0.0, self.since + self.max_idle - now)
+        return max(0.0, self.since + self.max_idle * (BUSY_IDLE if busy else 1) - now)
 
 
 @dataclass
@@ -264,7 +273,7 @@ class EventTimeSync:
             "waiting for them until they move (scoring.max_idle)",
             who,
             what[0],
-            self.max_idle,
+            self.max_idle * (BUSY_IDLE if other.head is not None else 1),
             "nothing in hand, not caught up" if other.head is None else f"next at ts {other.head}",
             what[1],
             ts,
@@ -285,7 +294,8 @@ class EventTimeSync:
             n = ready_count(times, labels, tie_first=False)
             if n:
                 return n
-            left = self.scorer_idle.left(labels.version, time.monotonic())
+            # busy: the learner holds labels due before the event (it is learning them)
+            left = self.scorer_idle.left(labels.version, time.monotonic(), labels.head is not None)
             if left <= 0 or self._labels_moved is None:
                 self._gave_up("scorer", self.scorer_idle, labels, times[0])
                 return len(times)
@@ -314,7 +324,8 @@ class EventTimeSync:
                 if n:
                     return n
                 now = time.monotonic()
-                left = self.learner_idle.left(events.version, now)
+                # busy: the scorer holds events due before the label (it is scoring them)
+                left = self.learner_idle.left(events.version, now, events.head is not None)
                 if left <= 0:
                     self._gave_up("learner", self.learner_idle, events, times[0])
                     return len(times)

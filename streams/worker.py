@@ -431,7 +431,8 @@ def create_app(
         ]
         follow()
         redis = redis_client()
-        if sync is None or sync.labels.caught_up:
+        ordered = sync is not None and not sync.labels.caught_up
+        if sync is None or not ordered:
             if sync is not None:
                 sync.publish_events(UNTIMED)  # a batch in hand (times unread): labels wait for it
             out = await scorer.process(msgs, redis)
@@ -440,12 +441,13 @@ def create_app(
                 scorer.record_served(out, redis), output.deliver(out, health, backoff, stopping)
             )
         else:
-            out = await score_in_order(msgs, redis, sync)
-            await output.deliver(out, health, backoff, stopping)
+            out = await score_in_order(msgs, redis, sync)  # served records stored, run by run
         if sync is not None:
             for e in batch:
                 scored_to[e.message.tp] = e.message.offset + 1
             sync.publish_events(None, events_caught_up(full=len(batch) >= spec.scoring.batch_size))
+        if ordered:
+            await output.deliver(out, health, backoff, stopping)
         scorer.observe(msgs, out, time.perf_counter() - t0)
         _observe_lag(app, spec, metrics, batch)
 

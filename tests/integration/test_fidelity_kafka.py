@@ -57,7 +57,7 @@ def _phishing() -> Rows:
 
 
 def _agrawal() -> Rows:
-    return list(itertools.islice(synth.Agrawal(classification_function=0, seed=42), 2000))
+    return list(itertools.islice(synth.Agrawal(classification_function=0, seed=42), 1250))
 
 
 @dataclass(frozen=True)

@@ -175,9 +175,11 @@ def test_scorer_waits_for_labels_published_from_another_thread() -> None:
     assert [w for w, _ in waited] == ["scorer"] and 0.05 < waited[0][1] < 2.0
 
 
-def test_scorer_stops_waiting_for_labels_that_do_not_move() -> None:
-    sync = EventTimeSync(max_idle=0.2)
-    sync.publish_labels(head=10.0)
+@pytest.mark.parametrize(("labels", "bound"), [(Frontier(), 0.1), (Frontier(head=10.0), 1.0)])
+def test_scorer_stops_waiting_for_labels_that_do_not_move(labels: Frontier, bound: float) -> None:
+    # nothing in hand: max_idle; labels in hand that the learner is learning: BUSY_IDLE times
+    sync = EventTimeSync(max_idle=0.1)
+    sync.publish_labels(labels.head, labels.caught_up)
 
     async def main() -> list[tuple[int, float]]:
         sync.bind(asyncio.get_running_loop())
@@ -189,8 +191,8 @@ def test_scorer_stops_waiting_for_labels_that_do_not_move() -> None:
 
     (n1, t1), (n2, t2) = asyncio.run(main())
     assert (n1, n2) == (2, 1)
-    assert 0.15 < t1 < 2.0  # waited max_idle once...
-    assert t2 < 0.1  # ...and not again until the labels move
+    assert bound * 0.9 < t1 < bound + 1.5  # waited once...
+    assert t2 < 0.05  # ...and not again until the labels move
 
 
 def test_labels_caught_up_means_no_wait() -> None:
@@ -223,8 +225,8 @@ def test_learner_waits_for_events_on_its_thread() -> None:
     assert got == [1, 1]
     # nothing moves: 0 after the timeout (the learner sweeps, asks again)...
     assert sync.wait_events([9.0], timeout=0.05) == 0
-    # ...and all of it once the events have not moved for max_idle
-    sync.learner_idle.since -= 10.0
+    # ...and all of it once the events have not moved for long enough
+    sync.learner_idle.since -= 100.0  # the scorer holds events: BUSY_IDLE * max_idle
     assert sync.wait_events([9.0, 10.0], timeout=0.05) == 2
 
 
