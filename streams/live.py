@@ -10,7 +10,9 @@
   (River models are not thread-safe; the scorer only reads the model). If it fails for
   good (not an outage: a bug), the worker exits with status 70 like a failed agent
   (:func:`streams.worker.exit_process`), for its supervisor to restart it: it never stays
-  alive without learning.
+  alive without learning. With ``scoring.max_idle`` > 0 it is an
+  :class:`OrderedLearnerLoop`: labels and events are taken in event-time order with the
+  scorer (:mod:`streams.sync`).
 * :class:`SnapshotFollower` (role ``scorer``): between batches, at most every
   ``poll_seconds``, one Redis GET asks for the learner's latest snapshot; a newer one is
   loaded (its sha256/HMAC checked first) and swapped in atomically for the next batch.

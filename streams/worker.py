@@ -3,7 +3,10 @@
 Roles:
 
 * ``all`` (default, one process): scores events with the LIVE model and learns from
-  labels in the same process, so every prediction uses everything learned so far.
+  labels in the same process, so every prediction uses everything learned so far. When
+  the labels are behind (a backlog in both topics), a batch is scored in runs, in
+  event-time order with the labels (:mod:`streams.sync`, ``scoring.max_idle``): a label
+  due at or before an event is learned before the event is scored.
 * ``scorer``: scores only, following the learner's snapshots (swapped in between
   batches); run as many as the events topic has partitions, in one consumer group.
 * ``learner``: joins labels and learns (see :mod:`streams.learner`); run exactly one.
