@@ -25,7 +25,8 @@ Per event, with ``<p>`` the prefix:
   below it is a redelivery: answered from ``recent``, else from its served record
   ``<p>:served:<event>`` (packed doubles, :class:`models.join.ServedStore`), else computed
   read-only (not stored again).
-* ``<p>:recent:<n>`` hash event id -> first served features, per ``DEDUPE`` seconds of
+* ``<p>:recent:<n>`` hash event id -> first served features (little-endian doubles, NaN for
+  None, when every feature is a number; else the reply's tokens), per ``DEDUPE`` seconds of
   Redis ``TIME``; buckets n and n-1 are read, n-2 unlinked (an event id of a producer's
   retry under a new offset is a duplicate for at least ``scoring.dedupe_horizon``).
 
@@ -40,7 +41,7 @@ numbers returned to Redis would be truncated to integers; '' stands for None.
 
 from __future__ import annotations
 
-from features.base import dedupe_seconds, entity_ttl, used_fields
+from features.base import dedupe_seconds, entity_ttl, output_type, used_fields
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
@@ -113,6 +114,21 @@ local recent_written = false
 local function recent(eid)
   return redis.call('HGET', rnow, eid) or redis.call('HGET', rprev, eid)
 end
+-- When every feature is a number, the recent features are packed doubles (NaN for None):
+-- 8 bytes a feature instead of up to 24 as text.
+local function pack_fv(out)
+  local t = {}
+  for i = 1, NFEAT do t[i] = tonumber(out[i]) or 0 / 0 end
+  return struct.pack(PACKFMT, unpack(t))
+end
+local function unpack_fv(s)
+  local out = {}
+  for i = 1, NFEAT do
+    local v = struct.unpack('<d', s, 8 * i - 7)
+    if v ~= v then out[i] = '' else out[i] = fmt(v) end
+  end
+  return table.concat(out, '|')
+end
 
 -- The highest offset applied per (events topic, partition), read once per call.
 local applied_key = prefix .. ':applied'
@@ -165,7 +181,7 @@ local function one(kwin, kmeta, eid, ts_s, args, tp, off)
 local ts = tonumber(ts_s)
 local again = tp ~= nil and seen_offset(tp, off)
 local known = recent(eid)
-if known then return 'd|' .. known end
+if known then return 'd|' .. RECENT_TOKENS end
 if again then
   local rec = redis.call('GET', prefix .. ':served:' .. eid)
   if rec then
@@ -240,7 +256,7 @@ redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq))
 TRIM
 redis.call('EXPIRE', kwin, ENTITY_TTL)
 redis.call('EXPIRE', kmeta, ENTITY_TTL)
-redis.call('HSET', rnow, eid, fv)
+redis.call('HSET', rnow, eid, RECENT_VALUE)
 recent_written = true
 return 'o|' .. fv
 end
@@ -336,6 +352,11 @@ if p[2] then
 end"""
 
 
+def packs_recent(spec: PipelineSpec) -> bool:
+    """Whether the recent first features are packed doubles (every feature a number)."""
+    return all(output_type(spec, i) == "number" for i in range(len(spec.features)))
+
+
 def build_script(spec: PipelineSpec) -> str:
     """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis)."""
     own = {name: i + 1 for i, name in enumerate(used_fields(spec))}  # own[i]
@@ -352,6 +373,8 @@ def build_script(spec: PipelineSpec) -> str:
         _PRELUDE.replace("LATENESS", repr(float(spec.lateness)))
         .replace("DEDUPE", str(dedupe_seconds(spec)))
         .replace("NFEAT", str(len(spec.features)))
+        .replace("PACKFMT", repr("<" + "d" * len(spec.features)))
+        .replace("RECENT_TOKENS", "unpack_fv(known)" if packs_recent(spec) else "known")
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
         .replace("FIELD", field)
@@ -387,6 +410,7 @@ def build_script(spec: PipelineSpec) -> str:
         .replace("TRIM", _trim(spec))
         .replace("ENTITY_TTL", str(entity_ttl(spec)))
         .replace("APPLIED_TTL", str(APPLIED_TTL))
+        .replace("RECENT_VALUE", "pack_fv(out)" if packs_recent(spec) else "fv")
         .replace("DEDUPE", str(dedupe_seconds(spec)))
     )
     return "\n".join(lines)

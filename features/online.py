@@ -33,6 +33,7 @@ are then counted in, and the event itself). A late event is late again.
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,7 @@ from features.base import (
     output_type,
     used_fields,
 )
-from features.lua import build_script
+from features.lua import build_script, packs_recent
 from weir.errors import FeatureError
 from weir.spec import FieldSpec, PipelineSpec
 from weir.types import Event, FeatureValue, FeatureVector
@@ -162,6 +163,7 @@ class RedisFeatureStore:
         kinds = [output_type(spec, i) for i in range(len(spec.features))]
         self._all_numbers = all(k == "number" for k in kinds)
         self._decoders: list[_Decoder] = [_dec_string if k == "string" else _dec_number for k in kinds]
+        self._packed = struct.Struct(f"<{len(kinds)}d") if packs_recent(spec) else None
 
     def __repr__(self) -> str:
         return f"RedisFeatureStore(spec={self.spec.name!r})"
@@ -226,6 +228,14 @@ class RedisFeatureStore:
         if self._all_numbers:
             return dict(zip(self._names, [float(p) if p else None for p in parts], strict=True))
         return {n: d(p) for n, d, p in zip(self._names, self._decoders, parts, strict=True)}
+
+    def _recent(self, raw: bytes | str) -> FeatureVector:
+        """The features of a recent-ids entry (packed doubles, or tokens)."""
+        if self._packed is not None:
+            # bytes: a client that decodes replies cannot read packed values
+            values = self._packed.unpack(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
+            return {n: (None if v != v else v) for n, v in zip(self._names, values, strict=True)}
+        return self._features(raw.decode() if isinstance(raw, bytes) else raw)
 
     def _decode(self, reply: Any) -> FeatureResult:
         s = reply.decode() if isinstance(reply, bytes) else reply
@@ -294,7 +304,7 @@ class RedisFeatureStore:
         for key in self.recent_keys():
             raw = client.hget(key, event_id)
             if raw is not None:
-                return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+                return self._recent(raw)
         return None
 
     # -- async ------------------------------------------------------------------------
@@ -324,5 +334,5 @@ class RedisFeatureStore:
         for key in self.recent_keys():
             raw = await client.hget(key, event_id)
             if raw is not None:
-                return self._features(raw.decode() if isinstance(raw, bytes) else str(raw))
+                return self._recent(raw)
         return None

@@ -115,3 +115,32 @@ def test_a_redelivered_offset_is_not_counted_again_however_late(
         store.applied_key,
     }
     assert 1 <= len(recent) <= 2
+
+
+def test_numbers_only_first_features_are_packed_and_exact(redis_client: redis.Redis, unique: str) -> None:
+    """Every feature a number: the recent ids keep 8 bytes a feature, and a duplicate gets
+    the first features exactly (None included)."""
+    name = re.sub(r"[^a-z0-9_-]", "-", f"fredel-n-{unique}".lower())[:63]
+    spec = parse_spec(
+        {
+            "name": name,
+            "task": "binary",
+            "fields": {"x": {"type": "numeric", "required": False}},
+            "features": [
+                {"agg": "raw", "field": "x"},
+                {"agg": "mean", "field": "x", "window": "1h"},
+                {"agg": "since_prev", "window": "1h"},
+            ],
+            "model": {"steps": ["river.linear_model.LogisticRegression"]},
+        }
+    )
+    store = RedisFeatureStore(spec)
+    events = [Event(f"e{i}", "u", 1000.0 + i / 3, {"x": None if i == 0 else 0.1 * i}) for i in range(4)]
+    first = store.compute_batch(redis_client, events)
+    assert first[0].features == {"x": None, "x_mean_1h": None, "events_since_prev_1h": None}
+    again = store.compute_batch(redis_client, events)
+    assert [r.status for r in again] == ["duplicate"] * 4
+    assert [r.features for r in again] == [r.features for r in first]
+    assert [store.served_features(redis_client, e.event_id) for e in events] == [r.features for r in first]
+    packed = [v for k in store.recent_keys() if (v := redis_client.hget(k, "e1")) is not None]
+    assert [len(v) for v in packed] == [3 * 8]
