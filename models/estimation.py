@@ -192,6 +192,11 @@ class EstimateTracker:
         q.append((c if predicted else 1.0 - c, predicted == y))
         self.calibrator.learn(p_true, y)
 
+    def window_of(self, version: str) -> Sequence[float]:
+        """The served P(True) behind a version's estimate (empty if none)."""
+        w = self._served.get(version)
+        return w.raw if w is not None else ()
+
     def _estimate(self, raw: Iterable[float]) -> dict[str, float]:
         return estimate([self.calibrator.calibrate(p) for p in raw], self.threshold)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from models.drift import DriftSuite, loss
+from models.estimation import EstimateTracker
 from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
 from models.shadow import RollbackGuard, ShadowGate, Verdict
 from weir.contracts import DriftRecord, control_message, json_object, training_record
@@ -93,6 +94,10 @@ class Monitor:
         self.check_every = check_every
         self.clock = clock
         self.suite = DriftSuite(spec)
+        # Label-free performance estimates (CBPE) of binary models, per version.
+        self.estimates: EstimateTracker | None = (
+            EstimateTracker(window=spec.drift.estimate_window) if spec.task == "binary" else None
+        )
         self.policy = RetrainPolicy(spec.retrain, spec.name, started=clock())
         # Joined examples a challenger may be fitted on: at most window_labels are used.
         self.buffer: collections.deque[Mapping[str, Any]] = collections.deque(
@@ -130,6 +135,11 @@ class Monitor:
     def on_predictions(self, msgs: list[dict[str, Any]]) -> None:
         """Served predictions, a consumed batch at once (the statistics are vectorised)."""
         self.suite.observe_predictions([(m.get("features") or {}, m.get("prediction")) for m in msgs])
+        if self.estimates is not None:
+            for m in msgs:
+                p = _p_true(m.get("proba"))
+                if p is not None:
+                    self.estimates.served(version_of(m.get("model_version") or "") or "", p)
         self.predictions_seen += len(msgs)
         self._count(len(msgs))
 
@@ -170,6 +180,10 @@ class Monitor:
                 now=self.clock(),
                 event_ts=_float(msg.get("ts")),
             )
+        if self.estimates is not None:
+            p = _p_true(msg.get("proba"))
+            if p is not None:
+                self.estimates.labelled(version_of(mv_full or "") or "", p, _is_true(y, self.spec.classes))
         self.policy.add_labels(1)
         self.buffer.append(msg)
         self.positions.append(pos)
@@ -237,6 +251,7 @@ class Monitor:
         self.checks += 1
         self._follow_champion()
         out = self.suite.check(self.champion_id, now)
+        out.extend(self._estimate_records(now))
         for rec in out:
             self._emit(rec)
         self.policy.note_feature_drift(self.suite.drifted_features())
@@ -421,6 +436,52 @@ class Monitor:
             self.metrics.rollbacks.labels(self.spec.name).inc()
 
     # -- durable state -----------------------------------------------------------------------
+    def _estimate_records(self, now: float) -> list[DriftRecord]:
+        """The label-free estimates (CBPE) of each version's served predictions: a record
+        per metric for the champion (``kind="estimate"``, flagged below
+        ``drift.estimate_min_accuracy``), and the gauges of every version."""
+        if self.estimates is None:
+            return []
+        estimates, errors = self.estimates.estimates(), self.estimates.errors()
+        m = self.metrics
+        if m is not None:  # one series per live version: the gauges are rebuilt each check
+            m.estimated_performance.clear()
+            m.estimate_error.clear()
+            for version, values in estimates.items():
+                for metric, value in values.items():
+                    if math.isfinite(value):
+                        m.estimated_performance.labels(self.spec.name, version, metric).set(value)
+            for version, err in errors.items():
+                m.estimate_error.labels(self.spec.name, version).set(err)
+        champion = version_of(self.champion_id or "") or ""
+        current = estimates.get(champion)
+        if current is None:
+            return []
+        floor = self.spec.drift.estimate_min_accuracy
+        served = len(self.estimates.window_of(champion))
+        out = []
+        for metric, value in current.items():
+            low = metric == "accuracy" and floor is not None and value < floor
+            out.append(
+                DriftRecord(
+                    time=now,
+                    pipeline=self.spec.name,
+                    model_version=self.champion_id,
+                    kind="estimate",
+                    name=metric,
+                    statistic="cbpe",
+                    value=value,
+                    threshold=floor if metric == "accuracy" and floor is not None else math.nan,
+                    drifted=low,
+                    detail={
+                        "served": served,
+                        "calibration_labels": self.estimates.calibrator.labels,
+                        "estimate_error": errors.get(champion),
+                    },
+                )
+            )
+        return out
+
     def state(self) -> dict[str, Any]:
         """Everything a restart needs, picklable; the buffer as its training-log positions."""
         return {
@@ -444,6 +505,7 @@ class Monitor:
             },
             "promotions": list(self.promotions),
             "rollbacks": list(self.rollbacks),
+            "estimates": self.estimates,
         }
 
     def restore(self, state: dict[str, Any], records: Mapping[Position, Mapping[str, Any]]) -> int:
@@ -462,6 +524,8 @@ class Monitor:
             setattr(self, name, int(value))
         self.promotions = list(state["promotions"])
         self.rollbacks = list(state["rollbacks"])
+        if state.get("estimates") is not None:  # absent from checkpoints written before CBPE
+            self.estimates = state["estimates"]
         self.buffer.clear()
         self.positions.clear()
         missing = 0
@@ -611,6 +675,26 @@ class Intake:
 def _version(model_version: Any) -> str | None:
     """A record's model version as its registry version (:func:`weir.types.version_of`)."""
     return None if model_version is None else version_of(str(model_version))
+
+
+def _p_true(proba: Any) -> float | None:
+    """P(True) of a binary prediction's ``proba`` (keys are the classes as strings)."""
+    if not isinstance(proba, Mapping):
+        return None
+    p = proba.get("True", proba.get("1", proba.get("true")))
+    try:
+        return float(p) if p is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_true(y: Any, classes: list[str] | None) -> bool:
+    """A binary label as the model learns it: ``classes[1]`` (when declared) is True."""
+    if isinstance(y, bool):
+        return y
+    if classes and len(classes) == 2:
+        return str(y) == classes[1]
+    return str(y).lower() in ("true", "1")
 
 
 def _float(v: Any) -> float | None:

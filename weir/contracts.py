@@ -450,7 +450,7 @@ def decode_control(raw: bytes | None) -> ControlMessage | None:
 # --------------------------------------------------------------------------------------
 
 #: What a drift record is about; ``decision`` is a retrain/promotion/rollback decision.
-DriftKind = Literal["feature", "prediction", "performance", "decision"]
+DriftKind = Literal["feature", "prediction", "performance", "estimate", "decision"]
 
 
 def finite_or_none(v: float) -> float | None:

@@ -131,7 +131,7 @@ REDIS_OPS: tuple[str, ...] = ("features", "served")
 #: weir_event_order_wait_seconds_total{waiter}: streams/sync.py WAITERS.
 ORDER_WAITERS: tuple[str, ...] = ("scorer", "learner")
 #: weir_drift_statistic{kind}, weir_drift_events_total{kind}: models/drift/ (DriftKind in weir/contracts.py).
-DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance")
+DRIFT_KINDS: tuple[str, ...] = ("feature", "prediction", "performance", "estimate")
 #: weir_retrains_total{trigger}: models/retrain.py Trigger.
 RETRAIN_TRIGGERS: tuple[str, ...] = ("manual", "performance", "features", "schedule")
 #: weir_retrains_total{outcome}: models/monitor.py.
@@ -428,6 +428,18 @@ class MonitorMetrics:
             "weir_rollbacks_total",
             "Champions rolled back to their predecessor.",
             ["pipeline"],
+            registry=r,
+        )
+        self.estimated_performance = Gauge(
+            "weir_estimated_performance",
+            "Label-free (CBPE) estimate of a model version's metric on its last served predictions.",
+            ["pipeline", "model_version", "metric"],
+            registry=r,
+        )
+        self.estimate_error = Gauge(
+            "weir_estimate_error",
+            "Estimated minus realised accuracy of a model version, over its last labelled predictions.",
+            ["pipeline", "model_version"],
             registry=r,
         )
 

@@ -256,6 +256,13 @@ class DriftSpec(_Strict):
     threshold: float = Field(0.2, gt=0)
     detector: Literal["adwin", "page_hinkley"] = "adwin"
     detector_params: dict[str, float] = Field(default_factory=dict)
+    estimate_window: int = Field(1000, ge=10)
+    """Binary tasks: served predictions per model version behind the label-free (CBPE)
+    performance estimate (docs/drift.md)."""
+    estimate_min_accuracy: float | None = Field(None, gt=0, le=1)
+    """Binary tasks: the champion's estimated accuracy below this is flagged (an
+    ``estimate`` drift record with ``drifted`` true, and the WeirEstimatedAccuracyLow
+    alert) before its labels come; None publishes the estimate without flagging it."""
 
 
 class RetrainSpec(_Strict):
