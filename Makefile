@@ -51,8 +51,8 @@ test-cluster: install ## tests against the local cluster (tests/cluster; starts 
 logs: ## tail the servers' logs
 	$(PY) deploy/local/stack.py logs
 
-test: install ## unit + integration tests against the real stack (started and stopped by the tests)
-	$(PYTEST) -q -p no:cacheprovider tests/unit tests/integration --durations=15
+test: install ## unit + integration tests against the real stack, and every module's doctests
+	$(PYTEST) -q -p no:cacheprovider --doctest-modules tests/unit tests/integration weir streams models features --durations=15
 
 test-unit: $(STAMP) ## unit tests only (no servers)
 	$(PYTEST) -q tests/unit
