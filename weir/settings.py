@@ -31,7 +31,9 @@ class Settings(BaseSettings):
         "PLAINTEXT", description="`WEIR_KAFKA_SECURITY_PROTOCOL`: how to talk to the brokers."
     )
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        None, description="`WEIR_KAFKA_SASL_MECHANISM`: SASL mechanism when the protocol is SASL_*."
+        None,
+        description="`WEIR_KAFKA_SASL_MECHANISM`: SASL mechanism when the protocol is SASL_*.",
+        validate_default=True,
     )
     kafka_sasl_username: str | None = Field(None, description="`WEIR_KAFKA_SASL_USERNAME`: SASL user name.")
     kafka_sasl_password: SecretStr | None = Field(
@@ -166,6 +168,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must start with redis://, rediss:// or unix://, got {v!r}; "
                 "e.g. WEIR_REDIS_URL=redis://127.0.0.1:6379/0"
+            )
+        return v
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _sasl_mechanism_set(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Unset, each client picks its own default (librdkafka GSSAPI, aiokafka PLAIN): the
+        # scorer and the learner would then log in differently, or not at all.
+        proto = info.data.get("kafka_security_protocol")
+        if v is None and proto in ("SASL_PLAINTEXT", "SASL_SSL"):
+            raise ValueError(
+                f"is not set, but WEIR_KAFKA_SECURITY_PROTOCOL={proto} needs one; set it to the "
+                "brokers' mechanism: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN"
             )
         return v
 

@@ -107,3 +107,17 @@ def test_a_ca_without_tls_is_refused(ca: str, monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("WEIR_REDIS_URL", "redis://127.0.0.1:6379/0")
     with pytest.raises(ConfigError, match=r"WEIR_REDIS_SSL_CA_CERTS: .*does not start with rediss://"):
         load_settings()
+
+
+def test_a_sasl_protocol_without_a_mechanism_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each client would pick its own default (librdkafka GSSAPI, aiokafka PLAIN).
+    for proto in ("SASL_SSL", "SASL_PLAINTEXT"):
+        monkeypatch.setenv("WEIR_KAFKA_SECURITY_PROTOCOL", proto)
+        needs = rf"WEIR_KAFKA_SASL_MECHANISM: .*{proto} needs one.*SCRAM-SHA-512"
+        with pytest.raises(ConfigError, match=needs):
+            load_settings()
+    monkeypatch.setenv("WEIR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    assert load_settings().confluent_config()["sasl.mechanism"] == "SCRAM-SHA-256"
+    monkeypatch.setenv("WEIR_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    monkeypatch.delenv("WEIR_KAFKA_SASL_MECHANISM")
+    assert "sasl.mechanism" not in load_settings().confluent_config()

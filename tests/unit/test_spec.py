@@ -95,6 +95,7 @@ def test_settings_reject_unknown_and_bad_values(monkeypatch):
 def test_settings_mask_secrets(monkeypatch):
     monkeypatch.setenv("WEIR_KAFKA_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("WEIR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("WEIR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
     s = load_settings()
     assert "hunter2" not in repr(s) and "hunter2" not in str(s.safe_dump())
     assert s.confluent_config()["sasl.password"] == "hunter2"
