@@ -20,6 +20,7 @@ import math
 import time as _time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.evaluation import PRIMARY_METRIC
@@ -234,6 +235,48 @@ def train_log_frame(records: Iterable[Mapping[str, Any]], features: list[str] | 
     frame["ts"] = frame["ts"].astype(float)
     frame.attrs["features"] = list(features)
     return frame
+
+
+def retrain_token(
+    pipeline: str, trigger: str, retrain_no: int, upto: Mapping[int, int], spec: RetrainSpec
+) -> str:
+    """The idempotency token of a retrain's ``registry.save``: a monitor that crashes after
+    saving and replays the same records fires the same retrain (same trigger, same count of
+    retrains before it, same training-log offsets seen, same window) and gets the version
+    it saved back instead of a second one.
+
+    Examples:
+        >>> from weir.spec import RetrainSpec
+        >>> a = retrain_token("demo", "manual", 3, {0: 10, 1: 7}, RetrainSpec())
+        >>> a == retrain_token("demo", "manual", 3, {1: 7, 0: 10}, RetrainSpec())
+        True
+        >>> a == retrain_token("demo", "manual", 3, {0: 11, 1: 7}, RetrainSpec())
+        False
+    """
+    import orjson
+
+    canon = orjson.dumps(
+        {
+            "pipeline": pipeline,
+            "trigger": trigger,
+            "retrain": retrain_no,
+            "upto": {str(p): int(o) for p, o in sorted(upto.items())},
+            "window_labels": spec.window_labels,
+            "window_seconds": spec.window_seconds,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return "retrain-" + hashlib.sha256(canon).hexdigest()[:32]
+
+
+def load_backfill(path: str | Path, spec: PipelineSpec | None = None) -> pd.DataFrame:
+    """A ``weir backfill`` file (JSON lines of training-log records) as a training-log
+    frame for :func:`fit_challenger` (the spec fixes the feature columns)."""
+    import orjson
+
+    text = Path(path).read_bytes().splitlines()
+    records = [orjson.loads(line) for line in text if line.strip()]
+    return train_log_frame(records, features=spec.feature_names if spec is not None else None)
 
 
 def data_hash(frame: pd.DataFrame) -> str:

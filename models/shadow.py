@@ -261,3 +261,75 @@ class RollbackGuard:
                 self.champion.n,
             )
         return Verdict("keep", f"{both}: within margin {self.margin}", metric, new, old, self.champion.n)
+
+
+class PendingPredictions:
+    """The challenger's serve-time predictions, kept until their event's label arrives.
+
+    The fair shadow: the champion's side of the comparison is the prediction it served;
+    the challenger's is made on the same served features when the prediction record
+    arrives (serve time), not one label delay later when the label does, when it has
+    learned from labels the champion had not seen. Bounded two ways:
+
+    * by count: once ``max_items`` wait, a new prediction is refused (counted in
+      ``refused``) rather than an old one evicted, so the oldest, whose labels come
+      first, still pair; the gate then scores a sample of the events, not a biased one;
+    * by the label horizon: a prediction whose event ``ts`` is more than ``horizon``
+      seconds behind the newest one kept will get no label the learner joins: dropped
+      (counted in ``expired``).
+
+    Picklable (the monitor checkpoints it).
+
+    Examples:
+        >>> p = PendingPredictions(max_items=2, horizon=10.0)
+        >>> p.add("a", 100.0, True), p.add("b", 101.0, False), p.add("c", 102.0, True)
+        (True, True, False)
+        >>> p.pop("a"), p.pop("a"), len(p), p.refused
+        ((True, True), (False, None), 1, 1)
+        >>> p.add("d", 115.0, True), sorted(p.items), p.expired
+        (True, ['d'], 1)
+    """
+
+    def __init__(self, max_items: int = 100_000, horizon: float = 3600.0) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items!r}")
+        self.max_items = max_items
+        self.horizon = horizon
+        #: event_id -> (event ts, challenger prediction), in arrival order.
+        self.items: dict[str, tuple[float, Any]] = {}
+        self.newest_ts = -math.inf
+        self.added = 0
+        self.refused = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, event_id: str, ts: float, prediction: Any) -> bool:
+        """Keep a serve-time prediction; False if refused (full) or already kept."""
+        if event_id in self.items:
+            return False  # a redelivered prediction record: the first one stands
+        if math.isfinite(ts) and ts > self.newest_ts:
+            self.newest_ts = ts
+            self._expire()
+        if len(self.items) >= self.max_items:
+            self.refused += 1
+            return False
+        self.items[event_id] = (ts, prediction)
+        self.added += 1
+        return True
+
+    def pop(self, event_id: str) -> tuple[bool, Any]:
+        """(found, the challenger's serve-time prediction) for an event, forgotten then."""
+        got = self.items.pop(event_id, None)
+        return (False, None) if got is None else (True, got[1])
+
+    def _expire(self) -> None:
+        cut = self.newest_ts - self.horizon
+        # Arrival order is close to event-time order: expire from the front.
+        while self.items:
+            eid, (ts, _) = next(iter(self.items.items()))
+            if ts >= cut:
+                break
+            del self.items[eid]
+            self.expired += 1

@@ -275,6 +275,11 @@ class RetrainSpec(_Strict):
     cooldown: Duration = 300.0
     min_fresh_labels: int = Field(500, ge=1)
     window_labels: int = Field(2000, ge=10)
+    """A retrain fits on at most the newest ``window_labels`` training-log records, read
+    back from Kafka (streams/history.py)."""
+    window_seconds: Duration | None = None
+    """And, if set, only on those logged within this long before the newest one the
+    retrain saw (Kafka timestamps), e.g. ``24h``; None: by count only."""
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     shadow_labels: int = Field(500, ge=1)
     promote_margin: float = Field(0.0, ge=0)
@@ -283,6 +288,16 @@ class RetrainSpec(_Strict):
     keep_versions: int = Field(10, ge=1)
     """Model blobs kept in the registry besides the champion, its predecessor and the
     challenger: the newest ``keep_versions``; older ones are pruned (metadata kept)."""
+
+    @field_validator("window_seconds")
+    @classmethod
+    def _window_seconds(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(
+                f"retrain.window_seconds must be > 0 seconds, got {v!r}; use e.g. '24h', "
+                "or remove it to window by count only (retrain.window_labels)"
+            )
+        return v
 
 
 class PipelineSpec(_Strict):
