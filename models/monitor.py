@@ -28,8 +28,8 @@ import orjson
 
 from models.drift import DriftSuite, loss
 from models.estimation import EstimateTracker
-from models.retrain import RetrainPolicy, fit_challenger, train_log_frame
-from models.shadow import RollbackGuard, ShadowGate, Verdict
+from models.retrain import RetrainPolicy, data_hash, fit_challenger, retrain_token, train_log_frame
+from models.shadow import PendingPredictions, RollbackGuard, ShadowGate, Verdict
 from weir.contracts import DriftRecord, control_message, json_object, training_record
 from weir.types import version_of
 
@@ -46,8 +46,14 @@ Offsets = dict[str, dict[int, int]]
 #: Bumped when the checkpoint's layout (:meth:`Monitor.state`) changes; an older one is
 #: ignored.
 CHECKPOINT_FORMAT = 1
+#: The challenger's serve-time predictions kept for their labels, at most (the fair shadow).
+SHADOW_PENDING_MAX = 100_000
 
 Publish = Callable[[DriftRecord], None]
+#: Reads a retrain's window back from the training log up to the given end offsets per
+#: partition (:func:`streams.history.read_training_window`): a History (``records``,
+#: ``lineage()``).
+ReadHistory = Callable[[dict[int, int]], Any]
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Monitor:
         metrics: MonitorMetrics to update, or None.
         check_every: records (predictions + examples) between two checks.
         clock: wall clock, injectable for tests.
+        history: reads a retrain's window from the training-log topic (durable); None, or a
+            failed read, fits on the in-memory buffer instead.
     """
 
     def __init__(
@@ -86,8 +94,15 @@ class Monitor:
         metrics: MonitorMetrics | None = None,
         check_every: int = 500,
         clock: Callable[[], float] = time.time,
+        history: ReadHistory | None = None,
     ) -> None:
         self.spec = spec
+        self.history = history
+        # Per training-log partition, the next offset applied: where a retrain's read ends.
+        self.log_end: dict[int, int] = {}
+        # The challenger's serve-time predictions awaiting their labels (the fair shadow).
+        self.shadow_pending = _pending(spec)
+        self.shadow_unpaired = 0
         self.registry = registry
         self.publish = publish
         self.metrics = metrics
@@ -140,8 +155,24 @@ class Monitor:
                 p = _p_true(m.get("proba"))
                 if p is not None:
                     self.estimates.served(version_of(m.get("model_version") or "") or "", p)
+        if self.shadow is not None:
+            self._shadow_serve(msgs)
         self.predictions_seen += len(msgs)
         self._count(len(msgs))
+
+    def _shadow_serve(self, msgs: list[dict[str, Any]]) -> None:
+        """The fair shadow: the challenger predicts on the features as served, when they
+        are served, like the champion did; kept by event id until the label comes."""
+        from models.factory import model_input, predict
+
+        assert self.shadow is not None
+        for m in msgs:
+            eid = m.get("event_id")
+            if eid is None:
+                continue
+            pred = predict(self.shadow.model, model_input(m.get("features") or {}), self.spec.task)[0]
+            ts = _float(m.get("ts"))
+            self.shadow_pending.add(str(eid), math.nan if ts is None else ts, pred)
 
     def on_example(self, msg: Mapping[str, Any], pos: Position | None = None) -> None:
         """One training-log record (:class:`~weir.contracts.TrainingRecord`): event_id, ts,
@@ -152,6 +183,8 @@ class Monitor:
         """
         from models.factory import learn, model_input, predict
 
+        if pos is not None and pos[1] + 1 > self.log_end.get(pos[0], 0):
+            self.log_end[pos[0]] = pos[1] + 1
         y: Any = msg.get("label")
         served = msg.get("prediction")
         if y is None:
@@ -195,11 +228,20 @@ class Monitor:
 
         x = model_input(msg.get("features") or {})
         if self.shadow is not None:
-            pred = predict(self.shadow.model, x, task)[0]
+            # Compared on the same event, both predictions made at serve time: the
+            # challenger's was kept when the prediction record came (_shadow_serve).
+            found, pred = self.shadow_pending.pop(str(msg.get("event_id")))
+            if not found and self.shadow_pending.added == 0:
+                # Fed no served predictions (an embedded monitor without the predictions
+                # topic): the challenger predicts now, one label delay late.
+                found, pred = True, predict(self.shadow.model, x, task)[0]
             learn(self.shadow.model, x, y, task)
-            verdict = self.shadow.gate.update(y, champion=served, challenger=pred)
-            if verdict is not None:
-                self._settle_shadow(verdict)
+            if not found:
+                self.shadow_unpaired += 1  # served before the shadow began, or not kept
+            else:
+                verdict = self.shadow.gate.update(y, champion=served, challenger=pred)
+                if verdict is not None:
+                    self._settle_shadow(verdict)
         elif self.guard is not None:
             g = self.guard
             own = predict(g.model, x, task)[0]
@@ -311,17 +353,20 @@ class Monitor:
         self.policy.fired(now)
         self.retrains += 1
         self.transitions += 1
-        frame = train_log_frame(list(self.buffer), features=self.spec.feature_names)
         try:
+            frame, lineage, upto = self._retrain_frame()
             # The champion's holdout score is that of its served predictions: the live
             # champion learned online, its stored version did not.
             result = fit_challenger(self.spec, frame, since_ts=since)
+            # The token: a monitor that crashes after the save and replays the same
+            # records fires this retrain again and gets the same version back.
             version = self.registry.save(
                 result.model,
                 parent=self.champion_id,
                 trigger=trigger,
                 reason=reason,
-                meta=result.as_meta(),
+                meta={**result.as_meta(), "history": lineage},
+                token=retrain_token(self.spec.name, trigger, self.retrains, upto, self.spec.retrain),
             )
             self.registry.set_alias("challenger", version.id)
         except Exception as exc:  # RetrainError, a registry failure: the monitor goes on
@@ -349,10 +394,45 @@ class Monitor:
             margin=self.spec.retrain.promote_margin,
         )
         self.shadow = _Shadow(version.id, trigger, result.model, gate)
+        self.shadow_pending = _pending(self.spec)
+
+    def _retrain_frame(self) -> tuple[Any, dict[str, Any], dict[int, int]]:
+        """(frame, lineage, end offsets) of a retrain: the training log read back from Kafka
+        up to the offsets applied (durable: the same after a restart or a replay), else the
+        in-memory buffer (no reader, or the read failed: logged, recorded in the lineage)."""
+        upto = dict(self.log_end)
+        lineage: dict[str, Any] = {"source": "buffer"}
+        records: list[Mapping[str, Any]] | None = None
+        if self.history is not None:
+            try:
+                hist = self.history(upto)
+                records, lineage = list(hist.records), hist.lineage()
+            except Exception as exc:  # Kafka away: the buffer holds the newest examples too
+                log.warning("retrain window not read from the training log (%s); fitting on the buffer", exc)
+                lineage["history_error"] = str(exc)
+        if records is None:
+            records = list(self.buffer)
+            spans: dict[int, list[int]] = {}
+            for pos in self.positions:
+                if pos is not None:
+                    lo, hi = spans.get(pos[0], [pos[1], pos[1] + 1])
+                    spans[pos[0]] = [min(lo, pos[1]), max(hi, pos[1] + 1)]
+            ts = [t for t in (_float(r.get("ts")) for r in records) if t is not None]
+            lineage.update(
+                offsets={str(p): v for p, v in sorted(spans.items())},
+                records_read=len(records),
+                first_ts=min(ts) if ts else None,
+                last_ts=max(ts) if ts else None,
+            )
+        frame = train_log_frame(records, features=self.spec.feature_names)
+        lineage["rows"] = len(frame)
+        lineage["frame_sha256"] = data_hash(frame)
+        return frame, lineage, upto
 
     def _settle_shadow(self, verdict: Verdict) -> None:
         assert self.shadow is not None
         sh, self.shadow = self.shadow, None
+        self.shadow_pending = _pending(self.spec)
         self.transitions += 1
         now = self.clock()
         rec = verdict.record(
@@ -502,7 +582,10 @@ class Monitor:
                 "checks": self.checks,
                 "retrains": self.retrains,
                 "transitions": self.transitions,
+                "shadow_unpaired": self.shadow_unpaired,
             },
+            "log_end": dict(self.log_end),
+            "shadow_pending": self.shadow_pending,
             "promotions": list(self.promotions),
             "rollbacks": list(self.rollbacks),
             "estimates": self.estimates,
@@ -526,6 +609,15 @@ class Monitor:
         self.rollbacks = list(state["rollbacks"])
         if state.get("estimates") is not None:  # absent from checkpoints written before CBPE
             self.estimates = state["estimates"]
+        # Absent from checkpoints written before the durable retrain and the fair shadow:
+        # the end offsets are then those of the buffer's positions.
+        ends: dict[int, int] = {}
+        for pos in state["positions"]:
+            if pos is not None:
+                ends[int(pos[0])] = max(ends.get(int(pos[0]), 0), int(pos[1]) + 1)
+        self.log_end = {int(p): int(o) for p, o in (state.get("log_end") or ends).items()}
+        pending = state.get("shadow_pending")
+        self.shadow_pending = pending if pending is not None else _pending(self.spec)
         self.buffer.clear()
         self.positions.clear()
         missing = 0
@@ -558,6 +650,7 @@ class Monitor:
             margin=self.spec.retrain.promote_margin,
         )
         self.shadow = _Shadow(alias, version.trigger, model, gate)
+        self.shadow_pending = _pending(self.spec)
         self.guard = None
         self.transitions += 1
 
@@ -695,6 +788,12 @@ def _is_true(y: Any, classes: list[str] | None) -> bool:
     if classes and len(classes) == 2:
         return str(y) == classes[1]
     return str(y).lower() in ("true", "1")
+
+
+def _pending(spec: PipelineSpec) -> PendingPredictions:
+    """The fair shadow's pending predictions: a label later than the horizon (plus the
+    lateness an event's ts may lag by) is never joined."""
+    return PendingPredictions(SHADOW_PENDING_MAX, spec.labels.horizon + spec.lateness)
 
 
 def _float(v: Any) -> float | None:

@@ -59,11 +59,23 @@ class MemoryRegistry:
         self.versions: dict[str, tuple[bytes, ModelVersion]] = {}
         self.aliases: dict[str, str | None] = {"champion": None, "challenger": None}
         self.parked: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self.tokens: dict[str, str] = {}
 
     def save(
-        self, model: Any, *, parent: str | None, trigger: str, reason: str, meta: Any = None
+        self,
+        model: Any,
+        *,
+        parent: str | None,
+        trigger: str,
+        reason: str,
+        meta: Any = None,
+        token: str | None = None,
     ) -> ModelVersion:
+        if token is not None and token in self.tokens:  # idempotent, as in Redis
+            return self.versions[self.tokens[token]][1]
         vid = f"v{len(self.versions) + 1}"
+        if token is not None:
+            self.tokens[token] = vid
         mv = ModelVersion(vid, "m", parent, 0.0, trigger, reason, "", "", "", dict(meta or {}))
         self.versions[vid] = (pickle.dumps(model), mv)
         return mv
