@@ -35,8 +35,8 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -56,12 +56,12 @@ from weir.types import Event, FeatureValue, FeatureVector
 
 if TYPE_CHECKING:
     import redis
-    import redis.asyncio
 
 _Encoder = Callable[[Any, Any], str]
 #: Where an event was read: ``(topic, partition, offset)`` of its Kafka message.
 Position = tuple[str, int, int]
 _Decoder = Callable[[str], FeatureValue]
+T = TypeVar("T")
 
 
 def _escape(s: str) -> str:
@@ -135,9 +135,6 @@ def _dec_string(p: str) -> FeatureValue:
     return _unescape(p[1:]) if p else None
 
 
-_STATUS = {"o": "ok", "d": "duplicate"}
-
-
 class RedisFeatureStore:
     """The online engine for one pipeline spec.
 
@@ -174,10 +171,6 @@ class RedisFeatureStore:
         """The ZSET of the entity's accepted events."""
         return f"{self._prefix}:win:{entity_id}"
 
-    def meta_key(self, entity_id: str) -> str:
-        """The hash holding the entity's watermark and arrival sequence."""
-        return f"{self._prefix}:meta:{entity_id}"
-
     def recent_keys(self, now: float | None = None) -> tuple[str, str]:
         """The hashes of first served features that are read now (this window, the last)."""
         n = int((time.time() if now is None else now) // dedupe_seconds(self.spec))
@@ -188,7 +181,7 @@ class RedisFeatureStore:
         """The hash of the highest applied offset per events topic and partition."""
         return f"{self._prefix}:applied"
 
-    # -- encoding, shared by the sync and async paths ---------------------------------
+    # -- encoding and decoding ------------------------------------------------------
 
     def _commands(
         self, events: Sequence[Event], positions: Sequence[Position] | None = None
@@ -262,15 +255,18 @@ class RedisFeatureStore:
         decode = self._decode
         return [decode(r) for r in replies]
 
-    # -- sync -------------------------------------------------------------------------
+    # -- the one path: async; compute_batch drives it for a blocking client ---------
 
-    def compute_batch(
-        self, client: redis.Redis, events: Sequence[Event], positions: Sequence[Position] | None = None
+    async def acompute_batch(
+        self,
+        client: _AsyncClient,
+        events: Sequence[Event],
+        positions: Sequence[Position] | None = None,
     ) -> list[FeatureResult]:
         """Compute and record the features of a batch in one round trip.
 
         Args:
-            client: A ``redis.Redis`` (bytes or decoded responses).
+            client: A ``redis.asyncio.Redis`` (bytes or decoded responses).
             events: Validated events in arrival order.
             positions: Each event's Kafka message as ``(topic, partition, offset)``, so a
                 redelivered message is recognised by its offset (see the module); None
@@ -288,14 +284,24 @@ class RedisFeatureStore:
         (cmd,) = self._commands(events, positions)
         try:
             try:
-                replies = client.execute_command(*cmd)
+                replies = await client.execute_command(*cmd)
             except NoScriptError:
                 # The script cache was empty (restart, SCRIPT FLUSH): load it, run again.
-                client.script_load(self.script)
-                replies = client.execute_command(*cmd)
+                await client.script_load(self.script)
+                replies = await client.execute_command(*cmd)
         except RedisError as exc:
             raise self._failed(exc) from exc
         return self._results(replies, len(events))
+
+    def compute_batch(
+        self, client: redis.Redis, events: Sequence[Event], positions: Sequence[Position] | None = None
+    ) -> list[FeatureResult]:
+        """:meth:`acompute_batch` with a blocking ``redis.Redis`` (tests, benchmarks, tools).
+
+        The same coroutine, driven here: its awaits on a blocking client never suspend, so
+        it runs to its end on this thread, with no event loop (also inside a running one).
+        """
+        return _run_blocking(self.acompute_batch(_Blocking(client), events, positions))
 
     def served_features(self, client: redis.Redis, event_id: str) -> FeatureVector | None:
         """The features first served for ``event_id`` while the engine remembers it
@@ -307,32 +313,46 @@ class RedisFeatureStore:
                 return self._recent(raw)
         return None
 
-    # -- async ------------------------------------------------------------------------
 
-    async def acompute_batch(
-        self,
-        client: redis.asyncio.Redis,
-        events: Sequence[Event],
-        positions: Sequence[Position] | None = None,
-    ) -> list[FeatureResult]:
-        """:meth:`compute_batch` for ``redis.asyncio.Redis`` (the Faust worker)."""
-        if not events:
-            return []
-        (cmd,) = self._commands(events, positions)
-        try:
-            try:
-                replies = await client.execute_command(*cmd)
-            except NoScriptError:
-                await client.script_load(self.script)
-                replies = await client.execute_command(*cmd)
-        except RedisError as exc:
-            raise self._failed(exc) from exc
-        return self._results(replies, len(events))
+class _AsyncClient(Protocol):
+    """What :meth:`RedisFeatureStore.acompute_batch` calls on its client."""
 
-    async def aserved_features(self, client: redis.asyncio.Redis, event_id: str) -> FeatureVector | None:
-        """:meth:`served_features` for ``redis.asyncio.Redis``."""
-        for key in self.recent_keys():
-            raw = await client.hget(key, event_id)
-            if raw is not None:
-                return self._recent(raw)
-        return None
+    def execute_command(self, *args: Any) -> Awaitable[Any]: ...
+
+    def script_load(self, script: str) -> Awaitable[Any]: ...
+
+
+class _Blocking:
+    """A blocking ``redis.Redis`` behind the awaitable methods of :class:`_AsyncClient`;
+    each returns at once, so a coroutine awaiting only these never suspends."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    async def execute_command(self, *args: Any) -> Any:
+        return self.client.execute_command(*args)
+
+    async def script_load(self, script: str) -> Any:
+        return self.client.script_load(script)
+
+
+def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """The value of a coroutine that never suspends (it awaits only :class:`_Blocking`).
+
+    Examples:
+        >>> async def two() -> int:
+        ...     return 2
+        >>> _run_blocking(two())
+        2
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise FeatureError(
+        "compute_batch needs a blocking redis.Redis client, got one whose calls suspend; "
+        "with redis.asyncio.Redis, await acompute_batch instead"
+    )

@@ -57,7 +57,8 @@ def test_ids_with_separators_and_unicode_reach_their_own_keys(redis_client: redi
         assert r.features["country"] == e.data["country"]
         assert r.features["country_last_1h"] == e.data["country"]
         assert r.features["events_count_1h"] == 1.0  # each its own entity
-        assert redis_client.exists(store.window_key(e.entity_id), store.meta_key(e.entity_id)) == 2
+        meta = f"{spec.redis_prefix}:meta:{e.entity_id}"  # the entity's watermark and arrival count
+        assert redis_client.exists(store.window_key(e.entity_id), meta) == 2
         assert store.served_features(redis_client, e.event_id) == r.features
 
 

@@ -94,7 +94,7 @@ def test_a_redelivered_offset_is_not_counted_again_however_late(
     # holds the event itself, so it counts once more), and not stored again.
     assert [r.features["events_count_1h"] for r in late_again[3:6] if r.features] == [5.0, 6.0, 7.0]
     assert redis_client.zcard(win) == stored
-    assert redis_client.hget(store.meta_key("u"), "seq") == b"6"
+    assert redis_client.hget(f"{spec.redis_prefix}:meta:u", "seq") == b"6"
 
     # 3. A producer's retry: the same event id under a new offset, within the dedupe horizon.
     retry = Event("e9", "u", 1010.0, {"x": 1.0, "c": None})
@@ -111,7 +111,7 @@ def test_a_redelivered_offset_is_not_counted_again_however_late(
     recent = {k for k in keys if ":recent:" in k}
     assert keys - recent - {k for k in keys if ":served:" in k or ":join:" in k} == {
         win,
-        store.meta_key("u"),
+        f"{spec.redis_prefix}:meta:u",
         store.applied_key,
     }
     assert 1 <= len(recent) <= 2
