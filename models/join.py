@@ -237,13 +237,6 @@ class ServedStore:
         # that lost its script cache (restart, SCRIPT FLUSH) needs no NOSCRIPT round trip.
         pipe.eval(_SERVED_LUA, 0, *args)
 
-    def get_many(self, client: Any, event_ids: Sequence[str]) -> list[Prediction | None]:
-        """The served records of ``event_ids`` (None where absent), one MGET."""
-        if not event_ids:
-            return []
-        raws = client.mget([self.keys.served(e) for e in event_ids])
-        return [None if r is None else self.decode(e, r) for e, r in zip(event_ids, raws, strict=True)]
-
 
 @dataclass(slots=True)
 class JoinResult:

@@ -45,7 +45,8 @@ import orjson
 
 from models.evaluation import OnlineEvaluator
 from models.factory import build_model, check_task, coerce_label, learn, model_input
-from models.join import Example, JoinResult, LabelJoiner, Lineage, dead_letter
+from models.join import JoinResult, LabelJoiner, Lineage, dead_letter
+from weir.contracts import Example, encode_training_record
 from weir.errors import InvalidMessage
 from weir.footprint import STEP_EVERY, RedisFootprint
 from weir.types import Label
@@ -357,7 +358,7 @@ class LearnerCore:
                     out.dead_letters.append(self._model_error(res.example, exc))
                 else:
                     learned += 1
-                    out.training_log.append(orjson.dumps(res.example.to_record()))
+                    out.training_log.append(encode_training_record(res.example))
                 marked.append((res.event_id, self.labels_learned))
                 if len(marked) % LEARN_CHUNK == 0:
                     yield None
@@ -379,7 +380,7 @@ class LearnerCore:
             self.spec.topics.labels,
             None,
             None,
-            orjson.dumps(ex.to_record()),
+            encode_training_record(ex),
             ex.event_id.encode(),
         )
 
