@@ -56,6 +56,7 @@ class History:
     anchor_ms: int | None = None
     read_seconds: float = 0.0
     skipped: int = 0  # records that were not a JSON object
+    duplicates: int = 0  # an event logged again (the learner's at-least-once): last kept
 
     def lineage(self) -> dict[str, Any]:
         """What the version's metadata records about the read."""
@@ -66,6 +67,7 @@ class History:
             "offsets": {str(p): list(v) for p, v in sorted(self.offsets.items())},
             "records_read": len(self.records),
             "records_skipped": self.skipped,
+            "duplicates": self.duplicates,
             "window_labels": self.count,
             "window_seconds": self.seconds,
             "anchor_ms": self.anchor_ms,
@@ -194,7 +196,8 @@ def read_training_window(
                     first = e if tp.offset < 0 else tp.offset
                     bounds[tp.partition][0] = min(e, max(s, first))
         hist.offsets = bounds
-        hist.records, hist.skipped = _read(consumer, topic, bounds, t0 + timeout, settings)
+        records, hist.skipped = _read(consumer, topic, bounds, t0 + timeout, settings)
+        hist.records, hist.duplicates = dedupe(records)
     finally:
         consumer.close()
     hist.read_seconds = time.monotonic() - t0
@@ -286,6 +289,27 @@ def _read(
     finally:
         progress.close()
     return out, skipped
+
+
+def dedupe(records: list[TrainingRecord]) -> tuple[list[TrainingRecord], int]:
+    """The training log is at-least-once (a learner restarted after its snapshot logs the
+    labels since again): one record per ``event_id``, the last, at its first place.
+
+    Examples:
+        >>> recs, n = dedupe([{"event_id": "a", "label": 0}, {"event_id": "b"},
+        ...                   {"event_id": "a", "label": 1}])
+        >>> [(r["event_id"], r.get("label")) for r in recs], n
+        ([('a', 1), ('b', None)], 1)
+    """
+    by_id: dict[Any, TrainingRecord] = {}
+    anonymous: list[TrainingRecord] = []
+    for r in records:
+        eid = r.get("event_id")
+        if eid is None:
+            anonymous.append(r)
+        else:
+            by_id[eid] = r
+    return [*by_id.values(), *anonymous], len(records) - len(by_id) - len(anonymous)
 
 
 def _finite(v: Any) -> bool:

@@ -12,9 +12,12 @@ Every ``check_every`` records (and at least every ``check_seconds`` while anythi
 arrives) it publishes a :class:`~weir.contracts.DriftRecord` per ready statistic to the
 drift topic, updates :class:`~weir.metrics.MonitorMetrics`, and asks the
 :class:`~models.retrain.RetrainPolicy`. When that fires: fit a challenger on the
-training log -> ``registry.save`` -> alias ``challenger``; the challenger then scores
-and learns beside the champion on the incoming joined examples (the same labels) and
-the :class:`~models.shadow.ShadowGate` promotes it (alias ``champion``) or rejects it;
+training log, read back from Kafka up to the offsets the trigger saw
+(:mod:`streams.history`) -> ``registry.save`` (with an idempotency token) -> alias
+``challenger``; the challenger then predicts on the served features of every prediction
+record (serve time, as the champion did) and learns the incoming joined examples; at each
+label the :class:`~models.shadow.ShadowGate` compares that with the champion's served
+prediction for the same event and promotes it (alias ``champion``) or rejects it;
 after a promotion the :class:`~models.shadow.RollbackGuard` may point ``champion``
 back at the predecessor. The per-record logic is :class:`models.monitor.Monitor`, which
 needs no Kafka; :func:`run_monitor` is the loop around it. See ``docs/drift.md``.
@@ -133,7 +136,14 @@ def run_monitor(
         if left:
             raise StackError(f"{left} drift records not yet delivered to {spec.topics.drift!r} (kafka)")
 
-    monitor = Monitor(spec, reg, publish, metrics, check_every=check_every)
+    def read_history(upto: dict[int, int]) -> Any:
+        # The retrain's window, read back from the training log (durable across restarts);
+        # a failure (Kafka away past the timeout) makes the Monitor fit on its buffer.
+        from streams.history import read_training_window
+
+        return read_training_window(settings, spec, upto, timeout=60.0)
+
+    monitor = Monitor(spec, reg, publish, metrics, check_every=check_every, history=read_history)
     offsets: Offsets = restore(monitor, reg, settings, spec)
     if on_ready is not None:
         on_ready(monitor)
