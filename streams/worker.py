@@ -434,37 +434,47 @@ def create_app(
         ]
         follow()
         redis = redis_client()
-        ordered = sync is not None and not sync.labels.caught_up
-        if sync is None or not ordered:
+        timed: list[tuple[float, RawMessage]] | None = None
+        if sync is not None:
+            if sync.labels.caught_up:  # the usual live case: one ts read, no wait
+                head = message_time(msgs[0].value, spec) if msgs else UNTIMED
+            else:
+                timed = merge_by_time(
+                    [(message_time(m.value, spec), m) for m in msgs], lambda t: t[1].partition, lambda t: t[0]
+                )
+                head = min(ts for ts, _ in timed) if timed else UNTIMED
+                if head >= sync.live_from():  # live events never wait for labels
+                    timed = None
+        if timed is None or sync is None:
             if sync is not None:
-                sync.publish_events(UNTIMED)  # a batch in hand (times unread): labels wait for it
+                sync.publish_events(head)  # labels due after the batch's first event wait for it
             out = await scorer.process(msgs, redis)
             # Both durable before the agent returns for the next batch (which acks this one).
             await asyncio.gather(
                 scorer.record_served(out, redis), output.deliver(out, health, backoff, stopping)
             )
         else:
-            out = await score_in_order(msgs, redis, sync)  # served records stored, run by run
+            out = await score_in_order(timed, redis, sync)  # served records stored, run by run
         if sync is not None:
             for e in batch:
                 scored_to[e.message.tp] = e.message.offset + 1
             sync.publish_events(None, events_caught_up(full=len(batch) >= spec.scoring.batch_size))
-        if ordered:
+        if timed is not None:
             await output.deliver(out, health, backoff, stopping)
         scorer.observe(msgs, out, time.perf_counter() - t0)
         _observe_lag(app, spec, metrics, batch)
 
-    async def score_in_order(msgs: list[RawMessage], redis: Any, sync: EventTimeSync) -> BatchOutput:
-        """Role ``all`` with labels behind: the batch in event-time order with the labels.
+    async def score_in_order(
+        timed: list[tuple[float, RawMessage]], redis: Any, sync: EventTimeSync
+    ) -> BatchOutput:
+        """Role ``all`` with labels behind: the batch (``(ts, message)`` in event-time
+        order) in event-time order with the labels.
 
         Each run of events with no label due before them is scored and its served records
         stored (the learner joins its labels to them) before the next run waits for the
         labels due before it (:mod:`streams.sync`). The batch's records go to Kafka once,
         after all its runs.
         """
-        timed = merge_by_time(
-            [(message_time(m.value, spec), m) for m in msgs], lambda t: t[1].partition, lambda t: t[0]
-        )
         times = [ts for ts, _ in timed]
         outs: list[BatchOutput] = []
         i = 0

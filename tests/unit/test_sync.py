@@ -257,3 +257,21 @@ def test_merge_outputs_merges_every_field() -> None:
         "max_ts",
     }
     assert merge_outputs([a]) is a
+
+
+def test_live_items_never_wait() -> None:
+    # within max_idle of the wall clock: live, not a backlog (labels in flight are not waited for)
+    sync = EventTimeSync(max_idle=1.0, clock=lambda: 1000.0)
+    sync.publish_labels(head=500.0)  # the learner has an old label in hand
+    sync.publish_events(head=500.0)
+
+    async def main() -> int:
+        sync.bind(asyncio.get_running_loop())
+        return await sync.wait_labels([999.5, 1000.2])
+
+    t0 = time.monotonic()
+    assert asyncio.run(main()) == 2
+    assert sync.wait_events([999.0, 2000.0], timeout=5.0) == 2
+    assert time.monotonic() - t0 < 0.5
+    # a backlog item still waits: the old label goes first, the event at 999 after it
+    assert ready_count([400.0, 600.0, 999.0], sync.labels, tie_first=False, live_from=sync.live_from()) == 1
