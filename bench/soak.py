@@ -101,26 +101,23 @@ def start(role: str, path: Path, tag: str) -> tuple[list[Proc], Proc]:
 
 
 def redis_sample(client: Any, prefix: str, memory_sample: int) -> dict[str, Any]:
+    """Server memory, and the pipeline's keys and bytes by kind: one full pass of the
+    learner's own footprint walk (weir/footprint.py: every key of a small kind measured, so
+    the few large hashes and sorted sets are not missed; one in ``memory_sample`` of a
+    large kind)."""
+    from weir.footprint import RedisFootprint
+
     info = client.info("memory")
-    by_kind: dict[str, int] = {}
-    sampled: list[bytes] = []
-    n = 0
-    for key in client.scan_iter(match=f"{prefix}:*", count=5000):
-        n += 1
-        kind = key.decode(errors="replace")[len(prefix) + 1 :].split(":", 1)[0]
-        by_kind[kind] = by_kind.get(kind, 0) + 1
-        if len(sampled) < memory_sample:
-            sampled.append(key)
-        elif n % 97 == 0:  # keep the sample spread over the keyspace
-            sampled[n % memory_sample] = key
-    sizes = [client.memory_usage(k) or 0 for k in sampled]
-    mean = sum(sizes) / len(sizes) if sizes else 0.0
+    walk = RedisFootprint(prefix, "soak", sample_every=memory_sample)
+    while not walk.step(client):
+        pass
     return {
         "used_memory": int(info["used_memory"]),
         "dbsize": int(client.dbsize()),
-        "keys": n,
-        "keys_by_kind": by_kind,
-        "bytes_estimate": int(mean * n),
+        "keys": sum(n for n, _ in walk.last.values()),
+        "keys_by_kind": {k: n for k, (n, _) in walk.last.items()},
+        "bytes_by_kind": {k: b for k, (_, b) in walk.last.items()},
+        "bytes_estimate": sum(b for _, b in walk.last.values()),
     }
 
 
@@ -343,7 +340,12 @@ def main() -> int:
     ap.add_argument("--roles", default="all,split", help="setups to run: all, split (default both)")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
     ap.add_argument("--entities", type=int, default=1000, help="distinct entities (default 1,000)")
-    ap.add_argument("--memory-sample", type=int, default=200, help="keys sampled for MEMORY USAGE")
+    ap.add_argument(
+        "--memory-sample",
+        type=int,
+        default=50,
+        help="MEMORY USAGE of the first N keys of each kind, then of one key in N",
+    )
     ap.add_argument("--spec", default=None, help="pipeline YAML (default: issue #18's spec)")
     ap.add_argument("--keep", action="store_true", help="keep the topics and keys after the run")
     ap.add_argument("--out", default=str(REPO / "bench/results/soak.json"))

@@ -3,8 +3,9 @@
 :class:`RedisFootprint` walks the keyspace with ``SCAN MATCH {prefix}:*`` one step per call
 (``COUNT`` :data:`SCAN_COUNT`), counts the pipeline's keys by kind (the segment after the
 prefix: ``win``, ``meta``, ``recent``, ``applied``, ``served``, ``early``, ``join``, ...)
-and takes ``MEMORY USAGE`` of one key in :data:`SAMPLE_EVERY` (and of the first key of
-every kind), pipelined with the step. When a pass ends (the cursor is back at 0) it sets
+and takes ``MEMORY USAGE`` of the first :data:`SAMPLE_EVERY` keys of every kind (so a kind
+of a few large keys, such as ``recent`` or ``join``, is measured whole) and of one key in
+:data:`SAMPLE_EVERY` after that, pipelined with the step. When a pass ends (the cursor is back at 0) it sets
 ``weir_redis_keys{pipeline,kind}``, ``weir_redis_memory_bytes{pipeline,kind}`` (keys x
 mean sampled size) and ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``).
 
@@ -48,10 +49,14 @@ class RedisFootprint:
         prefix: the pipeline's key prefix (``spec.redis_prefix``).
         pipeline: the pipeline's name (the ``pipeline`` label).
         metrics: a :class:`weir.metrics.LearnerMetrics` (its ``redis_*`` gauges), or None.
+        sample_every: keys of a kind measured whole, and then one in this many.
     """
 
-    def __init__(self, prefix: str, pipeline: str, metrics: Any = None) -> None:
+    def __init__(
+        self, prefix: str, pipeline: str, metrics: Any = None, sample_every: int = SAMPLE_EVERY
+    ) -> None:
         self.prefix = prefix
+        self.sample_every = max(1, sample_every)
         self.pipeline = pipeline
         self.metrics = metrics
         self._cursor = 0
@@ -70,7 +75,9 @@ class RedisFootprint:
             kind = kind_of(key, self.prefix)
             self._keys[kind] += 1
             self._seen += 1
-            if self._sampled[kind] == 0 or self._seen % SAMPLE_EVERY == 0:
+            # Every key of a small kind (a few large hashes and sorted sets: recent, join,
+            # applied), one in SAMPLE_EVERY of a large one (a key per entity or event).
+            if self._keys[kind] <= self.sample_every or self._seen % self.sample_every == 0:
                 self._sampled[kind] += 1
                 sample.append((kind, key))
         if sample:

@@ -19,7 +19,13 @@ def test_a_pass_counts_and_sizes_the_pipeline_keys_by_kind(redis_client: Any, un
         pipe.zadd(f"{prefix}:win:u{i}", {f"{k:012d}|1.0": k for k in range(50)})
         pipe.expire(f"{prefix}:win:u{i}", 60)
     pipe.set(f"{prefix}-other:served:e0", b"not this pipeline's", ex=60)
+    # A kind of a few keys of very different sizes (like recent or join): measured whole.
+    pipe.hset(f"{prefix}:recent:1", mapping={f"e{i}": "x" * 100 for i in range(2000)})
+    pipe.hset(f"{prefix}:recent:2", mapping={"e0": "x"})
+    pipe.expire(f"{prefix}:recent:1", 60)
+    pipe.expire(f"{prefix}:recent:2", 60)
     pipe.execute()
+    recent_bytes = sum(redis_client.memory_usage(f"{prefix}:recent:{n}", samples=5) for n in (1, 2))
     metrics = LearnerMetrics(CollectorRegistry())
     footprint = RedisFootprint(prefix, "p", metrics)
     try:
@@ -27,7 +33,8 @@ def test_a_pass_counts_and_sizes_the_pipeline_keys_by_kind(redis_client: Any, un
         while not footprint.step(redis_client):
             steps += 1
             assert steps < 100_000
-        assert {k: n for k, (n, _) in footprint.last.items()} == {"served": 300, "win": 20}
+        assert {k: n for k, (n, _) in footprint.last.items()} == {"served": 300, "win": 20, "recent": 2}
+        assert footprint.last["recent"][1] == recent_bytes
         served_bytes = footprint.last["served"][1] / 300
         win_bytes = footprint.last["win"][1] / 20
         assert 160 < served_bytes < 400, served_bytes  # a 161-byte value and its key
