@@ -141,6 +141,9 @@ def test_concept_change_is_detected_retrained_and_promoted(
         assert promoted.trigger == "performance" and promoted.parent == first
         assert promoted.meta["shadow"]["labels"] == spec.retrain.shadow_labels
         assert promoted.meta["data_sha256"] and promoted.meta["window"]["since_ts"] is not None
+        # Fitted on the training log read back from Kafka (#16.4), not on the monitor's buffer.
+        hist = promoted.meta["history"]
+        assert hist["source"] == "kafka" and hist["offsets"]["0"][1] > hist["offsets"]["0"][0], hist
         assert registry.alias("challenger") is None
 
         out = drift_records(settings, consume_all, spec)
