@@ -47,7 +47,9 @@ and a pending score is negated only while positive.
 
 **Round trips.** A label batch costs one script call (:data:`_JOIN_LUA`): it writes the
 marks of the labels learned before (queued by :meth:`LabelJoiner.mark_learned`) and the
-deletions of served records, then reads the batch's state; the decisions are pure Python.
+deletions of served records, then reads the batch's state (:func:`read_state`); the
+decisions are pure functions of it (:func:`decide_labels`, :func:`held_by_another`,
+:func:`decide_held`), tested without Redis (tests/unit/test_join_decisions.py).
 Early labels add one pipeline to hold them. The sweep moves expiries in bounded script
 calls (:data:`EXPIRE_CHUNK`) and looks at :data:`SWEEP_HELD_CHUNK` held labels at most.
 
@@ -291,6 +293,187 @@ class Lineage:
         return out
 
 
+# -- decisions: pure functions of the state one script call read ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What the batch's script call (:data:`_JOIN_LUA`) read for one event id.
+
+    Attributes:
+        marker: its learned marker (``run:seq`` from its record, or ``*`` for a learned
+            event whose record is gone), None if not learned.
+        record: its served record (without the marker), None if absent.
+        expired: (labels) its horizon passed: it is in the expired set.
+        held: (held labels, in the sweep) the body of the label held for it, None once the
+            hold expired.
+    """
+
+    marker: bytes | str | None = None
+    record: bytes | None = None
+    expired: bool = False
+    held: bytes | None = None
+
+
+def read_state(raw: Sequence[Any], mode: Literal["expired", "early"] = "expired") -> list[Found]:
+    """The script's reply (three values per id) as one :class:`Found` per id.
+
+    Examples:
+        >>> served, expired = read_state([None, b"rec", None, b"r:1", None, b"17.0"])
+        >>> served.record, served.expired, expired.marker, expired.expired
+        (b'rec', False, b'r:1', True)
+        >>> read_state([None, None, b"body"], mode="early")[0].held
+        b'body'
+    """
+    if mode == "early":
+        return [Found(raw[i], raw[i + 1], False, raw[i + 2]) for i in range(0, len(raw), 3)]
+    return [Found(raw[i], raw[i + 1], raw[i + 2] is not None) for i in range(0, len(raw), 3)]
+
+
+def example_of(label: Label, served: Prediction) -> Example:
+    """The training example of a label joined with what was served for its event."""
+    return Example(
+        event_id=label.event_id,
+        entity_id=served.entity_id,
+        event_ts=served.ts,
+        label_ts=label.ts,
+        features=served.features,
+        label=label.label,
+        prediction=served.prediction,
+        proba=served.proba,
+        model_version=served.model_version,
+    )
+
+
+def decide_labels(
+    labels: Sequence[Label],
+    found: Sequence[Found],
+    lineage: Lineage,
+    served: ServedStore,
+    read: Sequence[bool] | None = None,
+) -> list[JoinResult]:
+    """Each label's outcome on arrival, from the state of its event; no I/O.
+
+    In order: a label whose message was read already (``read``) is a ``duplicate``
+    whatever the state; so is a second label for an event of this batch, or for an event
+    whose marker the model contains (:meth:`Lineage.contains`; a marker the model lost
+    is learned again). A served record gives a ``hit`` (its example); an id in the expired
+    set is ``expired``; anything else is ``early``, to be held (:func:`hold_body`), which
+    may still turn out a ``duplicate`` (:func:`held_by_another`).
+    """
+    if len(found) != len(labels):
+        raise ValueError(f"decide_labels: {len(found)} states for {len(labels)} labels")
+    results: list[JoinResult] = []
+    seen: set[str] = set()
+    contains, decode = lineage.contains, served.decode
+    for i, (lab, f) in enumerate(zip(labels, found, strict=True)):
+        eid = lab.event_id
+        if read is not None and read[i]:
+            results.append(JoinResult("duplicate", eid, detail="label message already read"))
+        elif eid in seen or (f.marker is not None and contains(f.marker)):
+            results.append(JoinResult("duplicate", eid, detail="label already learned"))
+        elif f.record is not None:
+            seen.add(eid)
+            results.append(JoinResult("hit", eid, example_of(lab, decode(eid, f.record))))
+        elif f.expired:
+            results.append(JoinResult("expired", eid, detail="label came after the horizon; not learned"))
+        else:
+            seen.add(eid)
+            results.append(JoinResult("early", eid, detail="event not served yet; label held"))
+    return results
+
+
+def hold_body(label: Label, source: str) -> bytes:
+    """What an early label's hold (``P:early:{event_id}``) stores: the label and its
+    message (``partition:offset``, or ``""`` when unknown)."""
+    return orjson.dumps({"event_id": label.event_id, "label": label.label, "ts": label.ts, "src": source})
+
+
+def held_by_another(was_set: Any, held: bytes | None, body: bytes, source: str) -> bool:
+    """Whether a hold (``SET NX``) found another label's: then this label is a ``duplicate``.
+
+    Not set, and what is held is another body: a second label for the event. The same body
+    (same source message) is this label's own hold, from an earlier try of the call that
+    timed out but was applied. Without a source the bodies cannot tell: not set is a duplicate.
+
+    Examples:
+        >>> held_by_another(True, b"x", b"x", "0:5")  # held now
+        False
+        >>> held_by_another(None, b"x", b"x", "0:5"), held_by_another(None, b"y", b"x", "0:5")
+        (False, True)
+        >>> held_by_another(None, b"x", b"x", "")
+        True
+    """
+    return not was_set and (not source or held != body)
+
+
+def in_snapshot(marker: bytes | str, run_id: str, published_seq: int) -> bool:
+    """Whether the label of a marker the lineage contains is in a published snapshot.
+
+    Examples:
+        >>> in_snapshot(b"*", "r2", -1), in_snapshot(b"r1:9", "r2", -1)  # published; an ancestor's
+        (True, True)
+        >>> in_snapshot(b"r2:4", "r2", 4), in_snapshot(b"r2:5", "r2", 4)  # this run's
+        (True, False)
+    """
+    text = marker.decode() if isinstance(marker, bytes) else marker
+    run, _, seq = text.partition(":")
+    if run == PUBLISHED:
+        return True
+    if run != run_id:
+        return True  # an ancestor's marker the lineage contains is in the snapshot
+    return int(seq) <= published_seq
+
+
+def decide_held(
+    ids: Sequence[str],
+    deadlines: Sequence[float],
+    found: Sequence[Found],
+    lineage: Lineage,
+    served: ServedStore,
+    published_seq: int,
+    now: float,
+) -> tuple[list[JoinResult], list[str]]:
+    """The sweep's decisions on held (early) labels; no I/O.
+
+    Returns ``(results, done)``: ``resolved`` (its event was served: learn it) or
+    ``unknown`` (its hold expired unlearned, or its deadline passed unserved), and the ids
+    whose holds go. A held label the model contains stays until a published snapshot has
+    it; one learned by a lost model state (see :class:`Lineage`) is resolved again.
+    """
+    if not len(ids) == len(deadlines) == len(found):
+        raise ValueError(f"decide_held: {len(ids)} ids, {len(deadlines)} deadlines, {len(found)} states")
+    results: list[JoinResult] = []
+    done: list[str] = []
+    for eid, deadline, f in zip(ids, deadlines, found, strict=True):
+        if f.held is None:  # its hold expired
+            done.append(eid)
+            if f.marker is None:
+                results.append(JoinResult("unknown", eid, detail="event never served"))
+        elif f.marker is not None and lineage.contains(f.marker):
+            if in_snapshot(f.marker, lineage.run_id, published_seq):
+                done.append(eid)
+        elif f.record is not None:
+            lab = orjson.loads(f.held)
+            label = Label(event_id=eid, label=lab["label"], ts=float(lab["ts"]))
+            results.append(JoinResult("resolved", eid, example_of(label, served.decode(eid, f.record))))
+        elif deadline <= now:
+            done.append(eid)
+            results.append(JoinResult("unknown", eid, detail="event not served within the horizon"))
+    return results, done
+
+
+def next_cursor(start: int, looked_at: int, done: int) -> int:
+    """Where the sweep looks next in the early index: past the ids it kept, or back to the
+    start when it saw the end (ids not done keep their ranks; done ones leave).
+
+    Examples:
+        >>> next_cursor(0, SWEEP_HELD_CHUNK, 100), next_cursor(400, 7, 2)
+        (400, 0)
+    """
+    return start + looked_at - done if looked_at == SWEEP_HELD_CHUNK else 0
+
+
 #: The join's one call per batch: first the writes the learner queued (marks of learned
 #: labels, served records to delete), then the state of each label's event, three values
 #: per id: its learned marker (from its record's prefix, else ``*`` when its pending score
@@ -438,19 +621,6 @@ class LabelJoiner:
             s = self._scripts[text] = self.client.register_script(text)
         return s
 
-    def _example(self, label: Label, served: Prediction) -> Example:
-        return Example(
-            event_id=label.event_id,
-            entity_id=served.entity_id,
-            event_ts=served.ts,
-            label_ts=label.ts,
-            features=served.features,
-            label=label.label,
-            prediction=served.prediction,
-            proba=served.proba,
-            model_version=served.model_version,
-        )
-
     # -- the writes queued, sent with the next call ------------------------------------
 
     @property
@@ -496,13 +666,12 @@ class LabelJoiner:
         self._droppable.extend(self._unpublished)
         self._unpublished = []
 
-    # -- decisions ---------------------------------------------------------------------
+    # -- I/O around the decisions ----------------------------------------------------
 
     def learned(self, event_ids: Sequence[str]) -> list[bool]:
         """Whether each event is known as learned (its record marked, or gone with its
         pending score negated); writes the queued marks first. For tests and tools."""
-        raw = self._call(list(event_ids))
-        return [raw[3 * i] is not None for i in range(len(event_ids))]
+        return [f.marker is not None for f in read_state(self._call(list(event_ids)))]
 
     def join(
         self,
@@ -513,60 +682,38 @@ class LabelJoiner:
     ) -> list[JoinResult]:
         """Decide each label's outcome (labels already validated and coerced).
 
-        One round trip (:meth:`_call`), and one more only to hold early labels.
-        ``sources`` names each label's message (``partition:offset``); it goes into the
-        hold, so a retried call tells its own hold from a second label for the event.
-        ``read`` is True for a label whose message the learner had already read (its
-        offset is before the learner's): a ``duplicate`` whatever Redis holds.
+        One round trip (:meth:`_call`) reads the state, :func:`decide_labels` decides, and
+        one more round trip holds the early labels, if any. ``sources`` names each label's
+        message (``partition:offset``); it goes into the hold, so a retried call tells its
+        own hold from a second label for the event (:func:`held_by_another`). ``read`` is
+        True for a label whose message the learner had already read (its offset is before
+        the learner's): a ``duplicate`` whatever Redis holds.
         """
         if not labels:
             return []
         now = time.time() if now is None else now
         k = self.keys
-        raw = self._call([lab.event_id for lab in labels])
-        results: list[JoinResult] = []
-        seen: set[str] = set()
-        early: list[tuple[int, Label, str]] = []  # (position in results, label, source)
-        contains, decode = self.lineage.contains, self.served.decode
-        for i, lab in enumerate(labels):
-            marker, served_raw, expired = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
-            eid = lab.event_id
-            if read is not None and read[i]:
-                results.append(JoinResult("duplicate", eid, detail="label message already read"))
-                continue
-            if eid in seen or (marker is not None and contains(marker)):
-                results.append(JoinResult("duplicate", eid, detail="label already learned"))
-                continue
-            if served_raw is not None:
-                seen.add(eid)
-                results.append(JoinResult("hit", eid, self._example(lab, decode(eid, served_raw))))
-                continue
-            if expired is not None:
-                results.append(JoinResult("expired", eid, detail="label came after the horizon; not learned"))
-                continue
-            seen.add(eid)
-            early.append((len(results), lab, sources[i] if sources is not None else ""))
-            results.append(JoinResult("early", eid, detail="event not served yet; label held"))
+        found = read_state(self._call([lab.event_id for lab in labels]))
+        results = decide_labels(labels, found, self.lineage, self.served, read)
+        early = [i for i, res in enumerate(results) if res.outcome == "early"]
         if early:
             pipe = self.client.pipeline(transaction=False)
             deadline = now + self.spec.labels.horizon
-            bodies: list[bytes | None] = []  # None: no source, a failed SET NX is a duplicate
-            for _, lab, src in early:
-                body = orjson.dumps({"event_id": lab.event_id, "label": lab.label, "ts": lab.ts, "src": src})
-                bodies.append(body if src else None)
+            bodies: list[bytes] = []
+            for i in early:
+                lab = labels[i]
+                bodies.append(body := hold_body(lab, sources[i] if sources is not None else ""))
                 pipe.set(k.early(lab.event_id), body, px=self.px, nx=True)
                 pipe.get(k.early(lab.event_id))
                 pipe.zadd(k.early_index, {lab.event_id: deadline}, nx=True)
             pipe.zremrangebyscore(k.early_index, "-inf", now - self.spec.labels.horizon)
             pipe.pexpire(k.early_index, 2 * self.px)
             held = pipe.execute()
-            for j, (pos, lab, _) in enumerate(early):
-                # Not set, and what is held is another body: a second label for the event.
-                # The same body (same source message) is this label's own hold, from an
-                # earlier try of this call that timed out but was applied.
-                if not held[3 * j] and (bodies[j] is None or held[3 * j + 1] != bodies[j]):
-                    results[pos] = JoinResult(
-                        "duplicate", lab.event_id, detail="a label for this event is already held"
+            for j, i in enumerate(early):
+                source = sources[i] if sources is not None else ""
+                if held_by_another(held[3 * j], held[3 * j + 1], bodies[j], source):
+                    results[i] = JoinResult(
+                        "duplicate", labels[i].event_id, detail="a label for this event is already held"
                     )
         return results
 
@@ -590,9 +737,8 @@ class LabelJoiner:
         """Count expiries and resolve held labels (a chunk of them per call, round robin).
 
         Returns ``(expiries, results)``: results are ``resolved`` (learn them, then
-        :meth:`mark_learned`) or ``unknown`` (the held label's event never came).
-        Held labels already in the model are dropped; ones learned by a lost model
-        state (see :class:`Lineage`) are resolved again.
+        :meth:`mark_learned`) or ``unknown`` (the held label's event never came), as
+        :func:`decide_held` decides them from one script call's state.
         """
         now = time.time() if now is None else now
         k = self.keys
@@ -601,53 +747,24 @@ class LabelJoiner:
         expiries = self.expire(now)
         start = self._held_cursor
         held = c.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
-        results: list[JoinResult] = []
         if not held:
             self._held_cursor = 0
-            return expiries, results
+            return expiries, []
         ids = [e.decode() for e, _ in held]
-        raw = self._call(ids, mode="early")
-        done: list[str] = []
-        for i, (eid, (_, deadline)) in enumerate(zip(ids, held, strict=True)):
-            marker, served_raw, body = raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]
-            if body is None:  # its hold expired
-                done.append(eid)
-                if marker is None:
-                    results.append(JoinResult("unknown", eid, detail="event never served"))
-                continue
-            if self.lineage.contains(marker):
-                if self._in_snapshot(marker):
-                    done.append(eid)
-                continue
-            if served_raw is not None:
-                lab = orjson.loads(body)
-                label = Label(event_id=eid, label=lab["label"], ts=float(lab["ts"]))
-                served = self.served.decode(eid, served_raw)
-                results.append(JoinResult("resolved", eid, self._example(label, served)))
-                continue
-            if deadline <= now:
-                done.append(eid)
-                results.append(JoinResult("unknown", eid, detail="event not served within the horizon"))
+        found = read_state(self._call(ids, mode="early"), mode="early")
+        results, done = decide_held(
+            ids, [d for _, d in held], found, self.lineage, self.served, self.published_seq, now
+        )
         if done:
             pipe = c.pipeline(transaction=False)
             pipe.zrem(k.early_index, *done)
             pipe.delete(*[k.early(e) for e in done])
             pipe.execute()
-        # Ids not done keep their ranks (resolved ones leave once they are in a snapshot).
-        kept = len(held) - len(done)
-        self._held_cursor = start + kept if len(held) == SWEEP_HELD_CHUNK else 0
+        self._held_cursor = next_cursor(start, len(held), len(done))
         return expiries, results
 
     #: seq of the newest published snapshot of this run (set by the learner)
     published_seq: int = -1
-
-    def _in_snapshot(self, marker: bytes) -> bool:
-        run, _, seq = marker.decode().partition(":")
-        if run == PUBLISHED:
-            return True
-        if run != self.lineage.run_id:
-            return True  # an ancestor's marker the lineage contains is in the snapshot
-        return int(seq) <= self.published_seq
 
 
 def dead_letter(
