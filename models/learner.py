@@ -2,14 +2,16 @@
 
 :class:`LearnerCore` is the only writer of its model. Per batch of label messages it
 
-1. parses and validates each label (``weir.contracts.parse_label`` then the task's label
-   type via :func:`models.factory.coerce_label`); a bad one becomes a dead letter;
+1. parses and validates each label (:func:`read_labels`: ``weir.contracts.parse_label``
+   then the task's label type via :func:`models.factory.coerce_label`); a bad one becomes
+   a dead letter;
 2. joins the labels with the served records (:class:`models.join.LabelJoiner`); a label
    message before the offsets (read already, by this run or before its snapshot) is a
    ``duplicate``;
 3. for each joined example, first scores the prediction that was *served* for the event
    (prequential: what users actually got), then learns the *served* features;
-4. records the examples for the training-log topic and advances the offsets;
+4. records the examples for the training-log topic and advances the offsets
+   (:func:`offsets_after`);
 5. publishes a snapshot every ``learner.snapshot_every_labels`` labels or
    ``learner.snapshot_every_seconds`` seconds, recording the next offsets to read.
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,7 +48,7 @@ import orjson
 from models.evaluation import OnlineEvaluator
 from models.factory import build_model, check_task, coerce_label, learn, model_input
 from models.join import JoinResult, LabelJoiner, Lineage, dead_letter
-from weir.contracts import Example, encode_training_record
+from weir.contracts import Example, encode_training_record, parse_label
 from weir.errors import InvalidMessage
 from weir.footprint import STEP_EVERY, RedisFootprint
 from weir.types import Label
@@ -112,6 +114,57 @@ class StepOutput:
     snapshot_id: str | None = None
     expiries: int = 0
     now: float | None = None
+
+
+@dataclass
+class LabelBatch:
+    """A batch of label messages, read: what the join gets, and what is dead-lettered.
+
+    Attributes:
+        labels: the valid labels, in message order (label coerced to the task's type).
+        sources: each label's message as ``partition:offset`` (``""`` without an offset).
+        read: each label's message is before the offsets: read already, a ``duplicate``.
+        invalid: the messages that are not labels, with why.
+    """
+
+    labels: list[Label] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    read: list[bool] = field(default_factory=list)
+    invalid: list[tuple[LabelMessage, InvalidMessage]] = field(default_factory=list)
+
+
+def read_labels(
+    spec: PipelineSpec, messages: Sequence[LabelMessage], offsets: Mapping[int, int], now: float
+) -> LabelBatch:
+    """Parse and validate a batch of label messages (:func:`weir.contracts.parse_label`,
+    then the task's label type); no I/O. ``offsets`` are the next offsets to read per
+    partition: a message before them was read already (by this run, or before its snapshot)."""
+    batch = LabelBatch()
+    for msg in messages:
+        try:
+            lab = parse_label(msg.value, spec, now=now)
+            lab.label = coerce_label(lab.label, spec)
+        except InvalidMessage as exc:
+            batch.invalid.append((msg, exc))
+            continue
+        batch.labels.append(lab)
+        batch.sources.append(f"{msg.partition}:{msg.offset}" if msg.offset >= 0 else "")
+        batch.read.append(0 <= msg.offset < offsets.get(msg.partition, 0))
+    return batch
+
+
+def offsets_after(offsets: Mapping[int, int], messages: Sequence[LabelMessage]) -> dict[int, int]:
+    """The next offsets to read per partition once ``messages`` are handled; never back.
+
+    Examples:
+        >>> offsets_after({0: 12}, [LabelMessage(b"", 0, 5), LabelMessage(b"", 1, 7), LabelMessage(None)])
+        {0: 12, 1: 8}
+    """
+    out = dict(offsets)
+    for msg in messages:
+        if msg.offset >= 0:
+            out[msg.partition] = max(out.get(msg.partition, 0), msg.offset + 1)
+    return out
 
 
 def status_key(spec: PipelineSpec) -> str:
@@ -235,13 +288,6 @@ class LearnerCore:
 
     # -- per batch ---------------------------------------------------------------
 
-    def _parse(self, msg: LabelMessage, now: float) -> Label:
-        from weir.contracts import parse_label
-
-        lab = parse_label(msg.value, self.spec, now=now)
-        lab.label = coerce_label(lab.label, self.spec)
-        return lab
-
     def process(
         self, messages: Sequence[LabelMessage], now: float | None = None, snapshot: bool = True
     ) -> StepOutput:
@@ -260,48 +306,37 @@ class LearnerCore:
         """The step of one batch: parse, join (one :class:`Io`), learn, queue the markers."""
         now = self.clock() if now is None else now
         out = StepOutput(now=now)
-        labels: list[Label] = []
-        sources: list[str] = []
-        read: list[bool] = []  # the message is before the offsets: read already
-        offsets = self.offsets
-        invalid = 0
-        for msg in messages:
-            self.labels_seen += 1
-            try:
-                labels.append(self._parse(msg, now))
-                sources.append(f"{msg.partition}:{msg.offset}" if msg.offset >= 0 else "")
-                read.append(0 <= msg.offset < offsets.get(msg.partition, 0))
-            except InvalidMessage as exc:
-                invalid += 1
-                if self.metrics is not None:
-                    self.metrics.dead_letters.labels(self._pipeline, exc.reason).inc()
-                out.dead_letters.append(
-                    dead_letter(
-                        exc.reason,
-                        str(exc),
-                        self.spec.topics.labels,
-                        msg.partition,
-                        msg.offset,
-                        msg.value,
-                        msg.key,
-                    )
+        batch = read_labels(self.spec, messages, self.offsets, now)
+        self.labels_seen += len(messages)
+        for msg, exc in batch.invalid:
+            if self.metrics is not None:
+                self.metrics.dead_letters.labels(self._pipeline, exc.reason).inc()
+            out.dead_letters.append(
+                dead_letter(
+                    exc.reason,
+                    str(exc),
+                    self.spec.topics.labels,
+                    msg.partition,
+                    msg.offset,
+                    msg.value,
+                    msg.key,
                 )
-                out.results.append(JoinResult("invalid", "", detail=str(exc)))
-        if invalid:
-            self._tally(Counter(invalid=invalid))
+            )
+            out.results.append(JoinResult("invalid", "", detail=str(exc)))
+        if batch.invalid:
+            self._tally(Counter(invalid=len(batch.invalid)))
         if self.metrics is not None and messages:
             self.metrics.labels.labels(self._pipeline).inc(len(messages))
-        if labels:
+        if batch.labels:
             joiner = self.joiner
+            labels, sources, read = batch.labels, batch.sources, batch.read
             # Always a call, read labels included: it carries the previous batch's marks.
             results = yield Io(lambda: joiner.join(labels, now=now, sources=sources, read=read), "label join")
             yield from self._apply_step(results, out)
         # The offsets move once the batch is learned and its marks queued (a snapshot
         # writes them first): a snapshot never records offsets past a batch whose step
         # did not finish.
-        for msg in messages:
-            if msg.offset >= 0:
-                self.offsets[msg.partition] = max(self.offsets.get(msg.partition, 0), msg.offset + 1)
+        self.offsets.update(offsets_after(self.offsets, messages))
         return out
 
     def sweep(self, now: float | None = None, snapshot: bool = True) -> StepOutput:
