@@ -188,6 +188,37 @@ def validate_batch(
     return good, dead
 
 
+def route_computed(
+    spec: PipelineSpec, computed: Sequence[tuple[tuple[Event, RawMessage], FeatureResult]], now: float
+) -> tuple[list[tuple[Event, FeatureResult, RawMessage]], BatchOutput]:
+    """Which events with features are scored, and what the others become. Pure: no I/O.
+
+    A ``late`` event is a ``late`` dead letter (``late_events: dead_letter``) or counted
+    in ``late_ignored``; a ``duplicate`` is scored again on its first features and counted.
+    Returns the events to score, in order, and a :class:`BatchOutput` with the dead
+    letters, the counts and ``max_ts`` (the newest scored event's time; no predictions).
+    """
+    out = BatchOutput()
+    to_score: list[tuple[Event, FeatureResult, RawMessage]] = []
+    for (event, msg), res in computed:
+        if res.status == "late":
+            if spec.late_events == "dead_letter":
+                detail = (
+                    f"event ts={event.ts} is more than lateness={spec.lateness}s behind "
+                    f"entity {event.entity_id!r}'s newest event; raise `lateness` to accept it"
+                )
+                out.dead_letters.append(msg.dead_letter("late", detail, now))
+            else:
+                out.late_ignored += 1
+            continue
+        if res.status == "duplicate":
+            out.duplicates += 1
+        to_score.append((event, res, msg))
+        if out.max_ts is None or event.ts > out.max_ts:
+            out.max_ts = event.ts
+    return to_score, out
+
+
 def score_events(
     spec: PipelineSpec,
     pairs: Sequence[tuple[Event, FeatureResult]],
@@ -298,23 +329,10 @@ class Scorer:
             computed, poison = await self.compute_features(redis, good, now)
             out.dead_letters.extend(poison)
             model, name, version = self.models.current()
-            to_score: list[tuple[Event, FeatureResult, RawMessage]] = []
-            for (event, msg), res in computed:
-                if res.status == "late":
-                    if self.spec.late_events == "dead_letter":
-                        detail = (
-                            f"event ts={event.ts} is more than lateness={self.spec.lateness}s behind "
-                            f"entity {event.entity_id!r}'s newest event; raise `lateness` to accept it"
-                        )
-                        out.dead_letters.append(msg.dead_letter("late", detail, now))
-                    else:
-                        out.late_ignored += 1
-                    continue
-                if res.status == "duplicate":
-                    out.duplicates += 1
-                to_score.append((event, res, msg))
-                if out.max_ts is None or event.ts > out.max_ts:
-                    out.max_ts = event.ts
+            to_score, routed = route_computed(self.spec, computed, now)
+            out.dead_letters.extend(routed.dead_letters)
+            out.duplicates, out.late_ignored = routed.duplicates, routed.late_ignored
+            out.max_ts = routed.max_ts
             scored_at = time.time()
 
             async def score(items: Sequence[tuple[Event, FeatureResult, RawMessage]]) -> list[Prediction]:
