@@ -4,16 +4,20 @@ carry the features the online store serves for the same deliveries (real Kafka a
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import yaml
 from confluent_kafka import Producer
 
 from features.base import FeatureResult
 from features.offline import isclose
 from features.online import RedisFeatureStore
+from models.registry import ModelRegistry
 from models.retrain import fit_challenger, load_backfill
 from tests.integration.test_features_parity import ONE_STORED_FIELD, _spec, _stream
 from weir.commands.backfill import run_backfill, write_jsonl
@@ -47,6 +51,21 @@ def test_backfill_matches_online_serving(
         ts = sorted(e.ts for e in events)
         t_from, t_to = ts[len(ts) // 3], ts[2 * len(ts) // 3]
         records, summary = run_backfill(spec, settings, t_from, t_to, timeout=60)
+
+        # The command: the file, and --fit saves a version (no alias moved) with its lineage.
+        out = tmp_path / "cli.jsonl"
+        tree = {"steps": ["river.tree.HoeffdingTreeClassifier"]}  # takes categoricals as they are
+        tree_spec = tmp_path / "tree.yaml"
+        tree_spec.write_text(yaml.safe_dump({**spec.model_dump(mode="json", by_alias=True), "model": tree}))
+        cmd = [sys.executable, "-m", "weir.cli", "backfill", str(tree_spec), "--from", str(t_from)]
+        cmd += ["--to", str(t_to), "--out", str(out), "--fit"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "saved v1" in done.stdout, done.stdout
+        registry = ModelRegistry(redis_client, spec)
+        saved = registry.get("v1")
+        assert saved.trigger == "backfill" and registry.alias("champion") is None
+        assert saved.meta["history"]["records"] == len(records) > 0
     finally:
         for key in redis_client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000):
             redis_client.unlink(key)
@@ -72,6 +91,7 @@ def test_backfill_matches_online_serving(
     # The file the retrainer reads: a training-log frame a challenger fits on.
     path = tmp_path / "backfill.jsonl"
     sha = write_jsonl(path, records)
+    assert path.read_bytes() == out.read_bytes()  # the command wrote the same examples
     frame = load_backfill(path, spec)
     assert len(frame) == len(records) and list(frame.attrs["features"]) == spec.feature_names
     # A tree: it takes the categorical features as they are (the spec's linear model would not).
