@@ -497,11 +497,11 @@ def create_app(
         if full:
             return False
         highs: dict[Any, int | None] = {}
-        for tp in scored_to:
+        for tp in list(scored_to):
             try:
                 highs[tp] = app.consumer.highwater(tp)
-            except Exception:  # not assigned any more (a rebalance): not known
-                highs[tp] = None
+            except Exception:  # not assigned any more (a rebalance): not ours to wait for
+                del scored_to[tp]
         return consumed_all(scored_to, highs)
 
     following: dict[str, Any] = {"next": 0.0, "failures": 0}
