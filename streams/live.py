@@ -28,7 +28,7 @@ from typing import Any
 
 from models.learner import LabelMessage, LearnerCore
 from streams.learner import LearnerLoop
-from streams.sync import EventTimeSync, consumed_all, merge_by_time, message_time
+from streams.sync import BUSY_IDLE, EventTimeSync, consumed_all, merge_by_time, message_time
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -212,7 +212,9 @@ class OrderedLearnerLoop(LearnerLoop):
             return False
         if self._empty_since is None:
             self._empty_since = now
-        return now - self._empty_since >= self.sync.max_idle
+        # before its first label a consumer may just be slow to start (a loaded machine)
+        limit = self.sync.max_idle * (1 if self._fetched else BUSY_IDLE)
+        return now - self._empty_since >= limit
 
     def _consumed_all(self) -> bool:
         """Every label partition read up to its high watermark (the last known one).

@@ -315,8 +315,10 @@ class EventTimeSync:
             n = ready_count(times, labels, tie_first=False, live_from=self.live_from())
             if n:
                 return n
-            # busy: the learner holds labels due before the event (it is learning them)
-            left = self.scorer_idle.left(labels.version, time.monotonic(), labels.head is not None)
+            # busy: the learner holds labels due before the event (it is learning them), or
+            # has not said anything yet (it is starting: loading, assigning, fetching)
+            busy = labels.head is not None or labels.version == 0
+            left = self.scorer_idle.left(labels.version, time.monotonic(), busy)
             if left <= 0 or self._labels_moved is None:
                 self._gave_up("scorer", self.scorer_idle, labels, times[0])
                 return len(times)
