@@ -295,7 +295,10 @@ def test_bad_champion_forced_in_is_rolled_back(
         assert len(part_b) == second
         version = {i: str(r["model_version"]).split(".")[0] for i, r in part_b.items()}
         by_bad = [i for i in range(second) if version[i] == bad.id]
-        assert len(by_bad) >= 1000, f"the bad model served only {len(by_bad)} events"
+        # The guard decides after rollback_labels (1000) labels; the first events after the
+        # promotion may still be served by v1 while the scorers pick the new alias up (a
+        # follow interval, longer on a loaded machine), so fewer than 1000 may be the bad one's.
+        assert len(by_bad) >= 500, f"the bad model served only {len(by_bad)} events"
         back = [i for i in range(max(by_bad) + 1, second) if version[i] == "v1"]
         assert len(back) >= 500, f"only {len(back)} events served by v1 after the rollback"
         acc_bad = sum(_correct(part_b[i]) for i in by_bad) / len(by_bad)
