@@ -373,7 +373,6 @@ class LearnerMetrics:
             registry=r,
         )
 
-
     def init_series(self, spec: PipelineSpec) -> Self:
         """Create every series known at start at 0 (counters, histograms); returns self."""
         p, model = spec.name, spec.model.name
