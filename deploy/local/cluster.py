@@ -27,16 +27,11 @@ docs/scaling.md for the Redis side).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,8 +49,6 @@ from stack import (  # noqa: E402
     need,
     port_in_use,
     port_taken_message,
-    read_pid,
-    rotate,
     say,
     tail,
     wait_until,
@@ -115,32 +108,26 @@ def redis_cluster_config(port: int, data_dir: Path, log: Path, pidfile: Path) ->
     )
 
 
-class RedisNode(Server):
-    """One ``redis-server`` of the Redis Cluster."""
+class RedisNode(stack.Redis):
+    """One ``redis-server`` of the Redis Cluster: the stack's Redis on another port, with the
+    cluster-mode lines in its configuration."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.dir = STATE / f"redis-{port}"
-        self.conf = self.dir / "redis.conf"
         super().__init__(
+            port,
             name=f"redis-{port}",
+            dir=STATE / f"redis-{port}",
+            log=LOGS / f"redis-{port}.log",
             address=f"redis://{HOST}:{port} (cluster)",
             ports=(port, port + 10000),  # the cluster bus port
-            log=LOGS / f"redis-{port}.log",
-            marker=str(self.conf),
         )
         self.pidfile = PIDS / f"{self.name}.pid"
 
-    def healthy(self, timeout: float = 2.0) -> bool:
-        import redis
+    def config(self) -> str:
+        return redis_cluster_config(self.port, self.dir, self.log, self.pidfile)
 
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=timeout)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+    def on_reuse(self) -> None:
+        """Nothing: the stack's appendonly warning names ``stack.py``'s commands."""
 
     def cluster_info(self, timeout: float = 2.0) -> dict[str, str]:
         """``CLUSTER INFO`` as a dict ({} if the node does not answer)."""
@@ -156,26 +143,6 @@ class RedisNode(Server):
         if isinstance(raw, dict):
             return {str(k): str(v) for k, v in raw.items()}
         return dict(line.split(":", 1) for line in str(raw).splitlines() if ":" in line)
-
-    def prerequisites(self) -> None:
-        need("redis-server")
-
-    def start(self) -> int:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(redis_cluster_config(self.port, self.dir, self.log, self.pidfile))
-        rotate(self.log)
-        self.pidfile.unlink(missing_ok=True)
-        res = subprocess.run(
-            [find_program("redis-server") or "redis-server", str(self.conf)], capture_output=True, text=True
-        )
-        if res.returncode != 0:
-            raise self.fail_start(f"failed to start (exit {res.returncode}): {res.stderr}")
-        if not wait_until(lambda: read_pid(self.pidfile) is not None, REDIS_READY_TIMEOUT):
-            raise self.fail_start(f"wrote no pid file {self.pidfile}")
-        return read_pid(self.pidfile) or 0
-
-    def wait_ready(self, pid: int) -> None:
-        self.wait_healthy(pid, REDIS_READY_TIMEOUT, "answering PING")
 
 
 def redis_nodes() -> list[RedisNode]:
@@ -315,17 +282,6 @@ def form_redis_cluster(nodes: list[RedisNode]) -> bool:
 # -- commands ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked() -> Iterator[None]:
-    STATE.mkdir(parents=True, exist_ok=True)
-    with open(STATE / "cluster.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def chosen(what: str) -> tuple[list[Kafka], list[RedisNode]]:
     if what not in ("all", "kafka", "redis"):
         raise StackFailure(f"unknown part {what!r}; choose all, kafka or redis")
@@ -341,7 +297,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         d.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     started: list[str] = []
-    with locked():
+    with stack.locked(STATE / "cluster.lock"):
         for node in redises:
             if node.up():
                 started.append(node.name)
@@ -366,32 +322,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not STATE.exists():
         say("cluster: nothing to stop")
         return 0
-    left: list[str] = []
-    with locked():
-        stopping = {s.name: (s, stack.stop(s)) for s in picked}
-        for name, (server, pids) in stopping.items():
-            if not pids:
-                say(f"{name}: not running")
-            limit = STOP_TIMEOUT[kind(server)]
-            for pid in pids:
-                t0 = time.monotonic()
-
-                def gone(p: int = pid) -> bool:
-                    return not alive(p)
-
-                if not wait_until(gone, limit):
-                    say(f"{name}: pid {pid} ignored SIGTERM for {limit:.0f}s, SIGKILL")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    wait_until(gone, 5.0)
-                if alive(pid):
-                    left.append(f"{name} pid {pid}")
-                else:
-                    say(f"{name}: stopped pid {pid} in {time.monotonic() - t0:.1f}s")
-            server.pidfile.unlink(missing_ok=True)
-            left += [f"{name} pid {p}" for p in server.pids()]
+    with stack.locked(STATE / "cluster.lock"):
+        left = stack.stop_all(picked, lambda server: STOP_TIMEOUT[kind(server)])
         if left:
-            say("cluster: still running after down: " + ", ".join(sorted(set(left))))
+            say("cluster: still running after down: " + ", ".join(left))
             return 1
         if args.wipe:
             for data in [k.dir for k in kafkas] + [r.dir for r in redises]:

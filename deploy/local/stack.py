@@ -722,21 +722,37 @@ maxmemory-policy noeviction
 
 
 class Redis(Server):
-    def __init__(self) -> None:
-        self.dir = STATE / "redis"
+    """The stack's ``redis-server`` (daemonized, durable); ``cluster.py`` runs six of these
+    on other ports, names and directories, with a cluster-mode :meth:`config`."""
+
+    def __init__(
+        self,
+        port: int = REDIS_PORT,
+        *,
+        name: str = "redis",
+        dir: Path = STATE / "redis",
+        log: Path = LOGS / "redis.log",
+        address: str | None = None,
+        ports: tuple[int, ...] | None = None,
+    ) -> None:
+        self.port = port
+        self.dir = dir
         self.conf = self.dir / "redis.conf"
         super().__init__(
-            name="redis",
-            address=f"redis://{HOST}:{REDIS_PORT}/0",
-            ports=(REDIS_PORT,),
-            log=LOGS / "redis.log",
+            name=name,
+            address=address or f"redis://{HOST}:{port}/0",
+            ports=ports or (port,),
+            log=log,
             marker=str(self.conf),
         )
+
+    def config(self) -> str:
+        return redis_config(self.port, self.dir, self.log, self.pidfile)
 
     def healthy(self, timeout: float = 2.0) -> bool:
         import redis
 
-        client = redis.Redis(host=HOST, port=REDIS_PORT, socket_timeout=timeout)
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=timeout)
         try:
             return bool(client.ping())
         except redis.RedisError:
@@ -750,7 +766,7 @@ class Redis(Server):
     def on_reuse(self) -> None:
         import redis
 
-        client = redis.Redis(host=HOST, port=REDIS_PORT, socket_timeout=5)
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
         try:
             aof = client.config_get("appendonly").get("appendonly")
         except redis.RedisError:
@@ -766,7 +782,7 @@ class Redis(Server):
 
     def start(self) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(redis_config(REDIS_PORT, self.dir, self.log, self.pidfile))
+        self.conf.write_text(self.config())
         rotate(self.log)
         self.pidfile.unlink(missing_ok=True)
         res = subprocess.run(
@@ -876,10 +892,10 @@ def servers() -> list[Server]:
 
 
 @contextlib.contextmanager
-def locked() -> Iterator[None]:
+def locked(lockfile: Path = STATE / "stack.lock") -> Iterator[None]:
     """Serialise `up` and `down` (two test sessions starting the stack at once)."""
-    STATE.mkdir(parents=True, exist_ok=True)
-    with open(STATE / "stack.lock", "w") as fh:
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(lockfile, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -912,6 +928,36 @@ def stop(server: Server) -> list[int]:
     return pids
 
 
+def stop_all(picked: list[Server], timeout: Callable[[Server], float]) -> list[str]:
+    """SIGTERM every server first (they shut down in parallel), then wait for each pid up to
+    ``timeout(server)`` s and SIGKILL it after that. What is still running, sorted ([] when
+    all stopped)."""
+    stopping = {s.name: (s, stop(s)) for s in picked}
+    left: list[str] = []
+    for name, (server, pids) in stopping.items():
+        if not pids:
+            say(f"{name}: not running")
+        limit = timeout(server)
+        for pid in pids:
+            t0 = time.monotonic()
+
+            def gone(p: int = pid) -> bool:
+                return not alive(p)
+
+            if not wait_until(gone, limit):
+                say(f"{name}: pid {pid} ignored SIGTERM for {limit:.0f}s, SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_until(gone, 5.0)
+            if alive(pid):
+                left.append(f"{name} pid {pid}")
+            else:
+                say(f"{name}: stopped pid {pid} in {time.monotonic() - t0:.1f}s")
+        server.pidfile.unlink(missing_ok=True)
+        left += [f"{name} pid {p}" for p in server.pids()]
+    return sorted(set(left))
+
+
 def chosen(names: list[str]) -> list[Server]:
     """The servers named (all when none is), in start order."""
     known = [s.name for s in servers()]
@@ -927,31 +973,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         say("stack: nothing to stop")
         return 0
     with locked():
-        # SIGTERM everything first so the servers shut down in parallel.
-        stopping = {s.name: (s, stop(s)) for s in picked}
-        left: list[str] = []
-        for name, (server, pids) in stopping.items():
-            if not pids:
-                say(f"{name}: not running")
-            for pid in pids:
-                t0 = time.monotonic()
-
-                def gone(p: int = pid) -> bool:
-                    return not alive(p)
-
-                if not wait_until(gone, STOP_TIMEOUT[name]):
-                    say(f"{name}: pid {pid} ignored SIGTERM for {STOP_TIMEOUT[name]:.0f}s, SIGKILL")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    wait_until(gone, 5.0)
-                if alive(pid):
-                    left.append(f"{name} pid {pid}")
-                else:
-                    say(f"{name}: stopped pid {pid} in {time.monotonic() - t0:.1f}s")
-            server.pidfile.unlink(missing_ok=True)
-            left += [f"{name} pid {p}" for p in server.pids()]
+        left = stop_all(picked, lambda server: STOP_TIMEOUT[server.name])
     if left:
-        say("stack: still running after down: " + ", ".join(sorted(set(left))))
+        say("stack: still running after down: " + ", ".join(left))
         return 1
     return 0
 
