@@ -41,9 +41,236 @@ numbers returned to Redis would be truncated to integers; '' stands for None.
 
 from __future__ import annotations
 
+import math
+
 from features.base import dedupe_seconds, entity_ttl, output_type, used_fields
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
+
+_TILES_LUA = r"""
+-- Tiles (docs/features.md#the-online-engine): per value window, fixed-width tiles of event
+-- time in the entity's meta hash, field 't<window>.<i mod SLOTS>' -> packed doubles
+-- (tile index, then per field n [sum m2 min max] [last ts, last seq]) and, when the window
+-- has last/distinct aggregates, '|'-joined tokens. A window = whole tiles + the events of
+-- its partial edge tiles, read from the ZSET.
+local function tile_of(t, T)
+  local i = math.floor(t / T)
+  if i * T > t then i = i - 1 elseif (i + 1) * T <= t then i = i + 1 end
+  return i
+end
+local function new_stats(L)
+  local st = {}
+  for f = 1, #L.f do
+    st[f] = {n = 0, sum = 0, m2 = 0, mn = math.huge, mx = -math.huge,
+             lts = -math.huge, lseq = -1, ltok = '', d = {}, dn = 0}
+  end
+  return st
+end
+local function decode(L, rec)
+  local v = {struct.unpack(L.fmt, rec)}
+  local strs, p, q = nil, 2, 1
+  if L.strs then strs = split(string.sub(rec, 8 * L.nnum + 1)) end
+  local st = {}
+  for f, F in ipairs(L.f) do
+    local s = {n = v[p], d = {}, dn = 0}
+    p = p + 1
+    if F.num then s.sum, s.m2, s.mn, s.mx = v[p], v[p + 1], v[p + 2], v[p + 3]; p = p + 4 end
+    if F.last then s.lts, s.lseq, s.ltok = v[p], v[p + 1], strs[q]; p = p + 2; q = q + 1 end
+    if F.dist then
+      local k = tonumber(strs[q])
+      for j = q + 1, q + k do s.d[strs[j]] = true end
+      s.dn, q = k, q + k + 1
+    end
+    st[f] = s
+  end
+  return v[1], st
+end
+local function encode(L, i, st)
+  local v, s = {i}, {}
+  for f, F in ipairs(L.f) do
+    local a = st[f]
+    v[#v + 1] = a.n
+    if F.num then
+      v[#v + 1] = a.sum; v[#v + 1] = a.m2; v[#v + 1] = a.mn; v[#v + 1] = a.mx
+    end
+    if F.last then v[#v + 1] = a.lts; v[#v + 1] = a.lseq; s[#s + 1] = a.ltok end
+    if F.dist then
+      s[#s + 1] = string.format('%d', a.dn)
+      for k, _ in pairs(a.d) do s[#s + 1] = k end
+    end
+  end
+  local rec = struct.pack(L.fmt, unpack(v))
+  if L.strs then rec = rec .. table.concat(s, '|') end
+  return rec
+end
+-- Welford for one value, Chan et al. for a tile: exact count/min/max/last/distinct, sums
+-- and M2 (std) to a few ulps of the two-pass definition.
+local function add(A, F, tok, t, sq)
+  if tok == '' then return end
+  if F.num then
+    local x = tonumber(tok)
+    if A.n == 0 then A.sum, A.m2 = x, 0
+    else
+      local mo = A.sum / A.n
+      A.sum = A.sum + x
+      A.m2 = A.m2 + (x - mo) * (x - A.sum / (A.n + 1))
+    end
+    if x < A.mn then A.mn = x end
+    if x > A.mx then A.mx = x end
+  end
+  A.n = A.n + 1
+  if F.last and (t > A.lts or (t == A.lts and sq > A.lseq)) then A.lts, A.lseq, A.ltok = t, sq, tok end
+  if F.dist and not A.d[tok] then A.d[tok] = true; A.dn = A.dn + 1 end
+end
+local function merge(A, F, B)
+  if B.n == 0 then return end
+  if F.num then
+    if A.n == 0 then A.sum, A.m2 = B.sum, B.m2
+    else
+      local d = B.sum / B.n - A.sum / A.n
+      A.m2 = A.m2 + B.m2 + d * d * A.n * B.n / (A.n + B.n)
+      A.sum = A.sum + B.sum
+    end
+    if B.mn < A.mn then A.mn = B.mn end
+    if B.mx > A.mx then A.mx = B.mx end
+  end
+  A.n = A.n + B.n
+  if F.last and (B.lts > A.lts or (B.lts == A.lts and B.lseq > A.lseq)) then
+    A.lts, A.lseq, A.ltok = B.lts, B.lseq, B.ltok
+  end
+  if F.dist then
+    for k, _ in pairs(B.d) do if not A.d[k] then A.d[k] = true; A.dn = A.dn + 1 end end
+  end
+end
+local function add_events(L, A, r)
+  local fs = L.f
+  if L.one then  -- one stored field: no table per member
+    local F, a = fs[1], A[1]
+    for k = 1, #r, 2 do
+      local m = r[k]
+      add(a, F, string.sub(m, 14), tonumber(r[k + 1]), tonumber(string.sub(m, 1, 12)))
+    end
+    return
+  end
+  for k = 1, #r, 2 do
+    local m = split(r[k])
+    local t, sq = tonumber(r[k + 1]), tonumber(m[1])
+    for f, F in ipairs(fs) do add(A[f], F, m[F.si + 1], t, sq) end
+  end
+end
+-- Merges tile i's record into A (a record of another tile, an older one in its slot, is
+-- skipped); numbers-only records without a table per field.
+local function merge_rec(L, A, rec, i, off)
+  if L.strs then
+    local j, st = decode(L, rec)
+    if j == i then for f, F in ipairs(L.f) do merge(A[f], F, st[f]) end end
+    return
+  end
+  local v = {struct.unpack(L.fmt, rec, off)}
+  if v[1] ~= i then return end
+  local p = 2
+  for f, F in ipairs(L.f) do
+    local a, n = A[f], v[p]
+    if F.num then
+      if n > 0 then
+        local s, m2 = v[p + 1], v[p + 2]
+        if a.n == 0 then a.sum, a.m2 = s, m2
+        else
+          local d = s / n - a.sum / a.n
+          a.m2 = a.m2 + m2 + d * d * a.n * n / (a.n + n)
+          a.sum = a.sum + s
+        end
+        if v[p + 3] < a.mn then a.mn = v[p + 3] end
+        if v[p + 4] > a.mx then a.mx = v[p + 4] end
+        a.n = a.n + n
+      end
+      p = p + 5
+    else
+      a.n = a.n + n
+      p = p + 1
+    end
+  end
+end
+local function tile_field(L, i) return L.key .. '.' .. (i % L.slots) end
+-- The window (ts - w, ts] of this event: stats per field, the event itself last.
+local function window(L)
+  local T, lo = L.T, ts - L.w
+  local A = new_stats(L)
+  local a, b = tile_of(lo, T) + 1, tile_of(ts, T) - 1  -- whole tiles: i * T > lo, (i + 1) * T <= ts
+  local inorder = (not wm) or ts >= wm
+  if inorder then b = b + 1 end  -- nothing stored is later than ts: its own tile is whole too
+  if a > b then
+    add_events(L, A, redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), ts_s, 'WITHSCORES'))
+  else
+    add_events(L, A, redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), '(' .. fmt(a * T), 'WITHSCORES'))
+    if L.strs then
+      local names = {}
+      for i = a, b do names[#names + 1] = tile_field(L, i) end
+      local recs = redis.call('HMGET', kmeta, unpack(names))
+      for k = 1, #names do
+        if recs[k] then merge_rec(L, A, recs[k], a + k - 1) end
+      end
+    else
+      -- numbers only: every slot in one string, fixed-size records
+      local rec, size = redis.call('HGET', kmeta, L.key), 8 * L.nnum
+      if rec then
+        for i = a, b do
+          local off = (i % L.slots) * size + 1
+          if off + size - 1 <= #rec then merge_rec(L, A, rec, i, off) end
+        end
+      end
+    end
+    if not inorder then
+      add_events(L, A, redis.call('ZRANGEBYSCORE', kwin, fmt((b + 1) * T), ts_s, 'WITHSCORES'))
+    end
+  end
+  for f, F in ipairs(L.f) do add(A[f], F, own[F.oi], ts, seq) end
+  return A
+end
+-- Adds the event to its tile of every value window (only when it is stored).
+local function store_tiles()
+  for _, L in ipairs(LAYOUT) do
+    local i = tile_of(ts, L.T)
+    if not L.strs then
+      local size = 8 * L.nnum
+      local rec = redis.call('HGET', kmeta, L.key) or ''
+      if #rec < size * L.slots then rec = rec .. string.rep('\0', size * L.slots - #rec) end
+      local off = (i % L.slots) * size + 1
+      local j, st = decode(L, string.sub(rec, off, off + size - 1))
+      local used = false
+      for f = 1, #st do used = used or st[f].n > 0 end
+      if j ~= i or not used then st = new_stats(L) end  -- another tile's, or never written
+      for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
+      rec = string.sub(rec, 1, off - 1) .. encode(L, i, st) .. string.sub(rec, off + size)
+      redis.call('HSET', kmeta, L.key, rec)
+    else
+    local name = tile_field(L, i)
+    local rec = redis.call('HGET', kmeta, name)
+    local st
+    if rec then
+      local j
+      j, st = decode(L, rec)
+      if j ~= i then st = new_stats(L) end
+    else
+      st = new_stats(L)
+    end
+    for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
+    redis.call('HSET', kmeta, name, encode(L, i, st))
+    end
+  end
+end
+local function V(A, agg)
+  if agg == 'count' then return fmt(A.n) end
+  if agg == 'sum' then return fmt(A.sum) end
+  if agg == 'distinct' then return fmt(A.dn) end
+  if A.n == 0 then return '' end
+  if agg == 'mean' then return fmt(A.sum / A.n) end
+  if agg == 'min' then return fmt(A.mn) end
+  if agg == 'max' then return fmt(A.mx) end
+  if agg == 'std' then return fmt(math.sqrt(math.max(A.m2, 0) / A.n)) end
+  return A.ltok  -- last
+end
+"""
 
 _PRELUDE = r"""
 local prefix = ARGV[1]
@@ -176,6 +403,7 @@ local function served_tokens(rec)
   return table.concat(out, '|')
 end
 
+LAYOUT_DEF
 -- One event: its keys, its ts (as sent), its tokens, and its position (or nil).
 local function one(kwin, kmeta, eid, ts_s, args, tp, off)
 local ts = tonumber(ts_s)
@@ -242,6 +470,7 @@ local function count_zset(w)
   return fmt(redis.call('ZCOUNT', kwin, '(' .. fmt(ts - w), ts_s) + 1)
 end
 
+TILES_LUA
 local out = {}
 """
 
@@ -253,6 +482,7 @@ if again then return 'd|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
 if not wm or ts > wm then wm = ts end
 redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq))
+STORE_TILES
 TRIM
 redis.call('EXPIRE', kwin, ENTITY_TTL)
 redis.call('EXPIRE', kmeta, ENTITY_TTL)
@@ -357,11 +587,65 @@ def packs_recent(spec: PipelineSpec) -> bool:
     return all(output_type(spec, i) == "number" for i in range(len(spec.features)))
 
 
-def build_script(spec: PipelineSpec) -> str:
-    """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis)."""
+#: Tiles per value window: a window of ``W`` is cut into tiles of ``W / TILES`` seconds of
+#: event time. A window then costs at most ``TILES + 1`` tile records plus the events of its
+#: partial trailing tile (and of its leading one for an out-of-order event).
+TILES = 60
+
+
+def _tile_layout(spec: PipelineSpec) -> list[tuple[float, list[tuple[str, set[str]]]]]:
+    """Per value window (ascending): its fields and, per field, the aggregates it serves."""
+    by_w: dict[float, dict[str, set[str]]] = {}
+    for f in spec.features:
+        if _needs_list(f):
+            assert f.window is not None and f.field is not None
+            by_w.setdefault(f.window, {}).setdefault(f.field, set()).add(f.agg)
+    fields = used_fields(spec)
+    return [(w, sorted(by_w[w].items(), key=lambda kv: fields.index(kv[0]))) for w in sorted(by_w)]
+
+
+def tile_slots(spec: PipelineSpec, window: float) -> int:
+    """Tile records kept per entity for ``window``: a ring over (window + lateness) + 2 tiles."""
+    width = window / TILES
+    return math.ceil((window + spec.lateness) / width) + 2
+
+
+def _layout_lua(spec: PipelineSpec) -> str:
+    own = {name: i + 1 for i, name in enumerate(used_fields(spec))}
+    stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}
+    rows = []
+    for wi, (w, fields) in enumerate(_tile_layout(spec), start=1):
+        nnum, strs, fs = 1, False, []
+        for name, aggs in fields:
+            num = bool(aggs & _NUMERIC)
+            last, dist = "last" in aggs, "distinct" in aggs
+            nnum += 1 + 4 * num + 2 * last
+            strs = strs or last or dist
+            fs.append(
+                f"{{si = {stored[name]}, oi = {own[name]}, num = {str(num).lower()}, "
+                f"last = {str(last).lower()}, dist = {str(dist).lower()}}}"
+            )
+        rows.append(
+            f"  {{w = {w!r}, T = {w / TILES!r}, slots = {tile_slots(spec, w)}, key = 't{wi}', "
+            f"nnum = {nnum}, fmt = {'<' + 'd' * nnum!r}, strs = {str(strs).lower()}, "
+            f"one = {str(len(stored) == 1).lower()},\n"
+            f"   f = {{{', '.join(fs)}}}}},"
+        )
+    return "local LAYOUT = {\n" + "\n".join(rows) + "\n}"
+
+
+def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
+    """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis).
+
+    ``tiles=False`` builds the previous engine, which walks every event of the window
+    (O(events of the entity in the window) per event); ``bench/hot_entities.py`` runs it as
+    the baseline. Both compute the same features; their stored state differs, so never
+    mix them on one key prefix.
+    """
     own = {name: i + 1 for i, name in enumerate(used_fields(spec))}  # own[i]
     stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}  # tok[k][i + 1]
-    listw = list_window(spec)
+    listw = 0.0 if tiles else list_window(spec)
+    layout = _tile_layout(spec) if tiles else []
     lines = [f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit"]
     if len(stored) == 1:
         # One stored field (the common case): no table per member, ~40% less Lua time
@@ -378,7 +662,17 @@ def build_script(spec: PipelineSpec) -> str:
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
         .replace("FIELD", field)
+        .replace("LAYOUT_DEF", _layout_lua(spec) if layout else "")
+        .replace("TILES_LUA", _TILES_LUA if layout else "")
     )
+    if tiles:
+        for wi, (w, _) in enumerate(layout, start=1):
+            lines.append(f"local A{wi} = window(LAYOUT[{wi}])  -- {w!r} s")
+        slot_of = {
+            (w, name): (wi, fi)
+            for wi, (w, fields) in enumerate(layout, start=1)
+            for fi, (name, _) in enumerate(fields, start=1)
+        }
     starts: dict[float, str] = {}
     for i, f in enumerate(spec.features):
         slot = f"out[{i + 1}]"
@@ -397,6 +691,10 @@ def build_script(spec: PipelineSpec) -> str:
             call = f"since_prev_list({s})" if covered else f"since_prev_zset({w!r})"
         elif f.agg == "count" and f.field is None:
             call = f"fmt(n - {s} + 2)" if covered else f"count_zset({w!r})"
+        elif tiles and f.agg in _LIST_AGGS:
+            assert f.field is not None
+            wi, fi = slot_of[(w, f.field)]
+            call = f"V(A{wi}[{fi}], {f.agg!r})"
         elif f.agg in _LIST_AGGS:
             assert f.field is not None and s is not None
             get = "nums" if f.agg in _NUMERIC else "toks"
@@ -407,6 +705,7 @@ def build_script(spec: PipelineSpec) -> str:
     member = "".join(f" .. '|' .. own[{own[name]}]" for name in stored)
     lines.append(
         _EPILOGUE.replace("STORED", member)
+        .replace("STORE_TILES", "store_tiles()" if layout else "")
         .replace("TRIM", _trim(spec))
         .replace("ENTITY_TTL", str(entity_ttl(spec)))
         .replace("APPLIED_TTL", str(APPLIED_TTL))
