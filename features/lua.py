@@ -666,11 +666,11 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
         .replace("TILES_LUA", _TILES_LUA if layout else "")
     )
     if tiles:
-        for wi, (w, _) in enumerate(layout, start=1):
-            lines.append(f"local A{wi} = window(LAYOUT[{wi}])  -- {w!r} s")
+        for wi, (lw, _) in enumerate(layout, start=1):
+            lines.append(f"local A{wi} = window(LAYOUT[{wi}])  -- {lw!r} s")
         slot_of = {
-            (w, name): (wi, fi)
-            for wi, (w, fields) in enumerate(layout, start=1)
+            (lw, name): (wi, fi)
+            for wi, (lw, fields) in enumerate(layout, start=1)
             for fi, (name, _) in enumerate(fields, start=1)
         }
     starts: dict[float, str] = {}
