@@ -23,7 +23,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +153,7 @@ def read_training_window(
         StackError: the topic is unknown or a partition's end was not reached within
             ``timeout`` (Kafka is away); the caller falls back to its buffer.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
 
     t0 = time.monotonic()
     topic = spec.topics.training_log
@@ -170,20 +170,9 @@ def read_training_window(
     )
     hist = History(topic, [], count=count, seconds=seconds)
     try:
-        try:
-            meta = consumer.list_topics(topic, timeout=10)
-            tmeta = meta.topics.get(topic)
-            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-                raise StackError(
-                    f"training-log topic {topic!r} not found ({tmeta.error if tmeta else 'no metadata'}); "
-                    "is the learner running (`weir worker SPEC --role learner`)?"
-                )
-            marks = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in sorted(tmeta.partitions)
-            }
-        except KafkaException as exc:
-            raise StackError(f"cannot read the training log {topic!r}: {exc}") from exc
+        marks = partition_marks(
+            consumer, topic, "training-log", "is the learner running (`weir worker SPEC --role learner`)?"
+        )
         bounds = window_bounds(marks, upto, count)
         if seconds is not None:
             hist.anchor_ms = _newest_timestamp(consumer, topic, bounds, timeout)
@@ -239,55 +228,99 @@ def _newest_timestamp(
     return newest
 
 
-def _read(
-    consumer: Any, topic: str, bounds: Mapping[int, list[int]], deadline: float, settings: Settings
-) -> tuple[list[TrainingRecord], int]:
+def partition_marks(consumer: Any, topic: str, what: str, hint: str) -> dict[int, tuple[int, int]]:
+    """The (low, high) watermarks of each partition of ``topic``.
+
+    Raises:
+        StackError: the topic is unknown (naming ``what`` and ``hint``) or Kafka does not answer.
+    """
+    from confluent_kafka import KafkaException, TopicPartition
+
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise StackError(
+                f"{what} topic {topic!r} not found ({meta.error if meta else 'no metadata'}); {hint}"
+            )
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in sorted(meta.partitions)
+        }
+    except KafkaException as exc:
+        raise StackError(f"cannot read {what} topic {topic!r}: {exc}") from exc
+
+
+def read_ranges(
+    consumer: Any,
+    topic: str,
+    bounds: Mapping[int, Sequence[int]],
+    deadline: float,
+    late: Callable[[int, int], str],
+) -> list[tuple[int, int, bytes | None]]:
+    """The records of ``topic`` at offsets [start, end) of each partition in ``bounds``:
+    (partition, offset, value) in the order they arrived (each partition's in offset order),
+    with a :class:`Progress` report. A partition whose end moved back (retention) ends at its
+    EOF when the consumer reports them.
+
+    Raises:
+        StackError: ``late(records read, records wanted)`` once ``deadline`` (monotonic) passed.
+    """
     from confluent_kafka import KafkaError, TopicPartition
 
-    todo = {p: (s, e) for p, (s, e) in bounds.items() if e > s}
-    out: list[TrainingRecord] = []
-    skipped = 0
+    todo = {p: (int(s), int(e)) for p, (s, e) in bounds.items() if e > s}
+    out: list[tuple[int, int, bytes | None]] = []
     if not todo:
-        return out, skipped
+        return out
     progress = Progress(sum(e - s for s, e in todo.values()), f"reading {topic}")
     consumer.assign([TopicPartition(topic, p, s) for p, (s, _) in todo.items()])
     done: set[int] = set()
     try:
         while len(done) < len(todo):
             if time.monotonic() > deadline:
-                raise StackError(
-                    f"could not read the retrain window of {topic!r} in time ({len(out)} records "
-                    f"of {progress.total}); is Kafka at {settings.kafka_bootstrap} up?"
-                )
+                raise StackError(late(len(out), progress.total))
             n = 0
             for msg in consumer.consume(1000, timeout=0.5):
-                p = msg.partition()
-                err = msg.error()
+                p, o, err = msg.partition(), msg.offset(), msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF and p in todo:
                         done.add(p)  # the end moved back (retention, truncation)
                     continue
-                o = msg.offset()
                 if p not in todo or o is None or p in done:
                     continue
-                e = todo[p][1]
-                if o >= e:
-                    done.add(p)
-                    continue
-                n += 1
-                try:
-                    rec = decode_training_record(msg.value())
-                except orjson.JSONDecodeError:
-                    rec = None
-                if rec is None:
-                    skipped += 1
-                else:
-                    out.append(rec)
-                if o >= e - 1:
+                end = todo[p][1]
+                if o < end:
+                    out.append((p, o, msg.value()))
+                    n += 1
+                if o >= end - 1:
                     done.add(p)
             progress.update(n)
     finally:
         progress.close()
+    return out
+
+
+def _read(
+    consumer: Any, topic: str, bounds: Mapping[int, list[int]], deadline: float, settings: Settings
+) -> tuple[list[TrainingRecord], int]:
+    """The window's training-log records (decoded) and how many were not a JSON object."""
+
+    def late(n: int, total: int) -> str:
+        return (
+            f"could not read the retrain window of {topic!r} in time ({n} records "
+            f"of {total}); is Kafka at {settings.kafka_bootstrap} up?"
+        )
+
+    out: list[TrainingRecord] = []
+    skipped = 0
+    for _, _, raw in read_ranges(consumer, topic, bounds, deadline, late):
+        try:
+            rec = decode_training_record(raw)
+        except orjson.JSONDecodeError:
+            rec = None
+        if rec is None:
+            skipped += 1
+        else:
+            out.append(rec)
     return out, skipped
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from weir.errors import SpecError, StackError
+from weir.errors import SpecError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -171,9 +171,9 @@ def read_topic(
 ) -> list[tuple[int, int, bytes | None]]:
     """Every retained record of ``topic`` up to its end now: (partition, offset, value),
     partition by partition in offset order (an entity's events stay in arrival order)."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer
 
-    from streams.history import Progress
+    from streams.history import partition_marks, read_ranges
 
     consumer = Consumer(
         {
@@ -184,43 +184,17 @@ def read_topic(
             "enable.partition.eof": False,
         }
     )
+
+    def late(n: int, total: int) -> str:
+        return (
+            f"could not read {what} topic {topic!r} within {timeout:g}s "
+            f"({n} of {total}); raise --timeout or check Kafka"
+        )
+
     try:
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None or meta.error is not None:
-                raise StackError(f"{what} topic {topic!r} not found; is this the pipeline's spec?")
-            bounds = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in sorted(meta.partitions)
-            }
-        except KafkaException as exc:
-            raise StackError(f"cannot read {what} topic {topic!r}: {exc}") from exc
-        todo = {p: (lo, hi) for p, (lo, hi) in bounds.items() if hi > lo}
-        got: dict[int, list[tuple[int, int, bytes | None]]] = {p: [] for p in todo}
-        if not todo:
-            return []
-        progress = Progress(sum(hi - lo for lo, hi in todo.values()), f"reading {topic}")
-        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _) in todo.items()])
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(done) < len(todo):
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"could not read {what} topic {topic!r} within {timeout:g}s "
-                    f"({sum(map(len, got.values()))} of {progress.total}); raise --timeout or check Kafka"
-                )
-            batch = consumer.consume(1000, timeout=0.5)
-            for msg in batch:
-                p, o = msg.partition(), msg.offset()
-                if msg.error() is not None or p is None or p not in todo or o is None or p in done:
-                    continue
-                if o < todo[p][1]:
-                    got[p].append((p, o, msg.value()))
-                if o >= todo[p][1] - 1:
-                    done.add(p)
-            progress.update(len(batch))
-        progress.close()
-        return [r for p in sorted(got) for r in got[p]]
+        marks = partition_marks(consumer, topic, what, "is this the pipeline's spec?")
+        records = read_ranges(consumer, topic, marks, time.monotonic() + timeout, late)
+        return sorted(records, key=lambda r: r[0])  # stable: offset order within a partition
     finally:
         consumer.close()
 
