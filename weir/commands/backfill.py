@@ -115,6 +115,7 @@ def backfill_records(
     features computed offline from ``events`` (every delivery, in arrival order per
     entity). Pure: the parity test and the command call it."""
     from features.offline import compute_offline
+    from weir.contracts import Example
 
     if not events:
         return []
@@ -131,19 +132,9 @@ def backfill_records(
         lab = labels.get(e.event_id)
         if lab is None:
             continue
-        out.append(
-            {
-                "event_id": e.event_id,
-                "entity_id": e.entity_id,
-                "ts": e.ts,
-                "label_ts": lab.ts,
-                "features": {n: _plain(columns[n][i]) for n in names},
-                "label": lab.label,
-                "prediction": None,
-                "proba": None,
-                "model_version": "backfill",
-            }
-        )
+        features = {n: _plain(columns[n][i]) for n in names}
+        example = Example(e.event_id, e.entity_id, e.ts, lab.ts, features, lab.label, None, None, "backfill")
+        out.append(example.to_record())
     return out
 
 
