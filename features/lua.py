@@ -48,11 +48,12 @@ from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
 _TILES_LUA = r"""
--- Tiles (docs/features.md#the-online-engine): per value window, fixed-width tiles of event
--- time in the entity's meta hash, field 't<window>.<i mod SLOTS>' -> packed doubles
--- (tile index, then per field n [sum m2 min max] [last ts, last seq]) and, when the window
--- has last/distinct aggregates, '|'-joined tokens. A window = whole tiles + the events of
--- its partial edge tiles, read from the ZSET.
+-- Tiles (docs/features.md#tiles): per value window, fixed-width tiles of event time in the
+-- entity's meta hash. A tile record is packed doubles (tile index, then per field n
+-- [sum m2 min max] [last ts, last seq]) and, when the window has last/distinct aggregates,
+-- '|'-joined tokens (field 't<window>.<i mod slots>'); without those, the live tiles'
+-- records are concatenated in tile order in one field 't<window>'. A window = whole tiles + the events
+-- of its partial edge tiles, read from the ZSET.
 local function tile_of(t, T)
   local i = math.floor(t / T)
   if i * T > t then i = i - 1 elseif (i + 1) * T <= t then i = i + 1 end
@@ -211,12 +212,13 @@ local function window(L)
         if recs[k] then merge_rec(L, A, recs[k], a + k - 1) end
       end
     else
-      -- numbers only: every slot in one string, fixed-size records
+      -- numbers only: the live tiles' records in one string, fixed size, in any order
       local rec, size = redis.call('HGET', kmeta, L.key), 8 * L.nnum
       if rec then
-        for i = a, b do
-          local off = (i % L.slots) * size + 1
-          if off + size - 1 <= #rec then merge_rec(L, A, rec, i, off) end
+        for off = 1, #rec, size do
+          local i = struct.unpack('<d', rec, off)
+          if i > b then break end
+          if i >= a then merge_rec(L, A, rec, i, off) end
         end
       end
     end
@@ -232,17 +234,31 @@ local function store_tiles()
   for _, L in ipairs(LAYOUT) do
     local i = tile_of(ts, L.T)
     if not L.strs then
+      -- Records in ascending tile order: its tile's replaced or inserted (searched from
+      -- the newest), the dead ones (tile i - slots and older: no acceptable event reads
+      -- them) dropped from the front.
       local size = 8 * L.nnum
       local rec = redis.call('HGET', kmeta, L.key) or ''
-      if #rec < size * L.slots then rec = rec .. string.rep('\0', size * L.slots - #rec) end
-      local off = (i % L.slots) * size + 1
-      local j, st = decode(L, string.sub(rec, off, off + size - 1))
-      local used = false
-      for f = 1, #st do used = used or st[f].n > 0 end
-      if j ~= i or not used then st = new_stats(L) end  -- another tile's, or never written
+      local at, st, tail = #rec + 1, nil, nil
+      while at > 1 do
+        local j = struct.unpack('<d', rec, at - size)
+        if j == i then
+          local _
+          _, st = decode(L, string.sub(rec, at - size, at - 1))
+          tail, at = at, at - size
+          break
+        elseif j < i then
+          break
+        end
+        at = at - size
+      end
+      local head = 1
+      while head < at and struct.unpack('<d', rec, head) <= i - L.slots do head = head + size end
+      st = st or new_stats(L)
       for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
-      rec = string.sub(rec, 1, off - 1) .. encode(L, i, st) .. string.sub(rec, off + size)
-      redis.call('HSET', kmeta, L.key, rec)
+      tail = tail or at
+      redis.call('HSET', kmeta, L.key,
+                 string.sub(rec, head, at - 1) .. encode(L, i, st) .. string.sub(rec, tail))
     else
     local name = tile_field(L, i)
     local rec = redis.call('HGET', kmeta, name)
