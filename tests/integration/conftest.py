@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -39,12 +38,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from streams import admin
+from tests.local_scripts import run_deploy_script
 from weir.errors import StackError
 from weir.settings import Settings, load_settings
 from weir.spec import PipelineSpec
 
 REPO = Path(__file__).resolve().parents[2]
-STACK_PY = REPO / "deploy" / "local" / "stack.py"
 STATE_DIR = REPO / ".weir" / "stack"
 PROMETHEUS_URL = "http://127.0.0.1:9090"
 # Cold start: the first Maven fetch of the Kafka jars plus a cold JVM; seconds.
@@ -161,19 +160,6 @@ class Stack:
             self.remove_scrape_target(name)
 
 
-def _run_stack(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [sys.executable, str(STACK_PY), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"`stack.py {' '.join(args)}` took over {timeout:g}s; see .weir/stack/logs/")
-
-
 def _healthy(settings: Settings) -> dict[str, bool]:
     def ok(check: Callable[[], object]) -> bool:
         try:
@@ -228,7 +214,7 @@ def stack() -> Iterator[Stack]:
         lease.write_text(f"{os.getpid()}\n")
         down = [name for name, ok in _healthy(base).items() if not ok]
         if down:
-            res = _run_stack("up", "--json", *down, timeout=STACK_UP_TIMEOUT)
+            res = run_deploy_script("stack", "up", "--json", *down, timeout=STACK_UP_TIMEOUT)
             if res.returncode != 0:
                 lease.unlink(missing_ok=True)
                 pytest.fail(
@@ -262,7 +248,7 @@ def stack() -> Iterator[Stack]:
         if started and others:
             print(f"\nlocal stack left running: test sessions {others} still use it", file=sys.stderr)
         elif started:
-            res = _run_stack("down", *started, timeout=60)
+            res = run_deploy_script("stack", "down", *started, timeout=60)
             if res.returncode != 0:
                 print(f"stack.py down {started} failed:\n{res.stdout}{res.stderr}", file=sys.stderr)
 

@@ -10,12 +10,10 @@ secrets test with ``password``).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,21 +21,12 @@ from typing import Any
 import redis
 
 from tests.integration.processes import free_port
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.local_scripts import deploy_script
 
 
 def stack_module() -> Any:
     """``deploy/local/stack.py`` imported as a module (it is a script, not a package)."""
-    name = "weir_local_stack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "deploy/local/stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return deploy_script("stack")
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:

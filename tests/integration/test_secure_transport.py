@@ -12,7 +12,6 @@ password, no login, a key outside ``weir:*``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from models.registry import ModelRegistry
 from streams import admin
 from tests.integration.conftest import TopicFactory, wait_for
 from tests.integration.processes import REPO, Worker
+from tests.local_scripts import deploy_script
 from weir.errors import StackError
 from weir.settings import Settings, load_settings
 from weir.spec import load_spec
@@ -42,22 +42,10 @@ pytestmark = pytest.mark.secure
 N_EVENTS = 300
 
 
-def _secure_module() -> Any:
-    name = "weir_local_secure"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "deploy/local/secure.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The secure stack, started for this module; a failure to start fails the tests."""
-    with _secure_module().secure_stack(tmp_path_factory.mktemp("secure")) as st:
+    with deploy_script("secure").secure_stack(tmp_path_factory.mktemp("secure")) as st:
         yield st
 
 

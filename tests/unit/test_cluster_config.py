@@ -3,25 +3,17 @@ that form one quorum with replicated defaults, six Redis nodes in cluster mode."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.local_scripts import deploy_script
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    sys.path.insert(0, str(REPO / "deploy" / "local"))
-    spec = importlib.util.spec_from_file_location("weir_local_cluster", REPO / "deploy/local/cluster.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["weir_local_cluster"] = module
-    spec.loader.exec_module(module)
-    return module
+    return deploy_script("cluster")
 
 
 def _props(text: str) -> dict[str, str]:
