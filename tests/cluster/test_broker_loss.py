@@ -8,25 +8,17 @@ The broker is restarted (``cluster.py up``) before the test ends, for the tests 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from streams import admin
-from tests.cluster.conftest import CLUSTER_PY, CLUSTER_UP_TIMEOUT
+from tests.cluster.conftest import kill_broker, read_all, restart_kafka
 from weir.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
-PIDS = REPO / ".weir" / "cluster" / "pids"
 N = 3000
 RATE = 300.0  # records/s: the kill lands mid-stream
 
@@ -54,21 +46,10 @@ def _leader(settings: Settings, topic: str, partition: int) -> int:
         time.sleep(0.2)
 
 
-def _restart_cluster() -> None:
-    res = subprocess.run(
-        [sys.executable, str(CLUSTER_PY), "up", "kafka"],
-        capture_output=True,
-        text=True,
-        timeout=CLUSTER_UP_TIMEOUT,
-    )
-    assert res.returncode == 0, f"cluster.py up kafka failed after the kill:\n{res.stdout}{res.stderr}"
-
-
 def test_kill_a_broker_mid_stream_loses_no_acknowledged_record(
     cluster_settings: Settings, topic: str
 ) -> None:
     victim = _leader(cluster_settings, topic, 0)
-    pid = int((PIDS / f"kafka-{victim}.pid").read_text())
     producer = Producer({**cluster_settings.producer_config(), "linger.ms": 5, "message.timeout.ms": 120_000})
     acked: list[int] = []
     failed: list[str] = []
@@ -84,7 +65,7 @@ def test_kill_a_broker_mid_stream_loses_no_acknowledged_record(
         t0 = time.monotonic()
         for i in range(N):
             if i == N // 2:
-                os.kill(pid, signal.SIGKILL)
+                kill_broker(victim)
                 killed.set()
             delay = t0 + i / RATE - time.monotonic()
             if delay > 0:
@@ -97,26 +78,9 @@ def test_kill_a_broker_mid_stream_loses_no_acknowledged_record(
         assert killed.is_set()
         assert sorted(acked) == list(range(N)), "every record acknowledged, once"
 
-        consumer = Consumer(
-            {
-                **cluster_settings.confluent_config(),
-                "group.id": f"weir-test-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-        consumer.subscribe([topic])
-        got: list[int] = []
-        deadline = time.monotonic() + 90
-        try:
-            while len(got) < N and time.monotonic() < deadline:
-                for m in consumer.consume(1000, 1.0):
-                    if m.error() is None:
-                        got.append(int(m.value() or b"-1"))
-        finally:
-            consumer.close()
+        got = [int(v or b"-1") for v in read_all(cluster_settings, topic, N, timeout=90)]
         assert len(got) == N and sorted(got) == list(range(N)), (
             f"read back {len(got)} records, {len(set(got))} distinct, of {N} acknowledged"
         )
     finally:
-        _restart_cluster()
+        restart_kafka()

@@ -11,9 +11,6 @@ docs/scaling.md). The broker killed leads partition 0 of the events topic; it is
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,31 +18,19 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
 
 from models.registry import ModelRegistry
 from streams import admin
 from streams.produce import produce
-from tests.cluster.conftest import BOOTSTRAP, CLUSTER_PY, CLUSTER_UP_TIMEOUT, Cluster
+from tests.cluster.conftest import BOOTSTRAP, Cluster, kill_broker, read_all, restart_kafka
+from tests.integration.conftest import wait_for
 from tests.integration.private_redis import PrivateRedis
 from tests.integration.processes import REPO, Monitor, Worker, free_port
 from weir.settings import load_settings
 from weir.spec import load_spec
 
-PIDS = REPO / ".weir" / "cluster" / "pids"
 N = 3000
 RATE = 250.0
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g}s for {what}")
-        time.sleep(0.5)
 
 
 def assigned_members(settings: Any, group: str) -> int:
@@ -55,32 +40,6 @@ def assigned_members(settings: Any, group: str) -> int:
     except Exception:
         return 0
     return sum(1 for m in desc.members if m.assignment and m.assignment.topic_partitions)
-
-
-def read_all(settings: Any, topic: str, n: int, timeout: float) -> list[bytes]:
-    consumer = Consumer(
-        {
-            **settings.confluent_config(),
-            "group.id": f"weir-test-read-{os.getpid()}-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < n and time.monotonic() < deadline:
-            for m in consumer.consume(1000, 1.0):
-                if m.error() is None:
-                    out.append(m.value() or b"")
-        # A little longer: anything beyond n would be a duplicate.
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            out += [m.value() or b"" for m in consumer.consume(1000, 0.5) if m.error() is None]
-    finally:
-        consumer.close()
-    return out
 
 
 @pytest.mark.timeout(900)
@@ -152,7 +111,7 @@ def test_kill_a_broker_under_three_scorers_a_learner_and_the_monitor(
         time.sleep(N / RATE / 3)  # a third of the stream in
         md = admin.admin_client(settings).list_topics(spec.topics.events, timeout=10)
         killed = md.topics[spec.topics.events].partitions[0].leader
-        os.kill(int((PIDS / f"kafka-{killed}.pid").read_text()), signal.SIGKILL)
+        kill_broker(killed)
         survivors = admin.admin_client(settings)
         wait_for(
             lambda: killed not in survivors.list_topics(timeout=10).brokers,
@@ -185,13 +144,7 @@ def test_kill_a_broker_under_three_scorers_a_learner_and_the_monitor(
         for p in procs:
             p.stop()
         if killed is not None:
-            res = subprocess.run(
-                [sys.executable, str(CLUSTER_PY), "up", "kafka"],
-                capture_output=True,
-                text=True,
-                timeout=CLUSTER_UP_TIMEOUT,
-            )
-            assert res.returncode == 0, f"cluster.py up kafka failed:\n{res.stdout}{res.stderr}"
+            restart_kafka()
         try:
             admin.delete_topics(
                 settings, [*spec.topics.names().values(), f"{spec.consumer_group}-__assignor-__leader"]
