@@ -299,28 +299,13 @@ user {USER} on >{self.password} ~weir:* &* +@all
             client.close()
 
     def launch(self) -> subprocess.Popen[bytes]:
-        program = shutil.which("redis-server")
-        if program is None:
-            raise StackFailure("redis-server is missing; `sudo apt-get install -y redis-server`")
         self.write_config()
         stack.rotate(self.log)
-        return subprocess.Popen(
-            [program, str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        return stack.launch_redis(self.conf)
 
     def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + REDIS_READY_TIMEOUT
-        while not self.healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise StackFailure(
-                    f"secure redis on {HOST}:{self.port} did not answer a TLS PING "
-                    f"within {REDIS_READY_TIMEOUT:.0f}s:\n{stack.tail(self.log)}"
-                )
-            time.sleep(0.1)
+        what = f"secure redis on {HOST}:{self.port} (TLS)"
+        stack.wait_redis(proc, self.healthy, REDIS_READY_TIMEOUT, what, self.log)
 
 
 # -- the stack --------------------------------------------------------------------------------

@@ -721,6 +721,35 @@ maxmemory-policy noeviction
 """
 
 
+def launch_redis(conf: Path) -> subprocess.Popen[bytes]:
+    """``redis-server conf`` in the foreground of a session of its own (its pid is the
+    server's; a Ctrl-C in a terminal or pytest does not reach it), for the private servers
+    of ``secure.py`` and the tests (the stack's own daemonizes)."""
+    need("redis-server")
+    return subprocess.Popen(
+        [find_program("redis-server") or "redis-server", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_redis(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, what: str, log: Path
+) -> None:
+    """Wait until ``ready()`` (a PING, as the server's clients log in); StackFailure naming
+    ``what`` with the log's last lines if the server exits first or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = (
+                f"exited {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:.0f}s"
+            )
+            raise StackFailure(f"{what} did not answer a PING ({state}):\n{tail(log)}")
+        time.sleep(0.1)
+
+
 class Redis(Server):
     """The stack's ``redis-server`` (daemonized, durable); ``cluster.py`` runs six of these
     on other ports, names and directories, with a cluster-mode :meth:`config`."""

@@ -11,10 +11,8 @@ secrets test with ``password``).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +76,9 @@ class PrivateRedis:
             client.close()
 
     def start(self, timeout: float = 20.0) -> None:
-        program = shutil.which("redis-server")
-        if program is None:
-            raise RuntimeError("redis-server is not installed: `sudo apt-get install -y redis-server`")
-        self.proc = subprocess.Popen(
-            [program, str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.ping():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.log.read_text(errors="replace") if self.log.exists() else ""
-                raise RuntimeError(f"private redis-server on port {self.port} did not start:\n{log[-2000:]}")
-            time.sleep(0.1)
+        stack = stack_module()
+        self.proc = stack.launch_redis(self.conf)
+        stack.wait_redis(self.proc, self.ping, timeout, f"private redis-server on port {self.port}", self.log)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None and self.proc.poll() is None, "the private redis-server is not running"
