@@ -229,6 +229,60 @@ local function window(L)
   for f, F in ipairs(L.f) do add(A[f], F, own[F.oi], ts, seq) end
   return A
 end
+-- The same for the common layout (one stored field, numeric aggregates only, no last /
+-- distinct): no table per member or tile, no scores read.
+local function window_fast(L)
+  local T, lo = L.T, ts - L.w
+  local n, sum, m2, mn, mx = 0, 0, 0, math.huge, -math.huge
+  local function events(r)
+    for k = 1, #r do
+      local tok = string.sub(r[k], 14)
+      if tok ~= '' then
+        local x = tonumber(tok)
+        if n == 0 then sum, m2 = x, 0
+        else
+          local mo = sum / n
+          sum = sum + x
+          m2 = m2 + (x - mo) * (x - sum / (n + 1))
+        end
+        if x < mn then mn = x end
+        if x > mx then mx = x end
+        n = n + 1
+      end
+    end
+  end
+  local a, b = tile_of(lo, T) + 1, tile_of(ts, T) - 1
+  local inorder = (not wm) or ts >= wm
+  if inorder then b = b + 1 end
+  if a > b then
+    events(redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), ts_s))
+  else
+    events(redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), '(' .. fmt(a * T)))
+    local rec = redis.call('HGET', kmeta, L.key)
+    if rec then
+      for off = 1, #rec, 48 do
+        local i, tn, ts_, tm2, tmn, tmx = struct.unpack('<dddddd', rec, off)
+        if i > b then break end
+        if i >= a and tn > 0 then
+          if n == 0 then sum, m2 = ts_, tm2
+          else
+            local d = ts_ / tn - sum / n
+            m2 = m2 + tm2 + d * d * n * tn / (n + tn)
+            sum = sum + ts_
+          end
+          if tmn < mn then mn = tmn end
+          if tmx > mx then mx = tmx end
+          n = n + tn
+        end
+      end
+    end
+    if not inorder then events(redis.call('ZRANGEBYSCORE', kwin, fmt((b + 1) * T), ts_s)) end
+  end
+  local A = new_stats(L)
+  A[1].n, A[1].sum, A[1].m2, A[1].mn, A[1].mx = n, sum, m2, mn, mx
+  add(A[1], L.f[1], own[L.f[1].oi], ts, seq)
+  return A
+end
 -- Adds the event to its tile of every value window (only when it is stored).
 local function store_tiles()
   for _, L in ipairs(LAYOUT) do
@@ -626,6 +680,16 @@ def tile_slots(spec: PipelineSpec, window: float) -> int:
     return math.ceil((window + spec.lateness) / width) + 2
 
 
+def _is_fast(spec: PipelineSpec, window: float) -> bool:
+    """Whether ``window`` takes the script's fast path: one stored field, one field in the
+    window, its aggregates all numeric or counts (records of 6 doubles, no tokens)."""
+    fields = dict(_tile_layout(spec))[window]
+    if len(stored_fields(spec)) != 1 or len(fields) != 1:
+        return False
+    aggs = fields[0][1]
+    return bool(aggs & _NUMERIC) and aggs <= _NUMERIC | {"count"}
+
+
 def _layout_lua(spec: PipelineSpec) -> str:
     own = {name: i + 1 for i, name in enumerate(used_fields(spec))}
     stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}
@@ -641,10 +705,11 @@ def _layout_lua(spec: PipelineSpec) -> str:
                 f"{{si = {stored[name]}, oi = {own[name]}, num = {str(num).lower()}, "
                 f"last = {str(last).lower()}, dist = {str(dist).lower()}}}"
             )
+        fast = _is_fast(spec, w)
         rows.append(
             f"  {{w = {w!r}, T = {w / TILES!r}, slots = {tile_slots(spec, w)}, key = 't{wi}', "
             f"nnum = {nnum}, fmt = {'<' + 'd' * nnum!r}, strs = {str(strs).lower()}, "
-            f"one = {str(len(stored) == 1).lower()},\n"
+            f"one = {str(len(stored) == 1).lower()}, fast = {str(fast).lower()},\n"
             f"   f = {{{', '.join(fs)}}}}},"
         )
     return "local LAYOUT = {\n" + "\n".join(rows) + "\n}"
@@ -683,7 +748,9 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
     )
     if tiles:
         for wi, (lw, _) in enumerate(layout, start=1):
-            lines.append(f"local A{wi} = window(LAYOUT[{wi}])  -- {lw!r} s")
+            lines.append(
+                f"local A{wi} = window{'_fast' if _is_fast(spec, lw) else ''}(LAYOUT[{wi}])  -- {lw!r} s"
+            )
         slot_of = {
             (lw, name): (wi, fi)
             for wi, (lw, fields) in enumerate(layout, start=1)
