@@ -276,11 +276,13 @@ class LearnerLoop:
             out = yield from core.process_step(batch, now)
             self.learned(batch)
             emitter.add(out)
-            yield Io(emitter.send, "training-log produce")
+            if emitter.pending:  # early labels only: nothing to produce, no trip to the thread
+                yield Io(emitter.send, "training-log produce")
         if now - self.last_sweep >= SWEEP_EVERY:
             out = yield from core.sweep_step(now)
             emitter.add(out)
-            yield Io(emitter.send, "training-log produce")
+            if emitter.pending:
+                yield Io(emitter.send, "training-log produce")
             # A promotion or rollback moves the champion alias: the learner follows it
             # (in role all the scorer then scores with the new champion).
             yield Io(core.follow_champion, "champion alias")
