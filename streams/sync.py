@@ -278,9 +278,13 @@ class EventTimeSync:
                 return
             self.labels = Frontier(head, caught_up, self.labels.version + 1)
         loop, moved = self._loop, self._labels_moved
-        if loop is not None and moved is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(moved.set)
+        if loop is None or moved is None:
+            return
+        if _running_loop() is loop:  # role all's learning step, on the loop's own thread
+            moved.set()  # no self-pipe write and wake-up, as call_soon_threadsafe costs
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(moved.set)
 
     # -- waiting --------------------------------------------------------------------
 
@@ -356,6 +360,14 @@ class EventTimeSync:
                     return 0
                 self._cond.wait(min(left, deadline - now))
                 self._waited("learner", time.monotonic() - now)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None (a worker thread)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def sync_for(spec: PipelineSpec, metrics: Any | None) -> EventTimeSync | None:
