@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install deps up down status logs test test-unit test-integration test-faults lint fmt demo bench soak clean \
-	up-cluster down-cluster test-cluster test-secure
+	up-cluster down-cluster test-cluster test-secure bench-hot
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ else
 	$(PY) bench/features.py
 	$(PY) bench/drift_overhead.py
 endif
+
+bench-hot: ## windowed aggregates of hot entities: tiles vs the previous engine (private Redis, ~10 min, docs/features.md)
+	$(PY) bench/hot_entities.py
 
 soak: up ## soak of roles all and split: Redis memory, RSS, lag over time (RATE=500 DURATION=60 s each)
 	$(PY) bench/soak.py --rate $(RATE) --duration $(DURATION)

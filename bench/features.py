@@ -47,7 +47,7 @@ def main() -> int:
     events = []
     for i in range(n):
         ts = t0 + i - (rng.uniform(0, 20) if rng.random() < 0.1 else 0.0)
-        data = {f: float(rng.randint(1, 150_000)) for f in spec.fields}
+        data: dict[str, float | str | bool | None] = {f: float(rng.randint(1, 150_000)) for f in spec.fields}
         events.append(Event(f"e{i}", f"u{rng.randrange(1000)}", ts, data))
     client = load_settings().redis()
     store = RedisFeatureStore(spec)

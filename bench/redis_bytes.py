@@ -5,9 +5,9 @@ Runs issue #18's soak spec (5 raw Agrawal fields, a 10 min count and mean) throu
 real feature script and served-record writes, then learns every other label, and measures
 (``MEMORY USAGE key SAMPLES 0``: exact, every element):
 
-* per window member (``win`` ZSETs over their members), per entity (``meta`` hash and the
-  ZSET's own overhead), per recent id (``recent`` hash over its fields), the applied
-  offsets hash, per served record, per pending entry;
+* per window member (``win`` ZSETs over their members), per entity (``meta`` hash, with
+  the mean's time tiles, 48 B each, and the ZSET's own overhead), per recent id
+  (``recent`` hash over its fields), the applied offsets hash, per served record, per pending entry;
 * for comparison, the keys this replaced: an ``fv:{event_id}`` string and a
   ``learned:{event_id}`` marker, written with their old layout.
 
@@ -114,6 +114,11 @@ def main() -> int:
         n_win, win_bytes = usage(client, f"{p}:win:*")
         members = sum(client.zcard(k) for k in client.scan_iter(match=f"{p}:win:*", count=5000))
         n_meta, meta_bytes = usage(client, f"{p}:meta:*")
+        # The mean's time tiles (features/lua.py): 48 B records in the meta hash's 't1'.
+        pipe = client.pipeline(transaction=False)
+        for k in client.scan_iter(match=f"{p}:meta:*", count=5000):
+            pipe.hstrlen(k, "t1")
+        tiles = sum(pipe.execute()) / 48
         n_recent, recent_bytes = usage(client, f"{p}:recent:*")
         recent_ids = sum(client.hlen(k) for k in client.scan_iter(match=f"{p}:recent:*"))
         _, applied_bytes = usage(client, f"{p}:applied")
@@ -138,6 +143,8 @@ def main() -> int:
             "window_member_bytes": round(win_bytes / members, 1),
             "window_zset_per_entity_bytes": round(win_bytes / n_win, 1),
             "meta_per_entity_bytes": round(meta_bytes / n_meta, 1),
+            "tiles_per_entity": round(tiles / n_meta, 1),
+            "window_members_per_entity": round(members / n_win, 1),
             "recent_per_event_bytes": round(recent_bytes / recent_ids, 1),
             "recent_keys": n_recent,
             "applied_hash_bytes": applied_bytes,
