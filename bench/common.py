@@ -156,7 +156,12 @@ def records(
     """``n`` Agrawal events for ``spec`` (event time = now) with their labels, deterministic by ``seed``."""
     rows = itertools.islice(open_source(f"river:synth.Agrawal?seed={seed}"), n)
     out: list[Record] = []
-    for ev, lab, _ in build_messages(spec, rows, run_id=run_id, entities=entities, label_delay=0.0):
+    # Labels carry no ts: the reader stamps when it reads one, i.e. when the label became
+    # known, as a label source that learns the outcome later does. Stamped with their own
+    # event's ts (as before), every label would be due before its event is scored, and the
+    # worker's event-time order (scoring.max_idle) would make each event wait for its own
+    # label: a worst case, not what users run.
+    for ev, lab, _ in build_messages(spec, rows, run_id=run_id, entities=entities, label_delay=None):
         eid = f"{run_id}-{len(out)}"
         out.append(Record(ev.key or b"", ev.value, eid, lab.value if (labels and lab) else None))
     return out
