@@ -47,7 +47,7 @@ from features.base import dedupe_seconds, entity_ttl, output_type, used_fields
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
-_TILES_LUA = r"""
+_TILES_LIB = r"""
 -- Tiles (docs/features.md#tiles): per value window, fixed-width tiles of event time in the
 -- entity's meta hash. A tile record is packed doubles (tile index, then per field n
 -- [sum m2 min max] [last ts, last seq]) and, when the window has last/distinct aggregates,
@@ -193,6 +193,20 @@ local function merge_rec(L, A, rec, i, off)
   end
 end
 local function tile_field(L, i) return L.key .. '.' .. (i % L.slots) end
+local function V(A, agg)
+  if agg == 'count' then return fmt(A.n) end
+  if agg == 'sum' then return fmt(A.sum) end
+  if agg == 'distinct' then return fmt(A.dn) end
+  if A.n == 0 then return '' end
+  if agg == 'mean' then return fmt(A.sum / A.n) end
+  if agg == 'min' then return fmt(A.mn) end
+  if agg == 'max' then return fmt(A.mx) end
+  if agg == 'std' then return fmt(math.sqrt(math.max(A.m2, 0) / A.n)) end
+  return A.ltok  -- last
+end
+"""
+
+_TILES_LUA = r"""local tiles_read = {}  -- a value window's record string as read for this event
 -- The window (ts - w, ts] of this event: stats per field, the event itself last.
 local function window(L)
   local T, lo = L.T, ts - L.w
@@ -214,6 +228,7 @@ local function window(L)
     else
       -- numbers only: the live tiles' records in one string, fixed size, in any order
       local rec, size = redis.call('HGET', kmeta, L.key), 8 * L.nnum
+      tiles_read[L.key] = rec or ''
       if rec then
         for off = 1, #rec, size do
           local i = struct.unpack('<d', rec, off)
@@ -259,6 +274,7 @@ local function window_fast(L)
   else
     events(redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), '(' .. fmt(a * T)))
     local rec = redis.call('HGET', kmeta, L.key)
+    tiles_read[L.key] = rec or ''
     if rec then
       for off = 1, #rec, 48 do
         local i, tn, ts_, tm2, tmn, tmx = struct.unpack('<dddddd', rec, off)
@@ -292,7 +308,7 @@ local function store_tiles()
       -- the newest), the dead ones (tile i - slots and older: no acceptable event reads
       -- them) dropped from the front.
       local size = 8 * L.nnum
-      local rec = redis.call('HGET', kmeta, L.key) or ''
+      local rec = tiles_read[L.key] or redis.call('HGET', kmeta, L.key) or ''
       local at, st, tail = #rec + 1, nil, nil
       while at > 1 do
         local j = struct.unpack('<d', rec, at - size)
@@ -328,17 +344,6 @@ local function store_tiles()
     redis.call('HSET', kmeta, name, encode(L, i, st))
     end
   end
-end
-local function V(A, agg)
-  if agg == 'count' then return fmt(A.n) end
-  if agg == 'sum' then return fmt(A.sum) end
-  if agg == 'distinct' then return fmt(A.dn) end
-  if A.n == 0 then return '' end
-  if agg == 'mean' then return fmt(A.sum / A.n) end
-  if agg == 'min' then return fmt(A.mn) end
-  if agg == 'max' then return fmt(A.mx) end
-  if agg == 'std' then return fmt(math.sqrt(math.max(A.m2, 0) / A.n)) end
-  return A.ltok  -- last
 end
 """
 
@@ -743,7 +748,7 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
         .replace("FIELD", field)
-        .replace("LAYOUT_DEF", _layout_lua(spec) if layout else "")
+        .replace("LAYOUT_DEF", _TILES_LIB + _layout_lua(spec) if layout else "")
         .replace("TILES_LUA", _TILES_LUA if layout else "")
     )
     if tiles:
