@@ -330,6 +330,7 @@ class Monitor:
         self.transitions += 1
         log.info("champion changed outside the monitor: %s -> %s", previous, current)
         self.suite.rebase()
+        self.policy.champion_changed()
         if current is None or previous is None or self.guard is not None:
             return
         baseline = self._served_metric()
@@ -483,6 +484,7 @@ class Monitor:
         self.registry.set_alias("champion", version_id)
         self.champion_id = version_id
         self.suite.rebase()
+        self.policy.champion_changed()
         self._served.clear()
 
     def _annotate(self, version_id: str, **meta: Any) -> None:

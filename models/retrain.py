@@ -113,6 +113,13 @@ class RetrainPolicy:
         self.fresh_labels = 0
         self.drift_point = event_ts if event_ts is not None else now
 
+    def champion_changed(self) -> None:
+        """Another model serves now (a promotion, a rollback, an operator's promote): a
+        performance drift pending from the one it replaced was measured on that model's
+        loss and must not retrain its successor. Feature drift (the inputs) stays."""
+        self.pending.pop("performance", None)
+        self.drift_point = None
+
     def note_feature_drift(self, features: Iterable[str]) -> None:
         """The features drifted at the latest check (replaces the previous list)."""
         names = sorted(features)

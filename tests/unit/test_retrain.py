@@ -207,3 +207,24 @@ def test_fit_challenger_falls_back_to_learn_one_on_gaps() -> None:
 def test_too_few_rows() -> None:
     with pytest.raises(RetrainError, match="only 10 training-log rows in the retrain window"):
         fit_challenger(SPEC, train_log_frame(_records(0, 10, seed=1)))
+
+
+def test_a_drift_of_the_replaced_champion_does_not_retrain_its_successor() -> None:
+    # CI saw it: the old champion kept failing while its challenger was in shadow, the
+    # detector fired again, and the pending trigger retrained (and replaced) the new one.
+    p = _policy(min_fresh_labels=10, cooldown=5)
+    p.note_performance_drift("ADWIN on loss", now=1)
+    p.add_labels(20)
+    assert p.decide(now=10).fire
+    p.fired(10)
+    p.note_performance_drift("ADWIN on loss (the old champion, during the shadow)", now=12)
+    p.note_feature_drift(["a", "b"])
+    p.add_labels(20)
+    p.champion_changed()  # the challenger is promoted
+    decision = p.decide(now=30)
+    assert decision.fire and decision.trigger == "features"  # the inputs' drift stays
+    p.fired(30)
+    p.note_performance_drift("ADWIN on loss", now=31)
+    p.champion_changed()
+    p.add_labels(20)
+    assert not p.decide(now=60).fire and p.drift_point is None
