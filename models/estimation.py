@@ -38,6 +38,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 #: The metrics :func:`estimate` gives.
 ESTIMATED_METRICS = ("accuracy", "f1", "roc_auc")
@@ -140,13 +141,6 @@ def _expected_auc(calibrated: Sequence[float]) -> float:
 
 
 @dataclass
-class _Window:
-    """One model version's last served probabilities (raw), oldest first."""
-
-    raw: deque[float]
-
-
-@dataclass
 class EstimateTracker:
     """Estimates per model version from served probabilities, and their error once labelled.
 
@@ -163,30 +157,29 @@ class EstimateTracker:
     calibrator: BinnedCalibrator = field(default_factory=BinnedCalibrator)
     threshold: float = 0.5
     max_versions: int = 5
-    _served: dict[str, _Window] = field(default_factory=dict)
+    #: per version: its last ``window`` served P(True)
+    _served: dict[str, deque[float]] = field(default_factory=dict)
     #: per version: (expected chance of being right, was right), last ``window`` labels
     _labelled: dict[str, deque[tuple[float, bool]]] = field(default_factory=dict)
 
-    def _versions_bounded(self, table: dict[str, object], version: str) -> None:
-        if version not in table and len(table) >= self.max_versions:
-            del table[next(iter(table))]  # the oldest version seen
+    def _window(self, table: dict[str, deque[Any]], version: str) -> deque[Any]:
+        """A version's window in ``table``, made on first use; the oldest version seen is
+        dropped beyond ``max_versions``."""
+        q = table.get(version)
+        if q is None:
+            if len(table) >= self.max_versions:
+                del table[next(iter(table))]
+            q = table[version] = deque(maxlen=self.window)
+        return q
 
     def served(self, version: str, p_true: float) -> None:
-        if not math.isfinite(p_true):
-            return
-        w = self._served.get(version)
-        if w is None:
-            self._versions_bounded(self._served, version)  # type: ignore[arg-type]
-            w = self._served[version] = _Window(deque(maxlen=self.window))
-        w.raw.append(p_true)
+        if math.isfinite(p_true):
+            self._window(self._served, version).append(p_true)
 
     def labelled(self, version: str, p_true: float, y: bool) -> None:
         if not math.isfinite(p_true):
             return
-        q = self._labelled.get(version)
-        if q is None:
-            self._versions_bounded(self._labelled, version)  # type: ignore[arg-type]
-            q = self._labelled[version] = deque(maxlen=self.window)
+        q = self._window(self._labelled, version)
         c = self.calibrator.calibrate(p_true)  # before this label: prequential
         predicted = p_true >= self.threshold
         q.append((c if predicted else 1.0 - c, predicted == y))
@@ -194,15 +187,14 @@ class EstimateTracker:
 
     def window_of(self, version: str) -> Sequence[float]:
         """The served P(True) behind a version's estimate (empty if none)."""
-        w = self._served.get(version)
-        return w.raw if w is not None else ()
+        return self._served.get(version, ())
 
     def _estimate(self, raw: Iterable[float]) -> dict[str, float]:
         return estimate([self.calibrator.calibrate(p) for p in raw], self.threshold)
 
     def estimates(self) -> dict[str, dict[str, float]]:
         """``{version: {metric: expected value}}`` over each version's last served window."""
-        return {v: self._estimate(w.raw) for v, w in self._served.items() if w.raw}
+        return {v: self._estimate(q) for v, q in self._served.items() if q}
 
     def errors(self) -> dict[str, float]:
         """``{version: estimated accuracy - realised accuracy}`` on its last labelled window."""
