@@ -181,7 +181,7 @@ class Monitor:
         ``pos`` is its (partition, offset) in the training-log topic, kept beside the
         buffered record so that a restart can read the buffer back.
         """
-        from models.factory import learn, model_input, predict
+        from models.factory import coerce_label, learn, model_input, predict
 
         if pos is not None and pos[1] + 1 > self.log_end.get(pos[0], 0):
             self.log_end[pos[0]] = pos[1] + 1
@@ -216,7 +216,9 @@ class Monitor:
         if self.estimates is not None:
             p = _p_true(msg.get("proba"))
             if p is not None:
-                self.estimates.labelled(version_of(mv_full or "") or "", p, _is_true(y, self.spec.classes))
+                # The label as the model learned it (classes[1] is True), checked by the learner.
+                truth = bool(coerce_label(y, self.spec))
+                self.estimates.labelled(version_of(mv_full or "") or "", p, truth)
         self.policy.add_labels(1)
         self.buffer.append(msg)
         self.positions.append(pos)
@@ -781,15 +783,6 @@ def _p_true(proba: Any) -> float | None:
         return float(p) if p is not None else None
     except (TypeError, ValueError):
         return None
-
-
-def _is_true(y: Any, classes: list[str] | None) -> bool:
-    """A binary label as the model learns it: ``classes[1]`` (when declared) is True."""
-    if isinstance(y, bool):
-        return y
-    if classes and len(classes) == 2:
-        return str(y) == classes[1]
-    return str(y).lower() in ("true", "1")
 
 
 def _pending(spec: PipelineSpec) -> PendingPredictions:
