@@ -419,21 +419,20 @@ class ModelRegistry:
             meta=dict(meta or {}, **({"save_token": token} if token is not None else {})),
         )
         record = {**dataclasses.asdict(version), **signed}
-        written: dict[str, bytes] = {}
 
-        def write(pipe: Any) -> None:
+        def write(pipe: Any) -> bytes | None:
             raced = pipe.get(meta_key)  # a concurrent save of the same model got there first
             if raced is not None:
-                written["raced"] = raced
-                return
+                return raced  # type: ignore[no-any-return]
             pipe.multi()
             pipe.set(self.prefix + f"blob:{vid}", blob)
             pipe.set(meta_key, orjson.dumps(record, default=str))
             pipe.rpush(self.prefix + "versions", vid)
+            return None
 
-        self.client.transaction(write, meta_key)
-        if "raced" in written:
-            return self._version(dict(orjson.loads(written["raced"])))
+        raced = self.client.transaction(write, meta_key, value_from_callable=True)
+        if raced is not None:
+            return self._version(dict(orjson.loads(raced)))
         try:
             self.prune()
         except Exception as exc:  # the version is saved; the next save prunes
@@ -645,9 +644,8 @@ class ModelRegistry:
         self._check_alias(alias)
         key = self.prefix + f"alias:{alias}"
         hist = self.prefix + f"alias_history:{alias}"
-        chosen: dict[str, str] = {}
 
-        def back(pipe: Any) -> None:
+        def back(pipe: Any) -> str:
             prev = pipe.lindex(hist, 0)
             if prev is None:
                 current = pipe.get(key)
@@ -658,14 +656,13 @@ class ModelRegistry:
             else:
                 target = prev.decode()
             self._check_not_pruned(target, self._record(target))
-            chosen["target"] = target
             pipe.multi()
             if prev is not None:
                 pipe.lpop(hist)
             pipe.set(key, target)
+            return target
 
-        self.client.transaction(back, key, hist)
-        return chosen["target"]
+        return str(self.client.transaction(back, key, hist, value_from_callable=True))
 
     # -- parked state: where a version resumes when it serves again ----------------
 
