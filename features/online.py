@@ -215,7 +215,9 @@ class RedisFeatureStore:
                 topic, partition, offset = positions[i]
                 where = f"{topic}:{partition}|{int(offset)}"
                 add(f"{len(where)}:{where}")
-        return [("EVALSHA", self.sha, 0, self._prefix, "".join(parts))]
+        # One declared key (the script derives the others from the prefix, all in the
+        # pipeline's hash slot): a Redis Cluster client sends the call to that slot's node.
+        return [("EVALSHA", self.sha, 1, self.applied_key, self._prefix, "".join(parts))]
 
     def _features(self, body: str) -> FeatureVector:
         parts = body.split("|")

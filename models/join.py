@@ -237,7 +237,9 @@ class ServedStore:
             args += (p.event_id, encode(p))
         # EVAL, not EVALSHA: the script's text (under 1 KB) rides with the batch, so a Redis
         # that lost its script cache (restart, SCRIPT FLUSH) needs no NOSCRIPT round trip.
-        pipe.eval(_SERVED_LUA, 0, *args)
+        # One declared key (the rest share its hash slot): a Redis Cluster routes by it.
+        # execute_command, since redis-py's cluster pipeline has no eval().
+        pipe.execute_command("EVAL", _SERVED_LUA, 1, self.keys.pending, *args)
 
 
 @dataclass(slots=True)
@@ -641,7 +643,7 @@ class LabelJoiner:
             args += (eid, marker(seq))
         args += drops
         args += ids
-        raw: list[Any] = self._script(_JOIN_LUA)(keys=[], args=args)
+        raw: list[Any] = self._script(_JOIN_LUA)(keys=[self.keys.pending], args=args)
         self._marks = []
         del self._droppable[: len(drops)]
         return raw
@@ -727,7 +729,7 @@ class LabelJoiner:
         args = [self.keys.prefix, repr(now), EXPIRE_CHUNK, repr(self.spec.labels.horizon), 2 * self.px]
         total = 0
         for _ in range(EXPIRE_CALLS):
-            n = int(script(keys=[], args=args))
+            n = int(script(keys=[self.keys.pending], args=args))
             total += n
             if n < EXPIRE_CHUNK:
                 break
@@ -758,7 +760,9 @@ class LabelJoiner:
         if done:
             pipe = c.pipeline(transaction=False)
             pipe.zrem(k.early_index, *done)
-            pipe.delete(*[k.early(e) for e in done])
+            # DEL through execute_command: redis-py's cluster pipeline refuses a delete() of
+            # several keys even when they share a slot (they do: the pipeline's hash tag).
+            pipe.execute_command("DEL", *[k.early(e) for e in done])
             pipe.execute()
         self._held_cursor = next_cursor(start, len(held), len(done))
         return expiries, results

@@ -1,6 +1,9 @@
 """Model versions, aliases and scorer snapshots, stored in Redis.
 
-Keys, all under ``{spec.redis_prefix}:registry:``:
+Keys, all under ``{spec.redis_prefix}:registry:`` (``weir:{<pipeline>}:registry:``, one hash
+slot of a Redis Cluster, so its scripts and ``WATCH``/``MULTI`` transactions run there as on a
+single Redis; the transactions are asked for explicitly, ``pipeline(transaction=True)``, since
+redis-py's cluster pipeline is not transactional by default):
 
 * ``seq`` - counter behind version ids ``v1``, ``v2``...
 * ``saved:{token}`` - the version id a save with an idempotency token reserved (what
@@ -482,7 +485,7 @@ class ModelRegistry:
     def update_meta(self, version_id: str, **meta: Any) -> ModelVersion:
         """Merge ``meta`` into a version's ``meta`` (e.g. shadow metrics)."""
         key = self.prefix + f"meta:{version_id}"
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
@@ -554,7 +557,7 @@ class ModelRegistry:
             self.prefix + "alias_history:champion",
             self.prefix + "versions",
         ]
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(*watched)
@@ -563,7 +566,9 @@ class ModelRegistry:
                     candidates = [i for i in ids if i not in keep]
                     if candidates:  # an update_meta racing with us restarts the prune
                         pipe.watch(*watched, *(self.prefix + f"meta:{i}" for i in candidates))
-                    raws = pipe.mget([self.prefix + f"meta:{i}" for i in candidates]) if candidates else []
+                    # MGET through execute_command: redis-py's cluster pipeline blocks mget().
+                    metas = [self.prefix + f"meta:{i}" for i in candidates]
+                    raws = pipe.execute_command("MGET", *metas) if candidates else []
                     gone: list[tuple[str, dict[str, Any]]] = []
                     for vid, raw in zip(candidates, raws, strict=True):
                         if raw is None:

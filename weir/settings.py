@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="`WEIR_REDIS_TIMEOUT`: seconds a Redis connect or command may take before it "
         "counts as failed and is retried with backoff (a hung Redis must not hang Weir).",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="`WEIR_REDIS_CLUSTER`: true for a Redis Cluster; `WEIR_REDIS_URL` then names "
+        "any one node (e.g. `redis://10.0.0.1:7000`, database 0 only) and the client finds the "
+        "others. A pipeline's keys share one hash slot (docs/scaling.md).",
+    )
     kafka_session_timeout: float = Field(
         45.0,
         ge=6,
@@ -168,6 +174,27 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must start with redis://, rediss:// or unix://, got {v!r}; "
                 "e.g. WEIR_REDIS_URL=redis://127.0.0.1:6379/0"
+            )
+        return v
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _redis_cluster_url(cls, v: bool, info: ValidationInfo) -> bool:
+        url = str(info.data.get("redis_url") or "")
+        if not v or not url:
+            return v
+        from weir.redact import redact_url
+
+        if url.startswith("unix://"):
+            raise ValueError(
+                f"is true but WEIR_REDIS_URL {redact_url(url)!r} is a unix socket; a Redis Cluster is "
+                "reached over TCP: name one node, e.g. WEIR_REDIS_URL=redis://127.0.0.1:7000"
+            )
+        db = _url_db(url)
+        if db not in (None, 0):
+            raise ValueError(
+                f"is true but WEIR_REDIS_URL {redact_url(url)!r} selects database {db}; a Redis Cluster "
+                "has database 0 only: drop the database from the URL (redis://host:port) or use /0"
             )
         return v
 
@@ -277,7 +304,8 @@ class Settings(BaseSettings):
         return kw
 
     def redis(self) -> Any:
-        """A synchronous Redis client (see :meth:`redis_async` for its retries)."""
+        """A synchronous Redis client (see :meth:`redis_async` for its retries); a
+        ``redis.cluster.RedisCluster`` when ``WEIR_REDIS_CLUSTER`` is true."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -286,10 +314,17 @@ class Settings(BaseSettings):
         # retried here: redis-py's default (10 retries) would hide a hung server for
         # 10 x WEIR_REDIS_TIMEOUT; Weir's own retries (weir.resilience) handle it and show it.
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        if self.redis_cluster:
+            from redis.cluster import RedisCluster
+
+            # The cluster client retries (refreshing its slot map) on its own Retry; the
+            # same one reconnect, so a failover reaches Weir's retries as an error.
+            return RedisCluster.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
         return redis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
 
     def redis_async(self) -> Any:
         """An asyncio Redis client; a hung server raises ``TimeoutError`` after ``redis_timeout``.
+        A ``redis.asyncio.cluster.RedisCluster`` when ``WEIR_REDIS_CLUSTER`` is true.
 
         redis-py's own retries are cut to one reconnect on a ``ConnectionError``, so a failure
         reaches the caller's :func:`weir.resilience.retry_async` (and ``weir_dependency_up``)
@@ -301,6 +336,10 @@ class Settings(BaseSettings):
         from redis.backoff import NoBackoff
 
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        if self.redis_cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
         return aioredis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
 
     def safe_dump(self) -> dict[str, Any]:
@@ -316,6 +355,22 @@ class Settings(BaseSettings):
                 v = redact_url(v)
             out[name] = v
         return out
+
+
+def _url_db(url: str) -> int | str | None:
+    """The database a Redis URL selects (its path, else ``?db=``), None if it names none.
+
+    Examples:
+        >>> _url_db("redis://127.0.0.1:7000"), _url_db("redis://h:1/0"), _url_db("redis://h:1?db=2")
+        (None, 0, 2)
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    raw = parts.path.strip("/") or (parse_qs(parts.query).get("db") or [""])[0]
+    if not raw:
+        return None
+    return int(raw) if raw.isdigit() else raw
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -405,7 +405,10 @@ class PipelineSpec(_Strict):
 
     @property
     def redis_prefix(self) -> str:
-        return f"weir:{self.name}"
+        """``weir:{<name>}``: the braces are a Redis Cluster hash tag, so every key of the
+        pipeline is in one slot (its scripts, pipelines and transactions then run on one
+        node, docs/scaling.md); on a single Redis they are just part of the name."""
+        return f"weir:{{{self.name}}}"
 
     def spec_hash(self) -> str:
         """sha256 of the canonical spec: recorded with every model version."""

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(autouse=True)
 def _drop_keys(redis_client: redis.Redis, unique: str) -> Iterator[None]:
     yield
-    for key in redis_client.scan_iter(match=f"weir:fredel*{unique}*", count=1000):
+    for key in redis_client.scan_iter(match=f"weir:{{fredel*{unique}*", count=1000):
         redis_client.unlink(key)
 
 

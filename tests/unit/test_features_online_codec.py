@@ -55,14 +55,15 @@ def test_commands_encode_the_batch_in_one_call_with_exact_tokens() -> None:
             Event("e2", "u", 5, {"x": -0.0, "c": None, "b": False}),
         ]
     )
-    assert cmd[:4] == ("EVALSHA", store.sha, 0, "weir:codec")
+    # One declared key, in the pipeline's hash slot (a Redis Cluster routes the call by it).
+    assert cmd[:5] == ("EVALSHA", store.sha, 1, "weir:{codec}:applied", "weir:{codec}")
     # Per event: entity, event id, "ts|tokens", position; ints become floats, -0.0 is 0.0.
-    assert cmd[4] == _lp("u:1", "e1", "1700000000.0|0.1|sa%7Cb|1", "", "u", "e2", "5.0|0.0||0", "")
-    assert cmd[4].startswith("3:u:12:e125:1700000000.0|")
+    assert cmd[5] == _lp("u:1", "e1", "1700000000.0|0.1|sa%7Cb|1", "", "u", "e2", "5.0|0.0||0", "")
+    assert cmd[5].startswith("3:u:12:e125:1700000000.0|")
     # With their Kafka positions, the redeliveries are recognised by offset.
     events = [Event("e1", "u", 1.0, {"x": 1.0})]
     (cmd,) = store._commands(events, [("events", 3, 42)])
-    assert cmd[4] == _lp("u", "e1", "1.0|1.0||", "events:3|42")
+    assert cmd[5] == _lp("u", "e1", "1.0|1.0||", "events:3|42")
     with pytest.raises(FeatureError, match=r"one \(topic, partition, offset\) per event: got 0 for 1"):
         store._commands(events, [])
 
@@ -70,7 +71,7 @@ def test_commands_encode_the_batch_in_one_call_with_exact_tokens() -> None:
 def test_lengths_are_in_bytes_so_ids_may_hold_any_character() -> None:
     store = RedisFeatureStore(_spec())
     (cmd,) = store._commands([Event("é:|\n9:", "ü", 1.0, {"x": 1.0, "c": "€"})])
-    assert cmd[4] == "2:ü7:é:|\n9:13:1.0|1.0|s€|0:"
+    assert cmd[5] == "2:ü7:é:|\n9:13:1.0|1.0|s€|0:"
 
 
 def test_decode_replies() -> None:
@@ -113,7 +114,7 @@ def test_nan_is_missing_for_optional_fields() -> None:
     store = RedisFeatureStore(_spec())
     nan = float("nan")
     (cmd,) = store._commands([Event("e", "u", 1.0, {"x": 2, "c": nan, "b": nan})])
-    assert cmd[4] == _lp("u", "e", "1.0|2.0||", "")
+    assert cmd[5] == _lp("u", "e", "1.0|2.0||", "")
 
 
 def test_script_is_deterministic_and_bakes_the_spec() -> None:
