@@ -36,10 +36,14 @@ class FeatureResult:
             already accepted: ``features`` are the ones served then) or ``"late"`` (older
             than the entity's watermark minus ``spec.lateness``: not stored, no features).
         features: The feature vector by feature name, ``None`` for a late event.
+        freshness: Each windowed feature's age in event-time seconds (None: no
+            contribution in its window), :mod:`features.freshness`; ``None`` when not
+            computed (a late event, an engine or record without it).
     """
 
     status: Status
     features: FeatureVector | None
+    freshness: dict[str, float | None] | None = None
 
 
 class FeatureEngine(Protocol):

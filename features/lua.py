@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 
 from features.base import dedupe_seconds, entity_ttl, output_type, used_fields
+from features.freshness import freshness_names
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
 
@@ -418,16 +419,20 @@ local function recent(eid)
 end
 -- When every feature is a number, the recent features are packed doubles (NaN for None):
 -- 8 bytes a feature instead of up to 24 as text.
+-- The features, then the freshness ages (features.freshness): NALL values. An entry
+-- written before freshness holds the features only: its ages are ''.
 local function pack_fv(out)
   local t = {}
-  for i = 1, NFEAT do t[i] = tonumber(out[i]) or 0 / 0 end
+  for i = 1, NALL do t[i] = tonumber(out[i]) or 0 / 0 end
   return struct.pack(PACKFMT, unpack(t))
 end
 local function unpack_fv(s)
-  local out = {}
-  for i = 1, NFEAT do
-    local v = struct.unpack('<d', s, 8 * i - 7)
-    if v ~= v then out[i] = '' else out[i] = fmt(v) end
+  local out, have = {}, math.floor(#s / 8)
+  for i = 1, NALL do
+    if i > have then out[i] = '' else
+      local v = struct.unpack('<d', s, 8 * i - 7)
+      if v ~= v then out[i] = '' else out[i] = fmt(v) end
+    end
   end
   return table.concat(out, '|')
 end
@@ -475,7 +480,7 @@ local function served_tokens(rec)
   else
     return nil
   end
-  return table.concat(out, '|')
+  return table.concat(out, '|') .. FRESH_UNKNOWN  -- the record has no ages
 end
 
 LAYOUT_DEF
@@ -492,7 +497,7 @@ if again then
     if toks then return 'd|' .. toks end
   end
 end
-local meta = redis.call('HMGET', kmeta, 'wm', 'seq')
+local meta = redis.call('HMGET', kmeta, 'wm', 'seq'META_READ)
 local wm = tonumber(meta[1])
 if wm and ts < wm - LATENESS then return 'l' end
 local seq = (tonumber(meta[2]) or 0) + 1
@@ -556,7 +561,7 @@ local fv = table.concat(out, '|')
 if again then return 'd|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
 if not wm or ts > wm then wm = ts end
-redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq))
+redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq)META_SET)
 STORE_TILES
 TRIM
 redis.call('EXPIRE', kwin, ENTITY_TTL)
@@ -720,8 +725,97 @@ def _layout_lua(spec: PipelineSpec) -> str:
     return "local LAYOUT = {\n" + "\n".join(rows) + "\n}"
 
 
-def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
+def _freshness_lua(spec: PipelineSpec, own: dict[str, int], stored: dict[str, int]) -> str:
+    """Lua that appends the ages (:mod:`features.freshness`) to ``out``, after the features.
+
+    Per stored field ``k`` (every field a windowed aggregate reads), ``fx[k]`` is the newest
+    time at or before ``ts`` of a present value among the earlier events and this one.
+    The entity's meta hash keeps ``p<k>``, the newest time of a present value of all its
+    accepted events ('' if none yet): the event's own value gives ``ts``; else ``p<k>``
+    when it is at or before ``ts`` (always for an event in order). Only an out-of-order
+    event without the value, whose entity has a newer one, reads back through the window
+    ZSET (from ``ts`` down, until a present value). ``pv[k]`` is what the epilogue stores;
+    false (stored ``u``): unknown, for an entity whose state predates freshness, until an
+    event in order finds its newest value.
+    """
+    nfeat = len(spec.features)
+    field_windows = [
+        f.window
+        for f in spec.features
+        if f.window is not None and f.field is not None and f.agg != "since_prev"
+    ]
+    lines = ["-- Freshness (features/freshness.py).", "local fx, pv, need, nneed = {}, {}, {}, 0"]
+    for name, k in stored.items():
+        lines.append(
+            f"""do
+  local s = meta[{2 + k}]
+  if s == 'u' then s = false end
+  local p = tonumber(s)
+  if own[{own[name]}] ~= '' then
+    fx[{k}] = ts
+    if p and p >= ts then pv[{k}] = s else pv[{k}] = ts_s end
+  else
+    if s then pv[{k}] = s elseif not wm then pv[{k}] = '' else pv[{k}] = false end
+    if p and p <= ts then fx[{k}] = p
+    elseif p or (not s and wm) then need[{k}] = {k}; nneed = nneed + 1 end
+  end
+end"""
+        )
+    if stored:
+        split_member = "split(r[j])" if len(stored) > 1 else "{'', string.sub(r[j], 14)}"
+        lines.append(
+            f"""if nneed > 0 then
+  local lo, off, inorder = ts - {max(field_windows)!r}, 0, (not wm) or ts >= wm
+  while nneed > 0 do
+    local r = redis.call('ZREVRANGEBYSCORE', kwin, ts_s, '(' .. fmt(lo), 'WITHSCORES', 'LIMIT', off, 64)
+    for j = 1, #r, 2 do
+      local m = {split_member}
+      for k, si in pairs(need) do
+        if m[si + 1] ~= '' then fx[k] = tonumber(r[j + 1]); need[k] = nil; nneed = nneed - 1 end
+      end
+      if nneed == 0 then break end
+    end
+    if #r < 128 then break end
+    off = off + 64
+  end
+  for k = 1, {len(stored)} do
+    if pv[k] == false and inorder and fx[k] then pv[k] = fmt(fx[k]) end
+  end
+end"""
+        )
+    done: dict[tuple[str, float], int] = {}
+    slot = nfeat
+    for i, f in enumerate(spec.features):
+        if f.window is None:
+            continue
+        slot += 1
+        if f.agg == "since_prev":
+            lines.append(f"out[{slot}] = out[{i + 1}]  -- {f.name}: its value")
+        elif f.field is None:
+            lines.append(f"out[{slot}] = '0'  -- {f.name}: the event itself counts")
+        elif (f.field, f.window) in done:
+            lines.append(f"out[{slot}] = out[{done[(f.field, f.window)]}]  -- {f.name}")
+        else:
+            done[(f.field, f.window)] = slot
+            x = f"fx[{stored[f.field]}]"
+            lines.append(
+                f"out[{slot}] = ({x} == ts and '0') or ({x} and {x} > ts - {f.window!r} "
+                f"and fmt(ts - {x})) or ''  -- {f.name}"
+            )
+    return "\n".join(lines)
+
+
+def _meta_set(n: int) -> str:
+    """The ``p<k>`` fields the epilogue writes beside ``wm`` and ``seq`` (see _freshness_lua)."""
+    return "".join(f", 'p{k}', pv[{k}] or 'u'" for k in range(1, n + 1))
+
+
+def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = True) -> str:
     """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis).
+
+    ``freshness=False`` leaves out the ages of :mod:`features.freshness` (each reply then
+    holds the features only); ``bench/features.py`` runs it beside the default to measure
+    what the ages cost.
 
     ``tiles=False`` builds the previous engine, which walks every event of the window
     (O(events of the entity in the window) per event); ``bench/hot_entities.py`` runs it as
@@ -732,6 +826,8 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
     stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}  # tok[k][i + 1]
     listw = 0.0 if tiles else list_window(spec)
     layout = _tile_layout(spec) if tiles else []
+    fresh = freshness_names(spec) if freshness else []
+    pfields = list(stored) if freshness else []  # fields with a p<k> in meta
     lines = [f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit"]
     if len(stored) == 1:
         # One stored field (the common case): no table per member, ~40% less Lua time
@@ -743,7 +839,10 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
         _PRELUDE.replace("LATENESS", repr(float(spec.lateness)))
         .replace("DEDUPE", str(dedupe_seconds(spec)))
         .replace("NFEAT", str(len(spec.features)))
-        .replace("PACKFMT", repr("<" + "d" * len(spec.features)))
+        .replace("NALL", str(len(spec.features) + len(fresh)))
+        .replace("PACKFMT", repr("<" + "d" * (len(spec.features) + len(fresh))))
+        .replace("FRESH_UNKNOWN", repr("|" * len(fresh)))
+        .replace("META_READ", "".join(f", 'p{k}'" for k in range(1, len(pfields) + 1)))
         .replace("RECENT_TOKENS", "unpack_fv(known)" if packs_recent(spec) else "known")
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
@@ -790,9 +889,12 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True) -> str:
         else:  # pragma: no cover - spec.Agg and this list are kept in step
             raise FeatureError(f"aggregate {f.agg!r} has no Lua implementation; see docs/features.md")
         lines.append(f"{slot} = {call}  -- {f.name}")
+    if fresh:
+        lines.append(_freshness_lua(spec, own, stored))
     member = "".join(f" .. '|' .. own[{own[name]}]" for name in stored)
     lines.append(
         _EPILOGUE.replace("STORED", member)
+        .replace("META_SET", _meta_set(len(pfields)))
         .replace("STORE_TILES", "store_tiles()" if layout else "")
         .replace("TRIM", _trim(spec))
         .replace("ENTITY_TTL", str(entity_ttl(spec)))

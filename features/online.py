@@ -50,6 +50,7 @@ from features.base import (
     output_type,
     used_fields,
 )
+from features.freshness import freshness_names
 from features.lua import build_script, packs_recent
 from weir.errors import FeatureError
 from weir.spec import FieldSpec, PipelineSpec
@@ -158,6 +159,8 @@ class RedisFeatureStore:
         self._fields = used_fields(spec)
         self._encoders = [(n, _encoder(n, spec.fields[n])) for n in self._fields]
         self._names = spec.feature_names
+        self._nfeat = len(self._names)
+        self._fresh = freshness_names(spec)  # the ages the script appends (features.freshness)
         kinds = [output_type(spec, i) for i in range(len(spec.features))]
         self._all_numbers = all(k == "number" for k in kinds)
         self._decoders: list[_Decoder] = [_dec_string if k == "string" else _dec_number for k in kinds]
@@ -220,7 +223,7 @@ class RedisFeatureStore:
         return [("EVALSHA", self.sha, 1, self.applied_key, self._prefix, "".join(parts))]
 
     def _features(self, body: str) -> FeatureVector:
-        parts = body.split("|")
+        parts = body.split("|")[: self._nfeat]  # the ages, if any, follow the features
         if self._all_numbers:
             return dict(zip(self._names, [float(p) if p else None for p in parts], strict=True))
         return {n: d(p) for n, d, p in zip(self._names, self._decoders, parts, strict=True)}
@@ -229,7 +232,8 @@ class RedisFeatureStore:
         """The features of a recent-ids entry (packed doubles, or tokens)."""
         if self._packed is not None:
             # bytes: a client that decodes replies cannot read packed values
-            values = self._packed.unpack(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
+            # unpack_from: the ages follow the features in an entry
+            values = self._packed.unpack_from(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
             return {n: (None if v != v else v) for n, v in zip(self._names, values, strict=True)}
         return self._features(raw.decode() if isinstance(raw, bytes) else raw)
 
@@ -237,7 +241,18 @@ class RedisFeatureStore:
         s = reply.decode() if isinstance(reply, bytes) else reply
         if s == "l":
             return FeatureResult("late", None)
-        return FeatureResult("ok" if s[0] == "o" else "duplicate", self._features(s[2:]))
+        parts = s[2:].split("|")
+        n = self._nfeat
+        features: FeatureVector
+        if self._all_numbers:
+            features = dict(zip(self._names, [float(p) if p else None for p in parts[:n]], strict=True))
+        else:
+            features = {k: d(p) for k, d, p in zip(self._names, self._decoders, parts[:n], strict=True)}
+        # The ages after the features (none from a script built without them, or from a
+        # recent entry written before them: then freshness is None).
+        ages = parts[n:]
+        fresh = dict(zip(self._fresh, [float(a) if a else None for a in ages], strict=True)) if ages else None
+        return FeatureResult("ok" if s[0] == "o" else "duplicate", features, fresh)
 
     @staticmethod
     def _failed(exc: RedisError) -> FeatureError:

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio
 
 from features.base import FeatureResult
+from features.freshness import freshness_names, offline_freshness
 from features.offline import compute_offline, isclose
 from features.online import RedisFeatureStore
 from weir.spec import PipelineSpec, parse_spec
@@ -151,10 +152,15 @@ def _frame(events: list[Event]) -> pd.DataFrame:
 
 
 def _assert_parity(spec: PipelineSpec, events: list[Event], online: list[FeatureResult]) -> None:
-    offline = compute_offline(spec, _frame(events))
+    frame = _frame(events)
+    offline = compute_offline(spec, frame)
     names = spec.feature_names
     statuses = offline["status"].tolist()
     columns = {n: offline[n].tolist() for n in names}
+    # Freshness: the script's ages against the pandas reference of the same definition.
+    fresh = freshness_names(spec)
+    ages = offline_freshness(spec, frame, statuses)
+    age_columns = {n: ages[n].tolist() for n in fresh}
     mismatches = []
     for i, (e, res) in enumerate(zip(events, online, strict=True)):
         if res.status != statuses[i]:
@@ -169,6 +175,16 @@ def _assert_parity(spec: PipelineSpec, events: list[Event], online: list[Feature
                     f"{e.event_id} ({e.entity_id}, ts={e.ts!r}) {n}: "
                     f"online {res.features[n]!r} != offline {columns[n][i]!r}"
                 )
+        if fresh and res.freshness is None:
+            mismatches.append(f"{e.event_id}: no freshness online")
+            continue
+        for n in fresh:
+            assert res.freshness is not None
+            got, want = res.freshness[n], age_columns[n][i]
+            # Differences of the same two doubles: exact, not within a tolerance.
+            if not (got == want or (got is None and want != want)):
+                where = f"{e.event_id} ({e.entity_id}, ts={e.ts!r})"
+                mismatches.append(f"{where} age of {n}: online {got!r} != offline {want!r}")
     assert not mismatches, f"{len(mismatches)} mismatches, first: " + "\n".join(mismatches[:10])
 
 
