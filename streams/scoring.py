@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from features.base import FeatureResult, to_model_input
+from features.freshness import freshness_names, histogram_ages, windows
 from weir.contracts import parse_event
 from weir.errors import InvalidMessage
 from weir.metrics import WorkerMetrics
@@ -226,8 +227,13 @@ def score_events(
     model_name: str,
     model_version: str,
     now: float,
+    model_age: float | None = None,
 ) -> list[Prediction]:
-    """Score events whose features are computed. Pure: no I/O."""
+    """Score events whose features are computed. Pure: no I/O.
+
+    Each prediction carries its features' ages (``res.freshness``, empty if the engine
+    gave none) and ``model_age``, the age of the model snapshot scored with.
+    """
     from models.factory import predict
 
     out: list[Prediction] = []
@@ -246,6 +252,8 @@ def score_events(
                 proba=proba,
                 features=fv,
                 scored_at=now,
+                freshness=res.freshness or {},
+                model_age=model_age,
             )
         )
     return out
@@ -286,6 +294,7 @@ class Scorer:
         self.health = health
         self.backoff = backoff
         self.stop = stop
+        self._ages: tuple[list[str], dict[str, float], dict[str, Any]] | None = None
 
     async def _retry(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         return await retry_async(
@@ -329,6 +338,7 @@ class Scorer:
             computed, poison = await self.compute_features(redis, good, now)
             out.dead_letters.extend(poison)
             model, name, version = self.models.current()
+            model_age = self.models.age_seconds()
             to_score, routed = route_computed(self.spec, computed, now)
             out.dead_letters.extend(routed.dead_letters)
             out.duplicates, out.late_ignored = routed.duplicates, routed.late_ignored
@@ -337,7 +347,7 @@ class Scorer:
 
             async def score(items: Sequence[tuple[Event, FeatureResult, RawMessage]]) -> list[Prediction]:
                 pairs = [(e, r) for e, r, _ in items]
-                return score_events(self.spec, pairs, model, name, version, scored_at)
+                return score_events(self.spec, pairs, model, name, version, scored_at, model_age)
 
             # Pure: whatever it raises is the events' fault, never a server's.
             scored, bad = await isolate(to_score, score, transient=lambda exc: False)
@@ -367,6 +377,18 @@ class Scorer:
 
         await self._retry(run, f"served records of {len(out.predictions)} prediction(s)")
 
+    def _observe_ages(self, m: WorkerMetrics, predictions: Sequence[Prediction]) -> None:
+        """``weir_feature_age_seconds``: the batch's ages, per feature (few locks a batch)."""
+        if self._ages is None:
+            names = freshness_names(self.spec)
+            children = {n: m.feature_age.labels(self.spec.name, n) for n in names}
+            self._ages = (names, windows(self.spec), children)
+        names, window, children = self._ages
+        if not names:
+            return
+        for n, values in histogram_ages(names, window, [p.freshness for p in predictions]).items():
+            observe_many(children[n], values)
+
     def observe(self, msgs: Sequence[RawMessage], out: BatchOutput, seconds: float) -> None:
         """Record a processed batch in the metrics."""
         m = self.metrics
@@ -391,5 +413,7 @@ class Scorer:
             m.predictions.labels(p, pred.model, version_of(pred.model_version)).inc(len(out.predictions))
         if out.max_ts is not None:
             m.feature_freshness.labels(p).set(out.max_ts)
+        if out.predictions:
+            self._observe_ages(m, out.predictions)
         now = time.time()
         observe_many(m.latency.labels(p), [max(0.0, now - t) for msg in msgs if (t := msg.timestamp)])

@@ -22,7 +22,16 @@ Prediction (predictions topic; :func:`encode_prediction`, :func:`decode_predicti
 
     {"event_id": str, "entity_id": str, "ts": float, "model": str, "model_version": str,
      "prediction": label | null, "proba": {class: float} | null, "features": {name: value},
-     "scored_at": float}
+     "scored_at": float, "freshness": {name: seconds | null}, "model_age": seconds | null,
+     "record_version": 2}
+
+Version 2 (:data:`~weir.types.PREDICTION_RECORD_VERSION`) added ``freshness`` (each
+windowed feature's age: event-time seconds from the newest event that contributed to it to
+the event scored, null with none in its window; :mod:`features.freshness`), ``model_age``
+(seconds since the model snapshot that scored it was taken, 0 for a live model) and
+``record_version``. Only keys were added: a version-1 reader ignores them, and
+:func:`decode_prediction` reads a version-1 record (no ``record_version``) with
+``freshness`` ``{}`` and ``model_age`` None.
 
 Dead letter (dead-letter topic, key = the original key, capped;
 :func:`encode_dead_letter`, :func:`decode_dead_letter`)::
@@ -300,7 +309,9 @@ def encode_prediction(pred: Prediction) -> bytes:
 
 def prediction_from_dict(d: dict[str, Any]) -> Prediction:
     """A :class:`~weir.types.Prediction` from its JSON object (``model``,
-    ``model_version``, ``proba``, ``features`` and ``scored_at`` may be absent)."""
+    ``model_version``, ``proba``, ``features`` and ``scored_at`` may be absent, and
+    ``freshness`` and ``model_age`` of a version-1 record are)."""
+    age = d.get("model_age")
     return Prediction(
         event_id=str(d["event_id"]),
         entity_id=str(d["entity_id"]),
@@ -311,6 +322,8 @@ def prediction_from_dict(d: dict[str, Any]) -> Prediction:
         proba=d.get("proba"),
         features=dict(d.get("features") or {}),
         scored_at=float(d.get("scored_at", 0.0)),
+        freshness=dict(d.get("freshness") or {}),
+        model_age=None if age is None else float(age),
     )
 
 
@@ -318,9 +331,13 @@ def decode_prediction(raw: bytes) -> Prediction:
     """A predictions-topic record as a :class:`~weir.types.Prediction`.
 
     Examples:
-        >>> p = Prediction("e1", "c7", 1.0, "m", "v1", True, {"True": 0.9}, {"x": 2.0}, 1.5)
+        >>> p = Prediction("e1", "c7", 1.0, "m", "v1", True, {"True": 0.9}, {"x": 2.0}, 1.5,
+        ...                {"x_mean_1h": 0.0}, 12.5)
         >>> decode_prediction(encode_prediction(p)) == p
         True
+        >>> v1 = b'{"event_id":"e1","entity_id":"c7","ts":1.0,"prediction":true,"scored_at":1.5}'
+        >>> decode_prediction(v1).freshness, decode_prediction(v1).model_age
+        ({}, None)
     """
     return prediction_from_dict(orjson.loads(raw))
 

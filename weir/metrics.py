@@ -98,6 +98,15 @@ REDIS_BUCKETS = (
 )
 # Batches are 1..scoring.batch_size events (default 500).
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Feature ages (features/freshness.py), event-time seconds. Most are exactly 0 (the event
+# itself brought the value): the first bucket is 0, so the fresh share is one bucket. The
+# alert compares the median with half the feature's window (1 min to days): a bucket
+# boundary at or near half of each usual window (30 s, 7.5 min, 30 min, 12 h) and steps of
+# at most ~2.5x between, so the interpolated median is within a bucket of the truth.
+AGE_BUCKETS = (
+    *(0.0, 1, 5, 15, 30, 60, 120, 300, 450, 900, 1800, 3600, 7200),
+    *(4 * 3600, 12 * 3600, 86400, 7 * 86400),
+)
 # Label delays range from seconds (tests) to the label horizon (hours).
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
@@ -279,6 +288,20 @@ class WorkerMetrics:
             ["pipeline"],
             registry=r,
         )
+        self.feature_age = Histogram(
+            "weir_feature_age_seconds",
+            "Per windowed feature, event-time seconds from the newest event that contributed to "
+            "it to the event scored (no contribution in the window counts as the window).",
+            ["pipeline", "feature"],
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.feature_stale_after = Gauge(
+            "weir_feature_stale_after_seconds",
+            "Age past which a feature of a field counts as stale: half its window (WeirFeatureStale).",
+            ["pipeline", "feature"],
+            registry=r,
+        )
         self.order_wait = Counter(
             "weir_event_order_wait_seconds",
             "Role all: seconds spent waiting to take events and labels in event-time order "
@@ -299,6 +322,12 @@ class WorkerMetrics:
         self.late_events.labels(p, spec.late_events)
         for op in REDIS_OPS:
             self.redis_seconds.labels(p, op)
+        from features.freshness import freshness_names, stale_after
+
+        for name in freshness_names(spec):
+            self.feature_age.labels(p, name)
+        for name, seconds in stale_after(spec).items():
+            self.feature_stale_after.labels(p, name).set(seconds)
         return self
 
 

@@ -38,6 +38,11 @@ class Label:
     ts: float
 
 
+#: The predictions topic's record version (weir.contracts): 2 added ``freshness`` and
+#: ``model_age``; a record without ``record_version`` is version 1.
+PREDICTION_RECORD_VERSION = 2
+
+
 @dataclass(slots=True)
 class Prediction:
     """What Weir publishes for every scored event."""
@@ -51,6 +56,11 @@ class Prediction:
     proba: dict[str, float] | None
     features: FeatureVector
     scored_at: float
+    #: Each windowed feature's age in event-time seconds, None when it had no contribution
+    #: in its window (features.freshness); empty when unknown.
+    freshness: dict[str, float | None] = field(default_factory=dict)
+    #: Seconds since the model snapshot that scored it was taken (0 for a live model).
+    model_age: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +73,9 @@ class Prediction:
             "proba": self.proba,
             "features": self.features,
             "scored_at": self.scored_at,
+            "freshness": self.freshness,
+            "model_age": self.model_age,
+            "record_version": PREDICTION_RECORD_VERSION,
         }
 
 

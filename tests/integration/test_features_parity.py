@@ -316,3 +316,27 @@ def test_hand_computed_case_online(redis_client: redis.Redis, unique: str) -> No
             assert res.features is not None
             for col, want in zip(COLUMNS, row, strict=True):
                 assert isclose(res.features[col], want, tol=1e-12), (col, res.features[col], want)
+
+
+def test_freshness_hand_computed_case_online(redis_client: redis.Redis, unique: str) -> None:
+    """The unit test's hand-computed ages (missing values, out of order, late, duplicate),
+    through Redis, one event per batch and all in one."""
+    from tests.unit.test_freshness import AGES, STATUS, STREAM
+    from tests.unit.test_freshness import _spec as fresh_spec
+
+    for batch in (1, len(STREAM)):
+        name = re.sub(r"[^a-z0-9_-]", "-", f"ffresh-{batch}-{unique}".lower())[:63]
+        spec = fresh_spec().model_copy(update={"name": name})
+        store = RedisFeatureStore(spec)
+        events = [Event(i, e, ts, {"x": x, "c": c}) for i, e, ts, x, c in STREAM]
+        online: list[FeatureResult] = []
+        for k in range(0, len(events), batch):
+            online.extend(store.compute_batch(redis_client, events[k : k + batch]))
+        assert [r.status for r in online] == STATUS
+        for res, want in zip(online, AGES, strict=True):
+            if res.status == "late":
+                assert res.freshness is None
+                continue
+            assert res.freshness is not None
+            got = [res.freshness[n] for n in freshness_names(spec)]
+            assert all(g == w or (g is None and w != w) for g, w in zip(got, want, strict=True)), (got, want)

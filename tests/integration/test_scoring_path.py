@@ -1,8 +1,10 @@
 """The scoring path end to end on the real Kafka and Redis: a `weir worker` subprocess.
 
 * N events in gives exactly N distinct predictions out, each carrying features equal to
-  the offline (pandas) computation of the same definitions on the same arrival order;
-  events later than the spec's lateness are dead-lettered with reason ``late``.
+  the offline (pandas) computation of the same definitions on the same arrival order, and
+  feature ages (``freshness``) equal to :func:`features.freshness.offline_freshness`, also
+  observed in the worker's ``weir_feature_age_seconds``; events later than the spec's
+  lateness are dead-lettered with reason ``late``.
 * A barrage of malformed messages interleaved with good ones: every good one predicted,
   every bad one in the dead-letter topic with its reason and original bytes, the worker
   alive and still scoring afterwards.
@@ -23,8 +25,9 @@ import pandas as pd
 import pytest
 from confluent_kafka import Producer
 
+from features.freshness import freshness_names, offline_freshness, windows
 from features.offline import compute_offline, isclose
-from tests.integration.processes import REPO, Worker
+from tests.integration.processes import REPO, Worker, free_port, metric
 from weir.contracts import decode_dead_letter
 from weir.spec import PipelineSpec, load_spec
 
@@ -36,8 +39,13 @@ def demo_spec(make_topics: Any) -> PipelineSpec:
 
 
 @pytest.fixture
-def worker(demo_spec: PipelineSpec, tmp_path: Path) -> Iterator[Worker]:
-    w = Worker(demo_spec, tmp_path)
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def worker(demo_spec: PipelineSpec, tmp_path: Path, metrics_port: int) -> Iterator[Worker]:
+    w = Worker(demo_spec, tmp_path, metrics_port=metrics_port)
     yield w
     code = w.stop()
     assert code in (0, -signal.SIGTERM), f"worker exited with {code}:\n{w.tail()}"
@@ -69,7 +77,7 @@ def _events(spec: PipelineSpec, n: int, entities: int, seed: int) -> list[dict[s
 
 
 def test_n_events_give_n_predictions_with_offline_features(
-    settings: Any, demo_spec: PipelineSpec, worker: Worker, consume_all: Any
+    settings: Any, demo_spec: PipelineSpec, worker: Worker, consume_all: Any, metrics_port: int
 ) -> None:
     spec = demo_spec
     events = _events(spec, 3000, entities=60, seed=11)
@@ -81,6 +89,9 @@ def test_n_events_give_n_predictions_with_offline_features(
     # Arrival order within an entity is Kafka's order (key = entity -> one partition),
     # which is the produce order; across entities order does not matter.
     offline = frame[["event_id"]].join(compute_offline(spec, frame))
+    fresh = freshness_names(spec)
+    assert fresh, "the demo spec has windowed features"
+    offline = offline.join(offline_freshness(spec, frame, offline["status"].tolist()).add_prefix("age:"))
     ok = offline[offline["status"] == "ok"]
     late = offline[offline["status"] == "late"]
     assert len(late) > 10, "the test stream must contain late events"
@@ -102,7 +113,31 @@ def test_n_events_give_n_predictions_with_offline_features(
             expected = None if isinstance(expected, float) and expected != expected else expected
             if not isclose(online, expected, 1e-9):
                 mismatches.append((row["event_id"], name, online, expected))
+        # Record version 2: each windowed feature's age, and the scoring model's age.
+        assert rec["record_version"] == 2 and rec["model_age"] == 0.0  # role all: the live model
+        assert list(rec["freshness"]) == fresh
+        for name in fresh:
+            got, want = rec["freshness"][name], row[f"age:{name}"]
+            if not (got == want or (got is None and want != want)):
+                mismatches.append((row["event_id"], f"age of {name}", got, want))
     assert not mismatches, mismatches[:10]
+
+    # The worker's histogram observed every prediction's ages (none in the window counts as
+    # the window); observed after the batch is produced, so wait for it.
+    window = windows(spec)
+    for name in fresh:
+        ages = ok[f"age:{name}"]
+        want_sum = float(ages.fillna(window[name]).sum())
+        deadline = time.monotonic() + 30
+        while True:
+            count = metric(metrics_port, "weir_feature_age_seconds_count", pipeline=spec.name, feature=name)
+            if count == len(ok) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert count == len(ok), (name, count, len(ok))
+        total = metric(metrics_port, "weir_feature_age_seconds_sum", pipeline=spec.name, feature=name)
+        assert total is not None, name
+        assert abs(total - want_sum) <= 1e-6 * max(1.0, want_sum), (name, total, want_sum)
 
     dead = [
         decode_dead_letter(m.value()) for m in consume_all(spec.topics.dead_letters, len(late), timeout=60)
