@@ -78,17 +78,40 @@ def check_broker(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
 
 
 def check_redis(settings: Settings, timeout: float = 5.0) -> None:
-    """PING Redis; raise StackError naming the URL (password hidden) if it does not answer."""
+    """PING Redis; raise StackError naming the URL (password hidden) if it does not answer.
+
+    With ``WEIR_REDIS_CLUSTER`` the client is a ``RedisCluster`` (it reads the cluster's slot
+    map from the node named); a single-Redis client that finds a cluster node, or a cluster
+    client that finds no cluster, is refused with the setting to change.
+    """
     import redis
+    from redis.cluster import RedisCluster
 
     url = redact_url(settings.redis_url)
+    kwargs = {**settings.redis_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
     try:
-        kwargs = {**settings.redis_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
-        client = redis.Redis.from_url(settings.redis_url, **kwargs)
+        if settings.redis_cluster:
+            client: Any = RedisCluster.from_url(settings.redis_url, **kwargs)
+        else:
+            client = redis.Redis.from_url(settings.redis_url, **kwargs)
     except ValueError as exc:
         raise StackError(f"WEIR_REDIS_URL {url!r} is not a valid Redis URL ({exc})") from None
+    except redis.exceptions.RedisClusterException as exc:
+        if "not enabled" not in str(exc):  # refused, timed out: no node answered
+            raise StackError(f"Redis Cluster at {url} is unreachable ({exc}); {_REDIS_FIX}") from None
+        raise StackError(
+            f"WEIR_REDIS_CLUSTER is true but Redis at {url} gave no cluster ({exc}); name a node of "
+            "a Redis Cluster in WEIR_REDIS_URL, or set WEIR_REDIS_CLUSTER=false for a single Redis"
+        ) from None
+    except (redis.RedisError, OSError) as exc:
+        raise StackError(f"Redis at {url} is unreachable ({exc}); {_REDIS_FIX}") from None
     try:
         client.ping()
+        if not settings.redis_cluster and _cluster_enabled(client):
+            raise StackError(
+                f"Redis at {url} is a Redis Cluster node: a single-Redis client would get MOVED "
+                "errors for most keys; set WEIR_REDIS_CLUSTER=true"
+            )
     except redis.AuthenticationError as exc:
         raise StackError(
             f"Redis at {url} refused the credentials ({exc}); check WEIR_REDIS_PASSWORD "
@@ -240,11 +263,23 @@ def delete_topics(settings: Settings, names: Iterable[str], timeout: float = 30.
         time.sleep(0.1)
 
 
+def _cluster_enabled(client: Any) -> bool:
+    """Whether the Redis behind ``client`` runs in cluster mode (False if INFO is refused)."""
+    import redis
+
+    try:
+        return bool(int(client.info("cluster").get("cluster_enabled", 0) or 0))
+    except redis.ResponseError:  # INFO not allowed to this user: let the first command tell
+        return False
+
+
 def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:
     """Delete every Redis key under ``prefix:`` (a pipeline's ``spec.redis_prefix``).
 
     SCAN, then DEL in chunks, so a pipeline with millions of keys never sends one huge
-    command. Returns how many keys were deleted.
+    command. Returns how many keys were deleted. With a ``RedisCluster`` client the same
+    calls scan every master (redis-py's cluster ``scan_iter``) and split each ``DEL`` by
+    hash slot (tests/cluster/test_redis_weir.py).
     """
     keys = list(client.scan_iter(match=f"{prefix}:*", count=chunk))
     for i in range(0, len(keys), chunk):

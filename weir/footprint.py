@@ -9,6 +9,11 @@ of a few large keys, such as ``recent`` or ``join``, is measured whole) and of o
 ``weir_redis_keys{pipeline,kind}``, ``weir_redis_memory_bytes{pipeline,kind}`` (keys x
 mean sampled size) and ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``).
 
+On a Redis Cluster (``WEIR_REDIS_CLUSTER``) the pass walks every master in turn (a SCAN
+is per node), and ``weir_redis_maxmemory_bytes`` is the sum of ``maxmemory`` over the
+masters that hold the pipeline's keys: one master with today's layout (the prefix is a
+hash tag, one slot), the memory limit the pipeline can actually use.
+
 The learner calls :meth:`RedisFootprint.step` from its sweep every
 :data:`STEP_EVERY` seconds: a pass over a keyspace of N keys takes about
 ``N / SCAN_COUNT * STEP_EVERY`` seconds (a million keys: ~3 minutes), each step a few
@@ -32,9 +37,9 @@ def kind_of(key: bytes | str, prefix: str) -> str:
     """The kind of a pipeline key: its first segment after the prefix.
 
     Examples:
-        >>> kind_of(b"weir:demo:win:user:1", "weir:demo")
+        >>> kind_of(b"weir:{demo}:win:user:1", "weir:{demo}")
         'win'
-        >>> kind_of("weir:demo:status", "weir:demo")
+        >>> kind_of("weir:{demo}:status", "weir:{demo}")
         'status'
     """
     text = key.decode(errors="replace") if isinstance(key, bytes) else key
@@ -60,6 +65,8 @@ class RedisFootprint:
         self.pipeline = pipeline
         self.metrics = metrics
         self._cursor = 0
+        self._node = 0  # on a Redis Cluster: the index of the master being scanned
+        self._holders: set[str] = set()  # ... and the masters where this pass found keys
         self._keys: Counter[str] = Counter()
         self._sampled: Counter[str] = Counter()
         self._bytes: Counter[str] = Counter()
@@ -69,7 +76,23 @@ class RedisFootprint:
 
     def step(self, client: Any) -> bool:
         """One SCAN step (and its samples); True when it ended a pass (gauges set)."""
-        cursor, keys = client.scan(self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT)
+        masters = _masters(client)
+        more = False  # a cluster's masters left to scan in this pass
+        if masters is None:
+            cursor, keys = client.scan(self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT)
+        else:
+            # A cluster's SCAN is per node: walk the masters one after the other; the pass
+            # ends with the last one's cursor back at 0.
+            node = masters[min(self._node, len(masters) - 1)]
+            cursors, keys = client.scan(
+                self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT, target_nodes=node
+            )
+            cursor = cursors[node.name]
+            if keys:
+                self._holders.add(node.name)
+            more = self._node < len(masters) - 1
+            if int(cursor) == 0 and more:
+                self._node += 1  # the next master, from its start
         sample: list[tuple[str, Any]] = []
         for key in keys:
             kind = kind_of(key, self.prefix)
@@ -90,12 +113,13 @@ class RedisFootprint:
                 else:
                     self._bytes[kind] += int(used)
         self._cursor = int(cursor)
-        if self._cursor != 0:
+        if self._cursor != 0 or more:
             return False
-        self._publish(client)
+        self._publish(client, masters)
+        self._node, self._holders = 0, set()
         return True
 
-    def _publish(self, client: Any) -> None:
+    def _publish(self, client: Any, masters: list[Any] | None = None) -> None:
         last: dict[str, tuple[int, int]] = {}
         for kind, n in self._keys.items():
             mean = self._bytes[kind] / self._sampled[kind] if self._sampled[kind] else 0.0
@@ -108,7 +132,26 @@ class RedisFootprint:
             for kind, (n, size) in last.items():
                 m.redis_keys.labels(self.pipeline, kind).set(n)
                 m.redis_memory.labels(self.pipeline, kind).set(size)
-            info = client.info("memory")
-            m.redis_maxmemory.labels(self.pipeline).set(float(info.get("maxmemory", 0) or 0))
+            m.redis_maxmemory.labels(self.pipeline).set(self._maxmemory(client, masters))
         self.last = last
         self._keys, self._sampled, self._bytes, self._seen = Counter(), Counter(), Counter(), 0
+
+    def _maxmemory(self, client: Any, masters: list[Any] | None) -> float:
+        """``maxmemory`` of the Redis; on a cluster, summed over the masters holding the
+        pipeline's keys (all masters before any key exists). 0 (no limit) if one has none."""
+        if masters is None:
+            return float(client.info("memory").get("maxmemory", 0) or 0)
+        nodes = [n for n in masters if n.name in self._holders] or masters
+        infos = client.info("memory", target_nodes=nodes)
+        if len(nodes) == 1 and "maxmemory" in infos:  # one node: redis-py answers its dict
+            infos = {nodes[0].name: infos}
+        limits = [float(i.get("maxmemory", 0) or 0) for i in infos.values()]
+        return 0.0 if not limits or 0.0 in limits else sum(limits)
+
+
+def _masters(client: Any) -> list[Any] | None:
+    """A Redis Cluster client's masters in a stable order; None for a single Redis."""
+    get = getattr(client, "get_primaries", None)
+    if get is None:
+        return None
+    return sorted(get(), key=lambda n: n.name)
