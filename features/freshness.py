@@ -73,20 +73,18 @@ def histogram_ages(
     names: Sequence[str], window: Mapping[str, float], records: Sequence[Mapping[str, float | None]]
 ) -> dict[str, list[float]]:
     """Per feature, the ages a batch of predictions observes: an undefined age (no
-    contribution in the window) counts as the window itself, the least it can be.
+    contribution in the window) counts as the window itself, the least it can be. A record
+    without ages (``{}``) observes nothing.
 
     Examples:
         >>> histogram_ages(["m"], {"m": 60.0}, [{"m": 0.0}, {"m": None}, {"m": 3.5}, {}])
         {'m': [0.0, 60.0, 3.5]}
     """
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for rec in records:
-        if not rec:
-            continue  # no freshness known (a record from before freshness, or a duplicate of one)
-        for n in names:
-            if n in rec:
-                age = rec[n]
-                out[n].append(window[n] if age is None else age)
+    recs = [r for r in records if r]  # {}: no ages known (a record from before freshness)
+    out: dict[str, list[float]] = {}
+    for n in names:
+        w = window[n]
+        out[n] = [w if a is None else a for a in [r.get(n) for r in recs]]
     return out
 
 

@@ -20,7 +20,9 @@ Per event, with ``<p>`` the prefix:
   ``<12-digit arrival seq>|<token>|<token>...`` (one token per field a windowed aggregate
   reads; raw-only fields are not stored); the zero-padded seq makes members unique and
   orders equal timestamps by arrival.
-* ``<p>:meta:<entity>`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``.
+* ``<p>:meta:<entity>`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``,
+  and per stored field ``k`` ``p<k>``: the newest ts of a present value ('' none yet, ``u``
+  unknown: state from before freshness), read and written with ``wm`` and ``seq``.
 * ``<p>:applied`` hash ``<topic>:<partition>`` -> highest offset decided; an event at or
   below it is a redelivery: answered from ``recent``, else from its served record
   ``<p>:served:<event>`` (packed doubles, :class:`models.join.ServedStore`), else computed
@@ -35,8 +37,10 @@ through ``tonumber``); booleans ``0``/``1``; categoricals ``s`` + the string wit
 ``|`` percent-escaped, so any string is safe and distinct strings stay distinct.
 
 Returns one string per event, in order: ``l`` (late), or ``o|`` / ``d|`` (ok / duplicate)
-followed by one token per feature joined by ``|``. Numbers are formatted ``%.17g`` (exact round trip), because
-numbers returned to Redis would be truncated to integers; '' stands for None.
+followed by one token per feature, then one age per windowed feature
+(:mod:`features.freshness`; none when built with ``freshness=False``), joined by ``|``.
+Numbers are formatted ``%.17g`` (exact round trip), because numbers returned to Redis would
+be truncated to integers; '' stands for None.
 """
 
 from __future__ import annotations

@@ -243,15 +243,21 @@ class RedisFeatureStore:
             return FeatureResult("late", None)
         parts = s[2:].split("|")
         n = self._nfeat
+        # The ages follow the features (none from a script built without them, or from a
+        # recent entry written before them: then freshness is None).
+        fresh: dict[str, float | None] | None = None
         features: FeatureVector
         if self._all_numbers:
-            features = dict(zip(self._names, [float(p) if p else None for p in parts[:n]], strict=True))
-        else:
-            features = {k: d(p) for k, d, p in zip(self._names, self._decoders, parts[:n], strict=True)}
-        # The ages after the features (none from a script built without them, or from a
-        # recent entry written before them: then freshness is None).
-        ages = parts[n:]
-        fresh = dict(zip(self._fresh, [float(a) if a else None for a in ages], strict=True)) if ages else None
+            values = [float(p) if p else None for p in parts]
+            if len(values) == n:
+                features = dict(zip(self._names, values, strict=True))
+            else:
+                features = dict(zip(self._names, values[:n], strict=True))
+                fresh = dict(zip(self._fresh, values[n:], strict=True))
+            return FeatureResult("ok" if s[0] == "o" else "duplicate", features, fresh)
+        features = {k: d(p) for k, d, p in zip(self._names, self._decoders, parts[:n], strict=True)}
+        if len(parts) > n:
+            fresh = dict(zip(self._fresh, [float(a) if a else None for a in parts[n:]], strict=True))
         return FeatureResult("ok" if s[0] == "o" else "duplicate", features, fresh)
 
     @staticmethod
