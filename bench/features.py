@@ -4,7 +4,13 @@
 * baseline: one pipelined ``SET`` per event, one round trip per batch (the floor for
   "one Redis round trip per batch" on this machine);
 * online: :class:`features.online.RedisFeatureStore` (Lua per event, pipelined per batch);
-* offline: :func:`features.offline.compute_offline` on the same stream (pandas).
+* offline: :func:`features.offline.compute_offline` on the same stream (pandas);
+* scorer path, feature ages on and off (``--scorer-events``, 0 to skip): what the score
+  agent does with a batch minus Kafka (:meth:`streams.scoring.Scorer.process`,
+  ``encode_prediction``, ``record_served``, ``observe``), once with the feature script and
+  scorer as they are and once with the script built ``freshness=False`` (no ages in the
+  replies, so nothing in the records or the histogram), on two key prefixes; the rounds
+  alternate which goes first, so both see the same machine load.
 
 1,000 entities, ~1 s of event time per event, 10% of events up to 20 s out of order,
 batches of 500. Prints and saves ``bench/results/features.json``. Needs Redis
@@ -14,8 +20,12 @@ batches of 500. Prints and saves ``bench/results/features.json``. Needs Redis
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
+import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,18 +35,134 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from typing import Any  # noqa: E402
+
+from features.lua import build_script  # noqa: E402
 from features.offline import compute_offline  # noqa: E402
 from features.online import RedisFeatureStore  # noqa: E402
 from streams.admin import delete_keys  # noqa: E402
 from weir.settings import load_settings  # noqa: E402
-from weir.spec import load_spec  # noqa: E402
+from weir.spec import PipelineSpec, load_spec  # noqa: E402
 from weir.types import Event  # noqa: E402
+
+
+class _Untrained:
+    """The spec's model, never trained: the scorer's ModelSource (its predict still runs)."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        from models.factory import build_model
+
+        self.model = build_model(spec.model)
+        self.name = spec.model.name
+
+    def current(self) -> tuple[object, str, str]:
+        return self.model, self.name, "v1"
+
+    def refresh(self) -> bool:
+        return False
+
+    def age_seconds(self) -> float:
+        return 0.0
+
+
+def _redis_usec(client: Any) -> float:
+    """Microseconds of CPU the Redis process used so far (``INFO cpu``, user + system).
+
+    CPU time, not ``INFO commandstats``' usec: those are wall time inside a command, which
+    on a loaded machine include the time Redis waited for a core.
+    """
+    cpu = client.info("cpu")
+    return 1e6 * (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+
+
+async def scorer_path(spec: PipelineSpec, events: list[Event], batch: int, rounds: int) -> dict[str, object]:
+    """Microseconds per event of the scorer's batch work, feature ages on and off.
+
+    On a private ``redis-server`` (the shared one serves other clients: its command
+    statistics would mix theirs in). Per variant: wall time, this process's CPU time, and
+    the Redis process's CPU time (``INFO cpu``), each per event.
+    """
+    import tempfile
+
+    import redis.asyncio
+    from prometheus_client import CollectorRegistry
+
+    from bench.hot_entities import start_redis
+    from models.join import ServedStore
+    from streams.scoring import RawMessage, Scorer
+    from weir.contracts import encode_event, encode_prediction
+    from weir.metrics import WorkerMetrics
+
+    tmp = tempfile.mkdtemp(prefix="weir-bench-fresh-")
+    proc, client = start_redis(tmp)
+    aredis = redis.asyncio.Redis(port=client.connection_pool.connection_kwargs["port"], socket_timeout=120)
+    scorers: dict[str, Scorer] = {}
+    for variant in ("on", "off"):
+        vspec = spec.model_copy(update={"name": f"{spec.name}-{variant}"})
+        store = RedisFeatureStore(vspec)
+        if variant == "off":
+            store.script = build_script(vspec, freshness=False)
+            store.sha = hashlib.sha1(store.script.encode()).hexdigest()
+        client.script_load(store.script)
+        metrics = WorkerMetrics(CollectorRegistry()).init_series(vspec)
+        scorers[variant] = Scorer(vspec, store, _Untrained(vspec), metrics, ServedStore(vspec))
+    raw = [encode_event(e) for e in events]
+    # per round and variant: (wall, client CPU, Redis CPU) in µs per event
+    rows: dict[str, list[tuple[float, float, float]]] = {"on": [], "off": []}
+    done = {"on": 0, "off": 0}
+    per_round = -(-len(raw) // rounds)
+    try:
+        for r in range(rounds):
+            chunk = range(r * per_round, min(len(raw), (r + 1) * per_round))
+            order = ("on", "off") if r % 2 == 0 else ("off", "on")
+            for variant in order:
+                scorer = scorers[variant]
+                c0, r0, wall = time.process_time(), _redis_usec(client), 0.0
+                for b in range(chunk.start, chunk.stop, batch):
+                    now = time.time()
+                    topic = scorer.spec.topics.events
+                    msgs = [
+                        RawMessage(v, None, topic, 0, b + i, now)
+                        for i, v in enumerate(raw[b : min(b + batch, chunk.stop)])
+                    ]
+                    t0 = time.perf_counter()
+                    out = await scorer.process(msgs, aredis)
+                    for p in out.predictions:
+                        encode_prediction(p)
+                    await scorer.record_served(out, aredis)
+                    scorer.observe(msgs, out, time.perf_counter() - t0)
+                    wall += time.perf_counter() - t0
+                k = len(chunk)
+                done[variant] += k
+                c1, r1 = time.process_time(), _redis_usec(client)
+                rows[variant].append((1e6 * wall / k, 1e6 * (c1 - c0) / k, (r1 - r0) / k))
+    finally:
+        await aredis.aclose()
+        proc.terminate()
+        proc.wait(timeout=30)
+    # Paired: per round, on minus off (run back to back); the median of the rounds and
+    # their quartiles, so a burst of load from another process moves one round, not the figure.
+    res: dict[str, object] = {"events_per_variant": done["on"], "rounds": rounds}
+    for j, what in enumerate(("wall", "client_cpu", "redis_cpu")):
+        on = [row[j] for row in rows["on"]]
+        off = [row[j] for row in rows["off"]]
+        diff = [a - b for a, b in zip(on, off, strict=True)]
+        q = statistics.quantiles(diff, n=4) if len(diff) > 1 else [diff[0]] * 3
+        res[f"{what}_us_per_event"] = {
+            "freshness_on_median": round(statistics.median(on), 2),
+            "freshness_off_median": round(statistics.median(off), 2),
+            "cost_median": round(statistics.median(diff), 2),
+            "cost_quartiles": [round(q[0], 2), round(q[2], 2)],
+        }
+    return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--scorer-events", type=int, default=20_000, help="scorer path on/off (0: skip)")
+    ap.add_argument("--rounds", type=int, default=40, help="alternating rounds of the scorer path")
     ap.add_argument("--out", default=str(REPO / "bench/results/features.json"))
     args = ap.parse_args()
     n, batch = args.events, args.batch
@@ -74,7 +200,7 @@ def main() -> int:
     offline = n / (time.perf_counter() - t)
 
     delete_keys(client, spec.redis_prefix, chunk=10_000)
-    result = {
+    result: dict[str, object] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "events": n,
         "batch": batch,
@@ -83,6 +209,10 @@ def main() -> int:
         "offline_rows_per_second": round(offline),
         "online_vs_baseline": round(online / floor, 3),
     }
+    if args.scorer_events:
+        scored = events[: args.scorer_events]
+        result["scorer_path"] = asyncio.run(scorer_path(spec, scored, batch, args.rounds))
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -141,6 +141,8 @@ def test_numbers_only_first_features_are_packed_and_exact(redis_client: redis.Re
     again = store.compute_batch(redis_client, events)
     assert [r.status for r in again] == ["duplicate"] * 4
     assert [r.features for r in again] == [r.features for r in first]
+    assert [r.freshness for r in again] == [r.freshness for r in first]  # the first ages too
+    assert first[1].freshness == {"x_mean_1h": 0.0, "events_since_prev_1h": (1000.0 + 1 / 3) - 1000.0}
     assert [store.served_features(redis_client, e.event_id) for e in events] == [r.features for r in first]
     packed = [v for k in store.recent_keys() if (v := redis_client.hget(k, "e1")) is not None]
-    assert [len(v) for v in packed] == [3 * 8]
+    assert [len(v) for v in packed] == [(3 + 2) * 8]  # 3 features, then the 2 windowed ones' ages
