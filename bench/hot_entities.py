@@ -174,7 +174,7 @@ def prefill(client: redis.Redis, spec: PipelineSpec, rates: np.ndarray, t_start:
         meta: dict[
             bytes | bytearray | memoryview | str | int | float,
             bytes | bytearray | memoryview | str | int | float,
-        ] = {"wm": repr(float(ts[-1])), "seq": str(n)}
+        ] = {"wm": repr(float(ts[-1])), "seq": str(n), "p1": repr(float(ts[-1]))}  # p1: newest amount
         top = max(tiles)
         packed = b"".join(struct.pack("<dddddd", i, *s) for i, s in sorted(tiles.items()) if i > top - slots)
         meta["t1"] = packed
