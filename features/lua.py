@@ -2,13 +2,14 @@
 
 The windows, aggregates, lateness and TTLs are baked into the script text, so Redis does
 no spec interpretation per event. One call runs a whole batch, in order
-(``EVALSHA sha 0 prefix batch``): per event a Python pipeline of ``EVALSHA`` commands
+(``EVALSHA sha 1 P:applied prefix batch``): per event a Python pipeline of ``EVALSHA`` commands
 cost about 30 µs of client CPU (packing, parsing) plus Redis's per-command and per-script
 overhead; one call per batch costs well under 1 µs per event on the client.
 
-* ``ARGV[1]`` the pipeline's key prefix (``spec.redis_prefix``); the script derives the
-  keys from it. Weir runs on a single Redis, not a Cluster (docs/features.md), so keys
-  need not be declared in ``KEYS``.
+* ``KEYS[1]`` the pipeline's ``applied`` hash, declared so that a Redis Cluster client
+  sends the call to the node of the pipeline's slot (docs/scaling.md).
+* ``ARGV[1]`` the pipeline's key prefix (``spec.redis_prefix``, ``weir:{<name>}``); the
+  script derives the keys from it: all in the prefix's hash slot, so on one node.
 * ``ARGV[2]`` the batch: per event, four length-prefixed strings ``<bytes>:<string>``:
   the entity id, the event id, ``<ts>|<tokens>`` (ts as ``repr(float)``, then the
   event's tokens, every used field, joined by ``|``), and ``<topic>:<partition>|<offset>``
