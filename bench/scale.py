@@ -10,8 +10,8 @@ warm-up event is answered; then the scorers are paused (SIGSTOP), a backlog of
 and the rate is outputs / (last - first prediction Kafka timestamp). The scorers' CPU
 (utime + stime) over the drain gives µs per event.
 
-Redis: a private ``redis-server`` started by this script on a free port (Weir's Redis
-Cluster support is not built yet, docs/scaling.md), stopped at the end.
+Redis: a private ``redis-server`` started by this script on a free port, stopped at the end
+(one pipeline's keys are on one Redis Cluster master anyway, docs/scaling.md).
 
 Usage: python bench/scale.py [--scorers 1,2,3] [--events 20000]   (needs `make up-cluster`)
 

@@ -3,8 +3,8 @@ min ISR 2; kill -9 of one broker mid-stream: no event lost, labels learned == la
 
 Configured by settings only (``WEIR_KAFKA_BOOTSTRAP``, ``WEIR_TOPIC_REPLICATION_FACTOR``,
 ``WEIR_TOPIC_MIN_INSYNC_REPLICAS``) over a spec that says nothing about replication. Redis
-is a private single ``redis-server`` (Weir on a Redis Cluster is not built yet,
-docs/scaling.md). The broker killed leads partition 0 of the events topic; it is restarted
+is a private single ``redis-server`` (the Redis Cluster's own failover is
+test_redis_failover.py). The broker killed leads partition 0 of the events topic; it is restarted
 (``cluster.py up kafka``) before the test ends.
 """
 
