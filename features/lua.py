@@ -425,19 +425,18 @@ end
 -- When every feature is a number, the recent features are packed doubles (NaN for None):
 -- 8 bytes a feature instead of up to 24 as text.
 -- The features, then the freshness ages (features.freshness): NALL values. An entry
--- written before freshness holds the features only: its ages are ''.
+-- written before freshness holds the features only: so does its reply (ages unknown).
 local function pack_fv(out)
   local t = {}
   for i = 1, NALL do t[i] = tonumber(out[i]) or 0 / 0 end
   return struct.pack(PACKFMT, unpack(t))
 end
 local function unpack_fv(s)
-  local out, have = {}, math.floor(#s / 8)
-  for i = 1, NALL do
-    if i > have then out[i] = '' else
-      local v = struct.unpack('<d', s, 8 * i - 7)
-      if v ~= v then out[i] = '' else out[i] = fmt(v) end
-    end
+  local out, m = {}, NALL
+  if #s < 8 * NALL then m = NFEAT end
+  for i = 1, m do
+    local v = struct.unpack('<d', s, 8 * i - 7)
+    if v ~= v then out[i] = '' else out[i] = fmt(v) end
   end
   return table.concat(out, '|')
 end
@@ -485,7 +484,7 @@ local function served_tokens(rec)
   else
     return nil
   end
-  return table.concat(out, '|') .. FRESH_UNKNOWN  -- the record has no ages
+  return table.concat(out, '|')  -- the record has no ages: the reply has none (unknown)
 end
 
 LAYOUT_DEF
@@ -846,7 +845,6 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = Tr
         .replace("NFEAT", str(len(spec.features)))
         .replace("NALL", str(len(spec.features) + len(fresh)))
         .replace("PACKFMT", repr("<" + "d" * (len(spec.features) + len(fresh))))
-        .replace("FRESH_UNKNOWN", repr("|" * len(fresh)))
         .replace("META_READ", "".join(f", 'p{k}'" for k in range(1, len(pfields) + 1)))
         .replace("RECENT_TOKENS", "unpack_fv(known)" if packs_recent(spec) else "known")
         .replace("LISTW", repr(listw))

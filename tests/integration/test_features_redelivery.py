@@ -73,6 +73,7 @@ def test_a_redelivered_offset_is_not_counted_again_however_late(
     again = store.compute_batch(redis_client, events, where)
     assert [r.status for r in again] == ["duplicate"] * 6 + ["late"]
     assert [r.features for r in again] == [r.features for r in first]
+    assert [r.freshness for r in again] == [r.freshness for r in first]  # and their ages
 
     # 2. Long after, the recent ids forgotten: from the served records the scorer wrote
     # (packed doubles, strings in the header), for e0..e2.
@@ -90,9 +91,11 @@ def test_a_redelivered_offset_is_not_counted_again_however_late(
     late_again = store.compute_batch(redis_client, events, where)
     assert [r.status for r in late_again] == ["duplicate"] * 6 + ["late"]
     assert [r.features for r in late_again[:3]] == [r.features for r in first[:3]]
+    assert [r.freshness for r in late_again[:3]] == [None] * 3  # a served record keeps no ages
     # e3..e5 have no record left: computed read-only from the window as it is now (which
     # holds the event itself, so it counts once more), and not stored again.
     assert [r.features["events_count_1h"] for r in late_again[3:6] if r.features] == [5.0, 6.0, 7.0]
+    assert all(r.freshness is not None for r in late_again[3:6])  # computed with them
     assert redis_client.zcard(win) == stored
     assert redis_client.hget(f"{spec.redis_prefix}:meta:u", "seq") == b"6"
 
@@ -146,3 +149,8 @@ def test_numbers_only_first_features_are_packed_and_exact(redis_client: redis.Re
     assert [store.served_features(redis_client, e.event_id) for e in events] == [r.features for r in first]
     packed = [v for k in store.recent_keys() if (v := redis_client.hget(k, "e1")) is not None]
     assert [len(v) for v in packed] == [(3 + 2) * 8]  # 3 features, then the 2 windowed ones' ages
+    # An entry written before freshness (the features only): the duplicate's ages are unknown.
+    key = next(k for k in store.recent_keys() if redis_client.hexists(k, "e1"))
+    redis_client.hset(key, "e1", packed[0][: 3 * 8])
+    (old,) = store.compute_batch(redis_client, events[1:2])
+    assert old.status == "duplicate" and old.features == first[1].features and old.freshness is None
