@@ -121,6 +121,16 @@ def offline_freshness(spec: PipelineSpec, events: pd.DataFrame, status: Sequence
         for f in spec.features
         if f.field is not None and f.window is not None and f.agg != "since_prev"
     }
+    # Features with the same contributions share their ages: (window, kind, field) -> columns,
+    # kind "others" (since_prev), "all" (count without a field) or "field".
+    groups: dict[tuple[float, str, str | None], list[int]] = {}
+    for col, f in enumerate(f for f in spec.features if f.window is not None):
+        assert f.window is not None
+        if f.agg == "since_prev":
+            key: tuple[float, str, str | None] = (f.window, "others", None)
+        else:
+            key = (f.window, "all", None) if f.field is None else (f.window, "field", f.field)
+        groups.setdefault(key, []).append(col)
     ent = events["entity_id"].to_numpy(dtype=object)[accepted]
     for e in pd.unique(ent):
         rows = accepted[ent == e]  # arrival order
@@ -128,19 +138,16 @@ def offline_freshness(spec: PipelineSpec, events: pd.DataFrame, status: Sequence
         m = len(rows)
         # earlier[i, j]: row j arrived before row i (or is row i), with a time at or before ts_i
         earlier = np.tril(np.ones((m, m), dtype=bool)) & (ts[None, :] <= ts[:, None])
-        for f in spec.features:
-            if f.window is None:
-                continue
-            col = names.index(f.name)
-            inwin = earlier & (ts[None, :] > ts[:, None] - f.window)
-            if f.agg == "since_prev":
-                mask = inwin & ~np.eye(m, dtype=bool)
-            elif f.field is None:
-                mask = inwin
-            else:
-                mask = inwin & present[f.field][rows][None, :]
+        for (window, kind, field), cols in groups.items():
+            mask = earlier & (ts[None, :] > ts[:, None] - window)
+            if kind == "others":
+                mask &= ~np.eye(m, dtype=bool)
+            elif field is not None:
+                mask &= present[field][rows][None, :]
             newest = np.where(mask, ts[None, :], -np.inf).max(axis=1)
-            out[rows, col] = np.where(np.isfinite(newest), ts - newest, np.nan)
+            age = np.where(np.isfinite(newest), ts - newest, np.nan)
+            for col in cols:
+                out[rows, col] = age
     first: dict[object, int] = {}
     ids = events["event_id"].tolist()
     for i in range(n):

@@ -769,9 +769,10 @@ end"""
         split_member = "split(r[j])" if len(stored) > 1 else "{'', string.sub(r[j], 14)}"
         lines.append(
             f"""if nneed > 0 then
-  local lo, off, inorder = ts - {max(field_windows)!r}, 0, (not wm) or ts >= wm
+  local lo, off, lim, inorder = ts - {max(field_windows)!r}, 0, 8, (not wm) or ts >= wm
   while nneed > 0 do
-    local r = redis.call('ZREVRANGEBYSCORE', kwin, ts_s, '(' .. fmt(lo), 'WITHSCORES', 'LIMIT', off, 64)
+    -- 8 members first (the newest present value is usually among them), then 4x more
+    local r = redis.call('ZREVRANGEBYSCORE', kwin, ts_s, '(' .. fmt(lo), 'WITHSCORES', 'LIMIT', off, lim)
     for j = 1, #r, 2 do
       local m = {split_member}
       for k, si in pairs(need) do
@@ -779,8 +780,8 @@ end"""
       end
       if nneed == 0 then break end
     end
-    if #r < 128 then break end
-    off = off + 64
+    if #r < 2 * lim then break end
+    off, lim = off + lim, 4 * lim
   end
   for k = 1, {len(stored)} do
     if pv[k] == false and inorder and fx[k] then pv[k] = fmt(fx[k]) end
