@@ -99,6 +99,11 @@ def _transient_one(exc: BaseException) -> bool:
             return True
         if isinstance(exc, rexc.OutOfMemoryError | rexc.ReadOnlyError | rexc.NoPermissionError):
             return True
+        # A Redis Cluster in a failover or a resharding: a slot that moved (MOVED, ASK; the
+        # client has already updated its slot map, so the next call goes to the new owner),
+        # a slot not served yet, the cluster down or out of redirections.
+        if isinstance(exc, rexc.AskError | rexc.TryAgainError | rexc.ClusterError | rexc.SlotNotCoveredError):
+            return True
         return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_REDIS_STATE_PREFIXES)
     if _is_kafka(exc):
         return True  # a broker that is down or not answering

@@ -25,6 +25,12 @@ def test_transient_errors_are_the_servers_not_the_code() -> None:
     assert is_transient(rexc.TimeoutError("timed out"))
     assert not is_transient(ValueError("bad feature"))
     assert not is_transient(rexc.ResponseError("WRONGTYPE Operation against a key"))
+    # A Redis Cluster failover: a transaction sent on a stale slot map (redis-py raises the
+    # redirection once its own retry is spent) is retried, not fatal.
+    assert is_transient(rexc.MovedError("14681 127.0.0.1:7005"))
+    assert is_transient(rexc.TryAgainError("Multiple keys request during rehashing of slot"))
+    assert is_transient(rexc.ClusterDownError("The cluster is down"))
+    assert is_transient(rexc.ClusterError("TTL exhausted."))
 
 
 def test_retry_async_rides_out_an_outage_and_reports_it() -> None:
