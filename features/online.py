@@ -12,8 +12,9 @@ Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL;
 per event:
 
 * ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s.
-* ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count, the time
-  tiles of the value windows, docs/features.md#tiles); same TTL.
+* ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count, ``p<k>``
+  newest time of a present value per stored field for the feature ages, docs/features.md#freshness,
+  the time tiles of the value windows, docs/features.md#tiles); same TTL.
 * ``{prefix}:applied`` hash: per ``<events topic>:<partition>`` the highest offset whose
   event the script has decided (accepted, late or duplicate), advanced in the same script
   call as the event's effects; TTL :data:`features.lua.APPLIED_TTL` (a week).
