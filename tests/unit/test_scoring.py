@@ -335,8 +335,10 @@ def test_served_records_are_retried_until_stored() -> None:
     asyncio.run(scorer.record_served(out, client))
     assert client.executes == 3
     ops = [op for op, _ in client.done]
-    assert ops == ["eval"], ops  # stored once, after the failures: one call for the batch
-    records = client.done[0][1][7:]  # after the script, its key count and 5 arguments
+    assert ops == ["execute_command"], ops  # stored once, after the failures: one call for the batch
+    command = client.done[0][1]
+    assert command[0] == "EVAL" and command[2] == 1, command[:3]  # one declared key (Redis Cluster routing)
+    records = command[9:]  # after EVAL, the script, its key count, the key and 5 arguments
     assert len(records) == 2 * 2, records  # (event id, record) of both predictions
     assert (
         registry.get_sample_value("weir_dependency_retries_total", {"pipeline": "p", "dependency": "redis"})
