@@ -50,7 +50,7 @@ marks of the labels learned before (queued by :meth:`LabelJoiner.mark_learned`) 
 deletions of served records, then reads the batch's state (:func:`read_state`); the
 decisions are pure functions of it (:func:`decide_labels`, :func:`held_by_another`,
 :func:`decide_held`), tested without Redis (tests/unit/test_join_decisions.py).
-Early labels add one pipeline to hold them. The sweep moves expiries in bounded script
+Early labels add one script call to hold them (:data:`_HOLD_LUA`). The sweep moves expiries in bounded script
 calls (:data:`EXPIRE_CHUNK`) and looks at :data:`SWEEP_HELD_CHUNK` held labels at most.
 
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
@@ -547,6 +547,33 @@ end
 return out
 """
 
+#: The holds of a batch's early labels, one command instead of three per label (a pipeline of
+#: them was the largest client-side cost of the label path under a backlog,
+#: docs/performance.md): each hold ``SET PX NX`` then read back (``GET``: the body held, this
+#: label's or another's, :func:`held_by_another`), its id added to the early index
+#: (``ZADD NX``, deadline ARGV[3]); the index's ids whose deadline passed before ARGV[4]
+#: dropped and its TTL renewed (ARGV[5] ms). ARGV: prefix, hold TTL (ms), deadline, cutoff,
+#: index TTL, then (event id, body) pairs. Returns two values per hold: 1 if set now (else
+#: nil), the body held.
+_HOLD_LUA = r"""
+local p, px, deadline = ARGV[1], ARGV[2], ARGV[3]
+local index = p .. ':join:early'
+local out, adds = {}, {}
+for i = 6, #ARGV, 2 do
+  local k = p .. ':early:' .. ARGV[i]
+  local set = redis.call('SET', k, ARGV[i + 1], 'PX', px, 'NX')
+  out[#out + 1] = set and 1 or false
+  out[#out + 1] = redis.call('GET', k)
+  adds[#adds + 1] = deadline
+  adds[#adds + 1] = ARGV[i]
+  if #adds == 1000 then redis.call('ZADD', index, 'NX', unpack(adds)); adds = {} end
+end
+if #adds > 0 then redis.call('ZADD', index, 'NX', unpack(adds)) end
+redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[4])
+redis.call('PEXPIRE', index, ARGV[5])
+return out
+"""
+
 #: The sweep's expiries: up to ARGV[3] pending ids whose deadline (ARGV[2]) passed move to
 #: the expired set (kept one more horizon, ARGV[4] seconds), learned ones whose deadline
 #: passed go; returns how many moved.
@@ -699,21 +726,17 @@ class LabelJoiner:
         results = decide_labels(labels, found, self.lineage, self.served, read)
         early = [i for i, res in enumerate(results) if res.outcome == "early"]
         if early:
-            pipe = self.client.pipeline(transaction=False)
-            deadline = now + self.spec.labels.horizon
+            horizon = self.spec.labels.horizon
+            args: list[Any] = [k.prefix, self.px, repr(now + horizon), repr(now - horizon), 2 * self.px]
             bodies: list[bytes] = []
             for i in early:
                 lab = labels[i]
                 bodies.append(body := hold_body(lab, sources[i] if sources is not None else ""))
-                pipe.set(k.early(lab.event_id), body, px=self.px, nx=True)
-                pipe.get(k.early(lab.event_id))
-                pipe.zadd(k.early_index, {lab.event_id: deadline}, nx=True)
-            pipe.zremrangebyscore(k.early_index, "-inf", now - self.spec.labels.horizon)
-            pipe.pexpire(k.early_index, 2 * self.px)
-            held = pipe.execute()
+                args += (lab.event_id, body)
+            held = self._script(_HOLD_LUA)(keys=[k.early_index], args=args)
             for j, i in enumerate(early):
                 source = sources[i] if sources is not None else ""
-                if held_by_another(held[3 * j], held[3 * j + 1], bodies[j], source):
+                if held_by_another(held[2 * j], held[2 * j + 1], bodies[j], source):
                     results[i] = JoinResult(
                         "duplicate", labels[i].event_id, detail="a label for this event is already held"
                     )

@@ -336,6 +336,42 @@ def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, set
     client.close()
 
 
+def test_early_labels_are_held_in_one_call(redis_client: Any, unique: Any, settings: Any) -> None:
+    """A batch of early labels: the join's call and one call holding them all (not three
+    commands per label); the holds are the labels, the index has their deadlines."""
+    import redis
+
+    calls: list[str] = []
+
+    class Counting(redis.Redis):  # the real client, counting what it sends
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            calls.append(str(args[0]))
+            return super().execute_command(*args, **options)
+
+        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+            calls.append("PIPELINE")
+            return super().pipeline(transaction, shard_hint)
+
+    client = Counting.from_url(settings.redis_url, **settings.redis_kwargs())
+    spec = make_spec(unique)
+    core = _core(spec, client)
+    now = time.time()
+    run_step(core.process_step([label_msg("warm", 1, now, offset=0)]))  # scripts loaded
+    calls.clear()
+    out = run_step(core.process_step([label_msg(f"e{i}", i % 2, now, offset=i + 1) for i in range(50)]))
+    assert [r.outcome for r in out.results] == ["early"] * 50
+    assert calls == ["EVALSHA", "EVALSHA"], calls
+    keys = Keys(spec)
+    assert redis_client.zcard(keys.early_index) == 51
+    assert redis_client.zscore(keys.early_index, "e7") == pytest.approx(now + spec.labels.horizon)
+    assert orjson.loads(redis_client.get(keys.early("e7")))["src"] == "0:8"
+    assert 0 < redis_client.pttl(keys.early("e7")) <= spec.labels.horizon * 1000
+    # a second label for a held event (another message) is a duplicate, this one's retry is not
+    again = run_step(core.process_step([label_msg("e7", 0, now, offset=60)]))
+    assert [r.outcome for r in again.results] == ["duplicate"]
+    client.close()
+
+
 def test_follow_champion(redis_client: Any, unique: Any) -> None:
     spec = make_spec(unique)
     registry = ModelRegistry(redis_client, spec)
