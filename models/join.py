@@ -766,15 +766,27 @@ class LabelJoiner:
         :func:`decide_held` decides them from one script call's state.
         """
         now = time.time() if now is None else now
-        k = self.keys
-        c = self.client
         self.flush()
         expiries = self.expire(now)
+        return expiries, self.resolve_held(now)
+
+    def resolve_held(self, now: float | None = None) -> list[JoinResult]:
+        """The held labels' half of :meth:`sweep`: the next chunk of the early index.
+
+        Sets :attr:`more_held` when the chunk was full and decided some of its labels: the
+        learner then looks at the next chunk without waiting for the next sweep (a backlog
+        of early labels is resolved as fast as its events are served, not
+        :data:`SWEEP_HELD_CHUNK` a second).
+        """
+        now = time.time() if now is None else now
+        k = self.keys
+        c = self.client
         start = self._held_cursor
         held = c.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
         if not held:
             self._held_cursor = 0
-            return expiries, []
+            self.more_held = False
+            return []
         ids = [e.decode() for e, _ in held]
         found = read_state(self._call(ids, mode="early"), mode="early")
         results, done = decide_held(
@@ -788,8 +800,11 @@ class LabelJoiner:
             pipe.execute_command("DEL", *[k.early(e) for e in done])
             pipe.execute()
         self._held_cursor = next_cursor(start, len(held), len(done))
-        return expiries, results
+        self.more_held = len(held) == SWEEP_HELD_CHUNK and bool(results)
+        return results
 
+    #: the last chunk of held labels was full and decided some: look at the next one soon
+    more_held: bool = False
     #: seq of the newest published snapshot of this run (set by the learner)
     published_seq: int = -1
 

@@ -367,6 +367,17 @@ class LearnerCore:
         yield from self._apply_step(results, out)
         return out
 
+    def held_step(self, now: float | None = None) -> Step[StepOutput]:
+        """The next chunk of held (early) labels only (:meth:`LabelJoiner.resolve_held`),
+        learned and marked: what the learner does between two sweeps while
+        ``joiner.more_held`` (a backlog of held labels whose events are being served)."""
+        now = self.clock() if now is None else now
+        out = StepOutput(now=now)
+        joiner = self.joiner
+        results = yield Io(lambda: joiner.resolve_held(now), "held labels")
+        yield from self._apply_step(results, out)
+        return out
+
     def _tally(self, outcomes: Counter[str]) -> None:
         """Count join outcomes, once per outcome and batch (not per label)."""
         self.joins.update(outcomes)

@@ -12,7 +12,8 @@ model snapshots the scorers pick up (``registry.latest_snapshot()``).
 The sequence, per batch: process (join, learn, queue the marks of learned labels: the next
 batch's join or the snapshot writes them) -> hand the training-log
 records and dead letters to the producer -> every second, the sweep (expiries, held early
-labels) and the status -> when a snapshot is due: **flush** (every record delivered) ->
+labels) and the status; between sweeps, the next chunk of held labels while the last one
+was full and resolved some -> when a snapshot is due: **flush** (every record delivered) ->
 **snapshot** with the labels topic's next offsets. On start it loads the latest snapshot
 and assigns the partitions at the snapshot's offsets. So after a SIGKILL the labels learned
 since that snapshot (lost with the process) are read and learned again, and none before it
@@ -289,6 +290,11 @@ class LearnerLoop:
             status = core.status(now)
             yield Io(lambda: core.put_status(status), "status")
             self.last_sweep = now
+        elif core.joiner.more_held:  # a backlog of held labels: the next chunk now
+            out = yield from core.held_step(now)
+            emitter.add(out)
+            if emitter.pending:
+                yield Io(emitter.send, "training-log produce")
         self.consistent = True
         if core.snapshot_due(now):
             yield from self.snapshot_step(now)

@@ -372,6 +372,34 @@ def test_early_labels_are_held_in_one_call(redis_client: Any, unique: Any, setti
     client.close()
 
 
+def test_a_backlog_of_held_labels_goes_on_between_sweeps(
+    redis_client: Any, unique: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a full chunk that resolved labels, the next chunks are looked at at once
+    (held_step), not one chunk per sweep; each label is learned once."""
+    import models.join
+
+    chunk = 20
+    monkeypatch.setattr(models.join, "SWEEP_HELD_CHUNK", chunk)
+    spec = make_spec(unique)
+    core = _core(spec, redis_client)
+    now = time.time()
+    n = 3 * chunk + 7
+    core.process([label_msg(f"e{i}", i % 2 == 0, now, i) for i in range(n)])
+    for i in range(n):
+        serve(redis_client, spec, core, f"e{i}", float(i), now - 1)
+    learned = len(core.sweep().results)
+    assert learned == chunk and core.joiner.more_held
+    steps = 0
+    while core.joiner.more_held:
+        learned += len(run_step(core.held_step()).results)
+        steps += 1
+    assert steps == 3  # two more full chunks, then the last 7
+    assert learned == n == core.labels_learned
+    assert core.sweep().results == []  # nothing learned twice
+    assert not core.joiner.more_held
+
+
 def test_follow_champion(redis_client: Any, unique: Any) -> None:
     spec = make_spec(unique)
     registry = ModelRegistry(redis_client, spec)
