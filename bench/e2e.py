@@ -101,6 +101,8 @@ class Running:
     learned: Callable[[], float | None]
     labels: bool
     joins: Callable[[], dict[str, float]] = dict
+    #: seconds each side of role all waited for the other (weir_event_order_wait_seconds_total)
+    waits: Callable[[], dict[str, float]] = dict
 
 
 # -- starting each system -------------------------------------------------------------------
@@ -122,6 +124,7 @@ def start_weir(kind: str, path: Path, tag: str) -> Running:
         lambda: scrape(proc.metrics_url, "weir_labels_learned_total"),
         kind != "weir-score",
         lambda: scrape_by(proc.metrics_url, "weir_label_joins_total", "outcome"),
+        lambda: scrape_by(proc.metrics_url, "weir_event_order_wait_seconds_total", "waiter"),
     )
 
 
@@ -150,6 +153,11 @@ def check_alive(run: Running) -> None:
 
 
 # -- one system, measured -------------------------------------------------------------------
+
+
+def _delta(before: dict[str, float], after: dict[str, float], fmt: Callable[[float], Any]) -> dict[str, Any]:
+    """The counters that moved between two scrapes, by label value."""
+    return {k: fmt(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
 def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
@@ -203,7 +211,7 @@ def measure(
         reader = OutputReader(settings, spec.topics.predictions)
         reader.start()
         learned0 = run.learned() or 0.0
-        joins0 = run.joins()
+        joins0, waits0 = run.joins(), run.waits()
         for p in run.procs:
             p.signal(signal.SIGSTOP)
         t_load = time.time()
@@ -228,7 +236,7 @@ def measure(
             learn_s = round(time.time() - t_resume, 2)
         cpu1 = {p.name: cpu_seconds(p.pid) for p in run.procs}
         window = time.time() - t_resume
-        joins1 = run.joins()
+        joins1, waits1 = run.joins(), run.waits()
         reader.close()
         check_alive(run)
         times = sorted(reader.times[i] for i in ids if i in reader.times)
@@ -247,9 +255,8 @@ def measure(
             "labels_learned": None if not labels else int((run.learned() or 0) - learned0),
             "all_labels_learned": all_learned,
             "resume_to_all_learned_seconds": learn_s,
-            "label_joins": {
-                k: int(v - joins0.get(k, 0.0)) for k, v in joins1.items() if v - joins0.get(k, 0.0)
-            },
+            "label_joins": _delta(joins0, joins1, int),
+            "order_wait_seconds": _delta(waits0, waits1, lambda v: round(v, 2)),
             "load_seconds": round(load_s, 2),
         }
         out["cpu"] = {
@@ -269,9 +276,11 @@ def measure(
             reader = OutputReader(settings, spec.topics.predictions)
             reader.start()
             c0 = sum(cpu_seconds(p.pid) for p in run.procs)
+            joins0, waits0 = run.joins(), run.waits()
             sent = live_send(settings, spec, live, live_rate, args.label_delay)
             reader.wait_for(set(sent), 60)
             c1 = sum(cpu_seconds(p.pid) for p in run.procs)
+            joins1, waits1 = run.joins(), run.waits()
             reader.close()
             out["live_60pct"] = {
                 "rate": round(live_rate, 1),
@@ -279,6 +288,10 @@ def measure(
                 "label_delay": str(args.label_delay) if labels else None,
                 **latency_summary(sent, reader.times),
                 "cpu_us_per_event": round(1e6 * (c1 - c0) / len(sent), 1),
+                # live labels turning early, and the scorer waiting for the labels, show a
+                # worker that fell more than scoring.max_idle behind (docs/performance.md)
+                "label_joins": _delta(joins0, joins1, int),
+                "order_wait_seconds": _delta(waits0, waits1, lambda v: round(v, 2)),
             }
         check_alive(run)
     finally:
