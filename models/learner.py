@@ -102,6 +102,9 @@ class LabelMessage:
     partition: int = 0
     offset: int = -1
     key: bytes | None = None
+    timestamp: float | None = None
+    """Kafka's record timestamp in epoch seconds (None: not given): role ``all`` orders a
+    label without ``ts`` at it (:func:`streams.sync.message_time`)."""
 
 
 @dataclass

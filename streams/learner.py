@@ -251,7 +251,12 @@ class LearnerLoop:
             if m.error() is not None:
                 log.warning("labels topic error: %s", m.error())
                 continue
-            batch.append(LabelMessage(m.value(), m.partition() or 0, m.offset() or 0, m.key()))
+            kind, ms = m.timestamp()
+            batch.append(
+                LabelMessage(
+                    m.value(), m.partition() or 0, m.offset() or 0, m.key(), ms / 1000 if kind else None
+                )
+            )
         return batch
 
     def _commit(self) -> None:

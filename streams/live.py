@@ -182,7 +182,7 @@ class OrderedLearnerLoop(LearnerLoop):
             fetched = super().poll(timeout)
             for m in fetched:
                 self._fetched[m.partition] = max(self._fetched.get(m.partition, 0), m.offset + 1)
-            timed = [(message_time(m.value, self.spec), m) for m in fetched]
+            timed = [(message_time(m.value, self.spec, m.timestamp), m) for m in fetched]
             self.buffer = merge_by_time(timed, lambda t: t[1].partition, lambda t: t[0])
             done = self._consumed_all()
             self._at_end = self._stuck(bool(fetched) or done) or done

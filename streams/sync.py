@@ -65,7 +65,8 @@ Waiter = Literal["scorer", "learner"]
 WAITERS: tuple[Waiter, ...] = ("scorer", "learner")
 
 #: The event time of a message whose ts cannot be read: before everything, so it never
-#: waits (an invalid event is dead-lettered anyway; a label without ts is learned at once).
+#: waits (an invalid event or label is dead-lettered anyway). A valid label without ts is
+#: ordered at its Kafka timestamp instead (:func:`message_time`).
 UNTIMED = -math.inf
 
 #: A side waits this many ``max_idle`` for the other while the other holds the items due
@@ -179,16 +180,37 @@ def consumed_all(positions: Mapping[K, int], highwaters: Mapping[K, int | None])
     return all(hw is not None and hw >= 0 and positions.get(k, -1) >= hw for k, hw in highwaters.items())
 
 
-def message_time(value: bytes | None, spec: PipelineSpec) -> float:
-    """The ``ts`` of an event or label message, or :data:`UNTIMED` if it has none.
+def message_time(value: bytes | None, spec: PipelineSpec, arrived: float | None = None) -> float:
+    """The ``ts`` of an event or label message; for an object without one, ``arrived``
+    (a label's Kafka timestamp: when it became known), else :data:`UNTIMED`.
 
     Only the ts is read (the scorer and the learner validate the whole message later).
+    A label without ts must not be ordered before everything: while the embedded learner
+    held one, every event would wait for it, so a worker more than ``max_idle`` behind
+    (its events a backlog) scored one learner step at a time and never caught up (a
+    30-minute soak at 500 events/s fell behind for good after a load spike). At its
+    arrival time it is after every event produced before it, which is what the order is
+    for: no event waits for a label that became known after it.
+
+    Examples:
+        >>> from weir.spec import load_spec
+        >>> spec = load_spec("examples/demo.yaml")
+        >>> message_time(b'{"event_id": "e1", "label": 1, "ts": 1700000000}', spec, arrived=1700000009.0)
+        1700000000.0
+        >>> message_time(b'{"event_id": "e1", "label": 1}', spec, arrived=1700000009.0)
+        1700000009.0
+        >>> message_time(b'{"event_id": "e1", "label": 1}', spec), message_time(b"[", spec, arrived=9.0)
+        (-inf, -inf)
     """
     from weir.contracts import parse_ts
 
     try:
         obj = orjson.loads(value or b"")
-        return parse_ts(obj["ts"], "ts", spec) if isinstance(obj, dict) and "ts" in obj else UNTIMED
+        if not isinstance(obj, dict):
+            return UNTIMED
+        if "ts" in obj:
+            return parse_ts(obj["ts"], "ts", spec)
+        return UNTIMED if arrived is None else arrived
     except (orjson.JSONDecodeError, InvalidMessage, TypeError, ValueError):
         return UNTIMED
 

@@ -127,6 +127,23 @@ def test_message_time() -> None:
     assert message_time(b'{"ts": "2023-11-14T22:13:20Z"}', spec) == 1700000000.0
     for untimed in (b'{"event_id": "e"}', b"not json", None, b"[1]", b'{"ts": "soon"}'):
         assert message_time(untimed, spec) == UNTIMED
+    # A label without ts is ordered at its Kafka timestamp; its own ts wins; junk stays untimed.
+    assert message_time(b'{"event_id": "e", "label": 1}', spec, arrived=1700000001.0) == 1700000001.0
+    assert message_time(b'{"event_id": "e", "ts": 1700000000}', spec, arrived=1700000001.0) == 1700000000.0
+    for junk in (b"not json", None, b"[1]", b'{"ts": "soon"}'):
+        assert message_time(junk, spec, arrived=1700000001.0) == UNTIMED
+
+
+def test_labels_without_ts_do_not_hold_back_a_backlog_of_events() -> None:
+    """A worker behind by more than max_idle: its events are a backlog and ordered. The
+    labels in hand carry no ts; at their arrival time (now) they are after every event of
+    the backlog, so the scorer takes the whole batch; at UNTIMED it would take none."""
+    now = 1_000.0
+    backlog = [now - 30 + i * 0.01 for i in range(500)]  # 30 s behind, one batch
+    arrived = Frontier(head=now - 0.5, version=1)  # the learner holds a label read 0.5 s ago
+    assert ready_count(backlog, arrived, tie_first=False, live_from=now - 1.0) == 500
+    untimed = Frontier(head=UNTIMED, version=1)
+    assert ready_count(backlog, untimed, tie_first=False, live_from=now - 1.0) == 0
 
 
 def _spec_with(scoring: dict[str, Any]) -> Any:
