@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import doctest
+import itertools
 import math
 import random
 import threading
@@ -18,6 +19,7 @@ from river.stream import simulate_qa
 from streams import sync as sync_module
 from streams.scoring import BatchOutput
 from streams.sync import (
+    ORDER_TICKS_PER_SECOND,
     UNTIMED,
     EventTimeSync,
     Frontier,
@@ -74,14 +76,52 @@ def test_constant_delay_is_rivers_order(k: int, batch: int) -> None:
 
 
 def test_varying_delays_are_rivers_order() -> None:
+    # Delays on the order's grid (eighths of a second, none 0: a label cannot come with its
+    # own event) order exactly as River does.
     rng = random.Random(3)
     n = 300
-    delays = [rng.choice([0, 1, 2, 5, 40]) + rng.random() for _ in range(n)]
+    delays = [
+        rng.choice([0, 1, 2, 5, 40]) + rng.randint(1, ORDER_TICKS_PER_SECOND) / ORDER_TICKS_PER_SECOND
+        for _ in range(n)
+    ]
     # the labels topic holds them in the order they became known (their ts)
     by_ts = sorted(range(n), key=lambda i: (i + delays[i], i))
     order = _interleave([float(i) for i in range(n)], [i + delays[i] for i in by_ts], batch=64)
     learned = [("label", by_ts[j]) if kind == "label" else (kind, j) for kind, j in order]
     assert learned == _river_order(n, lambda x, _: delays[x["i"]])
+
+
+def test_times_off_the_grid_are_ordered_to_within_a_tick() -> None:
+    # Any times: a label learned before an event became known less than a tick after it,
+    # and an event scored before a label is not after it (River's rule, to a tick).
+    rng = random.Random(4)
+    n = 400
+    event_ts = sorted(rng.uniform(0, 40) for _ in range(n))
+    label_ts = sorted(t + rng.uniform(0, 3) for t in event_ts)
+    order = _interleave(event_ts, label_ts, batch=64)
+    tick = 1 / ORDER_TICKS_PER_SECOND
+    learned = float("-inf")
+    for kind, i in order:
+        if kind == "label":
+            learned = max(learned, label_ts[i])
+        else:
+            assert learned < event_ts[i] + tick, (i, learned, event_ts[i])
+    assert [i for kind, i in order if kind == "event"] == list(range(n))
+    scored = float("-inf")
+    for kind, i in order:
+        if kind == "event":
+            scored = max(scored, event_ts[i])
+        else:
+            assert scored <= label_ts[i], (i, scored, label_ts[i])
+
+
+def test_a_dense_stream_goes_in_runs_of_a_tick() -> None:
+    # 500 events/s with labels 2 s late, both a backlog: runs of about a tick of the stream
+    # (62 events), not of one event (the hand-offs a worker behind could not keep up with).
+    event_ts = [i / 500 for i in range(5000)]
+    order = _interleave(event_ts, [t + 2 for t in event_ts], batch=500)
+    runs = sum(1 for a, b in itertools.pairwise(order) if a[0] == "label" and b[0] == "event")
+    assert runs <= 5000 / 500 * ORDER_TICKS_PER_SECOND + 1, runs
 
 
 def test_an_untimed_label_goes_at_once() -> None:
