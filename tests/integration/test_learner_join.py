@@ -303,13 +303,11 @@ def test_served_records_are_deleted_once_their_labels_are_in_a_snapshot(
     assert [r.outcome for r in again.process([label_msg("e2", 0, now, offset=2)]).results] == ["hit"]
 
 
-def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, settings: Any) -> None:
-    """Join (and the previous batch's markers) in one script call; no per-label call."""
+def _counting_client(settings: Any, calls: list[str]) -> Any:
+    """The real Redis client, appending to ``calls`` each command (and pipeline) it sends."""
     import redis
 
-    calls: list[str] = []
-
-    class Counting(redis.Redis):  # the real client, counting what it sends
+    class Counting(redis.Redis):
         def execute_command(self, *args: Any, **options: Any) -> Any:
             calls.append(str(args[0]))
             return super().execute_command(*args, **options)
@@ -318,7 +316,13 @@ def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, set
             calls.append("PIPELINE")
             return super().pipeline(transaction, shard_hint)
 
-    client = Counting.from_url(settings.redis_url, **settings.redis_kwargs())
+    return Counting.from_url(settings.redis_url, **settings.redis_kwargs())
+
+
+def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, settings: Any) -> None:
+    """Join (and the previous batch's markers) in one script call; no per-label call."""
+    calls: list[str] = []
+    client = _counting_client(settings, calls)
     spec = make_spec(unique)
     core = _core(spec, client)
     now = time.time()
@@ -339,20 +343,8 @@ def test_a_batch_of_labels_is_one_redis_call(redis_client: Any, unique: Any, set
 def test_early_labels_are_held_in_one_call(redis_client: Any, unique: Any, settings: Any) -> None:
     """A batch of early labels: the join's call and one call holding them all (not three
     commands per label); the holds are the labels, the index has their deadlines."""
-    import redis
-
     calls: list[str] = []
-
-    class Counting(redis.Redis):  # the real client, counting what it sends
-        def execute_command(self, *args: Any, **options: Any) -> Any:
-            calls.append(str(args[0]))
-            return super().execute_command(*args, **options)
-
-        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-            calls.append("PIPELINE")
-            return super().pipeline(transaction, shard_hint)
-
-    client = Counting.from_url(settings.redis_url, **settings.redis_kwargs())
+    client = _counting_client(settings, calls)
     spec = make_spec(unique)
     core = _core(spec, client)
     now = time.time()
