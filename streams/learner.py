@@ -276,19 +276,14 @@ class LearnerLoop:
 
     def iteration(self, batch: list[LabelMessage], now: float) -> Step[None]:
         """One step: the batch, the sweep when due, the snapshot when due."""
-        core, emitter = self.core, self.emitter
+        core = self.core
         self.consistent = False
         if batch:
             out = yield from core.process_step(batch, now)
             self.learned(batch)
-            emitter.add(out)
-            if emitter.pending:  # early labels only: nothing to produce, no trip to the thread
-                yield Io(emitter.send, "training-log produce")
+            yield from self._produce(out)
         if now - self.last_sweep >= SWEEP_EVERY:
-            out = yield from core.sweep_step(now)
-            emitter.add(out)
-            if emitter.pending:
-                yield Io(emitter.send, "training-log produce")
+            yield from self._produce((yield from core.sweep_step(now)))
             # A promotion or rollback moves the champion alias: the learner follows it
             # (in role all the scorer then scores with the new champion).
             yield Io(core.follow_champion, "champion alias")
@@ -296,13 +291,17 @@ class LearnerLoop:
             yield Io(lambda: core.put_status(status), "status")
             self.last_sweep = now
         elif core.joiner.more_held:  # a backlog of held labels: the next chunk now
-            out = yield from core.held_step(now)
-            emitter.add(out)
-            if emitter.pending:
-                yield Io(emitter.send, "training-log produce")
+            yield from self._produce((yield from core.held_step(now)))
         self.consistent = True
         if core.snapshot_due(now):
             yield from self.snapshot_step(now)
+
+    def _produce(self, out: StepOutput) -> Step[None]:
+        """Hand a step's records to the producer; no trip to the thread when there are none
+        (a batch of early labels only)."""
+        self.emitter.add(out)
+        if self.emitter.pending:
+            yield Io(self.emitter.send, "training-log produce")
 
     def learned(self, batch: list[LabelMessage]) -> None:
         """Called on the learning thread once ``batch`` is learned, before its records are
