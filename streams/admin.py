@@ -85,15 +85,11 @@ def check_redis(settings: Settings, timeout: float = 5.0) -> None:
     client that finds no cluster, is refused with the setting to change.
     """
     import redis
-    from redis.cluster import RedisCluster
 
     url = redact_url(settings.redis_url)
-    kwargs = {**settings.redis_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
     try:
-        if settings.redis_cluster:
-            client: Any = RedisCluster.from_url(settings.redis_url, **kwargs)
-        else:
-            client = redis.Redis.from_url(settings.redis_url, **kwargs)
+        # The process's own client (Settings.redis: single or cluster), with this timeout.
+        client = settings.model_copy(update={"redis_timeout": timeout}).redis()
     except ValueError as exc:
         raise StackError(f"WEIR_REDIS_URL {url!r} is not a valid Redis URL ({exc})") from None
     except redis.exceptions.RedisClusterException as exc:
