@@ -233,6 +233,17 @@ class ScoringSpec(_Strict):
         return v
 
 
+class RedisSpec(_Strict):
+    """How the pipeline's keys are laid out in Redis (docs/scaling.md, "Redis Cluster")."""
+
+    buckets: int = Field(1, ge=1, le=16_384)
+    """Hash-tag buckets for the per-entity and per-event keys (:mod:`weir.slots`). 1 (the
+    default): every key of the pipeline in one slot, on one master of a Redis Cluster. More
+    (e.g. 64 for 3 to 10 masters): entities and event ids spread over that many slots, so
+    one pipeline's Redis work and memory go to every master. Fixed for a pipeline's life:
+    another value names other keys (start the pipeline afresh)."""
+
+
 class LearnerSpec(_Strict):
     """When the learner publishes model snapshots for the scorers."""
 
@@ -320,6 +331,7 @@ class PipelineSpec(_Strict):
     labels: LabelsSpec = Field(default_factory=LabelsSpec)
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    redis: RedisSpec = Field(default_factory=RedisSpec)
     drift: DriftSpec = Field(default_factory=DriftSpec)
     retrain: RetrainSpec = Field(default_factory=RetrainSpec)
 
@@ -412,7 +424,10 @@ class PipelineSpec(_Strict):
 
     def spec_hash(self) -> str:
         """sha256 of the canonical spec: recorded with every model version."""
-        canon = self.model_dump_json(by_alias=True)
+        # The ``redis`` section left out while it is the default: the hashes of the specs
+        # written before it existed stay what they were (model versions, checkpoints).
+        exclude = {"redis"} if self.redis == RedisSpec() else None
+        canon = self.model_dump_json(by_alias=True, exclude=exclude)
         return hashlib.sha256(canon.encode()).hexdigest()
 
 
