@@ -105,3 +105,17 @@ def call(client: Any, node: Any, *args: Any) -> Any:
     if node is None:
         return client.execute_command(*args)
     return client.execute_command(*args, target_nodes=node)
+
+
+def key_pattern(name: str) -> str:
+    """A ``SCAN MATCH`` pattern for every key of pipeline ``name``, whatever its buckets.
+
+    ``weir:{<name>}...`` (stage 1, the registry) and ``weir:{<name>#...}...`` (buckets), not
+    another pipeline whose name starts with ``name``:
+
+    >>> import fnmatch
+    >>> p = key_pattern("demo")
+    >>> [fnmatch.fnmatchcase(k, p) for k in ("weir:{demo}:applied", "weir:{demo#e3}:win:u", "weir:{demo2}:x")]
+    [True, True, False]
+    """
+    return f"weir:{{{name}[}}#]*"
