@@ -67,6 +67,7 @@ from common import (
     cpu_seconds,
     interleave,
     live_send,
+    live_send_apart,
     machine,
     make_topics,
     pct,
@@ -277,7 +278,7 @@ def measure(
             reader.start()
             c0 = sum(cpu_seconds(p.pid) for p in run.procs)
             joins0, waits0 = run.joins(), run.waits()
-            sent = live_send(settings, spec, live, live_rate, args.label_delay)
+            sent = live_send_apart(settings, spec, live, live_rate, args.label_delay)
             reader.wait_for(set(sent), 60)
             c1 = sum(cpu_seconds(p.pid) for p in run.procs)
             joins1, waits1 = run.joins(), run.waits()
