@@ -1,13 +1,14 @@
 """The label join: delayed labels meet the features that were *served*, never recomputed.
 
-Redis keys (``P`` = ``spec.redis_prefix``), all with a TTL of ``labels.horizon``:
+Redis keys (``P`` = ``spec.redis_prefix``, ``weir:{<name>}``, when ``spec.redis.buckets``
+is 1; else the event's bucket prefix, see "Buckets" below), all with a TTL of
+``labels.horizon``:
 
 * ``P:served:{event_id}`` - the served record (compact: the features as served as packed
   doubles, their names kept once per pipeline; prediction, proba, model_version, ts,
   entity_id, scored_at; see :class:`ServedStore`), written by the scorer through
-  :meth:`ServedStore.add_to_pipeline` (one script command per batch) on the pipeline it
-  already executes, and deleted by the learner once the label joined to it is in a
-  published snapshot.
+  :meth:`ServedStore.awrite` (one script command per batch, per node with buckets), and
+  deleted by the learner once the label joined to it is in a published snapshot.
 * ``P:join:pending`` - sorted set of served event ids by deadline (scored_at + horizon);
   the learner's sweep counts those past their deadline as expiries (no label came). A
   learned event stays until its deadline with the score negated (``-deadline``): after its
@@ -53,6 +54,28 @@ decisions are pure functions of it (:func:`decide_labels`, :func:`held_by_anothe
 Early labels add one script call to hold them (:data:`_HOLD_LUA`). The sweep moves expiries in bounded script
 calls (:data:`EXPIRE_CHUNK`) and looks at :data:`SWEEP_HELD_CHUNK` held labels at most.
 
+**Buckets (Redis Cluster stage 2, docs/scaling.md).** With ``spec.redis.buckets`` B > 1 an
+event's keys are under ``JP = weir:{<name>#j<b>}``, ``b = crc32(event_id) mod B``
+(:func:`weir.slots.bucket_of`; the scorer and the learner compute it from the event id
+alone): ``JP:served:<event>``, ``JP:early:<event>``, and each bucket has its own
+``JP:join:pending``, ``JP:join:expired`` and ``JP:join:early``. Every call above becomes
+one call per node (the nodes owning the buckets the batch touches; redis-py's slot map,
+:func:`weir.slots.group_by_node`): the same stage-1 script run once per bucket inside one
+``EVAL`` (:func:`per_bucket`: it declares one key, names the other buckets' in ARGV and
+starts with ``#!lua flags=allow-cross-slot-keys``, Redis >= 7.0; see :data:`_CROSS_SLOT`
+for what Redis 7.0.15 requires). Round trips: the scorer's served records, one call per node, in parallel
+(:meth:`ServedStore.awrite`); a label batch, one join call per node, plus one hold call per
+node its early labels touch; the sweep, per node: the expiries (:data:`EXPIRE_CHUNK` shared
+by the node's buckets, at most :data:`EXPIRE_CALLS` calls), a look at each bucket's share of
+:data:`SWEEP_HELD_CHUNK` held labels (``SWEEP_HELD_CHUNK // B``, at least 1, each bucket its
+own cursor, so none starves), their state (the join call) and the deletion of the holds
+done with. The learner's calls go to the nodes in turn. A call some of whose slots are no
+longer on its node (a ``MOVED``, a "non local key": a failover, a resharding) reloads the
+slot map and raises a transient error: the whole step is retried, regrouped; what was
+applied (other nodes, or a script's buckets before the failing one) is applied again with
+no effect (above). B == 1 is stage 1:
+the same scripts, keys and calls as without buckets.
+
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
 ``hit`` (learned now), ``early`` (held), ``duplicate`` (its message already read, its event
 already learned, or a label already held),
@@ -62,17 +85,19 @@ and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (ne
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
 from weir.contracts import Example, prediction_from_dict
+from weir.slots import bucket_of, bucket_prefix, call, group_by_node, is_cluster
 from weir.spec import PipelineSpec
 from weir.types import DeadLetter, Label, Prediction
 
@@ -96,20 +121,199 @@ def _px(spec: PipelineSpec) -> int:
 
 
 class Keys:
-    """Key names of the join, in one place."""
+    """Key names of the join, in one place.
+
+    With ``spec.redis.buckets`` B == 1 every key is under ``spec.redis_prefix``
+    (``weir:{<name>}``, one hash slot). With B > 1 an event's keys and the sets that hold
+    its id are under its bucket's prefix ``weir:{<name>#j<b>}``, ``b = bucket_of(event_id,
+    B)`` (:mod:`weir.slots`): the scorer and the learner find them from the event id alone.
+    ``pending``, ``expired`` and ``early_index`` are bucket 0's (the only one when B == 1).
+    """
 
     def __init__(self, spec: PipelineSpec) -> None:
         p = spec.redis_prefix
         self.prefix = p
-        self.pending = f"{p}:join:pending"
-        self.expired = f"{p}:join:expired"
-        self.early_index = f"{p}:join:early"
+        self.buckets = spec.redis.buckets
+        #: the prefix of each bucket; ``[prefix]`` when B == 1
+        self.prefixes = (
+            [p]
+            if self.buckets == 1
+            else [bucket_prefix(spec.name, "j", b, self.buckets) for b in range(self.buckets)]
+        )
+        self.pending = self.pending_of(0)
+        self.expired = self.expired_of(0)
+        self.early_index = self.early_index_of(0)
+
+    def bucket(self, event_id: str) -> int:
+        return bucket_of(event_id, self.buckets)
 
     def served(self, event_id: str) -> str:
-        return f"{self.prefix}:served:{event_id}"
+        return f"{self.prefixes[bucket_of(event_id, self.buckets)]}:served:{event_id}"
 
     def early(self, event_id: str) -> str:
-        return f"{self.prefix}:early:{event_id}"
+        return f"{self.prefixes[bucket_of(event_id, self.buckets)]}:early:{event_id}"
+
+    def pending_of(self, bucket: int) -> str:
+        return f"{self.prefixes[bucket]}:join:pending"
+
+    def expired_of(self, bucket: int) -> str:
+        return f"{self.prefixes[bucket]}:join:expired"
+
+    def early_index_of(self, bucket: int) -> str:
+        return f"{self.prefixes[bucket]}:join:early"
+
+
+# -- buckets and nodes (B > 1): one call per node per batch ---------------------------
+
+#: The first line of a script touching keys of several slots of the node it runs on (one
+#: declared, the others named in ARGV). Checked on Redis 7.0.15: a script with flags needs
+#: it for that ("Script attempted to access keys that do not hash to the same slot"); a
+#: key of another node fails ("non local key") and declared keys of several slots fail
+#: (``CROSSSLOT``) with or without it.
+_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
+
+#: The rest of :func:`per_bucket`'s script: ARGV is one group per bucket, ``n`` then the
+#: ``n`` arguments the stage-1 script takes for that bucket; the replies are concatenated.
+_PER_BUCKET = r"""
+local out, o = {}, 0
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local a = {}
+  for j = 1, n do a[j] = ARGV[i + j] end
+  local r = one(a)
+  if type(r) == 'table' then
+    for j = 1, #r do o = o + 1; out[o] = r[j] end
+  else
+    o = o + 1; out[o] = r
+  end
+  i = i + n + 1
+end
+return out
+"""
+
+
+def per_bucket(script: str) -> str:
+    """The script that runs a stage-1 (one prefix) ``script`` once per bucket, in one call.
+
+    The stage-1 body becomes ``one(ARGV)``, a local function of its own arguments, so
+    B == 1 and B > 1 run the very same Lua per bucket; the call's ARGV is
+    :func:`per_bucket_args`, its KEYS one key (:func:`bucket_calls`).
+    """
+    return f"{_CROSS_SLOT}local function one(ARGV){script}end\n{_PER_BUCKET}"
+
+
+def per_bucket_args(groups: Iterable[Sequence[Any]]) -> list[Any]:
+    """ARGV of a :func:`per_bucket` script: each bucket's stage-1 arguments, counted.
+
+    >>> per_bucket_args([["p1", 1, "a"], ["p2", 2]])
+    [3, 'p1', 1, 'a', 2, 'p2', 2]
+    """
+    out: list[Any] = []
+    for g in groups:
+        out.append(len(g))
+        out += g
+    return out
+
+
+def by_bucket(buckets: int, event_ids: Sequence[str]) -> dict[int, list[int]]:
+    """Indices of ``event_ids`` by bucket (:func:`weir.slots.bucket_of`), in first-seen order.
+
+    >>> by_bucket(1, ["a", "b", "c"])
+    {0: [0, 1, 2]}
+    >>> sum(len(v) for v in by_bucket(64, [f"e{i}" for i in range(100)]).values())
+    100
+    """
+    if buckets == 1:
+        return {0: list(range(len(event_ids)))} if event_ids else {}
+    out: dict[int, list[int]] = {}
+    for i, eid in enumerate(event_ids):
+        b = bucket_of(eid, buckets)
+        idx = out.get(b)
+        if idx is None:
+            out[b] = [i]
+        else:
+            idx.append(i)
+    return out
+
+
+def nodes_of(client: Any, keys: Keys, buckets: Iterable[int]) -> list[tuple[Any, list[int]]]:
+    """``buckets`` grouped by the node owning each bucket's slot: ``[(node, buckets)]``
+    (one group, node None, for a single Redis)."""
+    bs = list(buckets)
+    groups = group_by_node(client, [keys.pending_of(b) for b in bs])
+    return [(node, [bs[i] for i in idx]) for node, idx in groups]
+
+
+def _redirected(exc: Exception) -> bool:
+    """Whether a call sent to one node failed because some of its slots are not there (any
+    more): a ``RedisClusterException`` from redis-py (a slot not covered; not a
+    ``RedisError``), or Redis 7's "Script attempted to access a non local key" for a bucket
+    whose slot moved (also what redis-py gets after following a ``MOVED`` of the declared
+    key to a node that does not hold the call's other buckets)."""
+    from redis.exceptions import RedisClusterException, ResponseError
+
+    return isinstance(exc, RedisClusterException) or (
+        isinstance(exc, ResponseError) and "non local key" in str(exc)
+    )
+
+
+def _moved(node: Any, exc: Exception) -> Exception:
+    """The transient error (``ClusterError``, :func:`weir.resilience.is_transient`) raised
+    for :func:`_redirected`: Weir's retry sends the batch again, grouped on the new map."""
+    from redis.exceptions import ClusterError
+
+    return ClusterError(
+        f"a slot of a call to node {getattr(node, 'name', node)} moved ({exc}); the slot map "
+        "is reloaded and the batch retried, grouped anew"
+    )
+
+
+def _eval_args(text: str, declared: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    return ("EVAL", text, len(declared), *declared, *args)
+
+
+def node_call(client: Any, node: Any, text: str, declared: Sequence[str], args: Sequence[Any]) -> Any:
+    """One ``EVAL`` of ``text`` (a :func:`per_bucket` script) on ``node`` (sync client).
+
+    ``EVAL``, not ``EVALSHA``: the text rides with the call (a few KB), so a node that lost
+    its script cache (a failover, a restart) needs no ``NOSCRIPT`` round trip.
+    """
+    try:
+        return call(client, node, *_eval_args(text, declared, args))
+    except Exception as exc:
+        if not _redirected(exc):
+            raise
+        client.nodes_manager.initialize()
+        raise _moved(node, exc) from exc
+
+
+async def anode_call(client: Any, node: Any, text: str, declared: Sequence[str], args: Sequence[Any]) -> Any:
+    """:func:`node_call` for the asyncio client."""
+    try:
+        return await call(client, node, *_eval_args(text, declared, args))
+    except Exception as exc:
+        if not _redirected(exc):
+            raise
+        await client.nodes_manager.initialize()
+        raise _moved(node, exc) from exc
+
+
+def bucket_calls(
+    client: Any,
+    keys: Keys,
+    groups: Mapping[int, Sequence[Any]],
+    declared: Any,
+) -> list[tuple[Any, list[str], list[Any], list[int]]]:
+    """The calls of a :func:`per_bucket` script: ``groups`` maps a bucket to its stage-1
+    ARGV; returns ``(node, KEYS, ARGV, buckets)`` per node, ``buckets`` in the order their
+    replies come. KEYS is one key, ``declared(first bucket)``: Redis refuses declared keys
+    of several slots (``CROSSSLOT``, flags or not); the other buckets' keys are named in
+    ARGV, which the ``allow-cross-slot-keys`` flag allows on the node's own slots."""
+    out = []
+    for node, buckets in nodes_of(client, keys, groups):
+        out.append((node, [declared(buckets[0])], per_bucket_args(groups[b] for b in buckets), buckets))
+    return out
 
 
 #: The served records of a batch, one command instead of one ``SET`` per prediction (the
@@ -134,6 +338,7 @@ redis.call('ZREMRANGEBYSCORE', pending, '(' .. string.format('%.17g', -tonumber(
 redis.call('PEXPIRE', pending, ARGV[5])
 return 0
 """
+_SERVED_LUA_X = per_bucket(_SERVED_LUA)
 
 #: First byte of a compact served record (an older record is an orjson object, ``{``).
 _COMPACT = b"\x01"
@@ -219,27 +424,82 @@ class ServedStore:
             event_id, entity, ts, model or self.model_name, version, prediction, proba, features, scored_at
         )
 
+    def _groups(self, predictions: Sequence[Prediction], now: float | None) -> dict[int, list[Any]]:
+        """Each bucket's :data:`_SERVED_LUA` arguments (one bucket when B == 1)."""
+        now = time.time() if now is None else now
+        horizon = self.spec.labels.horizon
+        k = self.keys
+        # Bounded without a learner: deadlines more than a horizon ago are dropped here.
+        head = (self.px, repr(now + horizon), repr(now - horizon), 2 * self.px)
+        encode = self.encode
+        groups: dict[int, list[Any]] = {}
+        for b, idx in by_bucket(k.buckets, [p.event_id for p in predictions]).items():
+            args: list[Any] = [k.prefixes[b], *head]
+            for i in idx:
+                p = predictions[i]
+                args += (p.event_id, encode(p))
+            groups[b] = args
+        return groups
+
     def add_to_pipeline(self, pipe: Any, predictions: Sequence[Prediction], now: float | None = None) -> None:
         """Queue the served records on ``pipe`` (the caller executes it): one command,
-        :data:`_SERVED_LUA`, for the whole batch.
+        :data:`_SERVED_LUA`, for the whole batch. ``spec.redis.buckets`` == 1 only (with
+        buckets the records go to several nodes: :meth:`write`, :meth:`awrite`).
 
         A redelivered event keeps its first served record (``SET NX``): that is what
         was published first and what its label must be joined with.
         """
         if not predictions:
             return
-        now = time.time() if now is None else now
-        horizon = self.spec.labels.horizon
-        # Bounded without a learner: deadlines more than a horizon ago are dropped here.
-        args: list[Any] = [self.keys.prefix, self.px, repr(now + horizon), repr(now - horizon), 2 * self.px]
-        encode = self.encode
-        for p in predictions:
-            args += (p.event_id, encode(p))
+        if self.keys.buckets != 1:
+            raise ValueError(
+                f"ServedStore.add_to_pipeline: spec.redis.buckets is {self.keys.buckets}, so the "
+                "served records go to one call per node; use ServedStore.write() or awrite()"
+            )
         # EVAL, not EVALSHA: the script's text (under 1 KB) rides with the batch, so a Redis
         # that lost its script cache (restart, SCRIPT FLUSH) needs no NOSCRIPT round trip.
         # One declared key (the rest share its hash slot): a Redis Cluster routes by it.
         # execute_command, since redis-py's cluster pipeline has no eval().
-        pipe.execute_command("EVAL", _SERVED_LUA, 1, self.keys.pending, *args)
+        pipe.execute_command("EVAL", _SERVED_LUA, 1, self.keys.pending, *self._groups(predictions, now)[0])
+
+    def write(self, client: Any, predictions: Sequence[Prediction], now: float | None = None) -> None:
+        """Store the served records (sync client): B == 1, one pipeline of one command
+        (:meth:`add_to_pipeline`); with buckets, one script call per node."""
+        if not predictions:
+            return
+        if self.keys.buckets == 1:
+            pipe = client.pipeline(transaction=False)
+            self.add_to_pipeline(pipe, predictions, now)
+            pipe.execute()
+            return
+        for node, declared, args, _ in bucket_calls(
+            client, self.keys, self._groups(predictions, now), self.keys.pending_of
+        ):
+            node_call(client, node, _SERVED_LUA_X, declared, args)
+
+    async def awrite(self, client: Any, predictions: Sequence[Prediction], now: float | None = None) -> None:
+        """:meth:`write` for the asyncio client (the scorer's): the nodes' calls in parallel.
+
+        A retry after some nodes' calls succeeded and another's failed (a ``MOVED``, a node
+        down) sends them all again: ``SET NX`` and ``ZADD NX`` change nothing stored.
+        """
+        if not predictions:
+            return
+        if self.keys.buckets == 1:
+            pipe = client.pipeline(transaction=False)
+            self.add_to_pipeline(pipe, predictions, now)
+            await pipe.execute()
+            return
+        if is_cluster(client):
+            await client.initialize()  # its slot map, on a client's first call (a no-op after)
+        calls = bucket_calls(client, self.keys, self._groups(predictions, now), self.keys.pending_of)
+        done = await asyncio.gather(
+            *(anode_call(client, node, _SERVED_LUA_X, declared, args) for node, declared, args, _ in calls),
+            return_exceptions=True,
+        )
+        for res in done:
+            if isinstance(res, BaseException):
+                raise res
 
 
 @dataclass(slots=True)
@@ -465,15 +725,19 @@ def decide_held(
     return results, done
 
 
-def next_cursor(start: int, looked_at: int, done: int) -> int:
+def next_cursor(start: int, looked_at: int, done: int, chunk: int | None = None) -> int:
     """Where the sweep looks next in the early index: past the ids it kept, or back to the
-    start when it saw the end (ids not done keep their ranks; done ones leave).
+    start when it saw the end (ids not done keep their ranks; done ones leave). ``chunk``:
+    how many it asked for (default :data:`SWEEP_HELD_CHUNK`; a bucket's share with buckets).
 
     Examples:
         >>> next_cursor(0, SWEEP_HELD_CHUNK, 100), next_cursor(400, 7, 2)
         (400, 0)
+        >>> next_cursor(6, 2, 1, chunk=2), next_cursor(6, 1, 0, chunk=2)
+        (7, 0)
     """
-    return start + looked_at - done if looked_at == SWEEP_HELD_CHUNK else 0
+    full = SWEEP_HELD_CHUNK if chunk is None else chunk
+    return start + looked_at - done if looked_at == full else 0
 
 
 #: The join's one call per batch: first the writes the learner queued (marks of learned
@@ -546,6 +810,7 @@ while i <= last do
 end
 return out
 """
+_JOIN_LUA_X = per_bucket(_JOIN_LUA)
 
 #: The holds of a batch's early labels, one command instead of three per label (a pipeline of
 #: them was the largest client-side cost of the label path under a backlog,
@@ -573,6 +838,7 @@ redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[4])
 redis.call('PEXPIRE', index, ARGV[5])
 return out
 """
+_HOLD_LUA_X = per_bucket(_HOLD_LUA)
 
 #: The sweep's expiries: up to ARGV[3] pending ids whose deadline (ARGV[2]) passed move to
 #: the expired set (kept one more horizon, ARGV[4] seconds), learned ones whose deadline
@@ -600,6 +866,36 @@ redis.call('ZREMRANGEBYSCORE', expired, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', pending, '(' .. string.format('%.17g', -now), '(0')
 return n
 """
+_EXPIRE_LUA_X = per_bucket(_EXPIRE_LUA)
+
+#: (buckets) The sweep's look at a bucket's held labels, ARGV: prefix, first and last
+#: rank: the ids and deadlines of its early index (one reply per bucket).
+_HELD_RANGE_LUA_X = per_bucket(
+    r"""
+return {redis.call('ZRANGE', ARGV[1] .. ':join:early', ARGV[2], ARGV[3], 'WITHSCORES')}
+"""
+)
+
+#: (buckets) The held labels the sweep is done with, ARGV: prefix, then their ids: they
+#: leave the early index and their holds are deleted (what :meth:`LabelJoiner.resolve_held`
+#: pipelines when B == 1).
+_UNHOLD_LUA_X = per_bucket(
+    r"""
+local index = ARGV[1] .. ':join:early'
+local i = 2
+while i <= #ARGV do
+  local ids, ks = {}, {}
+  for q = i, math.min(#ARGV, i + 499) do
+    ids[#ids + 1] = ARGV[q]
+    ks[#ks + 1] = ARGV[1] .. ':early:' .. ARGV[q]
+  end
+  redis.call('ZREM', index, unpack(ids))
+  redis.call('DEL', unpack(ks))
+  i = i + 500
+end
+return 0
+"""
+)
 
 #: Served records deleted per call at most (the rest go with the next calls).
 DROP_CHUNK = 2_000
@@ -624,6 +920,10 @@ class LabelJoiner:
     A crash that loses queued marks also loses the model state that learned their
     labels (no snapshot is taken before :meth:`flush`): they are learned again.
 
+    With ``spec.redis.buckets`` > 1 each of these calls is one call per node (the node's
+    buckets in one script), sent in turn; a mark, a deletion and a read of an event go to
+    its bucket's node, so an event's mark is still written before its next read.
+
     Served records are deleted once their label is in a published snapshot
     (:meth:`published`): before that, a crash would need them to learn the label again.
     """
@@ -636,6 +936,8 @@ class LabelJoiner:
         self.lineage = lineage or Lineage()
         self.served = ServedStore(spec)
         self._held_cursor = 0  # rank in the early index where the next sweep looks
+        #: (B > 1) that rank per bucket
+        self._held_cursors: dict[int, int] = {}
         #: markers learned, not yet written: (event id, seq)
         self._marks: list[tuple[str, int]] = []
         #: event ids learned since the last snapshot (their records are still needed)
@@ -658,21 +960,64 @@ class LabelJoiner:
         return len(self._marks)
 
     def _call(self, ids: Sequence[str], mode: str = "expired") -> list[Any]:
-        """Write the queued marks and deletions, then read ``ids``; one script call.
+        """Write the queued marks and deletions, then read ``ids``; one script call (one
+        per node with buckets).
 
         The queues are emptied only once the call succeeded: a retried call sends them
         again (marking a record with the same marker, deleting a deleted key: no-ops).
         """
         marks, drops = self._marks, self._droppable[:DROP_CHUNK]
-        args: list[Any] = [self.keys.prefix, mode, len(marks), len(drops)]
         marker = self.lineage.marker
-        for eid, seq in marks:
-            args += (eid, marker(seq))
-        args += drops
-        args += ids
-        raw: list[Any] = self._script(_JOIN_LUA)(keys=[self.keys.pending], args=args)
+        k = self.keys
+        raw: list[Any]
+        if k.buckets == 1:
+            args: list[Any] = [k.prefix, mode, len(marks), len(drops)]
+            for eid, seq in marks:
+                args += (eid, marker(seq))
+            args += drops
+            args += ids
+            raw = self._script(_JOIN_LUA)(keys=[k.pending], args=args)
+        else:
+            raw = self._call_buckets(ids, mode, [(eid, marker(seq)) for eid, seq in marks], drops)
         self._marks = []
         del self._droppable[: len(drops)]
+        return raw
+
+    def _call_buckets(
+        self, ids: Sequence[str], mode: str, marks: Sequence[tuple[str, bytes]], drops: Sequence[str]
+    ) -> list[Any]:
+        """:meth:`_call` with buckets: each bucket's marks, deletions and reads (the stage-1
+        script's arguments for its prefix), one call per node; the reads' values put back
+        in the order of ``ids``."""
+        k = self.keys
+        n = k.buckets
+        parts: dict[int, tuple[list[Any], list[str], list[int]]] = {}
+
+        def part(eid: str) -> tuple[list[Any], list[str], list[int]]:
+            b = bucket_of(eid, n)
+            g = parts.get(b)
+            if g is None:
+                g = parts[b] = ([], [], [])
+            return g
+
+        for eid, m in marks:
+            part(eid)[0].extend((eid, m))
+        for eid in drops:
+            part(eid)[1].append(eid)
+        for i, eid in enumerate(ids):
+            part(eid)[2].append(i)
+        groups = {
+            b: [k.prefixes[b], mode, len(m) // 2, len(d), *m, *d, *(ids[i] for i in r)]
+            for b, (m, d, r) in parts.items()
+        }
+        raw: list[Any] = [None] * (3 * len(ids))
+        for node, declared, args, buckets in bucket_calls(self.client, k, groups, k.pending_of):
+            out = node_call(self.client, node, _JOIN_LUA_X, declared, args)
+            j = 0
+            for b in buckets:
+                for i in parts[b][2]:
+                    raw[3 * i : 3 * i + 3] = out[j : j + 3]
+                    j += 3
         return raw
 
     def flush(self) -> None:
@@ -721,19 +1066,12 @@ class LabelJoiner:
         if not labels:
             return []
         now = time.time() if now is None else now
-        k = self.keys
         found = read_state(self._call([lab.event_id for lab in labels]))
         results = decide_labels(labels, found, self.lineage, self.served, read)
         early = [i for i, res in enumerate(results) if res.outcome == "early"]
         if early:
-            horizon = self.spec.labels.horizon
-            args: list[Any] = [k.prefix, self.px, repr(now + horizon), repr(now - horizon), 2 * self.px]
-            bodies: list[bytes] = []
-            for i in early:
-                lab = labels[i]
-                bodies.append(body := hold_body(lab, sources[i] if sources is not None else ""))
-                args += (lab.event_id, body)
-            held = self._script(_HOLD_LUA)(keys=[k.early_index], args=args)
+            bodies = [hold_body(labels[i], sources[i] if sources is not None else "") for i in early]
+            held = self._hold([labels[i].event_id for i in early], bodies, now)
             for j, i in enumerate(early):
                 source = sources[i] if sources is not None else ""
                 if held_by_another(held[2 * j], held[2 * j + 1], bodies[j], source):
@@ -742,20 +1080,67 @@ class LabelJoiner:
                     )
         return results
 
+    def _hold(self, ids: Sequence[str], bodies: Sequence[bytes], now: float) -> list[Any]:
+        """Hold early labels (:data:`_HOLD_LUA`): two values per label, in order."""
+        k = self.keys
+        horizon = self.spec.labels.horizon
+        head = (self.px, repr(now + horizon), repr(now - horizon), 2 * self.px)
+        parts = by_bucket(k.buckets, ids)
+        groups: dict[int, list[Any]] = {}
+        for b, idx in parts.items():
+            args: list[Any] = [k.prefixes[b], *head]
+            for i in idx:
+                args += (ids[i], bodies[i])
+            groups[b] = args
+        if k.buckets == 1:
+            return list(self._script(_HOLD_LUA)(keys=[k.early_index], args=groups[0]))
+        held: list[Any] = [None] * (2 * len(ids))
+        for node, declared, args, buckets in bucket_calls(self.client, k, groups, k.early_index_of):
+            out = node_call(self.client, node, _HOLD_LUA_X, declared, args)
+            j = 0
+            for b in buckets:
+                for i in parts[b]:
+                    held[2 * i : 2 * i + 2] = out[j : j + 2]
+                    j += 2
+        return held
+
     def expire(self, now: float) -> int:
         """Move the pending ids whose deadline passed to the expired set; how many.
 
-        Bounded: at most :data:`EXPIRE_CALLS` script calls of :data:`EXPIRE_CHUNK` ids,
-        each a short slice of Redis time; a larger backlog goes on at the next sweep.
+        Bounded: at most :data:`EXPIRE_CALLS` script calls (per node, with buckets) of
+        :data:`EXPIRE_CHUNK` ids (shared equally by the node's buckets, so none waits for
+        another's backlog), each a short slice of Redis time; a larger backlog goes on at
+        the next sweep.
         """
-        script = self._script(_EXPIRE_LUA)
-        args = [self.keys.prefix, repr(now), EXPIRE_CHUNK, repr(self.spec.labels.horizon), 2 * self.px]
+        k = self.keys
+        now_s, horizon_s, px2 = repr(now), repr(self.spec.labels.horizon), 2 * self.px
         total = 0
-        for _ in range(EXPIRE_CALLS):
-            n = int(script(keys=[self.keys.pending], args=args))
-            total += n
-            if n < EXPIRE_CHUNK:
-                break
+        if k.buckets == 1:
+            script = self._script(_EXPIRE_LUA)
+            args = [k.prefix, now_s, EXPIRE_CHUNK, horizon_s, px2]
+            for _ in range(EXPIRE_CALLS):
+                n = int(script(keys=[k.pending], args=args))
+                total += n
+                if n < EXPIRE_CHUNK:
+                    break
+            return total
+        for node, buckets in nodes_of(self.client, k, range(k.buckets)):
+            share = max(1, EXPIRE_CHUNK // len(buckets))
+            for _ in range(EXPIRE_CALLS):
+                counts = [
+                    int(c)
+                    for c in node_call(
+                        self.client,
+                        node,
+                        _EXPIRE_LUA_X,
+                        [k.pending_of(buckets[0])],
+                        per_bucket_args([k.prefixes[b], now_s, share, horizon_s, px2] for b in buckets),
+                    )
+                ]
+                total += sum(counts)
+                buckets = [b for b, c in zip(buckets, counts, strict=True) if c >= share]
+                if not buckets:
+                    break
         return total
 
     def sweep(self, now: float | None = None) -> tuple[int, list[JoinResult]]:
@@ -777,8 +1162,13 @@ class LabelJoiner:
         learner then looks at the next chunk without waiting for the next sweep (a backlog
         of early labels is resolved as fast as its events are served, not
         :data:`SWEEP_HELD_CHUNK` a second).
+
+        With buckets, the chunk is shared by every bucket's early index (each its own
+        cursor, ``SWEEP_HELD_CHUNK // buckets`` ids at least 1), so none starves.
         """
         now = time.time() if now is None else now
+        if self.keys.buckets != 1:
+            return self._resolve_held_buckets(now)
         k = self.keys
         c = self.client
         start = self._held_cursor
@@ -801,6 +1191,44 @@ class LabelJoiner:
             pipe.execute()
         self._held_cursor = next_cursor(start, len(held), len(done))
         self.more_held = len(held) == SWEEP_HELD_CHUNK and bool(results)
+        return results
+
+    def _resolve_held_buckets(self, now: float) -> list[JoinResult]:
+        """:meth:`resolve_held` with buckets: per node one call reading each bucket's share
+        of its early index, the join's call (:meth:`_call`) for their state, and one call
+        deleting the holds done with."""
+        k, c = self.keys, self.client
+        share = max(1, SWEEP_HELD_CHUNK // k.buckets)
+        cursors = self._held_cursors
+        ids: list[str] = []
+        deadlines: list[float] = []
+        looked: dict[int, int] = {}
+        ranges = {
+            b: [k.prefixes[b], cursors.get(b, 0), cursors.get(b, 0) + share - 1] for b in range(k.buckets)
+        }
+        for node, declared, args, buckets in bucket_calls(c, k, ranges, k.early_index_of):
+            replies = node_call(c, node, _HELD_RANGE_LUA_X, declared, args)
+            for b, flat in zip(buckets, replies, strict=True):
+                looked[b] = len(flat) // 2
+                ids += (e.decode() for e in flat[0::2])
+                deadlines += (float(d) for d in flat[1::2])
+        if not ids:
+            self._held_cursors = {}
+            self.more_held = False
+            return []
+        found = read_state(self._call(ids, mode="early"), mode="early")
+        results, done = decide_held(ids, deadlines, found, self.lineage, self.served, self.published_seq, now)
+        gone = by_bucket(k.buckets, done)
+        if done:
+            groups = {b: [k.prefixes[b], *(done[i] for i in idx)] for b, idx in gone.items()}
+            for node, declared, args, _ in bucket_calls(c, k, groups, k.early_index_of):
+                node_call(c, node, _UNHOLD_LUA_X, declared, args)
+        self._held_cursors = {
+            b: nxt
+            for b, n in looked.items()
+            if (nxt := next_cursor(cursors.get(b, 0), n, len(gone.get(b, ())), share))
+        }
+        self.more_held = any(n == share for n in looked.values()) and bool(results)
         return results
 
     #: the last chunk of held labels was full and decided some: look at the next one soon

@@ -85,9 +85,7 @@ def replay(
 
     def flush_events(now: float) -> None:
         if pending_events:
-            pipe = client.pipeline(transaction=False)
-            served.add_to_pipeline(pipe, pending_events, now=now)
-            pipe.execute()
+            served.write(client, pending_events, now=now)
             pending_events.clear()
 
     def flush_labels() -> None:

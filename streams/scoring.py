@@ -369,9 +369,7 @@ class Scorer:
             # SET NX and ZADD NX: a retry after a partial or unknown outcome changes nothing
             # that the first attempt stored.
             t1 = time.perf_counter()
-            pipe = redis.pipeline(transaction=False)
-            served.add_to_pipeline(pipe, out.predictions)
-            await pipe.execute()
+            await served.awrite(redis, out.predictions)  # one call per node with buckets
             if self.metrics is not None:
                 self.metrics.redis_seconds.labels(self.spec.name, "served").observe(time.perf_counter() - t1)
 
