@@ -58,8 +58,11 @@ class FeatureEngine(Protocol):
         ``positions`` gives each event's Kafka message ``(topic, partition, offset)``."""
         ...
 
-    def served_features(self, client: Any, event_id: str) -> FeatureVector | None:
-        """The features first served for ``event_id``, while the engine remembers it."""
+    def served_features(
+        self, client: Any, event_id: str, entity_id: str | None = None
+    ) -> FeatureVector | None:
+        """The features first served for ``event_id``, while the engine remembers it
+        (``entity_id`` needed when the engine's memory is per entity bucket)."""
         ...
 
 

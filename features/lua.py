@@ -354,7 +354,7 @@ end
 """
 
 _PRELUDE = r"""
-local prefix = ARGV[1]
+PREFIX_DEF
 local function split(s)
   local t, i, m = {}, 1, 0
   while true do
@@ -415,10 +415,7 @@ end
 -- least DEDUPE seconds); the one before those is unlinked (freed off the main thread).
 local now = tonumber(redis.call('TIME')[1])
 local bucket = math.floor(now / DEDUPE)
-local recent_p = prefix .. ':recent:'
-local rnow, rprev = recent_p .. bucket, recent_p .. (bucket - 1)
-redis.call('UNLINK', recent_p .. (bucket - 2))
-local recent_written = false
+RECENT_DEF
 local function recent(eid)
   return redis.call('HGET', rnow, eid) or redis.call('HGET', rprev, eid)
 end
@@ -442,8 +439,7 @@ local function unpack_fv(s)
 end
 
 -- The highest offset applied per (events topic, partition), read once per call.
-local applied_key = prefix .. ':applied'
-local applied, applied_moved = {}, {}
+APPLIED_DEF
 local function seen_offset(tp, off)
   local a = applied[tp]
   if a == nil then
@@ -494,16 +490,10 @@ local ts = tonumber(ts_s)
 local again = tp ~= nil and seen_offset(tp, off)
 local known = recent(eid)
 if known then return 'd|' .. RECENT_TOKENS end
-if again then
-  local rec = redis.call('GET', prefix .. ':served:' .. eid)
-  if rec then
-    local toks = served_tokens(rec)
-    if toks then return 'd|' .. toks end
-  end
-end
+SERVED_FALLBACK
 local meta = redis.call('HMGET', kmeta, 'wm', 'seq'META_READ)
 local wm = tonumber(meta[1])
-if wm and ts < wm - LATENESS then return 'l' end
+if wm and ts < wm - LATENESS then LATE_RETURN end
 local seq = (tonumber(meta[2]) or 0) + 1
 local own = split(args)
 
@@ -562,7 +552,7 @@ _EPILOGUE = r"""
 local fv = table.concat(out, '|')
 -- Redelivered (its offset was applied) yet unknown here: computed from the window as it is
 -- now, read-only (the event is not stored again).
-if again then return 'd|' .. fv end
+if again then return 'REDELIVERED|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
 if not wm or ts > wm then wm = ts end
 redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq)META_SET)
@@ -575,7 +565,35 @@ recent_written = true
 return 'o|' .. fv
 end
 
--- The batch: per event four length-prefixed strings (entity, event id, ts|tokens, and
+BATCH_LOOP
+"""
+
+#: The parts of the script that differ with the buckets (:mod:`weir.slots`): with one
+#: bucket (``ONE``) the keys derive from ``ARGV[1]``, the pipeline's prefix; with several
+#: (``MANY``, ``EVALSHA sha 1 K1 batch K1 K2 ... Kn``) ``ARGV[1 + k]`` is the k-th touched
+#: bucket's ``<bucket prefix>:applied``, each event names its ``k``, and the batch loop
+#: points the shared locals (``rnow``, ``applied``...) at that bucket's before running it.
+#: Only ``K1`` is declared: Redis refuses declared keys of several slots (``CROSSSLOT``,
+#: with the flag too); it routes the call, and answers ``MOVED`` when its slot moved. The
+#: one-bucket text is the stage-1 script's, unchanged (same sha).
+_ONE = {
+    "PREFIX_DEF": "local prefix = ARGV[1]",
+    "RECENT_DEF": """local recent_p = prefix .. ':recent:'
+local rnow, rprev = recent_p .. bucket, recent_p .. (bucket - 1)
+redis.call('UNLINK', recent_p .. (bucket - 2))
+local recent_written = false""",
+    "APPLIED_DEF": """local applied_key = prefix .. ':applied'
+local applied, applied_moved = {}, {}""",
+    "SERVED_FALLBACK": """if again then
+  local rec = redis.call('GET', prefix .. ':served:' .. eid)
+  if rec then
+    local toks = served_tokens(rec)
+    if toks then return 'd|' .. toks end
+  end
+end""",
+    "LATE_RETURN": "return 'l'",
+    "REDELIVERED": "d",
+    "BATCH_LOOP": r"""-- The batch: per event four length-prefixed strings (entity, event id, ts|tokens, and
 -- '<topic>:<partition>|<offset>' or '' when the position is unknown).
 local batch, pos, res = ARGV[2], 1, {}
 local function field()
@@ -609,8 +627,83 @@ if #moved > 0 then
   redis.call('HSET', applied_key, unpack(moved))
   redis.call('EXPIRE', applied_key, APPLIED_TTL)
 end
-return res
-"""
+return res""",
+}
+
+_MANY = {
+    "PREFIX_DEF": "-- The keys of each event are its bucket's (ARGV, the batch loop).",
+    "RECENT_DEF": """local rnow, rprev  -- the event's bucket's (set by the batch loop)
+local recent_written = false""",
+    "APPLIED_DEF": "local applied_key, applied, applied_moved  -- the event's bucket's",
+    # The served record (P:served:<event>) is in the event's join bucket, maybe on another
+    # node: a redelivery not in recent is answered 'r' ('r|<features computed read-only>',
+    # or 'r' alone when late now) and the client looks the record up.
+    "SERVED_FALLBACK": "",
+    "LATE_RETURN": "if again then return 'r' end return 'l'",
+    "REDELIVERED": "r",
+    "BATCH_LOOP": r"""-- The batch: per event five length-prefixed strings (its bucket's k: ARGV[1 + k] is
+-- '<bucket prefix>:applied'; then the entity, event id, ts|tokens, and
+-- '<topic>:<partition>|<offset>' or '' when the position is unknown). Events of different
+-- buckets share no key, so only the order within a bucket matters.
+local batch, pos, res = ARGV[1], 1, {}
+local function field()
+  local c = string.find(batch, ':', pos, true)
+  local e = c + tonumber(string.sub(batch, pos, c - 1))
+  pos = e + 1
+  return string.sub(batch, c + 1, e)
+end
+-- Every bucket first, before any event is run: a bucket whose slot is not on this node
+-- (it moved after the client grouped the batch) fails here ("non local key"), before any
+-- of the batch's writes (the UNLINK only drops a stale recent hash).
+local state, cur = {}, nil
+for k = 1, #ARGV - 1 do
+  local p = string.sub(ARGV[k + 1], 1, -9)  -- without ':applied'
+  local rp = p .. ':recent:'
+  redis.call('UNLINK', rp .. (bucket - 2))
+  state[k] = {win = p .. ':win:', meta = p .. ':meta:', rnow = rp .. bucket, rprev = rp .. (bucket - 1),
+              applied = {}, moved = {}, written = false}
+end
+while pos <= #batch do
+  local k = tonumber(field())
+  local st = state[k]
+  if st ~= cur then
+    cur = st
+    rnow, rprev, applied_key, applied, applied_moved = st.rnow, st.rprev, ARGV[k + 1], st.applied, st.moved
+  end
+  local ent = field()
+  local eid = field()
+  local rest = field()
+  local where = field()
+  local tp, off = nil, nil
+  if where ~= '' then
+    local bar = string.find(where, '|', 1, true)
+    tp, off = string.sub(where, 1, bar - 1), tonumber(string.sub(where, bar + 1))
+  end
+  local bar = string.find(rest, '|', 1, true)
+  res[#res + 1] = one(st.win .. ent, st.meta .. ent, eid, string.sub(rest, 1, bar - 1),
+                      string.sub(rest, bar + 1), tp, off)
+  if recent_written then st.written = true; recent_written = false end
+end
+for k, st in ipairs(state) do
+  if st.written then redis.call('EXPIRE', st.rnow, 2 * DEDUPE + 60) end
+  local moved = {}
+  for tp, _ in pairs(st.moved) do
+    moved[#moved + 1] = tp
+    moved[#moved + 1] = string.format('%d', st.applied[tp])
+  end
+  if #moved > 0 then
+    redis.call('HSET', ARGV[k + 1], unpack(moved))
+    redis.call('EXPIRE', ARGV[k + 1], APPLIED_TTL)
+  end
+end
+return res""",
+}
+
+#: First line of the script with several buckets: it touches keys of several slots (all on
+#: the node it runs on) that it does not declare, which a script with flags allows with
+#: this one (Redis >= 7.0; without it: "Script attempted to access keys that do not hash to
+#: the same slot"; a script without flags is allowed it for compatibility, deprecated).
+CROSS_SLOT = "#!lua flags=allow-cross-slot-keys"
 
 #: TTL (s) of the applied offsets, renewed by every call that moves one: a week, longer than
 #: any outage a worker's uncommitted events could be redelivered after.
@@ -815,8 +908,16 @@ def _meta_set(n: int) -> str:
     return "".join(f", 'p{k}', pv[{k}] or 'u'" for k in range(1, n + 1))
 
 
-def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = True) -> str:
+def build_script(
+    spec: PipelineSpec, *, tiles: bool = True, freshness: bool = True, buckets: int | None = None
+) -> str:
     """The Lua source for ``spec`` (deterministic: its sha1 names it in Redis).
+
+    ``buckets`` (default ``spec.redis.buckets``): 1 builds the stage-1 script (keys under
+    ``spec.redis_prefix``, ``EVALSHA sha 1 P:applied P batch``); more builds the script of
+    :data:`_MANY` (``EVALSHA sha 1 K1 batch K1 ... Kn``, ``Kk`` the k-th bucket's
+    ``<bucket prefix>:applied``, each event naming its k), which starts with
+    :data:`CROSS_SLOT` and needs Redis >= 7.0.
 
     ``freshness=False`` leaves out the ages of :mod:`features.freshness` (each reply then
     holds the features only); ``bench/features.py`` runs it beside the default to measure
@@ -833,7 +934,13 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = Tr
     layout = _tile_layout(spec) if tiles else []
     fresh = freshness_names(spec) if freshness else []
     pfields = list(stored) if freshness else []  # fields with a p<k> in meta
-    lines = [f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit"]
+    many = (spec.redis.buckets if buckets is None else buckets) > 1
+    parts = _MANY if many else _ONE
+    prelude, epilogue = _PRELUDE, _EPILOGUE
+    for name, text in parts.items():
+        prelude, epilogue = prelude.replace(name, text), epilogue.replace(name, text)
+    lines = [CROSS_SLOT] if many else []
+    lines.append(f"-- weir feature script for pipeline {spec.name!r}: generated, do not edit")
     if len(stored) == 1:
         # One stored field (the common case): no table per member, ~40% less Lua time
         # for entities with many events in their window.
@@ -841,7 +948,7 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = Tr
     else:
         parse, field = "split(r[k])", "tok[k][si + 1]"
     lines.append(
-        _PRELUDE.replace("LATENESS", repr(float(spec.lateness)))
+        prelude.replace("LATENESS", repr(float(spec.lateness)))
         .replace("DEDUPE", str(dedupe_seconds(spec)))
         .replace("NFEAT", str(len(spec.features)))
         .replace("NALL", str(len(spec.features) + len(fresh)))
@@ -897,7 +1004,7 @@ def build_script(spec: PipelineSpec, *, tiles: bool = True, freshness: bool = Tr
         lines.append(_freshness_lua(spec, own, stored))
     member = "".join(f" .. '|' .. own[{own[name]}]" for name in stored)
     lines.append(
-        _EPILOGUE.replace("STORED", member)
+        epilogue.replace("STORED", member)
         .replace("META_SET", _meta_set(len(pfields)))
         .replace("STORE_TILES", "store_tiles()" if layout else "")
         .replace("TRIM", _trim(spec))

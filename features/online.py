@@ -8,8 +8,9 @@ rejects a late event; computes the features from the entity's window ZSET; store
 event; trims what no acceptable window can reach; and renews every TTL
 (docs/features.md). A script runs atomically, so no other client sees a batch half applied.
 
-Keys (prefix = ``spec.redis_prefix``, e.g. ``weir:demo``), every one with a TTL; none is
-per event:
+Keys (prefix = ``spec.redis_prefix``, ``weir:{<name>}``, with ``spec.redis.buckets`` 1;
+with more, the prefix of the entity's bucket ``weir:{<name>#e<b>}``, :mod:`weir.slots`),
+every one with a TTL; none is per event:
 
 * ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s.
 * ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count, ``p<k>``
@@ -17,10 +18,21 @@ per event:
   the time tiles of the value windows, docs/features.md#tiles); same TTL.
 * ``{prefix}:applied`` hash: per ``<events topic>:<partition>`` the highest offset whose
   event the script has decided (accepted, late or duplicate), advanced in the same script
-  call as the event's effects; TTL :data:`features.lua.APPLIED_TTL` (a week).
+  call as the event's effects; TTL :data:`features.lua.APPLIED_TTL` (a week). With
+  buckets, one per bucket: the offsets of that bucket's events (a partition's events are
+  run in offset order and a bucket's are a subsequence of them, so an offset at or below
+  the bucket's is a redelivery).
 * ``{prefix}:recent:{n}`` hash: event id -> first served features of the events accepted
   in the n-th ``scoring.dedupe_horizon`` of wall time (Redis ``TIME``). Two are read, the
   one before is unlinked: an id is remembered at least one dedupe horizon, at most two.
+  With buckets, one per bucket (a producer's retry has the same entity, so the same bucket).
+
+**Buckets** (``spec.redis.buckets`` > 1, docs/scaling.md, stage 2). A batch's events are
+grouped by the node owning their bucket's slot and each group is one script call to that
+node (all nodes at once for the asyncio client), naming the ``applied`` key of every bucket
+it touches (the first declared); the results come back in the batch's order. A retried batch after a
+partial failure (a node applied its group, another answered ``MOVED``) is safe: the
+applied part is then redeliveries, answered with their first served features.
 
 **Guarantee.** An event is never counted twice in a window when it comes again as the
 same Kafka message (same topic, partition and offset, given through ``positions``), however
@@ -29,11 +41,15 @@ first acceptance. The features a redelivered event is answered with are exactly 
 served when it is still in ``recent`` or its served record (``P:served:``, written by the
 scorer and deleted once its label is learned) is still there; otherwise they are computed
 from the window as it is now, without storing the event again (events that arrived since
-are then counted in, and the event itself). A late event is late again.
+are then counted in, and the event itself). A late event is late again. With buckets
+the served record is in the event's join bucket, maybe on another node: the script answers
+``r`` for such a redelivery and this module reads the records (one call per node), a rare
+path (redeliveries older than the dedupe horizon).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import struct
 import time
@@ -54,6 +70,16 @@ from features.base import (
 from features.freshness import freshness_names
 from features.lua import build_script, packs_recent
 from weir.errors import FeatureError
+from weir.slots import (
+    bucket_of,
+    bucket_prefix,
+    call,
+    ensure_slot_map,
+    group_by_node,
+    moved,
+    not_local,
+    refresh_slots,
+)
 from weir.spec import FieldSpec, PipelineSpec
 from weir.types import Event, FeatureValue, FeatureVector
 
@@ -138,6 +164,16 @@ def _dec_string(p: str) -> FeatureValue:
     return _unescape(p[1:]) if p else None
 
 
+#: The values of the keys in ``ARGV`` in one call (``false`` for a missing key), across
+#: slots of the node it runs on (the first also declared, ``KEYS[1]``: it routes the call):
+#: the served records of old redeliveries (buckets only, a rare path).
+_GET_LUA = """#!lua flags=no-writes,allow-cross-slot-keys
+local r = {}
+for i = 1, #ARGV do r[i] = redis.call('GET', ARGV[i]) end
+return r
+"""
+
+
 class RedisFeatureStore:
     """The online engine for one pipeline spec.
 
@@ -157,6 +193,11 @@ class RedisFeatureStore:
         self.script = build_script(spec)
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
         self._prefix = spec.redis_prefix
+        self.buckets = spec.redis.buckets
+        #: with buckets, each bucket's applied key (the key a call names its bucket by)
+        self._applied_keys = [
+            bucket_prefix(spec.name, "e", b, self.buckets) + ":applied" for b in range(self.buckets)
+        ]
         self._fields = used_fields(spec)
         self._encoders = [(n, _encoder(n, spec.fields[n])) for n in self._fields]
         self._names = spec.feature_names
@@ -172,19 +213,45 @@ class RedisFeatureStore:
 
     # -- keys -------------------------------------------------------------------------
 
+    def prefix_of(self, entity_id: str) -> str:
+        """The key prefix of the entity's bucket (``spec.redis_prefix`` with one bucket)."""
+        if self.buckets == 1:
+            return self._prefix
+        return bucket_prefix(self.spec.name, "e", bucket_of(entity_id, self.buckets), self.buckets)
+
     def window_key(self, entity_id: str) -> str:
         """The ZSET of the entity's accepted events."""
-        return f"{self._prefix}:win:{entity_id}"
+        return f"{self.prefix_of(entity_id)}:win:{entity_id}"
 
-    def recent_keys(self, now: float | None = None) -> tuple[str, str]:
-        """The hashes of first served features that are read now (this window, the last)."""
+    def meta_key(self, entity_id: str) -> str:
+        """The hash of the entity's watermark, arrival count, feature ages and tiles."""
+        return f"{self.prefix_of(entity_id)}:meta:{entity_id}"
+
+    def recent_keys(self, now: float | None = None, entity_id: str | None = None) -> tuple[str, str]:
+        """The hashes of first served features that are read now (this window, the last);
+        with buckets, those of ``entity_id``'s bucket."""
+        self._one_bucket_or(entity_id, "recent_keys")
         n = int((time.time() if now is None else now) // dedupe_seconds(self.spec))
-        return f"{self._prefix}:recent:{n}", f"{self._prefix}:recent:{n - 1}"
+        p = self._prefix if entity_id is None else self.prefix_of(entity_id)
+        return f"{p}:recent:{n}", f"{p}:recent:{n - 1}"
 
     @property
     def applied_key(self) -> str:
-        """The hash of the highest applied offset per events topic and partition."""
+        """The hash of the highest applied offset per events topic and partition (one
+        bucket; with several, :meth:`applied_key_of`)."""
+        self._one_bucket_or(None, "applied_key")
         return f"{self._prefix}:applied"
+
+    def applied_key_of(self, entity_id: str) -> str:
+        """The applied offsets of ``entity_id``'s bucket (``applied_key`` with one bucket)."""
+        return f"{self.prefix_of(entity_id)}:applied"
+
+    def _one_bucket_or(self, entity_id: str | None, what: str) -> None:
+        if entity_id is None and self.buckets > 1:
+            raise FeatureError(
+                f"{what}: with redis.buckets={self.buckets} the key depends on the entity's "
+                "bucket; pass entity_id (or use applied_key_of)"
+            )
 
     # -- encoding and decoding ------------------------------------------------------
 
@@ -195,6 +262,13 @@ class RedisFeatureStore:
 
         One command (see :mod:`features.lua` for the layout of its batch argument).
         """
+        parts = self._encode(events, positions)
+        # One declared key (the script derives the others from the prefix, all in the
+        # pipeline's hash slot): a Redis Cluster client sends the call to that slot's node.
+        return [("EVALSHA", self.sha, 1, self.applied_key, self._prefix, "".join(parts))]
+
+    def _encode(self, events: Sequence[Event], positions: Sequence[Position] | None) -> list[str]:
+        """Four length-prefixed strings per event (:mod:`features.lua`); validates every event."""
         if positions is not None and len(positions) != len(events):
             raise FeatureError(
                 f"positions must give one (topic, partition, offset) per event: got {len(positions)} "
@@ -219,9 +293,33 @@ class RedisFeatureStore:
                 topic, partition, offset = positions[i]
                 where = f"{topic}:{partition}|{int(offset)}"
                 add(f"{len(where)}:{where}")
-        # One declared key (the script derives the others from the prefix, all in the
-        # pipeline's hash slot): a Redis Cluster client sends the call to that slot's node.
-        return [("EVALSHA", self.sha, 1, self.applied_key, self._prefix, "".join(parts))]
+        return parts
+
+    def _bucket_calls(
+        self, client: Any, events: Sequence[Event], positions: Sequence[Position] | None
+    ) -> list[tuple[Any, list[int], tuple[Any, ...]]]:
+        """With buckets: ``(node, event indices, EVALSHA args)`` per node of the batch.
+
+        Each call names the ``applied`` key of every bucket its events are in (``ARGV[2:]``,
+        the first also declared: it routes the call) and each event its bucket's place
+        there (:data:`features.lua._MANY`).
+        """
+        parts = self._encode(events, positions)
+        keyof, n = self._applied_keys, self.buckets
+        akeys = [keyof[bucket_of(e.entity_id, n)] for e in events]
+        calls = []
+        for node, idx in group_by_node(client, akeys):
+            keys: dict[str, str] = {}
+            body: list[str] = []
+            for i in idx:
+                k = keys.get(akeys[i])
+                if k is None:
+                    k = keys[akeys[i]] = str(len(keys) + 1)
+                body.append(f"{len(k)}:{k}")
+                body.extend(parts[4 * i : 4 * i + 4])
+            names = list(keys)
+            calls.append((node, idx, ("EVALSHA", self.sha, 1, names[0], "".join(body), *names)))
+        return calls
 
     def _features(self, body: str) -> FeatureVector:
         parts = body.split("|")[: self._nfeat]  # the ages, if any, follow the features
@@ -266,17 +364,20 @@ class RedisFeatureStore:
         if isinstance(exc, NoScriptError):
             return FeatureError("Redis lost the feature script twice in a row; retry later")
         return FeatureError(
-            f"the feature batch failed in Redis: {exc}; check the Redis server (version >= 6.2) "
-            "and that the spec is valid"
+            f"the feature batch failed in Redis: {exc}; check the Redis server (version >= 6.2, "
+            ">= 7.0 with redis.buckets > 1) and that the spec is valid"
         )
 
-    def _results(self, replies: Any, n: int) -> list[FeatureResult]:
+    def _check(self, replies: Any, n: int) -> None:
         if not isinstance(replies, list) or len(replies) != n:
             got = len(replies) if isinstance(replies, list) else type(replies).__name__
             raise FeatureError(
                 f"the feature script answered {got} result(s) for {n} event(s); is another "
                 f"script loaded under sha {self.sha}? Run SCRIPT FLUSH on Redis"
             )
+
+    def _results(self, replies: Any, n: int) -> list[FeatureResult]:
+        self._check(replies, n)
         decode = self._decode
         return [decode(r) for r in replies]
 
@@ -306,6 +407,8 @@ class RedisFeatureStore:
         """
         if not events:
             return []
+        if self.buckets > 1:
+            return await self._acompute_buckets(client, events, positions)
         (cmd,) = self._commands(events, positions)
         try:
             try:
@@ -318,6 +421,100 @@ class RedisFeatureStore:
             raise self._failed(exc) from exc
         return self._results(replies, len(events))
 
+    async def _acompute_buckets(
+        self, client: Any, events: Sequence[Event], positions: Sequence[Position] | None
+    ) -> list[FeatureResult]:
+        """:meth:`acompute_batch` with buckets: one call per node, then the served records
+        of old redeliveries (``r`` replies)."""
+        await ensure_slot_map(client)
+        calls = self._bucket_calls(client, events, positions)
+
+        async def run(node: Any, args: tuple[Any, ...]) -> Any:
+            try:
+                try:
+                    return await call(client, node, *args)
+                except NoScriptError:
+                    # On every master: redis-py may have followed a MOVED to another node
+                    # than ``node`` (after a failover, the promoted replica lacks it too).
+                    targets = node if node is None else client.get_primaries()
+                    await call(client, targets, "SCRIPT", "LOAD", self.script)
+                    return await call(client, node, *args)
+            except RedisError as exc:
+                if node is not None and not_local(exc):
+                    # A bucket's slot moved since the grouping (checked before any write):
+                    # a fresh slot map, then a transient error (the retry regroups).
+                    await refresh_slots(client)
+                    err = moved(node, exc)
+                    err.__cause__ = exc
+                    raise self._failed(err) from err
+                raise self._failed(exc) from exc
+
+        if len(calls) == 1 or isinstance(client, _Blocking):
+            # A blocking client (compute_batch) has no event loop to gather on: one by one.
+            replies = [await run(node, args) for node, _, args in calls]
+        else:
+            # Every node's call ended before a failure is raised: a retry never overlaps a
+            # call of the attempt before.
+            pending = [run(node, args) for node, _, args in calls]
+            replies = list(await asyncio.gather(*pending, return_exceptions=True))
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+        raw: list[Any] = [None] * len(events)
+        for (_, idx, _), got in zip(calls, replies, strict=True):
+            self._check(got, len(idx))
+            for i, r in zip(idx, got, strict=True):
+                raw[i] = r
+        late = FeatureResult("late", None)  # a placeholder for an 'r' until its record is read
+        again: list[int] = []
+        decode = self._decode
+        out: list[FeatureResult] = []
+        for i, r in enumerate(raw):
+            if r[:1] in (b"r", "r"):
+                again.append(i)
+                out.append(late)
+            else:
+                out.append(decode(r))
+        if again:
+            await self._redelivered(client, events, raw, again, out)
+        return out
+
+    async def _redelivered(
+        self, client: Any, events: Sequence[Event], raw: list[Any], again: list[int], out: list[FeatureResult]
+    ) -> None:
+        """The results of redeliveries no longer in ``recent`` (buckets): the features of
+        their served record (``models.join``, in the event's join bucket) when it is still
+        there, else what the script computed read-only (``r|...``), or late (``r``)."""
+        from models.join import ServedStore
+
+        served = ServedStore(self.spec)
+        keys = [served.keys.served(events[i].event_id) for i in again]
+        found: list[Any] = [None] * len(again)
+        await ensure_slot_map(client)
+        try:
+            for node, idx in group_by_node(client, keys):
+                names = [keys[j] for j in idx]
+                try:
+                    got = await call(client, node, "EVAL", _GET_LUA, 1, names[0], *names)
+                except RedisError as exc:
+                    if node is None or not not_local(exc):
+                        raise
+                    await refresh_slots(client)
+                    raise moved(node, exc) from exc
+                for j, rec in zip(idx, got, strict=True):
+                    found[j] = rec
+        except RedisError as exc:
+            raise self._failed(exc) from exc
+        for j, i in enumerate(again):
+            rec = found[j]
+            if rec:
+                record = rec if isinstance(rec, bytes) else rec.encode("latin-1")
+                out[i] = FeatureResult("duplicate", served.decode(events[i].event_id, record).features)
+            elif raw[i] in (b"r", "r"):
+                out[i] = FeatureResult("late", None)
+            else:
+                out[i] = self._decode(raw[i])
+
     def compute_batch(
         self, client: redis.Redis, events: Sequence[Event], positions: Sequence[Position] | None = None
     ) -> list[FeatureResult]:
@@ -328,11 +525,14 @@ class RedisFeatureStore:
         """
         return _run_blocking(self.acompute_batch(_Blocking(client), events, positions))
 
-    def served_features(self, client: redis.Redis, event_id: str) -> FeatureVector | None:
+    def served_features(
+        self, client: redis.Redis, event_id: str, entity_id: str | None = None
+    ) -> FeatureVector | None:
         """The features first served for ``event_id`` while the engine remembers it
-        (``scoring.dedupe_horizon``); None if unknown or forgotten. The label join reads the
-        scorer's served record instead (:class:`models.join.ServedStore`)."""
-        for key in self.recent_keys():
+        (``scoring.dedupe_horizon``); None if unknown or forgotten. With buckets, give its
+        ``entity_id`` (the memory is per entity bucket). The label join reads the scorer's
+        served record instead (:class:`models.join.ServedStore`)."""
+        for key in self.recent_keys(entity_id=entity_id):
             raw = client.hget(key, event_id)
             if raw is not None:
                 return self._recent(raw)
@@ -356,8 +556,12 @@ class _Blocking:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
-    async def execute_command(self, *args: Any) -> Any:
-        return self.client.execute_command(*args)
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.execute_command(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # The cluster client's slot map (weir.slots.group_by_node), when it is one.
+        return getattr(self.client, name)
 
     async def script_load(self, script: str) -> Any:
         return self.client.script_load(script)
