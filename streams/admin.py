@@ -272,12 +272,16 @@ def _cluster_enabled(client: Any) -> bool:
 def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:
     """Delete every Redis key under ``prefix:`` (a pipeline's ``spec.redis_prefix``).
 
+    A pipeline's prefix (``weir:{<name>}``) deletes the keys of its buckets too
+    (``weir:{<name>#e<b>}:...``, ``redis.buckets`` > 1, :func:`weir.slots.key_pattern`).
     SCAN, then DEL in chunks, so a pipeline with millions of keys never sends one huge
     command. Returns how many keys were deleted. With a ``RedisCluster`` client the same
     calls scan every master (redis-py's cluster ``scan_iter``) and split each ``DEL`` by
     hash slot (tests/cluster/test_redis_weir.py).
     """
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=chunk))
+    from weir.slots import prefix_pattern
+
+    keys = list(client.scan_iter(match=prefix_pattern(prefix), count=chunk))
     for i in range(0, len(keys), chunk):
         client.delete(*keys[i : i + chunk])
     return len(keys)

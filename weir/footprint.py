@@ -11,8 +11,11 @@ mean sampled size) and ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``
 
 On a Redis Cluster (``WEIR_REDIS_CLUSTER``) the pass walks every master in turn (a SCAN
 is per node), and ``weir_redis_maxmemory_bytes`` is the sum of ``maxmemory`` over the
-masters that hold the pipeline's keys: one master with today's layout (the prefix is a
-hash tag, one slot), the memory limit the pipeline can actually use.
+masters that hold the pipeline's keys: one master with one bucket (the prefix is a
+hash tag, one slot), every master with ``redis.buckets`` spread over them (the keys of a
+bucket are under ``weir:{<name>#e<b>}`` or ``weir:{<name>#j<b>}``, :mod:`weir.slots`; a
+pipeline's prefix ``weir:{<name>}`` scans those too), the memory limit the pipeline can
+actually use.
 
 The learner calls :meth:`RedisFootprint.step` from its sweep every
 :data:`STEP_EVERY` seconds: a pass over a keyspace of N keys takes about
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+
+from weir.slots import prefix_pattern
 
 #: Keys visited per SCAN step (Redis walks this many slots; the cost is ~1 ms per 10,000).
 SCAN_COUNT = 10_000
@@ -41,9 +46,12 @@ def kind_of(key: bytes | str, prefix: str) -> str:
         'win'
         >>> kind_of("weir:{demo}:status", "weir:{demo}")
         'status'
+        >>> kind_of("weir:{demo#e3}:win:user:1", "weir:{demo}")  # a bucket's key
+        'win'
     """
     text = key.decode(errors="replace") if isinstance(key, bytes) else key
-    rest = text[len(prefix) + 1 :]
+    # A bucket's key (weir:{<name>#e<b>}:...): what follows its hash tag.
+    rest = text[len(prefix) + 1 :] if text.startswith(prefix + ":") else text.split("}:", 1)[-1]
     return rest.split(":", 1)[0] or "other"
 
 
@@ -61,6 +69,7 @@ class RedisFootprint:
         self, prefix: str, pipeline: str, metrics: Any = None, sample_every: int = SAMPLE_EVERY
     ) -> None:
         self.prefix = prefix
+        self.match = prefix_pattern(prefix)  # a pipeline's: its buckets' keys too
         self.sample_every = max(1, sample_every)
         self.pipeline = pipeline
         self.metrics = metrics
@@ -79,14 +88,12 @@ class RedisFootprint:
         masters = _masters(client)
         more = False  # a cluster's masters left to scan in this pass
         if masters is None:
-            cursor, keys = client.scan(self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT)
+            cursor, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT)
         else:
             # A cluster's SCAN is per node: walk the masters one after the other; the pass
             # ends with the last one's cursor back at 0.
             node = masters[min(self._node, len(masters) - 1)]
-            cursors, keys = client.scan(
-                self._cursor, match=f"{self.prefix}:*", count=SCAN_COUNT, target_nodes=node
-            )
+            cursors, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT, target_nodes=node)
             cursor = cursors[node.name]
             if keys:
                 self._holders.add(node.name)
