@@ -97,7 +97,16 @@ from typing import Any, Literal
 import orjson
 
 from weir.contracts import Example, prediction_from_dict
-from weir.slots import bucket_of, bucket_prefix, call, group_by_node, is_cluster
+from weir.slots import (
+    bucket_of,
+    bucket_prefix,
+    call,
+    ensure_slot_map,
+    group_by_node,
+    moved,
+    not_local,
+    refresh_slots,
+)
 from weir.spec import PipelineSpec
 from weir.types import DeadLetter, Label, Prediction
 
@@ -245,30 +254,6 @@ def nodes_of(client: Any, keys: Keys, buckets: Iterable[int]) -> list[tuple[Any,
     return [(node, [bs[i] for i in idx]) for node, idx in groups]
 
 
-def _redirected(exc: Exception) -> bool:
-    """Whether a call sent to one node failed because some of its slots are not there (any
-    more): a ``RedisClusterException`` from redis-py (a slot not covered; not a
-    ``RedisError``), or Redis 7's "Script attempted to access a non local key" for a bucket
-    whose slot moved (also what redis-py gets after following a ``MOVED`` of the declared
-    key to a node that does not hold the call's other buckets)."""
-    from redis.exceptions import RedisClusterException, ResponseError
-
-    return isinstance(exc, RedisClusterException) or (
-        isinstance(exc, ResponseError) and "non local key" in str(exc)
-    )
-
-
-def _moved(node: Any, exc: Exception) -> Exception:
-    """The transient error (``ClusterError``, :func:`weir.resilience.is_transient`) raised
-    for :func:`_redirected`: Weir's retry sends the batch again, grouped on the new map."""
-    from redis.exceptions import ClusterError
-
-    return ClusterError(
-        f"a slot of a call to node {getattr(node, 'name', node)} moved ({exc}); the slot map "
-        "is reloaded and the batch retried, grouped anew"
-    )
-
-
 def _eval_args(text: str, declared: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
     return ("EVAL", text, len(declared), *declared, *args)
 
@@ -278,14 +263,20 @@ def node_call(client: Any, node: Any, text: str, declared: Sequence[str], args: 
 
     ``EVAL``, not ``EVALSHA``: the text rides with the call (a few KB), so a node that lost
     its script cache (a failover, a restart) needs no ``NOSCRIPT`` round trip.
+
+    Some of the call's slots no longer on ``node`` (a failover, a resharding since the
+    grouping): a ``MOVED`` of its declared key is followed by redis-py (the script then
+    runs on the new owner, or fails there as below); Redis's "non local key" for another
+    bucket reloads the slot map and raises a transient ``ClusterError``
+    (:func:`weir.slots.moved`): Weir's retry regroups the step.
     """
     try:
         return call(client, node, *_eval_args(text, declared, args))
     except Exception as exc:
-        if not _redirected(exc):
+        if not not_local(exc):
             raise
         client.nodes_manager.initialize()
-        raise _moved(node, exc) from exc
+        raise moved(node, exc) from exc
 
 
 async def anode_call(client: Any, node: Any, text: str, declared: Sequence[str], args: Sequence[Any]) -> Any:
@@ -293,10 +284,10 @@ async def anode_call(client: Any, node: Any, text: str, declared: Sequence[str],
     try:
         return await call(client, node, *_eval_args(text, declared, args))
     except Exception as exc:
-        if not _redirected(exc):
+        if not not_local(exc):
             raise
-        await client.nodes_manager.initialize()
-        raise _moved(node, exc) from exc
+        await refresh_slots(client)
+        raise moved(node, exc) from exc
 
 
 def bucket_calls(
@@ -490,8 +481,7 @@ class ServedStore:
             self.add_to_pipeline(pipe, predictions, now)
             await pipe.execute()
             return
-        if is_cluster(client):
-            await client.initialize()  # its slot map, on a client's first call (a no-op after)
+        await ensure_slot_map(client)  # loaded lazily by the asyncio client
         calls = bucket_calls(client, self.keys, self._groups(predictions, now), self.keys.pending_of)
         done = await asyncio.gather(
             *(anode_call(client, node, _SERVED_LUA_X, declared, args) for node, declared, args, _ in calls),
