@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 from river import evaluate, metrics
@@ -41,7 +42,7 @@ from tests.cluster.conftest import REDIS_URL
 from tests.integration.test_fidelity import LOGREG, _phishing
 from tests.integration.test_learner_join import label_msg
 from tests.integration.test_learner_registry import make_spec
-from weir.resilience import is_transient
+from weir.resilience import Backoff, DependencyHealth, is_transient, retry_sync
 from weir.settings import Settings
 from weir.slots import bucket_of
 from weir.spec import PipelineSpec
@@ -388,3 +389,71 @@ def test_fidelity_over_the_buckets(redis_client: Any, unique: str) -> None:
     assert ours is not None and abs(ours - reference.get()) < 1e-9, (ours, reference.get())
     _, masters = _masters(redis_client, f"weir:{{{ps.name}#j*}}:served:*")
     assert len(masters) == 3
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared-key-moved", "other-key-moved"])
+def test_a_slot_moved_mid_stream_is_retried_regrouped_and_nothing_learned_twice(
+    redis_cluster_settings: Settings, redis_client: Any, unique: str, declared: bool
+) -> None:
+    """A real ``CLUSTER SETSLOT`` of a bucket's slot to another master while the scorer's
+    and the learner's clients hold the old slot map. The bucket moved is the first of its
+    old master's call (its declared key: ``MOVED``, followed by redis-py to the new owner,
+    where the call's other buckets are not local) or another (not local on the old
+    master). Each side's batch is retried once (weir.resilience), regrouped; the part
+    applied before changes nothing: every record stored once, every label learned once."""
+    from tests.cluster.test_stage2_features import _empty, _set_slot_owner
+
+    n_buckets = 6
+    spec = _spec(unique, n_buckets)
+    k, served = Keys(spec), ServedStore(spec)
+    slots = [redis_client.keyslot(k.pending_of(b)) for b in range(n_buckets)]
+    owner = [redis_client.nodes_manager.get_node_from_slot(s).port for s in slots]
+    ports = sorted(n.port for n in redis_client.get_primaries())
+    shared = next(p for p in owner if owner.count(p) > 1)  # 6 buckets on 3 masters
+    b = [x for x in range(n_buckets) if owner[x] == shared][0 if declared else 1]
+    src, dst = owner[b], next(p for p in ports if p != owner[b])
+    # 5 events a bucket, in bucket order: a master's call declares its lowest bucket's key.
+    ids = [e for x in range(n_buckets) for e in _ids_in(spec, {x}, 5, stem=f"b{x}-")]
+    assert _empty(redis_client, slots[b])
+    scorer_client, learner_client = redis_cluster_settings.redis(), redis_cluster_settings.redis()
+    registry = CollectorRegistry()
+    health = {side: DependencyHealth(registry, f"{spec.name}-{side}") for side in ("scorer", "learner")}
+    fast = Backoff(0.05, 0.2)
+
+    def retries(side: str) -> float:
+        labels = {"pipeline": f"{spec.name}-{side}", "dependency": "redis"}
+        return registry.get_sample_value("weir_dependency_retries_total", labels) or 0.0
+
+    def learner_io(op: Any) -> Any:
+        return retry_sync(op.call, what=op.what, health=health["learner"], backoff=fast)
+
+    try:
+        _set_slot_owner(ports, slots[b], dst)  # both clients' maps are stale now
+        t = time.time()
+        preds = [_pred(e, t) for e in ids]
+        retry_sync(
+            lambda: served.write(scorer_client, preds, now=t),
+            what="served",
+            health=health["scorer"],
+            backoff=fast,
+        )
+        assert retries("scorer") == 1
+        assert redis_client.exists(*(k.served(e) for e in ids)) == len(ids)
+        assert sum(redis_client.zcard(k.pending_of(x)) for x in range(n_buckets)) == len(ids)
+        assert redis_client.get_node_from_key(k.served(ids[5 * b])).port == dst
+
+        core = _core(spec, learner_client)
+        out = run_step(core.process_step([label_msg(e, 1, t, i) for i, e in enumerate(ids)]), call=learner_io)
+        assert Counter(r.outcome for r in out.results) == {"hit": len(ids)}
+        assert retries("learner") == 1 and core.labels_learned == len(ids)
+        again = run_step(
+            core.process_step([label_msg(e, 0, t, 100 + i) for i, e in enumerate(ids)]), call=learner_io
+        )
+        assert Counter(r.outcome for r in again.results) == {"duplicate": len(ids)}
+        assert core.joiner.learned(ids) == [True] * len(ids)
+    finally:
+        scorer_client.close()
+        learner_client.close()
+        for key in redis_client.scan_iter(match=f"*{unique}*", count=1000):  # empty, to move back
+            redis_client.unlink(key)
+        _set_slot_owner(ports, slots[b], src)
