@@ -63,18 +63,20 @@ one call per node (the nodes owning the buckets the batch touches; redis-py's sl
 :func:`weir.slots.group_by_node`): the same stage-1 script run once per bucket inside one
 ``EVAL`` (:func:`per_bucket`: it declares one key, names the other buckets' in ARGV and
 starts with ``#!lua flags=allow-cross-slot-keys``, Redis >= 7.0; see :data:`_CROSS_SLOT`
-for what Redis 7.0.15 requires). Round trips: the scorer's served records, one call per node, in parallel
-(:meth:`ServedStore.awrite`); a label batch, one join call per node, plus one hold call per
-node its early labels touch; the sweep, per node: the expiries (:data:`EXPIRE_CHUNK` shared
-by the node's buckets, at most :data:`EXPIRE_CALLS` calls), a look at each bucket's share of
-:data:`SWEEP_HELD_CHUNK` held labels (``SWEEP_HELD_CHUNK // B``, at least 1, each bucket its
-own cursor, so none starves), their state (the join call) and the deletion of the holds
-done with. The learner's calls go to the nodes in turn. A call some of whose slots are no
-longer on its node (a ``MOVED``, a "non local key": a failover, a resharding) reloads the
-slot map and raises a transient error: the whole step is retried, regrouped; what was
-applied (other nodes, or a script's buckets before the failing one) is applied again with
-no effect (above). B == 1 is stage 1:
-the same scripts, keys and calls as without buckets.
+for what Redis 7.0.15 requires). Round trips: the scorer's served records, one call per
+node, in parallel (:meth:`ServedStore.awrite`); a label batch, one join call per node,
+plus one hold call per node its early labels touch; the sweep, per node: the expiries
+(:data:`EXPIRE_CHUNK` shared by the node's buckets, at most :data:`EXPIRE_CALLS` calls), a
+look at each bucket's share of :data:`SWEEP_HELD_CHUNK` held labels (``SWEEP_HELD_CHUNK //
+B``, at least 1, each bucket its own cursor, so none starves), their state (the join call)
+and the deletion of the holds done with. With more buckets than :data:`EXPIRE_CHUNK` (or
+:data:`SWEEP_HELD_CHUNK`) a sweep walks that many of them, the next ones at the next sweep
+(:class:`BucketWindow`). The learner's calls go to the nodes in turn. A call some of whose
+slots are no longer on its node (a ``MOVED``, a "non local key": a failover, a resharding)
+reloads the slot map and raises a transient error: the whole step is retried, regrouped;
+what was applied (other nodes, or a script's buckets before the failing one) is applied
+again with no effect (above). B == 1 is stage 1: the same scripts, keys and calls as
+without buckets.
 
 Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arrival:
 ``hit`` (learned now), ``early`` (held), ``duplicate`` (its message already read, its event
@@ -898,6 +900,26 @@ EXPIRE_CHUNK = 2_000
 EXPIRE_CALLS = 10
 
 
+@dataclass
+class BucketWindow:
+    """The buckets a sweep looks at: all of them while there are at most ``most``, else the
+    next ``most`` of them round robin (a pipeline with thousands of buckets: each sweep a
+    bounded number of calls' worth of Redis work, every bucket in turn).
+
+    >>> w = BucketWindow()
+    >>> w.next(4, 500), w.next(5, 2), w.next(5, 2), w.next(5, 2)
+    ([0, 1, 2, 3], [0, 1], [2, 3], [4, 0])
+    """
+
+    start: int = 0
+
+    def next(self, buckets: int, most: int) -> list[int]:
+        if buckets <= most:
+            return list(range(buckets))
+        first, self.start = self.start, (self.start + most) % buckets
+        return [(first + i) % buckets for i in range(most)]
+
+
 class LabelJoiner:
     """Joins labels with served records in Redis; pure decisions, one round trip per batch.
 
@@ -928,6 +950,9 @@ class LabelJoiner:
         self._held_cursor = 0  # rank in the early index where the next sweep looks
         #: (B > 1) that rank per bucket
         self._held_cursors: dict[int, int] = {}
+        #: (B > 1) the buckets the sweep looks at next (all of them up to the chunk sizes)
+        self._held_window = BucketWindow()
+        self._expire_window = BucketWindow()
         #: markers learned, not yet written: (event id, seq)
         self._marks: list[tuple[str, int]] = []
         #: event ids learned since the last snapshot (their records are still needed)
@@ -1114,7 +1139,7 @@ class LabelJoiner:
                 if n < EXPIRE_CHUNK:
                     break
             return total
-        for node, buckets in nodes_of(self.client, k, range(k.buckets)):
+        for node, buckets in nodes_of(self.client, k, self._expire_window.next(k.buckets, EXPIRE_CHUNK)):
             share = max(1, EXPIRE_CHUNK // len(buckets))
             for _ in range(EXPIRE_CALLS):
                 counts = [
@@ -1193,9 +1218,8 @@ class LabelJoiner:
         ids: list[str] = []
         deadlines: list[float] = []
         looked: dict[int, int] = {}
-        ranges = {
-            b: [k.prefixes[b], cursors.get(b, 0), cursors.get(b, 0) + share - 1] for b in range(k.buckets)
-        }
+        window = self._held_window.next(k.buckets, SWEEP_HELD_CHUNK)
+        ranges = {b: [k.prefixes[b], cursors.get(b, 0), cursors.get(b, 0) + share - 1] for b in window}
         for node, declared, args, buckets in bucket_calls(c, k, ranges, k.early_index_of):
             replies = node_call(c, node, _HELD_RANGE_LUA_X, declared, args)
             for b, flat in zip(buckets, replies, strict=True):
@@ -1203,7 +1227,8 @@ class LabelJoiner:
                 ids += (e.decode() for e in flat[0::2])
                 deadlines += (float(d) for d in flat[1::2])
         if not ids:
-            self._held_cursors = {}
+            for b in window:
+                cursors.pop(b, None)
             self.more_held = False
             return []
         found = read_state(self._call(ids, mode="early"), mode="early")
@@ -1213,11 +1238,12 @@ class LabelJoiner:
             groups = {b: [k.prefixes[b], *(done[i] for i in idx)] for b, idx in gone.items()}
             for node, declared, args, _ in bucket_calls(c, k, groups, k.early_index_of):
                 node_call(c, node, _UNHOLD_LUA_X, declared, args)
-        self._held_cursors = {
-            b: nxt
-            for b, n in looked.items()
-            if (nxt := next_cursor(cursors.get(b, 0), n, len(gone.get(b, ())), share))
-        }
+        for b, n in looked.items():
+            nxt = next_cursor(cursors.get(b, 0), n, len(gone.get(b, ())), share)
+            if nxt:
+                cursors[b] = nxt
+            else:
+                cursors.pop(b, None)
         self.more_held = any(n == share for n in looked.values()) and bool(results)
         return results
 

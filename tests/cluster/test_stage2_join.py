@@ -351,13 +351,14 @@ def test_a_batch_retried_after_a_partial_application_changes_nothing(redis_clien
     assert sum(redis_client.zcard(k.early_index_of(b)) for b in range(B)) == 30
 
 
+@pytest.mark.parametrize("chunk", [B, 16], ids=["every-bucket-a-step", "16-buckets-a-step"])
 def test_a_backlog_of_held_labels_is_resolved_round_robin(
-    redis_client: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+    redis_client: Any, unique: str, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    """Each bucket's share of a chunk (here 1 label a bucket a step): every bucket moves at
-    every step, each label is learned once, and the learner goes on at once while chunks
-    are full (held_step)."""
-    monkeypatch.setattr(join, "SWEEP_HELD_CHUNK", B)
+    """Each bucket's share of a chunk (here 1 label a bucket a step; with a chunk smaller
+    than the buckets, the next ``chunk`` buckets a step, round robin): each label is learned
+    once, and the learner goes on at once while chunks are full (held_step)."""
+    monkeypatch.setattr(join, "SWEEP_HELD_CHUNK", chunk)
     spec = _spec(unique, B)
     core = _core(spec, redis_client)
     t = time.time()
@@ -365,17 +366,37 @@ def test_a_backlog_of_held_labels_is_resolved_round_robin(
     core.process([label_msg(f"e{i}", i % 2 == 0, t, i) for i in range(n)])
     ServedStore(spec).write(redis_client, [_pred(f"e{i}", t) for i in range(n)], now=t)
     per_bucket = Counter(bucket_of(f"e{i}", B) for i in range(n))
-    learned = Counter(r.event_id for r in core.sweep(now=t, snapshot=False).results)
-    first = len(learned)
-    assert first == len(per_bucket)  # one label of every bucket holding some
-    steps = 0
-    while core.joiner.more_held:
-        learned.update(r.event_id for r in run_step(core.held_step(now=t)).results)
-        steps += 1
-        assert steps <= n
-    assert steps >= max(per_bucket.values()) - 1
-    assert len(learned) == n and set(learned.values()) == {1} and core.labels_learned == n
+    learned: Counter[str] = Counter()
+    sweeps = steps = 0
+    while len(learned) < n:
+        got = core.sweep(now=t, snapshot=False).results
+        if sweeps == 0 and chunk == B:
+            assert len(got) == len(per_bucket)  # one label of every bucket holding some
+        learned.update(r.event_id for r in got)
+        sweeps += 1
+        while core.joiner.more_held:
+            learned.update(r.event_id for r in run_step(core.held_step(now=t)).results)
+            steps += 1
+        assert sweeps <= B, (sweeps, steps, len(learned))
+    assert set(learned.values()) == {1} and core.labels_learned == n
+    if chunk == B:
+        assert sweeps == 1 and steps >= max(per_bucket.values()) - 1
     assert core.sweep(now=t, snapshot=False).results == []  # nothing learned twice
+
+
+def test_expiries_are_moved_bucket_window_by_window(
+    redis_client: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fewer expiries per call than buckets, each sweep walks the next buckets: all of
+    them expire within B / EXPIRE_CHUNK sweeps, none counted twice."""
+    monkeypatch.setattr(join, "EXPIRE_CHUNK", 16)
+    spec = _spec(unique, B, labels={"horizon": 60})
+    core = _core(spec, redis_client)
+    served_at = time.time() - 61  # deadlines passed a second ago
+    ServedStore(spec).write(redis_client, [_pred(f"x{i}", served_at) for i in range(200)], now=served_at)
+    counts = [core.sweep(snapshot=False).expiries for _ in range(B // 16 + 1)]
+    assert sum(counts) == 200 and counts[-1] == 0, counts
+    assert sum(redis_client.zcard(Keys(spec).expired_of(b)) for b in range(B)) == 200
 
 
 def test_fidelity_over_the_buckets(redis_client: Any, unique: str) -> None:
