@@ -80,6 +80,23 @@ class Settings(BaseSettings):
         "worker that is gone for good (or scaled down) wait. Keep it above the longest broker "
         "pause to ride out (a paused broker expires the sessions it did not hear from).",
     )
+    kafka_fetch_min_bytes: int = Field(
+        65_536,
+        ge=1,
+        le=52_428_800,
+        description="`WEIR_KAFKA_FETCH_MIN_BYTES`: a scoring worker's fetch from Kafka waits for "
+        "this many bytes, or `WEIR_KAFKA_FETCH_MAX_WAIT_MS`. With 1, a stream of a few thousand "
+        "events a second comes a few messages per fetch, and each fetch costs the worker's "
+        "Python consumer more than the messages (docs/performance.md).",
+    )
+    kafka_fetch_max_wait_ms: int = Field(
+        20,
+        ge=0,
+        le=60_000,
+        description="`WEIR_KAFKA_FETCH_MAX_WAIT_MS`: the longest a scoring worker's fetch waits "
+        "for `WEIR_KAFKA_FETCH_MIN_BYTES`: the latency it may add to an event when the stream is "
+        "slow, and how often an idle worker asks (20 ms: 50 fetches a second).",
+    )
     topic_replication_factor: int | None = Field(
         None,
         ge=1,

@@ -360,3 +360,25 @@ def test_fast_drain_a_suspended_flow_still_interrupts_a_waiting_callback() -> No
         assert type(consumer).calls == n + 1
 
     asyncio.run(main())
+
+
+def test_the_scoring_consumer_fetches_with_the_settings_min_bytes_and_max_wait(tmp_path: Path) -> None:
+    """faust hard-codes aiokafka's fetch_min_bytes 1 / fetch_max_wait_ms 1500; the worker's
+    consumer is made with WEIR_KAFKA_FETCH_MIN_BYTES / _MAX_WAIT_MS instead, which aiokafka
+    hands to its fetcher when the consumer starts (no broker is reached here)."""
+    from river import linear_model
+
+    from streams.worker import create_app
+    from tests.unit.doubles import StaticModel
+
+    settings = load_settings(data_dir=str(tmp_path), kafka_fetch_min_bytes=12345, kafka_fetch_max_wait_ms=7)
+    model = StaticModel(linear_model.LogisticRegression(), "m", "v1")
+    app = create_app(_spec(), settings, role="scorer", models=model, on_fatal=lambda w, e: None)
+
+    async def main() -> Any:
+        thread = app.consumer._new_consumer_thread()
+        return thread._create_worker_consumer(app.transport)
+
+    consumer = asyncio.run(main())
+    assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (12345, 7)
+    assert consumer._max_partition_fetch_bytes == app.conf.consumer_max_fetch_size  # faust's own kept
