@@ -144,8 +144,13 @@ class ClusterPipeline:
 
 
 @contextmanager
-def pipeline_on_cluster(name: str, unique: str, tmp_path: Path) -> Iterator[ClusterPipeline]:
-    """The full topology on the cluster for a pipeline ``<name><unique>``, ready to score."""
+def pipeline_on_cluster(
+    name: str, unique: str, tmp_path: Path, buckets: int = 1
+) -> Iterator[ClusterPipeline]:
+    """The full topology on the cluster for a pipeline ``<name><unique>``, ready to score.
+
+    ``buckets`` is the spec's ``redis.buckets``: 1 puts the pipeline on one master (stage
+    1), more spread its entities' and events' keys over every master (stage 2)."""
     env: dict[str, str | None] = {
         "WEIR_KAFKA_BOOTSTRAP": BOOTSTRAP,
         "WEIR_TOPIC_REPLICATION_FACTOR": "3",
@@ -166,6 +171,7 @@ def pipeline_on_cluster(name: str, unique: str, tmp_path: Path) -> Iterator[Clus
             "learner": base.learner.model_copy(
                 update={"snapshot_every_labels": 200, "snapshot_every_seconds": 1.0}
             ),
+            "redis": base.redis.model_copy(update={"buckets": buckets}),
         }
     )
     spec = type(spec).model_validate(spec.model_dump(by_alias=True))  # topic names re-derived

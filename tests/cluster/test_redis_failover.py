@@ -61,17 +61,37 @@ def replication_lag(master: int) -> int:
     return offsets[1] - offsets[0]
 
 
+def masters_holding(client: Any, pattern: str) -> set[int]:
+    """The ports of the masters holding keys that match ``pattern``."""
+    ports = set()
+    for node in client.get_primaries():
+        if next(iter(client.scan_iter(match=pattern, count=1000, target_nodes=node)), None) is not None:
+            ports.add(int(node.port))
+    return ports
+
+
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("buckets", [1, 16], ids=["one-slot", "16-buckets"])
 def test_kill_the_redis_master_under_three_scorers_a_learner_and_the_monitor(
-    cluster: Cluster, unique: str, tmp_path: Path
+    cluster: Cluster, unique: str, tmp_path: Path, buckets: int
 ) -> None:
-    with pipeline_on_cluster("rf", unique, tmp_path) as p, ThreadPoolExecutor(1) as pool:
+    """``buckets`` 1: the pipeline on one master, the one killed (stage 1). 16: its entities'
+    and events' keys over every master (stage 2); the one killed holds the registry, the
+    learner's status and its share of the buckets."""
+    with (
+        pipeline_on_cluster(f"rf{buckets}", unique, tmp_path, buckets=buckets) as p,
+        ThreadPoolExecutor(1) as pool,
+    ):
         victim: int | None = None
         healed: Future[None] | None = None
         try:
             stream = p.produce(N, RATE, run_id="rf", entities=300)
             time.sleep(N / RATE / 3)  # a third of the stream in
             victim = redis_master_of(p.client, f"{p.spec.redis_prefix}:status")
+            if buckets > 1:  # stage 2: every master holds windows and served records
+                for kind in ("e", "j"):
+                    held = masters_holding(p.client, f"weir:{{{p.spec.name}#{kind}*")
+                    assert victim in held and len(held) == 3, f"#{kind} buckets on masters {held} only"
             before = p.learned()
             unreplicated = replication_lag(victim)
             t_kill = time.monotonic()
@@ -126,7 +146,7 @@ def test_kill_the_redis_master_under_three_scorers_a_learner_and_the_monitor(
             caught_up_s = time.monotonic() - t_kill
             learned, joins, seen = p.learned(), p.joins(), p.monitor_seen()
             print(
-                f"\nREDIS FAILOVER: pipeline ready in {p.ready_s:.1f}s; "
+                f"\nREDIS FAILOVER ({buckets} bucket(s)): pipeline ready in {p.ready_s:.1f}s; "
                 f"killed master {victim} (owner of {p.spec.redis_prefix}), replica "
                 f"promoted after {failover_s:.1f}s (unreplicated just before the kill: <= {unreplicated} "
                 f"bytes), a label learned again after {resumed_s:.1f}s; "
