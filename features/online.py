@@ -53,6 +53,7 @@ import asyncio
 import hashlib
 import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -302,22 +303,34 @@ class RedisFeatureStore:
 
         Each call names the ``applied`` key of every bucket its events are in (``ARGV[2:]``,
         the first also declared: it routes the call) and each event its bucket's place
-        there (:data:`features.lua._MANY`).
+        there (:data:`features.lua._MANY`). A call's events go bucket by bucket, each
+        bucket's in the batch's order: only events of one bucket share keys.
         """
         parts = self._encode(events, positions)
-        keyof, n = self._applied_keys, self.buckets
-        akeys = [keyof[bucket_of(e.entity_id, n)] for e in events]
+        n = self.buckets
+        by_bucket: dict[int, list[int]] = {}
+        for i, e in enumerate(events):
+            ent = e.entity_id
+            b = zlib.crc32(ent.encode()) % n  # weir.slots.bucket_of
+            got = by_bucket.get(b)
+            if got is None:
+                by_bucket[b] = [i]
+            else:
+                got.append(i)
+        buckets = list(by_bucket)
+        keys = [self._applied_keys[b] for b in buckets]
         calls = []
-        for node, idx in group_by_node(client, akeys):
-            keys: dict[str, str] = {}
+        for node, which in group_by_node(client, keys):
+            idx: list[int] = []
             body: list[str] = []
-            for i in idx:
-                k = keys.get(akeys[i])
-                if k is None:
-                    k = keys[akeys[i]] = str(len(keys) + 1)
-                body.append(f"{len(k)}:{k}")
-                body.extend(parts[4 * i : 4 * i + 4])
-            names = list(keys)
+            for k, j in enumerate(which, start=1):
+                ks = str(k)
+                tag = f"{len(ks)}:{ks}"
+                for i in by_bucket[buckets[j]]:
+                    idx.append(i)
+                    body.append(tag)
+                    body += parts[4 * i : 4 * i + 4]
+            names = [keys[j] for j in which]
             calls.append((node, idx, ("EVALSHA", self.sha, 1, names[0], "".join(body), *names)))
         return calls
 

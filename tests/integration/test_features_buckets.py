@@ -58,7 +58,7 @@ def test_buckets_on_one_redis_one_call_per_batch_same_features(
 ) -> None:
     one = _spec(unique)
     many = bucketed(_spec(unique + "b"), 8)
-    events = _stream(1_500, 60, seed=7)
+    events = _stream(1_000, 50, seed=7)
     calls: list[str] = []
     client = _counting(settings, calls)
     stores = RedisFeatureStore(one), RedisFeatureStore(many)
