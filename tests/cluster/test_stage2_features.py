@@ -4,6 +4,8 @@ With ``redis.buckets`` > 1 an entity's keys are under its bucket's hash tag
 (``weir:{<name>#e<b>}``), so a pipeline's windows spread over the 3 masters; a batch is one
 script call per node (docs/scaling.md, stage 2). Checked here with the real cluster:
 
+* fidelity: the live path (served records, label join, learner) replayed with delayed
+  labels scores what River's progressive validation scores (test_redis_weir.py's, 16 buckets);
 * parity: online == the offline pandas engine (features to 1e-9, freshness exactly), through
   the sync and the asyncio cluster clients, a NOSCRIPT reload on every node included; the
   pipeline's keys on all 3 masters afterwards (SCAN of each);
@@ -27,15 +29,20 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
+from river import evaluate, metrics
 
 from features.base import FeatureResult
 from features.online import RedisFeatureStore
+from models.factory import build_model
 from models.join import ServedStore
+from models.replay import replay
 from streams import admin
 from streams.scoring import RawMessage, Scorer
 from tests.integration.test_features_buckets import bucketed
 from tests.integration.test_features_parity import SINCE_PREV_LONGEST, _assert_parity, _spec, _stream
 from tests.integration.test_features_redelivery import _spec as _redelivery_spec
+from tests.integration.test_fidelity import LOGREG, TREE, _agrawal, _phishing
+from tests.integration.test_learner_registry import make_spec
 from weir.footprint import RedisFootprint
 from weir.resilience import Backoff, DependencyHealth
 from weir.settings import Settings
@@ -111,6 +118,28 @@ def test_parity_over_every_master_sync_and_async_with_a_script_reload(
             await aclient.aclose()
 
     _assert_parity(fast, aevents, asyncio.run(replay_async()))
+
+
+@pytest.mark.parametrize(
+    ("data", "steps", "delay"),
+    [(_phishing, LOGREG, 10), (_agrawal, TREE, 50)],
+    ids=["phishing-logreg", "agrawal-tree"],
+)
+def test_fidelity_over_every_master(
+    redis_client: Any, unique: str, data: Any, steps: list[Any], delay: int
+) -> None:
+    """test_redis_weir.py's fidelity test with 16 buckets: the features, the served records
+    and the label join spread over the 3 masters, the same score as River's."""
+    rows = data()[:1500]
+    ps = bucketed(make_spec(unique, model={"name": "m", "steps": steps}), 16)
+    result = replay(rows, ps, redis_client, delay=float(delay), step=1.0)
+    assert result.core.labels_learned == len(rows) == result.labels
+    assert dict(result.core.joins) == {"hit": len(rows)}
+    ours = result.evaluator.get("accuracy")
+    reference = evaluate.progressive_val_score(rows, build_model(ps.model), metrics.Accuracy(), delay=delay)
+    assert ours is not None and abs(ours - reference.get()) < 1e-9, (ours, reference.get())
+    per_master = _keys_per_master(redis_client, ps.name)
+    assert len(per_master) == 3 and min(per_master.values()) > 0, per_master
 
 
 def test_a_batch_is_one_call_per_node_and_redeliveries_are_answered_first_features(
