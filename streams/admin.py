@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +38,9 @@ _KAFKA_FIX = (
     "brokers (host:port[,host:port])"
 )
 _REDIS_FIX = "start the local stack with `make up`, or set WEIR_REDIS_URL to a reachable Redis"
+#: The oldest Redis that runs a pipeline with ``redis.buckets`` > 1: its feature and join
+#: scripts start with ``#!lua flags=allow-cross-slot-keys`` (script flags came with 7.0).
+BUCKETS_MIN_REDIS = (7, 0)
 
 
 def admin_client(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None) -> AdminClient:
@@ -77,12 +81,15 @@ def check_broker(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
     return md
 
 
-def check_redis(settings: Settings, timeout: float = 5.0) -> None:
+def check_redis(settings: Settings, timeout: float = 5.0, spec: PipelineSpec | None = None) -> None:
     """PING Redis; raise StackError naming the URL (password hidden) if it does not answer.
 
     With ``WEIR_REDIS_CLUSTER`` the client is a ``RedisCluster`` (it reads the cluster's slot
     map from the node named); a single-Redis client that finds a cluster node, or a cluster
-    client that finds no cluster, is refused with the setting to change.
+    client that finds no cluster, is refused with the setting to change. With a ``spec``
+    whose ``redis.buckets`` > 1, a Redis (or any cluster master) older than
+    :data:`BUCKETS_MIN_REDIS` is refused too: its scripts' flags would fail at the first
+    batch with a script error that does not say why.
     """
     import redis
 
@@ -108,6 +115,8 @@ def check_redis(settings: Settings, timeout: float = 5.0) -> None:
                 f"Redis at {url} is a Redis Cluster node: a single-Redis client would get MOVED "
                 "errors for most keys; set WEIR_REDIS_CLUSTER=true"
             )
+        if spec is not None and spec.redis.buckets > 1:
+            _check_buckets_redis(client, spec, url)
     except redis.AuthenticationError as exc:
         raise StackError(
             f"Redis at {url} refused the credentials ({exc}); check WEIR_REDIS_PASSWORD "
@@ -267,6 +276,57 @@ def _cluster_enabled(client: Any) -> bool:
         return bool(int(client.info("cluster").get("cluster_enabled", 0) or 0))
     except redis.ResponseError:  # INFO not allowed to this user: let the first command tell
         return False
+
+
+def _check_buckets_redis(client: Any, spec: PipelineSpec, url: str) -> None:
+    """Refuse ``redis.buckets`` > 1 on a Redis, or a cluster master, older than 7.0."""
+    import redis
+
+    try:
+        versions = _redis_versions(client, url)
+    except redis.ResponseError:  # INFO not allowed to this user: the first script will tell
+        log.warning("could not read the Redis version at %s (INFO refused); redis.buckets > 1 needs 7.0", url)
+        return
+    low = ".".join(map(str, BUCKETS_MIN_REDIS))
+    old = {node: v for node, v in versions.items() if redis_version(v) < BUCKETS_MIN_REDIS}
+    if old:
+        found = ", ".join(f"{v} at {node}" for node, v in sorted(old.items()))
+        raise StackError(
+            f"redis.buckets is {spec.redis.buckets} in pipeline {spec.name!r}, which needs Redis >= {low} "
+            f"(its scripts use `#!lua flags=allow-cross-slot-keys`), but found Redis {found}; upgrade "
+            f"Redis to {low} or later, or set `redis.buckets: 1` in the spec (a new value names other "
+            "keys: start the pipeline afresh)"
+        )
+
+
+def _redis_versions(client: Any, url: str) -> dict[str, str]:
+    """``redis_version`` of the Redis behind ``client``, by node: every master of a cluster."""
+    get = getattr(client, "get_primaries", None)
+    if get is None:
+        return {url: str(client.info("server").get("redis_version", ""))}
+    out = {}
+    for node in get():
+        info = client.info("server", target_nodes=node)
+        if "redis_version" not in info:  # redis-py answers {node name: info} for some targets
+            info = next(iter(info.values()), {})
+        out[node.name] = str(info.get("redis_version", ""))
+    return out
+
+
+def redis_version(text: str) -> tuple[int, ...]:
+    """A ``redis_version`` as numbers, to compare (what does not parse counts as 0).
+
+    Examples:
+        >>> redis_version("7.0.15"), redis_version("6.2.14") < (7, 0), redis_version("7.2.4") >= (7, 0)
+        ((7, 0, 15), True, True)
+        >>> redis_version("255.255.255"), redis_version("7.0.0-rc1"), redis_version("")
+        ((255, 255, 255), (7, 0, 0), (0,))
+    """
+    parts = []
+    for part in text.strip().split("."):
+        digits = re.match(r"\d+", part)  # 7.0.0-rc1: 7, 0, 0
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
 
 
 def delete_keys(client: Any, prefix: str, chunk: int = 1000) -> int:

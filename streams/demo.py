@@ -208,7 +208,7 @@ def run_demo(
     from streams.produce import produce
 
     check_broker(settings)
-    check_redis(settings)
+    check_redis(settings, spec=spec)
     if not resume:
         reset_pipeline(spec, settings)
     ensure_topics(settings, spec)

@@ -663,7 +663,7 @@ def run_worker(
     from streams.admin import check_broker, check_redis, ensure_topics
 
     check_broker(settings)
-    check_redis(settings)
+    check_redis(settings, spec=spec)
     ensure_topics(settings, spec)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry).init_series(spec)

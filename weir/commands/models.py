@@ -29,7 +29,7 @@ def _registry(spec_path: str) -> Any:
 
     spec = load_spec(spec_path)
     settings = get_settings()
-    check_redis(settings)  # an unreachable Redis is one line naming it (password hidden)
+    check_redis(settings, spec=spec)  # an unreachable Redis is one line naming it (password hidden)
     return ModelRegistry(settings.redis(), spec, key=registry_key(settings))
 
 

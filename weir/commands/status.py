@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     settings = get_settings()
-    check_redis(settings)  # an unreachable Redis is one line naming it (password hidden)
+    check_redis(settings, spec=spec)  # an unreachable Redis is one line naming it (password hidden)
     client = settings.redis()
     raw = client.get(status_key(spec))
     status: dict[str, Any] = orjson.loads(raw) if raw else {}
