@@ -82,7 +82,10 @@ Outcomes, counted in ``weir_label_joins_total{outcome}``, one per label on arriv
 ``hit`` (learned now), ``early`` (held), ``duplicate`` (its message already read, its event
 already learned, or a label already held),
 ``expired`` (its served record is gone: the horizon passed), ``invalid`` (dead-lettered);
-and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (never served).
+and later, for held labels, ``resolved`` (learned by a sweep) or ``unknown`` (never served),
+exactly one of them: a resolved label's hold stays until a published snapshot has it, and
+one whose horizon passed first (no registry, or a horizon shorter than the snapshot
+interval) leaves without an ``unknown`` (the joiner remembers what it resolved).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -687,6 +690,7 @@ def decide_held(
     served: ServedStore,
     published_seq: int,
     now: float,
+    resolved: Container[str] = (),
 ) -> tuple[list[JoinResult], list[str]]:
     """The sweep's decisions on held (early) labels; no I/O.
 
@@ -694,6 +698,10 @@ def decide_held(
     ``unknown`` (its hold expired unlearned, or its deadline passed unserved), and the ids
     whose holds go. A held label the model contains stays until a published snapshot has
     it; one learned by a lost model state (see :class:`Lineage`) is resolved again.
+    ``resolved``: the ids this learner resolved and still holds. When no snapshot
+    published one before its horizon (no registry, or a horizon shorter than the snapshot
+    interval), its marker goes with its served record and pending entry; it then leaves
+    with no second outcome (it was counted ``resolved``), never ``unknown``.
     """
     if not len(ids) == len(deadlines) == len(found):
         raise ValueError(f"decide_held: {len(ids)} ids, {len(deadlines)} deadlines, {len(found)} states")
@@ -702,7 +710,7 @@ def decide_held(
     for eid, deadline, f in zip(ids, deadlines, found, strict=True):
         if f.held is None:  # its hold expired
             done.append(eid)
-            if f.marker is None:
+            if f.marker is None and eid not in resolved:
                 results.append(JoinResult("unknown", eid, detail="event never served"))
         elif f.marker is not None and lineage.contains(f.marker):
             if in_snapshot(f.marker, lineage.run_id, published_seq):
@@ -713,7 +721,8 @@ def decide_held(
             results.append(JoinResult("resolved", eid, example_of(label, served.decode(eid, f.record))))
         elif deadline <= now:
             done.append(eid)
-            results.append(JoinResult("unknown", eid, detail="event not served within the horizon"))
+            if eid not in resolved:  # else learned, its marker gone with the horizon
+                results.append(JoinResult("unknown", eid, detail="event not served within the horizon"))
     return results, done
 
 
@@ -959,6 +968,10 @@ class LabelJoiner:
         self._unpublished: list[str] = []
         #: event ids whose served records may go (their label is in a snapshot)
         self._droppable: list[str] = []
+        #: held labels this joiner resolved, whose holds are still kept -> their deadline
+        #: (:func:`decide_held`: never counted ``unknown`` after ``resolved``)
+        self._resolved: dict[str, float] = {}
+        self._resolved_pruned = 0.0
         self._scripts: dict[str, Any] = {}
 
     def _script(self, text: str) -> Any:
@@ -1194,9 +1207,11 @@ class LabelJoiner:
             return []
         ids = [e.decode() for e, _ in held]
         found = read_state(self._call(ids, mode="early"), mode="early")
+        deadlines = [d for _, d in held]
         results, done = decide_held(
-            ids, [d for _, d in held], found, self.lineage, self.served, self.published_seq, now
+            ids, deadlines, found, self.lineage, self.served, self.published_seq, now, self._resolved
         )
+        self._note_resolved(ids, deadlines, results, done, now)
         if done:
             pipe = c.pipeline(transaction=False)
             pipe.zrem(k.early_index, *done)
@@ -1232,7 +1247,10 @@ class LabelJoiner:
             self.more_held = False
             return []
         found = read_state(self._call(ids, mode="early"), mode="early")
-        results, done = decide_held(ids, deadlines, found, self.lineage, self.served, self.published_seq, now)
+        results, done = decide_held(
+            ids, deadlines, found, self.lineage, self.served, self.published_seq, now, self._resolved
+        )
+        self._note_resolved(ids, deadlines, results, done, now)
         gone = by_bucket(k.buckets, done)
         if done:
             groups = {b: [k.prefixes[b], *(done[i] for i in idx)] for b, idx in gone.items()}
@@ -1246,6 +1264,35 @@ class LabelJoiner:
                 cursors.pop(b, None)
         self.more_held = any(n == share for n in looked.values()) and bool(results)
         return results
+
+    def _note_resolved(
+        self,
+        ids: Sequence[str],
+        deadlines: Sequence[float],
+        results: Sequence[JoinResult],
+        done: Sequence[str],
+        now: float,
+    ) -> None:
+        """Remember the held labels resolved now until their holds go (``done``).
+
+        Bounded: an id the sweep never looks at again (its index entry trimmed by a later
+        hold) is forgotten two horizons after its deadline, and past
+        :data:`UNPUBLISHED_CAP` ids the oldest are (a learner that never snapshots)."""
+        mine = self._resolved
+        for eid in done:
+            mine.pop(eid, None)
+        learned = [r.event_id for r in results if r.outcome == "resolved"]
+        if learned:
+            at = dict(zip(ids, deadlines, strict=True))
+            for eid in learned:
+                mine[eid] = at[eid]
+        horizon = self.spec.labels.horizon
+        if mine and now - self._resolved_pruned >= horizon:
+            self._resolved_pruned = now
+            for eid in [e for e, d in mine.items() if d < now - 2 * horizon]:
+                del mine[eid]
+        while len(mine) > UNPUBLISHED_CAP:
+            del mine[next(iter(mine))]
 
     #: the last chunk of held labels was full and decided some: look at the next one soon
     more_held: bool = False

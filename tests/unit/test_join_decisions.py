@@ -212,6 +212,19 @@ def test_a_learned_held_label_leaves_once_a_published_snapshot_has_it() -> None:
     assert _held(Found(marker=b"r1:10", record=rec, held=body)) == ([], ["h0"])
 
 
+def test_a_resolved_held_label_whose_marker_went_with_the_horizon_leaves_without_unknown() -> None:
+    """No snapshot published it before its horizon: its record and pending entry are gone
+    (no marker). It was counted ``resolved``; it leaves, never ``unknown`` as well."""
+    body = hold_body(_label("h0"), "0:9")
+    for found, deadline in [(Found(), NOW + 10), (Found(held=body), NOW)]:  # hold gone; deadline passed
+        ids = ["h0", "h1"]
+        results, done = decide_held(
+            ids, [deadline] * 2, [found, found], _lineage(), STORE, 4, NOW, resolved={"h0"}
+        )
+        assert [f"{r.event_id}:{r.outcome}" for r in results] == ["h1:unknown"]  # h1 never resolved
+        assert done == ["h0", "h1"]
+
+
 def test_a_held_label_learned_by_a_lost_model_state_is_resolved_again() -> None:
     body = hold_body(_label("h0"), "0:9")
     assert _held(Found(marker=b"r1:11", record=_record("h0"), held=body)) == (["h0:resolved"], [])
@@ -221,3 +234,19 @@ def test_the_sweep_cursor_moves_past_kept_ids_and_wraps_at_the_end() -> None:
     assert next_cursor(0, SWEEP_HELD_CHUNK, 0) == SWEEP_HELD_CHUNK
     assert next_cursor(SWEEP_HELD_CHUNK, SWEEP_HELD_CHUNK, SWEEP_HELD_CHUNK) == SWEEP_HELD_CHUNK
     assert next_cursor(SWEEP_HELD_CHUNK, 3, 1) == 0
+
+
+def test_the_resolved_held_labels_remembered_are_bounded() -> None:
+    """The joiner remembers the held labels it resolved until their holds go, and forgets
+    one the sweep never looks at again two horizons after its deadline."""
+    from models.join import JoinResult, LabelJoiner
+
+    joiner = LabelJoiner(_spec(), client=None)
+    horizon = _spec().labels.horizon
+    res = [JoinResult("resolved", "h0"), JoinResult("unknown", "h1"), JoinResult("resolved", "h2")]
+    joiner._note_resolved(["h0", "h1", "h2"], [NOW, NOW, NOW + 5], res, ["h1"], NOW)
+    assert joiner._resolved == {"h0": NOW, "h2": NOW + 5}
+    joiner._note_resolved(["h0"], [NOW], [], ["h0"], NOW + 1)  # its hold went
+    assert joiner._resolved == {"h2": NOW + 5}
+    joiner._note_resolved([], [], [], [], NOW + 5 + 2 * horizon + 1)
+    assert joiner._resolved == {}
