@@ -68,7 +68,8 @@ class Settings(BaseSettings):
         False,
         description="`WEIR_REDIS_CLUSTER`: true for a Redis Cluster; `WEIR_REDIS_URL` then names "
         "any one node (e.g. `redis://10.0.0.1:7000`, database 0 only) and the client finds the "
-        "others. A pipeline's keys share one hash slot (docs/scaling.md).",
+        "others. A pipeline's keys share one hash slot, or spread over every master with the "
+        "spec's `redis.buckets` (docs/scaling.md).",
     )
     kafka_session_timeout: float = Field(
         45.0,
