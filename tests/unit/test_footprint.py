@@ -33,26 +33,36 @@ def _rule(steps: list[list[bytes]], prefix: str, every: int) -> tuple[Counter[st
     return counts, picked
 
 
-def _keys(rng: random.Random, name: str, n: int) -> list[bytes]:
+def _keys(rng: random.Random, name: str, n: int, buckets: bool, kinds: list[str]) -> list[bytes]:
     out = []
     for i in range(n):
         r = rng.random()
         if r < 0.5:
-            out.append(f"weir:{{{name}#j{rng.randrange(16)}}}:served:ev-{i}".encode())
+            tag = f"{name}#j{rng.randrange(16)}" if buckets else name
+            out.append(f"weir:{{{tag}}}:served:ev-{i}".encode())
         elif r < 0.8:
-            out.append(f"weir:{{{name}#e{rng.randrange(16)}}}:win:user:{i}".encode())
+            tag = f"{name}#e{rng.randrange(16)}" if buckets else name
+            out.append(f"weir:{{{tag}}}:win:user:{i}".encode())
         elif r < 0.95:
             out.append(f"weir:{{{name}}}:meta:user:{i}".encode())
         else:
-            rest = rng.choice(["recent:1", "applied", "join:pending", "status", ":odd"])
-            out.append(f"weir:{{{name}}}:{rest}".encode())
+            out.append(f"weir:{{{name}}}:{rng.choice(kinds)}".encode())
     return out
 
 
+SMALL = ["recent:1", "applied", "join:pending", "join:early", "status", "models:v1"]
+ODD = [":odd", "win", "served:x\0y", "", "applied:", "win\0x:1"]  # empty kinds, NUL bytes, bare keys
+
+
 @pytest.mark.parametrize("every", [1, 3, 50])
-def test_bulk_count_is_the_per_key_rule(every: int) -> None:
+@pytest.mark.parametrize("buckets", [False, True])
+def test_bulk_count_is_the_per_key_rule(every: int, buckets: bool) -> None:
+    """Steps of one bucket's keys (counted in the joined keys once their kinds are known),
+    of several buckets (a bytes split per key), kinds new in the middle of a pass, odd keys."""
     rng = random.Random(every)
-    steps = [_keys(rng, "demo", n) for n in (0, 7, 400, 1, 1000, 53)]
+    steps = [_keys(rng, "demo", n, buckets, SMALL[:3]) for n in (0, 7, 400, 1, 1000, 53)]
+    steps += [_keys(rng, "demo", n, buckets, SMALL) for n in (300, 2, 700)]  # new kinds
+    steps += [_keys(rng, "demo", 200, buckets, SMALL + ODD), _keys(rng, "demo", 600, buckets, SMALL)]
     fp = RedisFootprint("weir:{demo}", "demo", sample_every=every)
     counts, picked = _rule(steps, "weir:{demo}", every)
     for keys, want in zip(steps, picked, strict=True):
@@ -61,6 +71,22 @@ def test_bulk_count_is_the_per_key_rule(every: int) -> None:
         assert all(kind == kind_of(k, "weir:{demo}").encode() for kind, k in got)
     assert {k.decode(): n for k, n in fp._keys.items()} == counts
     assert fp._seen == sum(map(len, steps))
+
+
+def test_one_buckets_steps_are_counted_in_bulk() -> None:
+    """Once the kinds are known, a step of one bucket's keys is counted in the joined keys
+    (what makes a step cheap); a new kind or a bucket's key counts key by key."""
+    fp = RedisFootprint("weir:{demo}", "demo", sample_every=2)
+    rng = random.Random(1)
+    first = _keys(rng, "demo", 500, False, SMALL)
+    assert fp._bulk(first) is None  # no kind known yet
+    fp._count(first)
+    counts, _ = fp._bulk(_keys(rng, "demo", 500, False, SMALL[:2])) or ({}, b"")
+    assert set(counts) <= {b"served", b"win", b"meta", b"recent", b"applied"} and sum(counts.values()) == 500
+    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo}:new:1"]) is None
+    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo#e1}:win:1"]) is None
+    assert fp._bulk([b"weir:{demo}:served:1\0weir:{demo}:served:2"]) is None
+    assert fp._bulk(["weir:{demo}:served:1"]) is None
 
 
 def test_keys_without_a_kind_and_str_keys_fall_back_to_kind_of() -> None:
