@@ -23,7 +23,9 @@ Per event, with ``<p>`` the prefix:
   orders equal timestamps by arrival.
 * ``<p>:meta:<entity>`` hash of the entity: ``wm`` (watermark: max ts accepted), ``seq``,
   and per stored field ``k`` ``p<k>``: the newest ts of a present value ('' none yet, ``u``
-  unknown: state from before freshness), read and written with ``wm`` and ``seq``.
+  unknown: state from before freshness), the numbers-only tiles ``t<n>`` and ``x`` (Redis
+  ``TIME`` of the last TTL renewal, :func:`ttl_renew`): all read by one ``HMGET`` and
+  written by one ``HSET``.
 * ``<p>:applied`` hash ``<topic>:<partition>`` -> highest offset decided; an event at or
   below it is a redelivery: answered from ``recent``, else from its served record
   ``<p>:served:<event>`` (packed doubles, :class:`models.join.ServedStore`), else computed
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import math
 
-from features.base import dedupe_seconds, entity_ttl, output_type, used_fields
+from features.base import dedupe_seconds, entity_ttl, max_window, output_type, used_fields
 from features.freshness import freshness_names
 from weir.errors import FeatureError
 from weir.spec import FeatureSpec, PipelineSpec
@@ -212,15 +214,18 @@ local function V(A, agg)
 end
 """
 
-_TILES_LUA = r"""local tiles_read = {}  -- a value window's record string as read for this event
--- The window (ts - w, ts] of this event: stats per field, the event itself last.
+_TILES_LUA = r"""-- The window (ts - w, ts] of this event: stats per field, the event itself last.
+-- An event in order whose entity has nothing stored after ts - w (every stored event is at
+-- or before wm) has an empty window: nothing to read.
 local function window(L)
   local T, lo = L.T, ts - L.w
   local A = new_stats(L)
   local a, b = tile_of(lo, T) + 1, tile_of(ts, T) - 1  -- whole tiles: i * T > lo, (i + 1) * T <= ts
   local inorder = (not wm) or ts >= wm
   if inorder then b = b + 1 end  -- nothing stored is later than ts: its own tile is whole too
-  if a > b then
+  if inorder and not (wm and wm > lo) then
+    -- empty window
+  elseif a > b then
     add_events(L, A, redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), ts_s, 'WITHSCORES'))
   else
     add_events(L, A, redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), '(' .. fmt(a * T), 'WITHSCORES'))
@@ -233,8 +238,8 @@ local function window(L)
       end
     else
       -- numbers only: the live tiles' records in one string, fixed size, in any order
-      local rec, size = redis.call('HGET', kmeta, L.key), 8 * L.nnum
-      tiles_read[L.key] = rec or ''
+      -- (read with the meta fields)
+      local rec, size = meta[L.mi], 8 * L.nnum
       if rec then
         for off = 1, #rec, size do
           local i = struct.unpack('<d', rec, off)
@@ -275,12 +280,13 @@ local function window_fast(L)
   local a, b = tile_of(lo, T) + 1, tile_of(ts, T) - 1
   local inorder = (not wm) or ts >= wm
   if inorder then b = b + 1 end
-  if a > b then
+  if inorder and not (wm and wm > lo) then
+    -- empty window (see window)
+  elseif a > b then
     events(redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), ts_s))
   else
     events(redis.call('ZRANGEBYSCORE', kwin, '(' .. fmt(lo), '(' .. fmt(a * T)))
-    local rec = redis.call('HGET', kmeta, L.key)
-    tiles_read[L.key] = rec or ''
+    local rec = meta[L.mi]
     if rec then
       for off = 1, #rec, 48 do
         local i, tn, ts_, tm2, tmn, tmx = struct.unpack('<dddddd', rec, off)
@@ -305,8 +311,9 @@ local function window_fast(L)
   add(A[1], L.f[1], own[L.f[1].oi], ts, seq)
   return A
 end
--- Adds the event to its tile of every value window (only when it is stored).
-local function store_tiles()
+-- Adds the event to its tile of every value window (only when it is stored): appends the
+-- fields and records to kv, the meta fields the epilogue writes in one HSET.
+local function store_tiles(kv)
   for _, L in ipairs(LAYOUT) do
     local i = tile_of(ts, L.T)
     if not L.strs then
@@ -314,7 +321,7 @@ local function store_tiles()
       -- the newest), the dead ones (tile i - slots and older: no acceptable event reads
       -- them) dropped from the front.
       local size = 8 * L.nnum
-      local rec = tiles_read[L.key] or redis.call('HGET', kmeta, L.key) or ''
+      local rec = meta[L.mi] or ''
       local at, st, tail = #rec + 1, nil, nil
       while at > 1 do
         local j = struct.unpack('<d', rec, at - size)
@@ -333,8 +340,8 @@ local function store_tiles()
       st = st or new_stats(L)
       for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
       tail = tail or at
-      redis.call('HSET', kmeta, L.key,
-                 string.sub(rec, head, at - 1) .. encode(L, i, st) .. string.sub(rec, tail))
+      kv[#kv + 1] = L.key
+      kv[#kv + 1] = string.sub(rec, head, at - 1) .. encode(L, i, st) .. string.sub(rec, tail)
     else
     local name = tile_field(L, i)
     local rec = redis.call('HGET', kmeta, name)
@@ -347,7 +354,8 @@ local function store_tiles()
       st = new_stats(L)
     end
     for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
-    redis.call('HSET', kmeta, name, encode(L, i, st))
+    kv[#kv + 1] = name
+    kv[#kv + 1] = encode(L, i, st)
     end
   end
 end
@@ -414,6 +422,7 @@ end
 -- of wall time (the current one and the one before are read, so an entry is found for at
 -- least DEDUPE seconds); the one before those is unlinked (freed off the main thread).
 local now = tonumber(redis.call('TIME')[1])
+local now_s = string.format('%d', now)
 local bucket = math.floor(now / DEDUPE)
 RECENT_DEF
 local function recent(eid)
@@ -534,13 +543,21 @@ local function since_prev_list(s)
   if s <= n then return fmt(ts - sc[n]) end
   return ''
 end
+-- An event in order (ts >= wm) needs no read: its entity's newest stored event is at wm
+-- (every stored event is at or before wm, the one at wm is never trimmed), none if no wm.
 local function since_prev_zset(w)
+  if not wm then return '' end
+  if ts >= wm then
+    if wm > ts - w then return fmt(ts - wm) end
+    return ''
+  end
   local r = redis.call('ZREVRANGEBYSCORE', kwin, ts_s, '(' .. fmt(ts - w),
                        'WITHSCORES', 'LIMIT', 0, 1)
   if r[2] then return fmt(ts - tonumber(r[2])) end
   return ''
 end
 local function count_zset(w)
+  if not wm or (ts >= wm and wm <= ts - w) then return '1' end  -- none stored in (ts - w, ts]
   return fmt(redis.call('ZCOUNT', kwin, '(' .. fmt(ts - w), ts_s) + 1)
 end
 
@@ -554,12 +571,12 @@ local fv = table.concat(out, '|')
 -- now, read-only (the event is not stored again).
 if again then return 'REDELIVERED|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
+local wm0 = wm  -- before this event (nil: a new entity, nothing else stored)
 if not wm or ts > wm then wm = ts end
-redis.call('HSET', kmeta, 'wm', fmt(wm), 'seq', string.format('%d', seq)META_SET)
+local kv = {'wm', fmt(wm), 'seq', string.format('%d', seq)META_SET}
 STORE_TILES
+RENEW
 TRIM
-redis.call('EXPIRE', kwin, ENTITY_TTL)
-redis.call('EXPIRE', kmeta, ENTITY_TTL)
 redis.call('HSET', rnow, eid, RECENT_VALUE)
 recent_written = true
 return 'o|' .. fv
@@ -747,15 +764,64 @@ def _trim(spec: PipelineSpec) -> str:
         bound = max(full_w or 0.0, *since) if since else (full_w or 0.0)
         return f"{horizon}\nredis.call('ZREMRANGEBYSCORE', kwin, '-inf', fmt(horizon - {bound!r}))"
     cut = "math.huge" if full_w is None else f"horizon - {full_w!r}"
+    # The newest stored event at or below the horizon, p: none for a new entity (only this
+    # event is stored, above the horizon or, with lateness 0, the only one at it: nothing
+    # to drop); for an event in order above the horizon whose previous watermark wm0 is at
+    # or below it, the event at wm0 (the others stored are at or before it): no read.
     return f"""{horizon}
 local cut = {cut}
-local p = redis.call('ZREVRANGEBYSCORE', kwin, fmt(horizon), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if p[2] then
-  if cut < tonumber(p[2]) then
+local p
+if not wm0 then
+  p = nil
+elseif ts >= wm0 and wm0 <= horizon and ts > horizon then
+  p = wm0
+else
+  local r = redis.call('ZREVRANGEBYSCORE', kwin, fmt(horizon), '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  p = tonumber(r[2])
+end
+if p then
+  if cut < p then
     redis.call('ZREMRANGEBYSCORE', kwin, '-inf', fmt(cut))
   else
-    redis.call('ZREMRANGEBYSCORE', kwin, '-inf', '(' .. p[2])
+    redis.call('ZREMRANGEBYSCORE', kwin, '-inf', '(' .. fmt(p))
   end
+end"""
+
+
+#: Seconds between renewals of an entity's TTLs (see :func:`ttl_renew`).
+TTL_RENEW = 60
+
+
+def ttl_renew(spec: PipelineSpec) -> int:
+    """Seconds between renewals of an entity's key TTLs (0: at every accepted event).
+
+    Renewed at every event, ``EXPIRE`` of the window and the meta cost two commands per
+    event. Instead the keys are given ``entity_ttl + TTL_RENEW`` seconds and renewed by the
+    first accepted event at least ``TTL_RENEW`` seconds (Redis ``TIME``) after the last
+    renewal, kept in meta (``x``): every key still outlives its entity's last accepted
+    event by more than ``entity_ttl``. 0 when a trim can empty the window ZSET (no window
+    and no lateness), so a ZSET recreated later would need its TTL at once.
+    """
+    return TTL_RENEW if max_window(spec) + spec.lateness > 0 else 0
+
+
+def _renew_lua(spec: PipelineSpec, x_index: int | None) -> str:
+    """Lua that writes the meta fields in ``kv`` and renews the entity's TTLs when due."""
+    ttl = entity_ttl(spec)
+    renew = ttl_renew(spec)
+    if not renew or x_index is None:
+        return f"""redis.call('HSET', kmeta, unpack(kv))
+redis.call('EXPIRE', kwin, {ttl})
+redis.call('EXPIRE', kmeta, {ttl})"""
+    return f"""local x = tonumber(meta[{x_index}])  -- the last renewal
+if x and now - x < {renew} then
+  redis.call('HSET', kmeta, unpack(kv))
+else
+  kv[#kv + 1] = 'x'
+  kv[#kv + 1] = now_s
+  redis.call('HSET', kmeta, unpack(kv))
+  redis.call('EXPIRE', kwin, {ttl + renew})
+  redis.call('EXPIRE', kmeta, {ttl + renew})
 end"""
 
 
@@ -797,7 +863,18 @@ def _is_fast(spec: PipelineSpec, window: float) -> bool:
     return bool(aggs & _NUMERIC) and aggs <= _NUMERIC | {"count"}
 
 
-def _layout_lua(spec: PipelineSpec) -> str:
+def numeric_tile_keys(spec: PipelineSpec) -> list[str]:
+    """The meta fields of the value windows whose tiles are numbers only (``t<n>``: every
+    live tile's record in one string), read with ``wm`` and ``seq`` by one ``HMGET``."""
+    return [
+        f"t{wi}"
+        for wi, (_, fields) in enumerate(_tile_layout(spec), start=1)
+        if not any(aggs & {"last", "distinct"} for _, aggs in fields)
+    ]
+
+
+def _layout_lua(spec: PipelineSpec, meta_index: dict[str, int]) -> str:
+    """The LAYOUT table; ``meta_index``: where the meta read holds each ``t<n>`` field."""
     own = {name: i + 1 for i, name in enumerate(used_fields(spec))}
     stored = {name: i + 1 for i, name in enumerate(stored_fields(spec))}
     rows = []
@@ -816,7 +893,8 @@ def _layout_lua(spec: PipelineSpec) -> str:
         rows.append(
             f"  {{w = {w!r}, T = {w / TILES!r}, slots = {tile_slots(spec, w)}, key = 't{wi}', "
             f"nnum = {nnum}, fmt = {'<' + 'd' * nnum!r}, strs = {str(strs).lower()}, "
-            f"one = {str(len(stored) == 1).lower()}, fast = {str(fast).lower()},\n"
+            f"one = {str(len(stored) == 1).lower()}, fast = {str(fast).lower()}, "
+            f"mi = {meta_index.get(f't{wi}', 'nil')},\n"
             f"   f = {{{', '.join(fs)}}}}},"
         )
     return "local LAYOUT = {\n" + "\n".join(rows) + "\n}"
@@ -934,6 +1012,13 @@ def build_script(
     layout = _tile_layout(spec) if tiles else []
     fresh = freshness_names(spec) if freshness else []
     pfields = list(stored) if freshness else []  # fields with a p<k> in meta
+    # The meta fields read per event: wm, seq, the p<k>, the numbers-only tiles, x.
+    extra = [f"p{k}" for k in range(1, len(pfields) + 1)]
+    extra += numeric_tile_keys(spec) if layout else []
+    renew = ttl_renew(spec)
+    if renew:
+        extra.append("x")
+    meta_index = {name: 3 + i for i, name in enumerate(extra)}
     many = (spec.redis.buckets if buckets is None else buckets) > 1
     parts = _MANY if many else _ONE
     prelude, epilogue = _PRELUDE, _EPILOGUE
@@ -953,12 +1038,12 @@ def build_script(
         .replace("NFEAT", str(len(spec.features)))
         .replace("NALL", str(len(spec.features) + len(fresh)))
         .replace("PACKFMT", repr("<" + "d" * (len(spec.features) + len(fresh))))
-        .replace("META_READ", "".join(f", 'p{k}'" for k in range(1, len(pfields) + 1)))
+        .replace("META_READ", "".join(f", '{name}'" for name in extra))
         .replace("RECENT_TOKENS", "unpack_fv(known)" if packs_recent(spec) else "known")
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
         .replace("FIELD", field)
-        .replace("LAYOUT_DEF", _TILES_LIB + _layout_lua(spec) if layout else "")
+        .replace("LAYOUT_DEF", _TILES_LIB + _layout_lua(spec, meta_index) if layout else "")
         .replace("TILES_LUA", _TILES_LUA if layout else "")
     )
     if tiles:
@@ -1006,9 +1091,9 @@ def build_script(
     lines.append(
         epilogue.replace("STORED", member)
         .replace("META_SET", _meta_set(len(pfields)))
-        .replace("STORE_TILES", "store_tiles()" if layout else "")
+        .replace("STORE_TILES", "store_tiles(kv)" if layout else "")
+        .replace("RENEW", _renew_lua(spec, meta_index.get("x")))
         .replace("TRIM", _trim(spec))
-        .replace("ENTITY_TTL", str(entity_ttl(spec)))
         .replace("APPLIED_TTL", str(APPLIED_TTL))
         .replace("RECENT_VALUE", "pack_fv(out)" if packs_recent(spec) else "fv")
         .replace("DEDUPE", str(dedupe_seconds(spec)))

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from features.base import entity_ttl
+from features.lua import TTL_RENEW
 from features.online import RedisFeatureStore
 from weir.spec import PipelineSpec, parse_spec
 from weir.types import Event
@@ -78,3 +80,36 @@ def test_events_of_one_entity_in_one_batch_see_each_other(redis_client: redis.Re
     assert [r.status for r in res] == ["late", "ok"]
     want = {"country": None, "events_count_1h": 6.0, "amount_sum_1h": 20.0, "country_last_1h": None}
     assert res[1].features == want
+
+
+def test_entity_keys_outlive_their_last_event_by_the_ttl_renewed_at_most_once_a_minute(
+    redis_client: redis.Redis, unique: str
+) -> None:
+    spec = _spec(unique)
+    store = RedisFeatureStore(spec)
+    win, meta, ttl = store.window_key("k"), store.meta_key("k"), entity_ttl(spec)
+
+    def event(i: int) -> list[Event]:
+        return [Event(f"t{i}", "k", 1000.0 + i, {"amount": 1.0, "country": None})]
+
+    def ttls() -> list[int]:
+        return [int(redis_client.ttl(win)), int(redis_client.ttl(meta))]
+
+    assert [r.status for r in store.compute_batch(redis_client, event(0))] == ["ok"]
+    renewed = int(redis_client.hget(meta, "x") or 0)  # Redis TIME of the renewal
+    assert abs(renewed - int(redis_client.time()[0])) <= 2
+    assert min(ttls()) >= ttl + TTL_RENEW - 2  # set to the TTL + the renewal period
+    # Renewed less than a minute ago: the next events leave the TTLs (here shortened to
+    # show it) and the renewal time as they are.
+    for key in (win, meta):
+        redis_client.expire(key, ttl + 30)
+    store.compute_batch(redis_client, event(1))
+    assert max(ttls()) <= ttl + 30
+    assert int(redis_client.hget(meta, "x") or 0) == renewed
+    # A minute or more since the renewal: the next accepted event renews both keys.
+    redis_client.hset(meta, "x", str(renewed - TTL_RENEW))
+    store.compute_batch(redis_client, event(2))
+    assert min(ttls()) >= ttl + TTL_RENEW - 2
+    assert abs(int(redis_client.hget(meta, "x") or 0) - int(redis_client.time()[0])) <= 2
+    # So every key outlives the entity's last accepted event by more than the TTL: it
+    # was renewed less than TTL_RENEW s before that event, to TTL + TTL_RENEW.
