@@ -14,12 +14,14 @@ A step's client work is per step, not per key in Python (:meth:`RedisFootprint._
 the one-in-N picked by a slice; with one bucket, once its kinds are known, the kinds
 counted in the step's keys joined into one bytes (a substring count per kind); else (a
 bucket's keys, a new kind) one bytes split per key and ``Counter``. No key is decoded.
-Measured 2026-12-01 on a private Redis holding ~124k keys of one pipeline (70k served
-records, 27k entities' windows and meta hashes), 13 steps a pass, 8 passes of each version
-in alternation, load 1-5 on 2 shared cores: 25.3 ms of client CPU per step before (the
-per-key ``kind_of``, decode and counter updates ~60%, the pipeline of ~200 MEMORY USAGE
-~15%), 8.9 ms with the split per key and the script, 6.5 ms with the joined count (what is
-left is mostly the SCAN reply itself: receiving and parsing 10,000 keys).
+Measured 2026-12-01 (client CPU, ``time.thread_time``; 4-8 passes of each version in
+alternation; load 1-5 on 2 shared cores) on a private Redis holding two pipelines of ~124k
+keys each (70k served records, 27k entities' windows and meta hashes), one with one
+bucket, one with 16, 25 steps a pass: one bucket 308 ms a pass before (12.3 ms a step),
+114 ms with the split per key and the MEMORY USAGE script, 78 ms with the joined count
+(3.1 ms a step); 16 buckets 344 -> 117 ms a pass (key by key). Before, the per-key
+``kind_of``, decode and counter updates were ~60% of a step and the pipeline of ~200
+MEMORY USAGE ~15%; what is left is mostly the SCAN reply (receiving and parsing the keys).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class RedisFootprint:
         self._at = prefix.count(":") + 1
         self._head = prefix.encode() + b":"
         self._known: set[bytes] = set()  # kinds seen (counted in bulk, :meth:`_bulk`)
+        self._buckets_seen = False  # this pass found keys not under prefix: (buckets)
         self.sample_every = max(1, sample_every)
         self.pipeline = pipeline
         self.metrics = metrics
@@ -206,7 +209,7 @@ class RedisFootprint:
         is under ``prefix:`` (one bucket) and of a kind seen before: the keys joined as
         ``\\0key:\\0key:...\\0``, then per kind one count of ``\\0prefix:kind:``. None
         (count key by key) for a bucket's keys, a key with a NUL byte, or a new kind."""
-        if not self._known or not isinstance(keys[0], bytes):
+        if not self._known or self._buckets_seen or not isinstance(keys[0], bytes):
             return None
         n = len(keys)
         try:
@@ -214,7 +217,10 @@ class RedisFootprint:
         except TypeError:  # str keys (a client with decode_responses)
             return None
         head = _SEP + self._head
-        if blob.count(_SEP) != n + 1 or blob.count(head) != n:
+        if blob.count(_SEP) != n + 1:
+            return None
+        if blob.count(head) != n:  # a bucket's keys: key by key for the rest of the pass
+            self._buckets_seen = True
             return None
         counts = {}
         total = 0
@@ -255,6 +261,7 @@ class RedisFootprint:
             m.redis_maxmemory.labels(self.pipeline).set(self._maxmemory(client, masters))
         self.last = last
         self._keys, self._sampled, self._bytes, self._seen = Counter(), Counter(), Counter(), 0
+        self._buckets_seen = False
 
     def _maxmemory(self, client: Any, masters: list[Any] | None) -> float:
         """``maxmemory`` of the Redis; on a cluster, summed over the masters holding the

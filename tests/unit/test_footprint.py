@@ -84,9 +84,13 @@ def test_one_buckets_steps_are_counted_in_bulk() -> None:
     counts, _ = fp._bulk(_keys(rng, "demo", 500, False, SMALL[:2])) or ({}, b"")
     assert set(counts) <= {b"served", b"win", b"meta", b"recent", b"applied"} and sum(counts.values()) == 500
     assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo}:new:1"]) is None
-    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo#e1}:win:1"]) is None
     assert fp._bulk([b"weir:{demo}:served:1\0weir:{demo}:served:2"]) is None
     assert fp._bulk(["weir:{demo}:served:1"]) is None
+    assert fp._bulk([b"weir:{demo}:served:1"]) is not None
+    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo#e1}:win:1"]) is None
+    assert fp._bulk([b"weir:{demo}:served:1"]) is None  # buckets: key by key until the pass ends
+    fp._publish(None)
+    assert fp._bulk([b"weir:{demo}:served:1"]) is not None
 
 
 def test_keys_without_a_kind_and_str_keys_fall_back_to_kind_of() -> None:
