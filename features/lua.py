@@ -326,8 +326,10 @@ local function store_tiles(kv)
       while at > 1 do
         local j = struct.unpack('<d', rec, at - size)
         if j == i then
-          local _
-          _, st = decode(L, string.sub(rec, at - size, at - 1))
+          if not L.fast then
+            local _
+            _, st = decode(L, string.sub(rec, at - size, at - 1))
+          end
           tail, at = at, at - size
           break
         elseif j < i then
@@ -337,11 +339,33 @@ local function store_tiles(kv)
       end
       local head = 1
       while head < at and struct.unpack('<d', rec, head) <= i - L.slots do head = head + size end
-      st = st or new_stats(L)
-      for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
+      local new
+      if L.fast then
+        -- one field, numbers only (window_fast): add's arithmetic on the record's doubles
+        local _, n, sum, m2, mn, mx = 0, 0, 0, 0, math.huge, -math.huge
+        if tail then _, n, sum, m2, mn, mx = struct.unpack('<dddddd', rec, at) end
+        local tok = own[L.f[1].oi]
+        if tok ~= '' then
+          local x = tonumber(tok)
+          if n == 0 then sum, m2 = x, 0
+          else
+            local mo = sum / n
+            sum = sum + x
+            m2 = m2 + (x - mo) * (x - sum / (n + 1))
+          end
+          if x < mn then mn = x end
+          if x > mx then mx = x end
+          n = n + 1
+        end
+        new = struct.pack('<dddddd', i, n, sum, m2, mn, mx)
+      else
+        st = st or new_stats(L)
+        for f, F in ipairs(L.f) do add(st[f], F, own[F.oi], ts, seq) end
+        new = encode(L, i, st)
+      end
       tail = tail or at
       kv[#kv + 1] = L.key
-      kv[#kv + 1] = string.sub(rec, head, at - 1) .. encode(L, i, st) .. string.sub(rec, tail)
+      kv[#kv + 1] = string.sub(rec, head, at - 1) .. new .. string.sub(rec, tail)
     else
     local name = tile_field(L, i)
     local rec = redis.call('HGET', kmeta, name)
@@ -504,7 +528,7 @@ local meta = redis.call('HMGET', kmeta, 'wm', 'seq'META_READ)
 local wm = tonumber(meta[1])
 if wm and ts < wm - LATENESS then LATE_RETURN end
 local seq = (tonumber(meta[2]) or 0) + 1
-local own = split(args)
+local own = OWN_SPLIT
 
 -- The window events (arrived earlier, ts in (ts - LISTW, ts]), by (ts, arrival).
 local n, sc, tok = 0, {}, {}
@@ -573,7 +597,7 @@ if again then return 'REDELIVERED|' .. fv end
 redis.call('ZADD', kwin, ts_s, string.format('%012d', seq)STORED)
 local wm0 = wm  -- before this event (nil: a new entity, nothing else stored)
 if not wm or ts > wm then wm = ts end
-local kv = {'wm', fmt(wm), 'seq', string.format('%d', seq)META_SET}
+local kv = {'wm', (wm == ts and ts_s) or fmt(wm), 'seq', string.format('%d', seq)META_SET}
 STORE_TILES
 RENEW
 TRIM
@@ -986,6 +1010,14 @@ def _meta_set(n: int) -> str:
     return "".join(f", 'p{k}', pv[{k}] or 'u'" for k in range(1, n + 1))
 
 
+def _own_split(n: int) -> str:
+    """Lua splitting the event's ``n`` tokens: one ``string.match`` with a capture per token
+    (Lua allows 32), a third of ``split``'s time for 7 tokens."""
+    if not 0 < n < 32:
+        return "split(args)"
+    return "{string.match(args, '^" + "|".join(["([^|]*)"] * n) + "$')}"
+
+
 def build_script(
     spec: PipelineSpec, *, tiles: bool = True, freshness: bool = True, buckets: int | None = None
 ) -> str:
@@ -1042,6 +1074,7 @@ def build_script(
         .replace("RECENT_TOKENS", "unpack_fv(known)" if packs_recent(spec) else "known")
         .replace("LISTW", repr(listw))
         .replace("PARSE", parse)
+        .replace("OWN_SPLIT", _own_split(len(own)))
         .replace("FIELD", field)
         .replace("LAYOUT_DEF", _TILES_LIB + _layout_lua(spec, meta_index) if layout else "")
         .replace("TILES_LUA", _TILES_LUA if layout else "")
