@@ -12,9 +12,17 @@
   replies, so nothing in the records or the histogram), on two key prefixes; the rounds
   alternate which goes first, so both see the same machine load.
 
+* feature script A/B (``--script-ab REV``, e.g. ``HEAD~1``): the script of ``features/lua.py``
+  at git revision REV against the working tree's, on a private ``redis-server``, at 1,000
+  and 50,000 entities (a warm-up first, so entities repeat), in paired rounds alternating
+  which goes first: the Redis CPU per event (median, spread, paired difference), the
+  ``redis.call``s per event by command (``INFO commandstats``), and whether both answered
+  every event the same. With ``--script-ab`` only this runs (saved to
+  ``bench/results/features-script-ab.json``).
+
 1,000 entities, ~1 s of event time per event, 10% of events up to 20 s out of order,
 batches of 500. Prints and saves ``bench/results/features.json``. Needs Redis
-(``make up``). Usage: python bench/features.py [--events 100000]
+(``make up``). Usage: python bench/features.py [--events 100000] [--script-ab HEAD~1]
 """
 
 from __future__ import annotations
@@ -157,24 +165,132 @@ async def scorer_path(spec: PipelineSpec, events: list[Event], batch: int, round
     return res
 
 
+def _stream(spec: PipelineSpec, n: int, entities: int, seed: int = 1) -> list[Event]:
+    """n events over ``entities`` entities, ~1 s of event time apart, 10% up to 20 s late."""
+    rng = random.Random(seed)
+    t0 = 1_700_000_000.0
+    events = []
+    for i in range(n):
+        ts = t0 + i - (rng.uniform(0, 20) if rng.random() < 0.1 else 0.0)
+        data: dict[str, float | str | bool | None] = {f: float(rng.randint(1, 150_000)) for f in spec.fields}
+        events.append(Event(f"e{i}", f"u{rng.randrange(entities)}", ts, data))
+    return events
+
+
+def script_ab(
+    spec: PipelineSpec, ref: str, entities: int, warm: int, chunk: int, rounds: int
+) -> dict[str, Any]:
+    """The feature script at git revision ``ref`` ("ref") against the working tree's ("new").
+
+    Both run the same events (with Kafka positions, as the scorer sends them) on their own
+    key prefix of one private ``redis-server``; after ``warm`` events each, ``rounds``
+    chunks of ``chunk`` events, each chunk run by both back to back (which goes first
+    alternates). Per chunk: Redis CPU (``INFO cpu``) and the commands its scripts ran
+    (``INFO commandstats``) per event.
+    """
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from bench.hot_entities import start_redis
+
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{ref}:features/lua.py"], check=True, capture_output=True, text=True
+    ).stdout
+    tmp = tempfile.mkdtemp(prefix="weir-bench-ab-")
+    path = Path(tmp) / "ref_lua.py"
+    path.write_text(source)
+    mod_spec = importlib.util.spec_from_file_location("weir_bench_ref_lua", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    ref_lua = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(ref_lua)
+    events = _stream(spec, warm + chunk * rounds, entities)
+    positions = [("events", 0, i) for i in range(len(events))]
+    proc, client = start_redis(tmp)
+    stores: dict[str, RedisFeatureStore] = {}
+    for variant, build in (("ref", ref_lua.build_script), ("new", build_script)):
+        vspec = spec.model_copy(update={"name": f"{spec.name}-{variant}"})
+        store = RedisFeatureStore(vspec)
+        store.script = build(vspec)
+        store.sha = hashlib.sha1(store.script.encode()).hexdigest()
+        client.script_load(store.script)
+        stores[variant] = store
+
+    def calls() -> dict[str, int]:
+        stats = client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    def run(variant: str, lo: int, hi: int) -> list[Any]:
+        out: list[Any] = []
+        for b in range(lo, hi, 500):
+            e = min(b + 500, hi)
+            out.extend(stores[variant].compute_batch(client, events[b:e], positions[b:e]))
+        return out
+
+    cpu: dict[str, list[float]] = {"ref": [], "new": []}
+    per_cmd: dict[str, dict[str, int]] = {"ref": {}, "new": {}}
+    differ = 0
+    try:
+        differ += sum(a != b for a, b in zip(run("ref", 0, warm), run("new", 0, warm), strict=True))
+        for r in range(rounds):
+            lo, hi = warm + r * chunk, warm + (r + 1) * chunk
+            got: dict[str, list[Any]] = {}
+            for variant in ("ref", "new") if r % 2 == 0 else ("new", "ref"):
+                u0, k0 = _redis_usec(client), calls()
+                got[variant] = run(variant, lo, hi)
+                u1, k1 = _redis_usec(client), calls()
+                cpu[variant].append((u1 - u0) / chunk)
+                for cmd, n in k1.items():
+                    if cmd not in ("info", "evalsha"):
+                        per_cmd[variant][cmd] = per_cmd[variant].get(cmd, 0) + n - k0.get(cmd, 0)
+            differ += sum(a != b for a, b in zip(got["ref"], got["new"], strict=True))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    n = chunk * rounds
+    diff = [b - a for a, b in zip(cpu["ref"], cpu["new"], strict=True)]
+    q = statistics.quantiles(diff, n=4)
+    res: dict[str, Any] = {"entities": entities, "warm_up_events": warm, "rounds": rounds, "chunk": chunk}
+    for variant in ("ref", "new"):
+        cmds = {k: round(v / n, 2) for k, v in sorted(per_cmd[variant].items()) if v}
+        res[variant] = {
+            "redis_cpu_us_per_event_median": round(statistics.median(cpu[variant]), 1),
+            "redis_cpu_us_per_event_min_max": [round(min(cpu[variant]), 1), round(max(cpu[variant]), 1)],
+            "calls_per_event": round(sum(cmds.values()), 2),
+            "calls_per_event_by_command": cmds,
+        }
+    res["new_minus_ref_us_per_event"] = {
+        "median": round(statistics.median(diff), 1),
+        "quartiles": [round(q[0], 1), round(q[2], 1)],
+    }
+    res["events_answered_differently"] = differ
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--scorer-events", type=int, default=20_000, help="scorer path on/off (0: skip)")
     ap.add_argument("--rounds", type=int, default=40, help="alternating rounds of the scorer path")
-    ap.add_argument("--out", default=str(REPO / "bench/results/features.json"))
+    ap.add_argument(
+        "--script-ab",
+        metavar="REV",
+        help="only the A/B of the feature script: git revision REV vs the tree "
+        "(saved to bench/results/features-script-ab.json)",
+    )
+    ap.add_argument(
+        "--ab-rounds", type=int, default=16, help="paired rounds of --script-ab (4,000 events each)"
+    )
+    ap.add_argument("--out", help="default bench/results/features.json (features-script-ab.json)")
     args = ap.parse_args()
     n, batch = args.events, args.batch
     spec = load_spec(REPO / "examples/loan-lr.yaml")
     spec = spec.model_copy(update={"name": f"benchfeat{random.randrange(10**6)}"})
-    rng = random.Random(1)
-    t0 = 1_700_000_000.0
-    events = []
-    for i in range(n):
-        ts = t0 + i - (rng.uniform(0, 20) if rng.random() < 0.1 else 0.0)
-        data: dict[str, float | str | bool | None] = {f: float(rng.randint(1, 150_000)) for f in spec.fields}
-        events.append(Event(f"e{i}", f"u{rng.randrange(1000)}", ts, data))
+    if args.script_ab:
+        out = args.out or str(REPO / "bench/results/features-script-ab.json")
+        return _script_ab_only(spec, args.script_ab, args.ab_rounds, out)
+    events = _stream(spec, n, 1000)
     client = load_settings().redis()
     store = RedisFeatureStore(spec)
     client.script_load(store.script)
@@ -213,10 +329,29 @@ def main() -> int:
         scored = events[: args.scorer_events]
         result["scorer_path"] = asyncio.run(scorer_path(spec, scored, batch, args.rounds))
         result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    _save(result, args.out or str(REPO / "bench/results/features.json"))
+    return 0
+
+
+def _save(result: dict[str, object], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
+    print(f"saved {out}")
+
+
+def _script_ab_only(spec: PipelineSpec, ref: str, rounds: int, out: str) -> int:
+    result: dict[str, object] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "spec": "examples/loan-lr.yaml",
+        "ref": ref,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "runs": [
+            script_ab(spec, ref, ents, warm, 4000, rounds)
+            for ents, warm in ((1000, 30_000), (50_000, 100_000))
+        ],
+    }
+    _save(result, out)
     return 0
 
 
