@@ -12,10 +12,13 @@ Keys (prefix = ``spec.redis_prefix``, ``weir:{<name>}``, with ``spec.redis.bucke
 with more, the prefix of the entity's bucket ``weir:{<name>#e<b>}``, :mod:`weir.slots`),
 every one with a TTL; none is per event:
 
-* ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s.
+* ``{prefix}:win:{entity_id}`` ZSET of accepted events; TTL max window + lateness + 300 s
+  + 60 s, renewed at most once a minute (:func:`features.lua.ttl_renew`), so it outlives the
+  entity's last accepted event by more than max window + lateness + 300 s.
 * ``{prefix}:meta:{entity_id}`` hash (``wm`` watermark, ``seq`` arrival count, ``p<k>``
   newest time of a present value per stored field for the feature ages, docs/features.md#freshness,
-  the time tiles of the value windows, docs/features.md#tiles); same TTL.
+  the time tiles of the value windows, docs/features.md#tiles, ``x`` the last TTL renewal);
+  same TTL.
 * ``{prefix}:applied`` hash: per ``<events topic>:<partition>`` the highest offset whose
   event the script has decided (accepted, late or duplicate), advanced in the same script
   call as the event's effects; TTL :data:`features.lua.APPLIED_TTL` (a week). With
