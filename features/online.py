@@ -75,14 +75,12 @@ from features.freshness import freshness_names
 from features.lua import build_script, packs_recent
 from weir.errors import FeatureError
 from weir.slots import (
+    acall_checked,
     bucket_of,
     bucket_prefix,
     call,
     ensure_slot_map,
     group_by_node,
-    moved,
-    not_local,
-    refresh_slots,
 )
 from weir.spec import FieldSpec, PipelineSpec
 from weir.types import Event, FeatureValue, FeatureVector
@@ -446,23 +444,18 @@ class RedisFeatureStore:
         calls = self._bucket_calls(client, events, positions)
 
         async def run(node: Any, args: tuple[Any, ...]) -> Any:
+            # A bucket's slot moved since the grouping (checked before any write): a fresh
+            # slot map, then a transient error (acall_checked; the retry regroups).
             try:
                 try:
-                    return await call(client, node, *args)
+                    return await acall_checked(client, node, *args)
                 except NoScriptError:
                     # On every master: redis-py may have followed a MOVED to another node
                     # than ``node`` (after a failover, the promoted replica lacks it too).
                     targets = node if node is None else client.get_primaries()
                     await call(client, targets, "SCRIPT", "LOAD", self.script)
-                    return await call(client, node, *args)
+                    return await acall_checked(client, node, *args)
             except RedisError as exc:
-                if node is not None and not_local(exc):
-                    # A bucket's slot moved since the grouping (checked before any write):
-                    # a fresh slot map, then a transient error (the retry regroups).
-                    await refresh_slots(client)
-                    err = moved(node, exc)
-                    err.__cause__ = exc
-                    raise self._failed(err) from err
                 raise self._failed(exc) from exc
 
         if len(calls) == 1 or isinstance(client, _Blocking):
@@ -510,13 +503,7 @@ class RedisFeatureStore:
         try:
             for node, idx in group_by_node(client, keys):
                 names = [keys[j] for j in idx]
-                try:
-                    got = await call(client, node, "EVAL", _GET_LUA, 1, names[0], *names)
-                except RedisError as exc:
-                    if node is None or not not_local(exc):
-                        raise
-                    await refresh_slots(client)
-                    raise moved(node, exc) from exc
+                got = await acall_checked(client, node, "EVAL", _GET_LUA, 1, names[0], *names)
                 for j, rec in zip(idx, got, strict=True):
                     found[j] = rec
         except RedisError as exc:

@@ -103,14 +103,12 @@ import orjson
 
 from weir.contracts import Example, prediction_from_dict
 from weir.slots import (
+    acall_checked,
     bucket_of,
     bucket_prefix,
-    call,
+    call_checked,
     ensure_slot_map,
     group_by_node,
-    moved,
-    not_local,
-    refresh_slots,
 )
 from weir.spec import PipelineSpec
 from weir.types import DeadLetter, Label, Prediction
@@ -275,24 +273,12 @@ def node_call(client: Any, node: Any, text: str, declared: Sequence[str], args: 
     bucket reloads the slot map and raises a transient ``ClusterError``
     (:func:`weir.slots.moved`): Weir's retry regroups the step.
     """
-    try:
-        return call(client, node, *_eval_args(text, declared, args))
-    except Exception as exc:
-        if not not_local(exc):
-            raise
-        client.nodes_manager.initialize()
-        raise moved(node, exc) from exc
+    return call_checked(client, node, *_eval_args(text, declared, args))
 
 
 async def anode_call(client: Any, node: Any, text: str, declared: Sequence[str], args: Sequence[Any]) -> Any:
     """:func:`node_call` for the asyncio client."""
-    try:
-        return await call(client, node, *_eval_args(text, declared, args))
-    except Exception as exc:
-        if not not_local(exc):
-            raise
-        await refresh_slots(client)
-        raise moved(node, exc) from exc
+    return await acall_checked(client, node, *_eval_args(text, declared, args))
 
 
 def bucket_calls(

@@ -136,6 +136,29 @@ async def _guarded(pending: Awaitable[Any], node: Any) -> Any:
         raise moved(node, exc) from exc
 
 
+def call_checked(client: Any, node: Any, *args: Any) -> Any:
+    """:func:`call` with a sync client; a script's "non local key" (a slot of the call moved
+    since the batch was grouped) reloads the slot map and is raised as :func:`moved`."""
+    try:
+        return call(client, node, *args)
+    except Exception as exc:
+        if node is None or not not_local(exc):
+            raise
+        client.nodes_manager.initialize()
+        raise moved(node, exc) from exc
+
+
+async def acall_checked(client: Any, node: Any, *args: Any) -> Any:
+    """:func:`call_checked` for the asyncio client (or the blocking one driven as a coroutine)."""
+    try:
+        return await call(client, node, *args)
+    except Exception as exc:
+        if node is None or not not_local(exc):
+            raise
+        await refresh_slots(client)
+        raise moved(node, exc) from exc
+
+
 def moved(node: Any, exc: BaseException) -> ClusterError:
     """The transient error of a call whose slots are not (all) on ``node`` any more."""
     return ClusterError(
