@@ -11,15 +11,16 @@ When a pass ends (the cursor is back at 0) it sets ``weir_redis_keys{pipeline,ki
 ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``).
 
 A step's client work is per step, not per key in Python (:meth:`RedisFootprint._count`):
-the one-in-N picked by a slice; with one bucket, once its kinds are known, the kinds
-counted in the step's keys joined into one bytes (a substring count per kind); else (a
-bucket's keys, a new kind) one bytes split per key and ``Counter``. No key is decoded.
+the one-in-N picked by a slice, the kinds by one bytes split per key and ``Counter``. No
+key is decoded.
 Measured 2026-12-01 (client CPU, ``time.thread_time``; 4-8 passes of each version in
 alternation; load 1-5 on 2 shared cores) on a private Redis holding two pipelines of ~124k
 keys each (70k served records, 27k entities' windows and meta hashes), one with one
 bucket, one with 16, 25 steps a pass: one bucket 308 ms a pass before (12.3 ms a step),
-114 ms with the split per key and the MEMORY USAGE script, 78 ms with the joined count
-(3.1 ms a step); 16 buckets 344 -> 117 ms a pass (key by key). Before, the per-key
+114 ms with the split per key and the MEMORY USAGE script (4.6 ms a step); 16 buckets
+344 -> 117 ms a pass. (Counting the kinds as substrings of the step's keys joined into one
+bytes took a pass of one bucket to 78 ms: 1.4 ms a step every 2 s, 0.07% of a core, not
+worth its second code path; it was taken out.) Before, the per-key
 ``kind_of``, decode and counter updates were ~60% of a step and the pipeline of ~200
 MEMORY USAGE ~15%; what is left is mostly the SCAN reply (receiving and parsing the keys).
 """
@@ -27,7 +28,6 @@ MEMORY USAGE ~15%; what is left is mostly the SCAN reply (receiving and parsing 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 from weir.slots import prefix_pattern
@@ -39,11 +39,6 @@ SAMPLE_EVERY = 50
 #: Seconds between two steps (the learner's sweep decides when).
 STEP_EVERY = 2.0
 
-
-#: How :meth:`RedisFootprint._bulk` joins a step's keys (each key then ``:``, so a key
-#: that is its kind alone, ``<prefix>:applied``, matches ``<prefix>:applied:`` too).
-_SEP = b"\0"
-_END = b":\0"
 
 #: MEMORY USAGE (SAMPLES 5) of every key in ARGV, -1 for a key that is gone. The keys are
 #: arguments, not declared: a single Redis only (a cluster's step uses a pipeline).
@@ -89,9 +84,6 @@ class RedisFootprint:
         # A key's kind is its segment after the prefix's: a bucket's prefix (weir:{<name>#e<b>})
         # has as many colons as the pipeline's, so one bytes split finds it (no decoding).
         self._at = prefix.count(":") + 1
-        self._head = prefix.encode() + b":"
-        self._known: set[bytes] = set()  # kinds seen (counted in bulk, :meth:`_bulk`)
-        self._buckets_seen = False  # this pass found keys not under prefix: (buckets)
         self.sample_every = max(1, sample_every)
         self.pipeline = pipeline
         self.metrics = metrics
@@ -168,82 +160,26 @@ class RedisFootprint:
         """Count a step's keys by kind and pick the ones to measure: the first
         ``sample_every`` keys of every kind in the pass (a few large hashes and sorted sets:
         recent, join, applied, measured whole) and one in ``sample_every`` keys seen (a
-        large kind: a key per entity or event). Done in bulk: the one-in-N by a slice; the
-        kinds counted in the joined keys (:meth:`_bulk`: substring counts, no Python work
-        per key), or else by one bytes split per key and ``Counter``; never a Python
-        function call, a decode and two counter updates per key."""
+        large kind: a key per entity or event). Done in bulk: the one-in-N by a slice, the
+        kinds by one bytes split per key and ``Counter``; never a Python function call, a
+        decode and two counter updates per key."""
         if not keys:
             return []
         every = self.sample_every
         # the seen-th key of the pass (1-based) is measured when seen % every == 0
         picked = set(range((-self._seen - 1) % every, len(keys), every))
-        bulk = self._bulk(keys)
-        counts: Mapping[bytes, int]
-        if bulk is None:
-            kinds = self._kinds(keys)
-            counts = Counter(kinds)
-            self._known.update(counts)
-            for kind, n in counts.items():
-                at = -1
-                for _ in range(min(every - self._keys[kind], n)):  # still to measure whole
-                    at = kinds.index(kind, at + 1)
-                    picked.add(at)
-            order = sorted(picked)
-            sample = [(kinds[i], keys[i]) for i in order]
-        else:
-            counts, blob = bulk
-            for kind, n in counts.items():
-                first = min(every - self._keys[kind], n)
-                if first > 0:
-                    picked.update(self._first(blob, kind, first))
-            order = sorted(picked)
-            chosen = [keys[i] for i in order]
-            sample = list(zip(self._kinds(chosen), chosen, strict=True))
+        kinds = self._kinds(keys)
+        counts = Counter(kinds)
+        for kind, n in counts.items():
+            at = -1
+            for _ in range(min(every - self._keys[kind], n)):  # still to measure whole
+                at = kinds.index(kind, at + 1)
+                picked.add(at)
+        sample = [(kinds[i], keys[i]) for i in sorted(picked)]
         self._keys.update(counts)
         self._seen += len(keys)
         self._sampled.update(kind for kind, _ in sample)
         return sample
-
-    def _bulk(self, keys: list[Any]) -> tuple[dict[bytes, int], bytes] | None:
-        """The kinds of a step's keys counted without a Python step per key, when every key
-        is under ``prefix:`` (one bucket) and of a kind seen before: the keys joined as
-        ``\\0key:\\0key:...\\0``, then per kind one count of ``\\0prefix:kind:``. None
-        (count key by key) for a bucket's keys, a key with a NUL byte, or a new kind."""
-        if not self._known or self._buckets_seen or not isinstance(keys[0], bytes):
-            return None
-        n = len(keys)
-        try:
-            blob = _SEP + _END.join(keys) + _END
-        except TypeError:  # str keys (a client with decode_responses)
-            return None
-        head = _SEP + self._head
-        if blob.count(_SEP) != n + 1:
-            return None
-        if blob.count(head) != n:  # a bucket's keys: key by key for the rest of the pass
-            self._buckets_seen = True
-            return None
-        counts = {}
-        total = 0
-        for kind in self._known:
-            c = blob.count(head + kind + b":")
-            if c:
-                counts[kind] = c
-                total += c
-        return (counts, blob) if total == n else None
-
-    def _first(self, blob: bytes, kind: bytes, most: int) -> list[int]:
-        """The indexes of the first ``most`` keys of ``kind`` in a :meth:`_bulk` blob (a
-        key's index is the number of separators before it)."""
-        pattern = _SEP + self._head + kind + b":"
-        out: list[int] = []
-        index, last = 0, 0
-        pos = blob.find(pattern)
-        while pos >= 0 and len(out) < most:
-            index += blob.count(_SEP, last, pos)
-            last = pos
-            out.append(index)
-            pos = blob.find(pattern, pos + 1)
-        return out
 
     def _publish(self, client: Any, masters: list[Any] | None = None) -> None:
         last: dict[str, tuple[int, int]] = {}
@@ -261,7 +197,6 @@ class RedisFootprint:
             m.redis_maxmemory.labels(self.pipeline).set(self._maxmemory(client, masters))
         self.last = last
         self._keys, self._sampled, self._bytes, self._seen = Counter(), Counter(), Counter(), 0
-        self._buckets_seen = False
 
     def _maxmemory(self, client: Any, masters: list[Any] | None) -> float:
         """``maxmemory`` of the Redis; on a cluster, summed over the masters holding the

@@ -1,4 +1,4 @@
-"""The footprint's bulk count of a SCAN step against the rule it implements, key by key.
+"""The footprint's count of a SCAN step against the rule it implements, key by key.
 
 The rule (docs: weir/footprint.py): a key's kind is :func:`kind_of`; a key is measured when
 it is one of the first ``sample_every`` keys of its kind in the pass, or the n-th key seen
@@ -57,8 +57,8 @@ ODD = [":odd", "win", "served:x\0y", "", "applied:", "win\0x:1"]  # empty kinds,
 @pytest.mark.parametrize("every", [1, 3, 50])
 @pytest.mark.parametrize("buckets", [False, True])
 def test_bulk_count_is_the_per_key_rule(every: int, buckets: bool) -> None:
-    """Steps of one bucket's keys (counted in the joined keys once their kinds are known),
-    of several buckets (a bytes split per key), kinds new in the middle of a pass, odd keys."""
+    """Steps of one bucket's keys and of several buckets, kinds new in the middle of a
+    pass, odd keys."""
     rng = random.Random(every)
     steps = [_keys(rng, "demo", n, buckets, SMALL[:3]) for n in (0, 7, 400, 1, 1000, 53)]
     steps += [_keys(rng, "demo", n, buckets, SMALL) for n in (300, 2, 700)]  # new kinds
@@ -71,26 +71,6 @@ def test_bulk_count_is_the_per_key_rule(every: int, buckets: bool) -> None:
         assert all(kind == kind_of(k, "weir:{demo}").encode() for kind, k in got)
     assert {k.decode(): n for k, n in fp._keys.items()} == counts
     assert fp._seen == sum(map(len, steps))
-
-
-def test_one_buckets_steps_are_counted_in_bulk() -> None:
-    """Once the kinds are known, a step of one bucket's keys is counted in the joined keys
-    (what makes a step cheap); a new kind or a bucket's key counts key by key."""
-    fp = RedisFootprint("weir:{demo}", "demo", sample_every=2)
-    rng = random.Random(1)
-    first = _keys(rng, "demo", 500, False, SMALL)
-    assert fp._bulk(first) is None  # no kind known yet
-    fp._count(first)
-    counts, _ = fp._bulk(_keys(rng, "demo", 500, False, SMALL[:2])) or ({}, b"")
-    assert set(counts) <= {b"served", b"win", b"meta", b"recent", b"applied"} and sum(counts.values()) == 500
-    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo}:new:1"]) is None
-    assert fp._bulk([b"weir:{demo}:served:1\0weir:{demo}:served:2"]) is None
-    assert fp._bulk(["weir:{demo}:served:1"]) is None
-    assert fp._bulk([b"weir:{demo}:served:1"]) is not None
-    assert fp._bulk([b"weir:{demo}:served:1", b"weir:{demo#e1}:win:1"]) is None
-    assert fp._bulk([b"weir:{demo}:served:1"]) is None  # buckets: key by key until the pass ends
-    fp._publish(None)
-    assert fp._bulk([b"weir:{demo}:served:1"]) is not None
 
 
 def test_keys_without_a_kind_and_str_keys_fall_back_to_kind_of() -> None:
