@@ -245,9 +245,24 @@ class LearnerLoop:
         return placed
 
     def poll(self, timeout: float = 0.2) -> list[LabelMessage]:
-        """Up to :data:`BATCH` label messages, waiting at most ``timeout`` seconds."""
+        """Up to :data:`BATCH` label messages: those already fetched at once, else the first
+        to come within ``timeout`` seconds and those fetched with it.
+
+        librdkafka's ``consume(n, timeout)`` waits until ``n`` messages are there or the
+        timeout passed: with labels flowing slower than :data:`BATCH` per ``timeout``, every
+        learning step waited the whole timeout (200 ms) to fill up, and role ``all``'s
+        scorer, when it waits for the labels due before its events (:mod:`streams.sync`),
+        waited that long for each of them (issue #12: a live worker 1 s behind kept
+        falling behind). Batches still grow with the load: what comes while a step learns
+        is taken in one go by the next.
+        """
+        got = self.consumer.consume(num_messages=BATCH, timeout=0)
+        if not got and timeout > 0:
+            got = self.consumer.consume(num_messages=1, timeout=timeout)
+            if got:
+                got += self.consumer.consume(num_messages=BATCH - 1, timeout=0)
         batch = []
-        for m in self.consumer.consume(num_messages=BATCH, timeout=timeout):
+        for m in got:
             if m.error() is not None:
                 log.warning("labels topic error: %s", m.error())
                 continue

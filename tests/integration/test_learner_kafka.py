@@ -137,3 +137,36 @@ def test_learner_process_and_sigkill_recovery(
     assert sum(final["offsets"].values()) == 201  # 200 labels + 1 dead letter, both partitions
     status = orjson.loads(redis_client.get(f"{spec.redis_prefix}:status"))
     assert status["labels_learned"] == 200
+
+
+def test_poll_takes_the_labels_there_without_waiting_for_a_full_batch(
+    settings: Any, redis_client: Any, unique: str, make_topics: Any
+) -> None:
+    """With fewer labels than a batch in the topic, a poll returns them as soon as they are
+    fetched, not when its timeout ends (librdkafka's consume(n, timeout) waits for n): a
+    learning step waiting out its timeout made role all's scorer wait that long too."""
+    from streams.learner import BATCH, LearnerLoop, start_core
+
+    spec = make_topics.for_spec(make_spec(unique), partitions=2)
+    now = time.time()
+    _produce_labels(settings, spec, range(7), now)
+    core = start_core(spec, settings)
+    loop = LearnerLoop(spec, settings, core)
+    try:
+        loop.open()
+        got: list[Any] = []
+        t0 = time.monotonic()
+        while len(got) < 7 and time.monotonic() - t0 < 60:
+            got += loop.poll(60.0)  # the 7 labels come in one or two fetches
+        waited = time.monotonic() - t0
+        assert sorted(m.value for m in got) == sorted(
+            orjson.dumps({"event_id": f"e{i}", "label": int(i % 10 > 4), "ts": now}) for i in range(7)
+        )
+        assert len(got) < BATCH
+        # Before, each poll waited its whole 60 s timeout for BATCH messages.
+        assert waited < 30, f"poll waited {waited:.1f}s for 7 labels already in the topic"
+        assert loop.poll(0.0) == []  # nothing more: returns at once
+    finally:
+        loop.consumer.close()
+        loop.emitter.producer.flush(1)
+        core.client.close()
