@@ -171,7 +171,22 @@ def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, 
         "p50_ms": round(pct(lats, 0.5) * 1000, 1) if lats else None,  # type: ignore[operator]
         "p99_ms": round(pct(lats, 0.99) * 1000, 1) if lats else None,  # type: ignore[operator]
         "max_ms": round(max(lats) * 1000, 1) if lats else None,
+        # Where the tail is: p99 of the events sent in each second of the phase (a start-up
+        # stall, a periodic pause or a queue that grows read differently).
+        "p99_ms_by_second": _p99_by_second(sent, got),
     }
+
+
+def _p99_by_second(sent: dict[str, float], got: dict[str, float]) -> list[float | None]:
+    if not sent:
+        return []
+    t0 = min(sent.values())
+    per: dict[int, list[float]] = {}
+    for k, t in sent.items():
+        if k in got:
+            per.setdefault(int(t - t0), []).append(got[k] - t)
+    last = max(per, default=-1)
+    return [round(pct(per[i], 0.99) * 1000, 1) if i in per else None for i in range(last + 1)]  # type: ignore[operator]
 
 
 def measure(

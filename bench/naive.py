@@ -57,7 +57,18 @@ def main() -> int:
 
     conf = settings.confluent_config()
     group = args.group or f"{'floor' if args.floor else 'naive'}-{spec.name}"
-    c = Consumer({**conf, "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": True})
+    # The broker answers a fetch once data is there or after fetch.wait.max.ms: Weir's
+    # (WEIR_KAFKA_FETCH_MAX_WAIT_MS, 20 ms) rather than librdkafka's 500 ms, with which the
+    # floor, doing nothing, read p50 481 ms at 1,300 events/s.
+    c = Consumer(
+        {
+            **conf,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+            "fetch.wait.max.ms": settings.kafka_fetch_max_wait_ms,
+        }
+    )
     p = Producer({**conf, "linger.ms": 5, "compression.type": "lz4"})
     c.subscribe([t.events, t.labels])
 
