@@ -197,6 +197,11 @@ class OrderedLearnerLoop(LearnerLoop):
     def learned(self, batch: list[LabelMessage]) -> None:
         self._publish()
 
+    def fill_seconds(self) -> float:
+        """No waiting to fill a batch while the scorer waits for the labels: each step is
+        a hand-off it waits for."""
+        return 0.0 if self.sync.scorer_waiting else super().fill_seconds()
+
     def _publish(self) -> None:
         head = self.buffer[0][0] if self.buffer else None
         self.sync.publish_labels(head, caught_up=not self.buffer and self._at_end)

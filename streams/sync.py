@@ -19,12 +19,17 @@ Ties go to the label, as in ``river.evaluate.progressive_val_score``: with label
 seconds after their events, event ``i`` is then scored by a model that learned exactly the
 labels of events ``0 .. i-k``.
 
-**Only a backlog is ordered.** An item whose ts is within ``max_idle`` of the wall clock
-is live and never waits: a live label due before a live event is at most that old, in
-flight, and waiting for the labels stream to pass every live event would add its fetch
-latency to every prediction, while ordering live labels and events one by one costs a
-Redis round trip each way (measured: p50 3 s at 300 events/s). Labels caught up (nothing
-in hand, the consumer at the high watermark) never make the scorer wait either.
+**A live event never waits.** An event whose ts is within ``max_idle`` of the wall clock
+is live: a live label due before it is at most that old, in flight, and waiting for the
+labels stream to pass every live event would add its fetch latency to every prediction.
+Labels caught up (nothing in hand, the consumer at the high watermark) never make the
+scorer wait either. **A label always waits for the events before it** (bounded as below):
+that costs the predictions nothing, and a label learned while its event is still unscored
+is ``early``, held in Redis and resolved by the learner's sweep. Live labels were exempt
+once, and a worker that fell more than the labels' delay behind turned every label early,
+the extra work keeping it behind (issue #12: the benchmark's role ``all`` at 1,100 events/s,
+17,757 of 23,586 live labels early; now none, and at 850 events/s p50/p99 126/439 ->
+96/299 ms).
 
 **Bounded waits.** A side that waits for the other stops waiting once the other has not
 moved for ``scoring.max_idle`` seconds (a learner stuck on an outage, a labels topic no one
@@ -292,11 +297,11 @@ class EventTimeSync:
     clock: Callable[[], float] = time.time
 
     def live_from(self) -> float:
-        """Items at or after this event time are live (within ``max_idle`` of the wall
+        """Events at or after this event time are live (within ``max_idle`` of the wall
         clock): they never wait. A live label with a ts at or before a live event is at
         most ``max_idle`` old, still in flight (fetched, or about to be); waiting for it
-        would add that to every prediction, and ordering live items one by one costs a
-        Redis round trip each way. So only a backlog is ordered."""
+        would add that to every prediction. Labels have no such exemption (see the module
+        doc)."""
         return self.clock() - self.max_idle
 
     def __post_init__(self) -> None:
@@ -305,6 +310,9 @@ class EventTimeSync:
         self._labels_moved: asyncio.Event | None = None
         self.scorer_idle = Idle(self.max_idle)
         self.learner_idle = Idle(self.max_idle)
+        #: The scorer is waiting for labels now: the learner takes what it has at once
+        #: rather than waiting to fill a batch (:meth:`streams.live.OrderedLearnerLoop.fill_seconds`).
+        self.scorer_waiting = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The scorer's event loop (where :meth:`wait_labels` runs)."""
@@ -378,10 +386,12 @@ class EventTimeSync:
             if self.labels.version != labels.version:
                 continue  # moved between the read and the clear
             t0 = time.monotonic()
+            self.scorer_waiting = True
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._labels_moved.wait(), left)
             finally:
+                self.scorer_waiting = False
                 self._waited("scorer", time.monotonic() - t0)
 
     def wait_events(self, times: Sequence[float], timeout: float) -> int:
@@ -389,13 +399,13 @@ class EventTimeSync:
 
         Waits while none may go, at most ``timeout`` seconds (then 0: the caller does its
         periodic work and asks again) and at most until the events have not moved for
-        ``max_idle`` (then all of them go).
+        ``max_idle`` (then all of them go). Live labels wait too (no ``live_from``).
         """
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 events = self.events
-                n = ready_count(times, events, tie_first=True, live_from=self.live_from())
+                n = ready_count(times, events, tie_first=True)
                 if n:
                     return n
                 now = time.monotonic()

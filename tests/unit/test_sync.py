@@ -316,7 +316,7 @@ def test_merge_outputs_merges_every_field() -> None:
     assert merge_outputs([a]) is a
 
 
-def test_live_items_never_wait() -> None:
+def test_live_events_never_wait_and_labels_wait_for_the_events_before_them() -> None:
     # within max_idle of the wall clock: live, not a backlog (labels in flight are not waited for)
     sync = EventTimeSync(max_idle=1.0, clock=lambda: 1000.0)
     sync.publish_labels(head=500.0)  # the learner has an old label in hand
@@ -328,7 +328,13 @@ def test_live_items_never_wait() -> None:
 
     t0 = time.monotonic()
     assert asyncio.run(main()) == 2
-    assert sync.wait_events([999.0, 2000.0], timeout=5.0) == 2
     assert time.monotonic() - t0 < 0.5
-    # a backlog item still waits: the old label goes first, the event at 999 after it
+    # A live label still waits for the events before it (the scorer behind by more than
+    # the label's delay would else find no served record: an early label, held and swept).
+    assert sync.wait_events([999.0, 2000.0], timeout=0.2) == 0
+    sync.publish_events(head=1000.5)  # the scorer passed 999
+    assert sync.wait_events([999.0, 2000.0], timeout=0.2) == 1
+    sync.publish_events(head=None, caught_up=True)
+    assert sync.wait_events([2000.0], timeout=0.2) == 1
+    # a backlog event still waits: the old label goes first, the event at 999 after it
     assert ready_count([400.0, 600.0, 999.0], sync.labels, tie_first=False, live_from=sync.live_from()) == 1
