@@ -153,7 +153,8 @@ class Record:
 def records(
     spec: PipelineSpec, n: int, *, run_id: str, seed: int, entities: int, labels: bool = True
 ) -> list[Record]:
-    """``n`` Agrawal events for ``spec`` (event time = now) with their labels, deterministic by ``seed``."""
+    """``n`` Agrawal events for ``spec`` with their labels, deterministic by ``seed``
+    (the senders set each event's time when they send it: :func:`stamped`)."""
     rows = itertools.islice(open_source(f"river:synth.Agrawal?seed={seed}"), n)
     out: list[Record] = []
     # Labels carry no ts: the reader stamps when it reads one, i.e. when the label became
@@ -195,8 +196,29 @@ def _send(p: Producer, topic: str, value: bytes, key: bytes | None, ts_ms: int |
             p.poll(0.05)
 
 
+def stamped(event: bytes, ts: float) -> bytes:
+    """The event with its ``ts`` set to ``ts`` (the send time).
+
+    A producer stamps an event when it happens, so event times follow the order and the
+    pace of sending, as the labels' do (their Kafka timestamps, see :func:`records`).
+    Stamped when the records were built instead, every event of a phase had one ts,
+    seconds old by the time it was sent: role ``all``'s event-time order (streams/sync.py)
+    then put every event of the backlog before every label, and made each live event a
+    backlog item (older than ``scoring.max_idle``) ordered against the live labels: not
+    what users run.
+
+    Examples:
+        >>> orjson.loads(stamped(b'{"event_id": "e1", "ts": 1.5, "data": {}}', 7.25))["ts"]
+        7.25
+    """
+    obj = orjson.loads(event)
+    obj["ts"] = ts
+    return orjson.dumps(obj)
+
+
 def preload(settings: Settings, spec: PipelineSpec, recs: Sequence[Record], delay_events: int) -> None:
-    """Write events and labels (each ``delay_events`` events late) as fast as Kafka takes them."""
+    """Write events (stamped at their send time) and labels (each ``delay_events`` events
+    late) as fast as Kafka takes them."""
     p = producer(settings, 20)
     t = spec.topics
     for i, (is_label, r) in enumerate(interleave(recs, delay_events)):
@@ -204,7 +226,7 @@ def preload(settings: Settings, spec: PipelineSpec, recs: Sequence[Record], dela
             assert r.label is not None
             _send(p, t.labels, r.label, r.event_id.encode())
         else:
-            _send(p, t.events, r.event, r.key)
+            _send(p, t.events, stamped(r.event, time.time()), r.key)
         if i % 1000 == 0:
             p.poll(0)
     if p.flush(60):
@@ -238,7 +260,7 @@ def live_send(
             time.sleep(d)
         now = time.time()
         ts_ms = int(now * 1000)
-        _send(p, t.events, r.event, r.key, ts_ms)
+        _send(p, t.events, stamped(r.event, ts_ms / 1000.0), r.key, ts_ms)
         sent[r.event_id] = ts_ms / 1000.0
         if r.label is not None:
             if delay.events is not None:
