@@ -27,7 +27,7 @@ scorer wait either. **A label always waits for the events before it** (bounded a
 that costs the predictions nothing, and a label learned while its event is still unscored
 is ``early``, held in Redis and resolved by the learner's sweep. Live labels were exempt
 once, and a worker that fell more than the labels' delay behind turned every label early,
-the extra work keeping it behind (issue #12: the benchmark's role ``all`` at 1,100 events/s,
+the extra work keeping it behind (issue #12: the benchmark's role ``all`` at 1,179 events/s,
 17,757 of 23,586 live labels early; now none, and at 850 events/s p50/p99 126/439 ->
 96/299 ms).
 
