@@ -382,3 +382,31 @@ def test_the_scoring_consumer_fetches_with_the_settings_min_bytes_and_max_wait(t
     consumer = asyncio.run(main())
     assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (12345, 7)
     assert consumer._max_partition_fetch_bytes == app.conf.consumer_max_fetch_size  # faust's own kept
+
+
+def test_the_events_arrive_as_kafka_gave_them_and_faust_monitor_is_not_called_per_message(
+    tmp_path: Path,
+) -> None:
+    """The events topic's schema hands over the key and value bytes without faust's codec
+    registry, and faust's Monitor is not among the sensors called for every message."""
+    from faust.sensors import Monitor
+    from river import linear_model
+
+    from streams.worker import create_app
+    from tests.unit.doubles import StaticModel
+
+    settings = load_settings(data_dir=str(tmp_path))
+    model = StaticModel(linear_model.LogisticRegression(), "m", "v1")
+    app = create_app(_spec(), settings, role="scorer", models=model, on_fatal=lambda w, e: None)
+    (topic,) = [a.channel for a in app.agents.values()]
+    message = ConsumerMessage("events", 0, 7, time.time(), 0, None, b"c1", b'{"event_id": "e1"}', None)
+
+    async def decode() -> Any:
+        return await topic.decode(message)
+
+    event = asyncio.run(decode())
+    assert (event.key, event.value, event.message) == (b"c1", b'{"event_id": "e1"}', message)
+
+    list(app.on_init_dependencies())  # what the worker does when it starts
+    assert not [s for s in app.sensors if isinstance(s, Monitor)]
+    assert isinstance(app.monitor, Monitor)  # still there for the consumer's own calls
