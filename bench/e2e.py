@@ -162,7 +162,8 @@ def _delta(before: dict[str, float], after: dict[str, float], fmt: Callable[[flo
 
 
 def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
-    lats = [got[k] - t for k, t in sent.items() if k in got]
+    answered = [(t, got[k] - t) for k, t in sent.items() if k in got]  # (sent at, latency)
+    lats = [lat for _, lat in answered]
     times = sorted(sent.values())
     return {
         "sent": len(sent),
@@ -173,18 +174,14 @@ def latency_summary(sent: dict[str, float], got: dict[str, float]) -> dict[str, 
         "max_ms": round(max(lats) * 1000, 1) if lats else None,
         # Where the tail is: p99 of the events sent in each second of the phase (a start-up
         # stall, a periodic pause or a queue that grows read differently).
-        "p99_ms_by_second": _p99_by_second(sent, got),
+        "p99_ms_by_second": _p99_by_second(answered, times[0]) if times else [],
     }
 
 
-def _p99_by_second(sent: dict[str, float], got: dict[str, float]) -> list[float | None]:
-    if not sent:
-        return []
-    t0 = min(sent.values())
+def _p99_by_second(answered: list[tuple[float, float]], t0: float) -> list[float | None]:
     per: dict[int, list[float]] = {}
-    for k, t in sent.items():
-        if k in got:
-            per.setdefault(int(t - t0), []).append(got[k] - t)
+    for t, lat in answered:
+        per.setdefault(int(t - t0), []).append(lat)
     last = max(per, default=-1)
     return [round(pct(per[i], 0.99) * 1000, 1) if i in per else None for i in range(last + 1)]  # type: ignore[operator]
 

@@ -362,7 +362,7 @@ def without_monitor_sensor(app: Any) -> None:
 
     def on_init_dependencies() -> Any:
         deps = init_dependencies()  # adds the Monitor to app.sensors
-        if app.monitor in set(app.sensors):
+        if app.monitor in app.sensors:
             app.sensors.remove(app.monitor)
         return deps
 

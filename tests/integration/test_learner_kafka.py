@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from models.factory import build_model, predict
 from models.join import ServedStore
 from models.registry import ModelRegistry, registry_key
-from streams.learner import run_learner
+from streams.learner import BATCH, LearnerLoop, run_learner, start_core
 from weir.contracts import decode_dead_letter
 from weir.spec import PipelineSpec
 from weir.types import Prediction
@@ -145,8 +145,6 @@ def test_poll_takes_the_labels_there_without_waiting_for_a_full_batch(
     """With fewer labels than a batch in the topic, a poll returns them as soon as they are
     fetched, not when its timeout ends (librdkafka's consume(n, timeout) waits for n): a
     learning step waiting out its timeout made role all's scorer wait that long too."""
-    from streams.learner import BATCH, LearnerLoop, start_core
-
     spec = make_topics.for_spec(make_spec(unique), partitions=2)
     now = time.time()
     _produce_labels(settings, spec, range(7), now)
