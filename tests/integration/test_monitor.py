@@ -133,7 +133,14 @@ def test_concept_change_is_detected_retrained_and_promoted(
         _produce(settings, spec, records)
         mon = running.monitor
         assert mon is not None
-        wait_for(lambda: mon.examples_seen >= N, 40, f"the monitor to read {N} examples")
+        # Both topics: one consumer reads them, and librdkafka may hand over one
+        # partition's backlog well before the other's; the feature and prediction
+        # statistics need the predictions.
+        wait_for(
+            lambda: mon.examples_seen >= N and mon.predictions_seen >= N,
+            40,
+            f"the monitor to read {N} examples and {N} predictions",
+        )
         running.stop()
         champion_now = registry.alias("champion")
         assert champion_now != first, "no promotion"
