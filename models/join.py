@@ -95,12 +95,13 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
+from models.steps import Io, Step, arun_step, run_step
 from weir.contracts import Example, prediction_from_dict
 from weir.slots import (
     acall_checked,
@@ -959,12 +960,69 @@ class LabelJoiner:
         self._resolved: dict[str, float] = {}
         self._resolved_pruned = 0.0
         self._scripts: dict[str, Any] = {}
+        #: the asyncio client's scripts, per (client, text)
+        self._ascripts: dict[tuple[int, str], Any] = {}
 
     def _script(self, text: str) -> Any:
         s = self._scripts.get(text)
         if s is None:
             s = self._scripts[text] = self.client.register_script(text)
         return s
+
+    def _ascript(self, client: Any, text: str) -> Any:
+        s = self._ascripts.get((id(client), text))
+        if s is None:
+            s = self._ascripts[(id(client), text)] = client.register_script(text)
+        return s
+
+    def _script_io(
+        self,
+        text: str,
+        text_x: str,
+        groups: Mapping[int, Sequence[Any]],
+        declared: Callable[[int], str],
+        what: str,
+    ) -> Io:
+        """One script of the join on the nodes ``groups`` (bucket -> its ARGV) need, as an
+        :class:`~models.steps.Io` with a blocking and an asyncio variant. Its result is
+        ``[(buckets, reply)]``, one per call, ``buckets`` in the order of the reply's parts.
+
+        B == 1: ``EVALSHA`` of ``text`` (``declared(0)`` its key); B > 1: one ``EVAL`` of
+        ``text_x`` per node (:func:`bucket_calls`), sent in turn by the blocking client, at
+        once by the asyncio one (each idempotent: a retry of all after one failed changes
+        nothing the first did).
+        """
+        k = self.keys
+        if k.buckets == 1:
+            key, args = [declared(0)], groups[0]
+
+            def call() -> list[tuple[list[int], Any]]:
+                return [([0], self._script(text)(keys=key, args=args))]
+
+            async def acall(client: Any) -> list[tuple[list[int], Any]]:
+                return [([0], await self._ascript(client, text)(keys=key, args=args))]
+
+            return Io(call, what, acall)
+
+        def call_nodes() -> list[tuple[list[int], Any]]:
+            return [
+                (buckets, node_call(self.client, node, text_x, keys, args))
+                for node, keys, args, buckets in bucket_calls(self.client, k, groups, declared)
+            ]
+
+        async def acall_nodes(client: Any) -> list[tuple[list[int], Any]]:
+            await ensure_slot_map(client)  # loaded lazily by the asyncio client
+            calls = bucket_calls(client, k, groups, declared)
+            done = await asyncio.gather(
+                *(anode_call(client, node, text_x, keys, args) for node, keys, args, _ in calls),
+                return_exceptions=True,
+            )
+            for res in done:
+                if isinstance(res, BaseException):
+                    raise res
+            return [(c[3], res) for c, res in zip(calls, done, strict=True)]
+
+        return Io(call_nodes, what, acall_nodes)
 
     # -- the writes queued, sent with the next call ------------------------------------
 
@@ -974,8 +1032,12 @@ class LabelJoiner:
         return len(self._marks)
 
     def _call(self, ids: Sequence[str], mode: str = "expired") -> list[Any]:
+        """:meth:`_call_step` run here (blocking client)."""
+        return run_step(self._call_step(ids, mode))
+
+    def _call_step(self, ids: Sequence[str], mode: str = "expired") -> Step[list[Any]]:
         """Write the queued marks and deletions, then read ``ids``; one script call (one
-        per node with buckets).
+        per node with buckets): three values per id, in the order of ``ids``.
 
         The queues are emptied only once the call succeeded: a retried call sends them
         again (marking a record with the same marker, deleting a deleted key: no-ops).
@@ -983,55 +1045,51 @@ class LabelJoiner:
         marks, drops = self._marks, self._droppable[:DROP_CHUNK]
         marker = self.lineage.marker
         k = self.keys
-        raw: list[Any]
+        parts: dict[int, tuple[list[Any], list[str], list[int]]] = {}
+        groups: dict[int, list[Any]]
         if k.buckets == 1:
             args: list[Any] = [k.prefix, mode, len(marks), len(drops)]
             for eid, seq in marks:
                 args += (eid, marker(seq))
             args += drops
             args += ids
-            raw = self._script(_JOIN_LUA)(keys=[k.pending], args=args)
+            groups = {0: args}
         else:
-            raw = self._call_buckets(ids, mode, [(eid, marker(seq)) for eid, seq in marks], drops)
+            # Each bucket's marks, deletions and reads (the stage-1 script's arguments for
+            # its prefix), one call per node; the reads put back in the order of ``ids``.
+            n = k.buckets
+
+            def part(eid: str) -> tuple[list[Any], list[str], list[int]]:
+                b = bucket_of(eid, n)
+                g = parts.get(b)
+                if g is None:
+                    g = parts[b] = ([], [], [])
+                return g
+
+            for eid, seq in marks:
+                part(eid)[0].extend((eid, marker(seq)))
+            for eid in drops:
+                part(eid)[1].append(eid)
+            for i, eid in enumerate(ids):
+                part(eid)[2].append(i)
+            groups = {
+                b: [k.prefixes[b], mode, len(m) // 2, len(d), *m, *d, *(ids[i] for i in r)]
+                for b, (m, d, r) in parts.items()
+            }
+        replies = yield self._script_io(_JOIN_LUA, _JOIN_LUA_X, groups, k.pending_of, "label join")
+        raw: list[Any]
+        if k.buckets == 1:
+            raw = list(replies[0][1])
+        else:
+            raw = [None] * (3 * len(ids))
+            for buckets, out in replies:
+                j = 0
+                for b in buckets:
+                    for i in parts[b][2]:
+                        raw[3 * i : 3 * i + 3] = out[j : j + 3]
+                        j += 3
         self._marks = []
         del self._droppable[: len(drops)]
-        return raw
-
-    def _call_buckets(
-        self, ids: Sequence[str], mode: str, marks: Sequence[tuple[str, bytes]], drops: Sequence[str]
-    ) -> list[Any]:
-        """:meth:`_call` with buckets: each bucket's marks, deletions and reads (the stage-1
-        script's arguments for its prefix), one call per node; the reads' values put back
-        in the order of ``ids``."""
-        k = self.keys
-        n = k.buckets
-        parts: dict[int, tuple[list[Any], list[str], list[int]]] = {}
-
-        def part(eid: str) -> tuple[list[Any], list[str], list[int]]:
-            b = bucket_of(eid, n)
-            g = parts.get(b)
-            if g is None:
-                g = parts[b] = ([], [], [])
-            return g
-
-        for eid, m in marks:
-            part(eid)[0].extend((eid, m))
-        for eid in drops:
-            part(eid)[1].append(eid)
-        for i, eid in enumerate(ids):
-            part(eid)[2].append(i)
-        groups = {
-            b: [k.prefixes[b], mode, len(m) // 2, len(d), *m, *d, *(ids[i] for i in r)]
-            for b, (m, d, r) in parts.items()
-        }
-        raw: list[Any] = [None] * (3 * len(ids))
-        for node, declared, args, buckets in bucket_calls(self.client, k, groups, k.pending_of):
-            out = node_call(self.client, node, _JOIN_LUA_X, declared, args)
-            j = 0
-            for b in buckets:
-                for i in parts[b][2]:
-                    raw[3 * i : 3 * i + 3] = out[j : j + 3]
-                    j += 3
         return raw
 
     def flush(self) -> None:
@@ -1068,24 +1126,45 @@ class LabelJoiner:
         sources: Sequence[str] | None = None,
         read: Sequence[bool] | None = None,
     ) -> list[JoinResult]:
+        """:meth:`join_step` run here (blocking client)."""
+        return run_step(self.join_step(labels, now, sources, read))
+
+    async def ajoin(
+        self,
+        client: Any,
+        labels: Sequence[Label],
+        now: float | None = None,
+        sources: Sequence[str] | None = None,
+        read: Sequence[bool] | None = None,
+    ) -> list[JoinResult]:
+        """:meth:`join_step` on ``client``, an asyncio Redis client (role ``all``'s learner)."""
+        return await arun_step(self.join_step(labels, now, sources, read), client)
+
+    def join_step(
+        self,
+        labels: Sequence[Label],
+        now: float | None = None,
+        sources: Sequence[str] | None = None,
+        read: Sequence[bool] | None = None,
+    ) -> Step[list[JoinResult]]:
         """Decide each label's outcome (labels already validated and coerced).
 
-        One round trip (:meth:`_call`) reads the state, :func:`decide_labels` decides, and
-        one more round trip holds the early labels, if any. ``sources`` names each label's
-        message (``partition:offset``); it goes into the hold, so a retried call tells its
-        own hold from a second label for the event (:func:`held_by_another`). ``read`` is
-        True for a label whose message the learner had already read (its offset is before
-        the learner's): a ``duplicate`` whatever Redis holds.
+        One round trip (:meth:`_call_step`) reads the state, :func:`decide_labels` decides,
+        and one more round trip holds the early labels, if any. ``sources`` names each
+        label's message (``partition:offset``); it goes into the hold, so a retried call
+        tells its own hold from a second label for the event (:func:`held_by_another`).
+        ``read`` is True for a label whose message the learner had already read (its offset
+        is before the learner's): a ``duplicate`` whatever Redis holds.
         """
         if not labels:
             return []
         now = time.time() if now is None else now
-        found = read_state(self._call([lab.event_id for lab in labels]))
+        found = read_state((yield from self._call_step([lab.event_id for lab in labels])))
         results = decide_labels(labels, found, self.lineage, self.served, read)
         early = [i for i, res in enumerate(results) if res.outcome == "early"]
         if early:
             bodies = [hold_body(labels[i], sources[i] if sources is not None else "") for i in early]
-            held = self._hold([labels[i].event_id for i in early], bodies, now)
+            held = yield from self._hold_step([labels[i].event_id for i in early], bodies, now)
             for j, i in enumerate(early):
                 source = sources[i] if sources is not None else ""
                 if held_by_another(held[2 * j], held[2 * j + 1], bodies[j], source):
@@ -1094,7 +1173,7 @@ class LabelJoiner:
                     )
         return results
 
-    def _hold(self, ids: Sequence[str], bodies: Sequence[bytes], now: float) -> list[Any]:
+    def _hold_step(self, ids: Sequence[str], bodies: Sequence[bytes], now: float) -> Step[list[Any]]:
         """Hold early labels (:data:`_HOLD_LUA`): two values per label, in order."""
         k = self.keys
         horizon = self.spec.labels.horizon
@@ -1106,11 +1185,11 @@ class LabelJoiner:
             for i in idx:
                 args += (ids[i], bodies[i])
             groups[b] = args
+        replies = yield self._script_io(_HOLD_LUA, _HOLD_LUA_X, groups, k.early_index_of, "label hold")
         if k.buckets == 1:
-            return list(self._script(_HOLD_LUA)(keys=[k.early_index], args=groups[0]))
+            return list(replies[0][1])
         held: list[Any] = [None] * (2 * len(ids))
-        for node, declared, args, buckets in bucket_calls(self.client, k, groups, k.early_index_of):
-            out = node_call(self.client, node, _HOLD_LUA_X, declared, args)
+        for buckets, out in replies:
             j = 0
             for b in buckets:
                 for i in parts[b]:

@@ -23,7 +23,8 @@ generators: the CPU work (parsing, learning) runs inside them, and each call to 
 is *yielded* as an :class:`Io` for the driver to run, which sends its result back. So one
 sequence serves every driver: :func:`run_step` runs the calls inline (tests, replays);
 the learner process runs them with bounded retries (a Redis or Kafka outage pauses the
-step at that call, it does not fail the batch); role ``all`` runs them on a thread while
+step at that call, it does not fail the batch); role ``all`` awaits the label join on
+an asyncio Redis client (:mod:`models.steps`) and runs the other calls on a thread, while
 the learning stays on the event loop thread, the only writer of the model the scorer
 reads. Every yielded call is idempotent, so retrying one after a timeout whose writes
 were applied anyway changes nothing: the label join's reads and holds (``SET NX``), the
@@ -39,15 +40,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from models.evaluation import OnlineEvaluator
 from models.factory import build_model, check_task, coerce_label, learn, model_input
 from models.join import JoinResult, LabelJoiner, Lineage, dead_letter
+from models.steps import Io, Step, run_step
 from weir.contracts import Example, encode_training_record, parse_label
 from weir.errors import InvalidMessage
 from weir.footprint import STEP_EVERY, RedisFootprint
@@ -59,39 +61,8 @@ if TYPE_CHECKING:
     from weir.spec import PipelineSpec
 
 
-T = TypeVar("T")
-
 #: Examples learned between two points where the driver may let other work run.
 LEARN_CHUNK = 100
-
-
-@dataclass(frozen=True, slots=True)
-class Io:
-    """A call to a server that a learner step needs; the driver runs it and sends back
-    its result. ``what`` names it in logs (``learner: label join failed ...``)."""
-
-    call: Callable[[], Any]
-    what: str
-
-
-#: A learner step: yields :class:`Io` calls (and None: "others may run now"), returns ``T``.
-Step = Generator["Io | None", Any, T]
-
-
-def _at_once(op: Io) -> Any:
-    return op.call()
-
-
-def run_step(step: Step[T], call: Callable[[Io], Any] = _at_once) -> T:
-    """Drive a step on this thread: ``call`` runs each :class:`Io` and returns its result
-    (default: at once, an error propagates; the learner process retries it)."""
-    result: Any = None
-    while True:
-        try:
-            op = step.send(result)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        result = None if op is None else call(op)
 
 
 @dataclass(slots=True)
@@ -334,7 +305,12 @@ class LearnerCore:
             joiner = self.joiner
             labels, sources, read = batch.labels, batch.sources, batch.read
             # Always a call, read labels included: it carries the previous batch's marks.
-            results = yield Io(lambda: joiner.join(labels, now=now, sources=sources, read=read), "label join")
+            # Its asyncio variant for a driver with an asyncio Redis client (role all).
+            results = yield Io(
+                lambda: joiner.join(labels, now=now, sources=sources, read=read),
+                "label join",
+                lambda client: joiner.ajoin(client, labels, now=now, sources=sources, read=read),
+            )
             yield from self._apply_step(results, out)
         # The offsets move once the batch is learned and its marks queued (a snapshot
         # writes them first): a snapshot never records offsets past a batch whose step

@@ -31,6 +31,8 @@ The consumer itself rides out broker outages (librdkafka reconnects).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -44,7 +46,7 @@ from models.registry import ModelRegistry, registry_key
 from streams.delivery import Delivery, Record
 from weir.errors import StackError
 from weir.metrics import LearnerMetrics, MetricsServer
-from weir.resilience import Backoff, DependencyHealth, is_transient, retry_sync
+from weir.resilience import Backoff, DependencyHealth, is_transient, retry_async, retry_sync
 
 if TYPE_CHECKING:
     from weir.settings import Settings
@@ -180,10 +182,14 @@ class LearnerLoop:
         stop: set to stop; also ends a retry in progress (the loop then stops without a
             final snapshot: a restart replays from the last one).
         linger_ms: the producer's linger.
+        async_redis: in :meth:`run_async`, await the calls that have an asyncio variant
+            (the label join) on an asyncio Redis client of the loop's own, instead of
+            sending them to the worker thread.
 
     Drive it with :meth:`run` (blocking, its own thread) or :meth:`run_async` (on an
-    event loop: the blocking calls run on one worker thread, the learning stays on the
-    loop's thread). Both run the same :meth:`iteration`.
+    event loop: the label join awaited on an asyncio Redis client with ``async_redis``, the
+    other blocking calls on one worker thread, the learning on the loop's thread). Both
+    run the same :meth:`iteration`.
     """
 
     def __init__(
@@ -196,6 +202,7 @@ class LearnerLoop:
         stop: threading.Event | None = None,
         linger_ms: int = 20,
         backoff: Backoff = LEARNER_BACKOFF,
+        async_redis: bool = False,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -206,6 +213,9 @@ class LearnerLoop:
         self.topic = spec.topics.labels
         self.emitter = StepEmitter(spec, settings, linger_ms=linger_ms)
         self.consumer: Any = None
+        self.async_redis = async_redis
+        #: the asyncio Redis client of :meth:`run_async` (with ``async_redis``)
+        self.aredis: Any = None
         self.last_sweep = 0.0
         #: False while an iteration is half done (then no final snapshot may be taken)
         self.consistent = True
@@ -355,6 +365,14 @@ class LearnerLoop:
             if op is None:
                 result = None
                 await asyncio.sleep(0)  # let the scorer run between chunks of learning
+            elif op.acall is not None and self.aredis is not None:
+                result = await retry_async(
+                    functools.partial(op.acall, self.aredis),
+                    what=f"learner: {op.what}",
+                    health=self.health,
+                    backoff=self.backoff,
+                    stop=self.stop.is_set,
+                )
             else:
                 result = await call(self._retry, op)
 
@@ -378,11 +396,15 @@ class LearnerLoop:
         """Run on the running event loop until cancelled or ``stop`` is set.
 
         The consumer, Redis and the producer are called on one worker thread of this
-        loop's own; the learning (and so every write to the model) stays on the loop's
-        thread, where the scorer reads the model between its awaits.
+        loop's own, except the label join with ``async_redis``: awaited on an asyncio Redis
+        client (one round trip per label batch without a thread hop, issue #12). The
+        learning (and so every write to the model) stays on the loop's thread, where the
+        scorer reads the model between its awaits.
         """
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-learner")
+        if self.async_redis:
+            self.aredis = self.settings.redis_async()
 
         def call(fn: Callable[..., Any], *args: Any) -> Any:
             return loop.run_in_executor(executor, fn, *args)
@@ -402,6 +424,10 @@ class LearnerLoop:
             self.stop.set()  # ends a retry in progress on the worker thread
             executor.shutdown(wait=True)
             self.close()
+            if self.aredis is not None:
+                client, self.aredis = self.aredis, None
+                with contextlib.suppress(Exception):  # closing: nothing left to lose
+                    await client.aclose()
 
     def close(self) -> None:
         """A final snapshot if the last step finished (and the servers answer), then close."""

@@ -38,9 +38,7 @@ def serve(client: Any, spec: PipelineSpec, core: LearnerCore, eid: str, a: float
         features=features,
         scored_at=time.time(),
     )
-    pipe = client.pipeline(transaction=False)
-    ServedStore(spec).add_to_pipeline(pipe, [p])
-    pipe.execute()
+    ServedStore(spec).write(client, [p])  # one pipeline; with buckets, one call per node
     return p
 
 
@@ -506,3 +504,55 @@ def test_retried_hold_counts_early_and_a_second_label_duplicate(redis_client: An
     assert [r.outcome for r in core.joiner.join([lab], sources=["0:5"])] == ["early"]  # the retry
     assert [r.outcome for r in core.joiner.join([lab], sources=["1:9"])] == ["duplicate"]
     assert redis_client.zcard(Keys(spec).early_index) == 1
+
+
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_role_all_awaits_the_label_join_on_an_asyncio_client(
+    redis_client: Any, unique: Any, settings: Any, buckets: int
+) -> None:
+    """Role ``all``'s driver (``async_redis``): the join and its holds, and the marks of
+    the batch before, go through the loop's asyncio client: no blocking Redis call and no
+    trip to the worker thread for them, the same outcomes as the blocking path."""
+    import asyncio
+
+    from models.join import LabelJoiner
+    from streams.learner import LearnerLoop
+
+    calls: list[str] = []
+    client = _counting_client(settings, calls)
+    spec = make_spec(unique)
+    spec = spec.model_copy(update={"redis": spec.redis.model_copy(update={"buckets": buckets})})
+    core = _core(spec, client)
+    loop = LearnerLoop(spec, settings, core, async_redis=True)
+    now = time.time()
+    for i in range(10):
+        serve(redis_client, spec, core, f"e{i}", float(i), now - 5)
+    threaded: list[str] = []
+
+    async def on_thread(fn: Any, op: Any) -> Any:
+        threaded.append(op.what)
+        return fn(op)
+
+    async def steps() -> tuple[Any, Any]:
+        loop.aredis = settings.redis_async()
+        try:
+            first = await loop._drive_async(
+                core.process_step([label_msg(f"e{i}", i % 2, now, offset=i) for i in range(15)], now), on_thread
+            )
+            assert core.joiner.unwritten == 10  # the hits' marks, sent with the next call
+            again = await loop._drive_async(core.process_step([label_msg("e3", 1, now, offset=15)], now), on_thread)
+            return first, again
+        finally:
+            await loop.aredis.aclose()
+
+    first, again = asyncio.run(steps())
+    assert [r.outcome for r in first.results] == ["hit"] * 10 + ["early"] * 5
+    assert [r.outcome for r in again.results] == ["duplicate"]
+    assert calls == [] and threaded == []
+    assert core.labels_learned == 10 and core.joiner.unwritten == 0
+    joiner = LabelJoiner(spec, redis_client)
+    assert joiner.learned([f"e{i}" for i in range(15)]) == [True] * 10 + [False] * 5
+    keys = Keys(spec)
+    held = sum(redis_client.zcard(keys.early_index_of(b)) for b in range(buckets))
+    assert held == 5 and orjson.loads(redis_client.get(keys.early("e12")))["src"] == "0:12"
+    client.close()
