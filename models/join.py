@@ -916,6 +916,17 @@ class BucketWindow:
         return [(first + i) % buckets for i in range(most)]
 
 
+def _unhold(client: Any, keys: Keys, done: Sequence[str]) -> Any:
+    """Delete the holds of ``done`` and their index entries (B == 1): one pipeline, its
+    ``execute()`` (an awaitable for an asyncio client)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(keys.early_index, *done)
+    # DEL through execute_command: redis-py's cluster pipeline refuses a delete() of
+    # several keys even when they share a slot (they do: the pipeline's hash tag).
+    pipe.execute_command("DEL", *[keys.early(e) for e in done])
+    return pipe.execute()
+
+
 class LabelJoiner:
     """Joins labels with served records in Redis; pure decisions, one round trip per batch.
 
@@ -977,7 +988,7 @@ class LabelJoiner:
 
     def _script_io(
         self,
-        text: str,
+        text: str | None,
         text_x: str,
         groups: Mapping[int, Sequence[Any]],
         declared: Callable[[int], str],
@@ -994,6 +1005,7 @@ class LabelJoiner:
         """
         k = self.keys
         if k.buckets == 1:
+            assert text is not None, "a script of the join without its single-Redis text"
             key, args = [declared(0)], groups[0]
 
             def call() -> list[tuple[list[int], Any]]:
@@ -1198,6 +1210,10 @@ class LabelJoiner:
         return held
 
     def expire(self, now: float) -> int:
+        """:meth:`expire_step` run here (blocking client)."""
+        return run_step(self.expire_step(now))
+
+    def expire_step(self, now: float) -> Step[int]:
         """Move the pending ids whose deadline passed to the expired set; how many.
 
         Bounded: at most :data:`EXPIRE_CALLS` script calls (per node, with buckets) of
@@ -1209,34 +1225,43 @@ class LabelJoiner:
         now_s, horizon_s, px2 = repr(now), repr(self.spec.labels.horizon), 2 * self.px
         total = 0
         if k.buckets == 1:
-            script = self._script(_EXPIRE_LUA)
-            args = [k.prefix, now_s, EXPIRE_CHUNK, horizon_s, px2]
+            args: list[Any] = [k.prefix, now_s, EXPIRE_CHUNK, horizon_s, px2]
             for _ in range(EXPIRE_CALLS):
-                n = int(script(keys=[k.pending], args=args))
+                replies = yield self._script_io(
+                    _EXPIRE_LUA, _EXPIRE_LUA_X, {0: args}, k.pending_of, "label expiry"
+                )
+                n = int(replies[0][1])
                 total += n
                 if n < EXPIRE_CHUNK:
                     break
             return total
-        for node, buckets in nodes_of(self.client, k, self._expire_window.next(k.buckets, EXPIRE_CHUNK)):
-            share = max(1, EXPIRE_CHUNK // len(buckets))
-            for _ in range(EXPIRE_CALLS):
-                counts = [
-                    int(c)
-                    for c in node_call(
-                        self.client,
-                        node,
-                        _EXPIRE_LUA_X,
-                        [k.pending_of(buckets[0])],
-                        per_bucket_args([k.prefixes[b], now_s, share, horizon_s, px2] for b in buckets),
-                    )
-                ]
-                total += sum(counts)
-                buckets = [b for b, c in zip(buckets, counts, strict=True) if c >= share]
-                if not buckets:
-                    break
+        # Each bucket's share of its node's chunk (the slot map as the blocking client has
+        # it: no I/O); then rounds of one call per node with buckets left, at most
+        # EXPIRE_CALLS, a bucket leaving once it moved less than its share.
+        share: dict[int, int] = {}
+        for _, buckets in nodes_of(self.client, k, self._expire_window.next(k.buckets, EXPIRE_CHUNK)):
+            share.update((b, max(1, EXPIRE_CHUNK // len(buckets))) for b in buckets)
+        for _ in range(EXPIRE_CALLS):
+            if not share:
+                break
+            groups = {b: [k.prefixes[b], now_s, n, horizon_s, px2] for b, n in share.items()}
+            replies = yield self._script_io(None, _EXPIRE_LUA_X, groups, k.pending_of, "label expiry")
+            for buckets, counts in replies:
+                for b, c in zip(buckets, counts, strict=True):
+                    total += int(c)
+                    if int(c) < share[b]:
+                        del share[b]
         return total
 
     def sweep(self, now: float | None = None) -> tuple[int, list[JoinResult]]:
+        """:meth:`sweep_step` run here (blocking client)."""
+        return run_step(self.sweep_step(now))
+
+    async def asweep(self, client: Any, now: float | None = None) -> tuple[int, list[JoinResult]]:
+        """:meth:`sweep_step` on ``client``, an asyncio Redis client (role ``all``'s learner)."""
+        return await arun_step(self.sweep_step(now), client)
+
+    def sweep_step(self, now: float | None = None) -> Step[tuple[int, list[JoinResult]]]:
         """Count expiries and resolve held labels (a chunk of them per call, round robin).
 
         Returns ``(expiries, results)``: results are ``resolved`` (learn them, then
@@ -1244,11 +1269,20 @@ class LabelJoiner:
         :func:`decide_held` decides them from one script call's state.
         """
         now = time.time() if now is None else now
-        self.flush()
-        expiries = self.expire(now)
-        return expiries, self.resolve_held(now)
+        if self._marks or self._droppable:  # flush: the marks before anything is read
+            yield from self._call_step([])
+        expiries = yield from self.expire_step(now)
+        return expiries, (yield from self.resolve_held_step(now))
 
     def resolve_held(self, now: float | None = None) -> list[JoinResult]:
+        """:meth:`resolve_held_step` run here (blocking client)."""
+        return run_step(self.resolve_held_step(now))
+
+    async def aresolve_held(self, client: Any, now: float | None = None) -> list[JoinResult]:
+        """:meth:`resolve_held_step` on ``client``, an asyncio Redis client."""
+        return await arun_step(self.resolve_held_step(now), client)
+
+    def resolve_held_step(self, now: float | None = None) -> Step[list[JoinResult]]:
         """The held labels' half of :meth:`sweep`: the next chunk of the early index.
 
         Sets :attr:`more_held` when the chunk was full and decided some of its labels: the
@@ -1261,38 +1295,37 @@ class LabelJoiner:
         """
         now = time.time() if now is None else now
         if self.keys.buckets != 1:
-            return self._resolve_held_buckets(now)
+            return (yield from self._resolve_held_buckets_step(now))
         k = self.keys
-        c = self.client
-        start = self._held_cursor
-        held = c.zrange(k.early_index, start, start + SWEEP_HELD_CHUNK - 1, withscores=True)
+        key, start = k.early_index, self._held_cursor
+        stop = start + SWEEP_HELD_CHUNK - 1
+        held = yield Io(
+            lambda: self.client.zrange(key, start, stop, withscores=True),
+            "held labels",
+            lambda c: c.zrange(key, start, stop, withscores=True),
+        )
         if not held:
             self._held_cursor = 0
             self.more_held = False
             return []
         ids = [e.decode() for e, _ in held]
-        found = read_state(self._call(ids, mode="early"), mode="early")
+        found = read_state((yield from self._call_step(ids, mode="early")), mode="early")
         deadlines = [d for _, d in held]
         results, done = decide_held(
             ids, deadlines, found, self.lineage, self.served, self.published_seq, now, self._resolved
         )
         self._note_resolved(ids, deadlines, results, done, now)
         if done:
-            pipe = c.pipeline(transaction=False)
-            pipe.zrem(k.early_index, *done)
-            # DEL through execute_command: redis-py's cluster pipeline refuses a delete() of
-            # several keys even when they share a slot (they do: the pipeline's hash tag).
-            pipe.execute_command("DEL", *[k.early(e) for e in done])
-            pipe.execute()
+            yield Io(lambda: _unhold(self.client, k, done), "held labels", lambda c: _unhold(c, k, done))
         self._held_cursor = next_cursor(start, len(held), len(done))
         self.more_held = len(held) == SWEEP_HELD_CHUNK and bool(results)
         return results
 
-    def _resolve_held_buckets(self, now: float) -> list[JoinResult]:
-        """:meth:`resolve_held` with buckets: per node one call reading each bucket's share
-        of its early index, the join's call (:meth:`_call`) for their state, and one call
-        deleting the holds done with."""
-        k, c = self.keys, self.client
+    def _resolve_held_buckets_step(self, now: float) -> Step[list[JoinResult]]:
+        """:meth:`resolve_held_step` with buckets: per node one call reading each bucket's
+        share of its early index, the join's call (:meth:`_call_step`) for their state, and
+        one call deleting the holds done with."""
+        k = self.keys
         share = max(1, SWEEP_HELD_CHUNK // k.buckets)
         cursors = self._held_cursors
         ids: list[str] = []
@@ -1300,9 +1333,9 @@ class LabelJoiner:
         looked: dict[int, int] = {}
         window = self._held_window.next(k.buckets, SWEEP_HELD_CHUNK)
         ranges = {b: [k.prefixes[b], cursors.get(b, 0), cursors.get(b, 0) + share - 1] for b in window}
-        for node, declared, args, buckets in bucket_calls(c, k, ranges, k.early_index_of):
-            replies = node_call(c, node, _HELD_RANGE_LUA_X, declared, args)
-            for b, flat in zip(buckets, replies, strict=True):
+        replies = yield self._script_io(None, _HELD_RANGE_LUA_X, ranges, k.early_index_of, "held labels")
+        for buckets, per_bucket_reply in replies:
+            for b, flat in zip(buckets, per_bucket_reply, strict=True):
                 looked[b] = len(flat) // 2
                 ids += (e.decode() for e in flat[0::2])
                 deadlines += (float(d) for d in flat[1::2])
@@ -1311,7 +1344,7 @@ class LabelJoiner:
                 cursors.pop(b, None)
             self.more_held = False
             return []
-        found = read_state(self._call(ids, mode="early"), mode="early")
+        found = read_state((yield from self._call_step(ids, mode="early")), mode="early")
         results, done = decide_held(
             ids, deadlines, found, self.lineage, self.served, self.published_seq, now, self._resolved
         )
@@ -1319,8 +1352,7 @@ class LabelJoiner:
         gone = by_bucket(k.buckets, done)
         if done:
             groups = {b: [k.prefixes[b], *(done[i] for i in idx)] for b, idx in gone.items()}
-            for node, declared, args, _ in bucket_calls(c, k, groups, k.early_index_of):
-                node_call(c, node, _UNHOLD_LUA_X, declared, args)
+            yield self._script_io(None, _UNHOLD_LUA_X, groups, k.early_index_of, "held labels")
         for b, n in looked.items():
             nxt = next_cursor(cursors.get(b, 0), n, len(gone.get(b, ())), share)
             if nxt:

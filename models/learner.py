@@ -333,7 +333,9 @@ class LearnerCore:
         now = self.clock() if now is None else now
         out = StepOutput(now=now)
         joiner = self.joiner
-        expiries, results = yield Io(lambda: joiner.sweep(now), "label sweep")
+        expiries, results = yield Io(
+            lambda: joiner.sweep(now), "label sweep", lambda c: joiner.asweep(c, now)
+        )
         footprint = self.footprint
         if self.metrics is not None and now - self._footprint_at >= STEP_EVERY:
             footprint.metrics = self.metrics
@@ -353,7 +355,9 @@ class LearnerCore:
         now = self.clock() if now is None else now
         out = StepOutput(now=now)
         joiner = self.joiner
-        results = yield Io(lambda: joiner.resolve_held(now), "held labels")
+        results = yield Io(
+            lambda: joiner.resolve_held(now), "held labels", lambda c: joiner.aresolve_held(c, now)
+        )
         yield from self._apply_step(results, out)
         return out
 

@@ -506,53 +506,77 @@ def test_retried_hold_counts_early_and_a_second_label_duplicate(redis_client: An
     assert redis_client.zcard(Keys(spec).early_index) == 1
 
 
+def _label_path(spec: PipelineSpec, redis_client: Any, core: LearnerCore, drive: Any) -> list[Any]:
+    """A label path through every call of the join: hits and early labels (held), the
+    holds resolved by a sweep, a duplicate, then a sweep a horizon later (expiries).
+    ``drive(step)`` runs a step; returns what each step returned."""
+    now = time.time()
+    for i in range(13):  # e10-e12 never labelled: they expire
+        serve(redis_client, spec, core, f"e{i}" if i < 10 else f"x{i}", float(i), now - 5)
+    out: list[Any] = []
+    first = drive(core.process_step([label_msg(f"e{i}", i % 2, now, offset=i) for i in range(15)], now))
+    out.append([r.outcome for r in first.results])
+    out.append(core.joiner.unwritten)  # the hits' marks, sent with the next call
+    for i in range(10, 15):
+        serve(redis_client, spec, core, f"e{i}", float(i), now - 1)
+    swept = drive(core.sweep_step(now + 1))
+    out.append((swept.expiries, sorted((r.outcome, r.event_id) for r in swept.results)))
+    again = drive(core.process_step([label_msg("e3", 1, now, offset=15)], now + 2))
+    out.append([r.outcome for r in again.results])
+    late = drive(core.sweep_step(now + 2 * spec.labels.horizon + 60))
+    out.append((late.expiries, [r.outcome for r in late.results]))
+    out.append((core.labels_learned, core.joiner.unwritten))
+    return out
+
+
 @pytest.mark.parametrize("buckets", [1, 4])
-def test_role_all_awaits_the_label_join_on_an_asyncio_client(
+def test_role_all_awaits_the_label_path_on_an_asyncio_client(
     redis_client: Any, unique: Any, settings: Any, buckets: int
 ) -> None:
-    """Role ``all``'s driver (``async_redis``): the join and its holds, and the marks of
-    the batch before, go through the loop's asyncio client: no blocking Redis call and no
-    trip to the worker thread for them, the same outcomes as the blocking path."""
+    """Role ``all``'s driver (``async_redis``): the join, its holds, the marks, the sweep's
+    expiries and held labels go through the loop's asyncio client: no blocking Redis call
+    and no trip to the worker thread for them, and the same outcomes as the blocking
+    driver of role ``learner`` on the same path."""
     import asyncio
 
-    from models.join import LabelJoiner
     from streams.learner import LearnerLoop
+
+    def bucketed(name: str) -> PipelineSpec:
+        spec = make_spec(f"{unique}-{name}")
+        return spec.model_copy(update={"redis": spec.redis.model_copy(update={"buckets": buckets})})
+
+    blocking_spec = bucketed("blocking")
+    blocking = _core(blocking_spec, redis_client)
+    blocking_loop = LearnerLoop(blocking_spec, settings, blocking)
+    expected = _label_path(blocking_spec, redis_client, blocking, blocking_loop._drive)
 
     calls: list[str] = []
     client = _counting_client(settings, calls)
-    spec = make_spec(unique)
-    spec = spec.model_copy(update={"redis": spec.redis.model_copy(update={"buckets": buckets})})
+    spec = bucketed("async")
     core = _core(spec, client)
     loop = LearnerLoop(spec, settings, core, async_redis=True)
-    now = time.time()
-    for i in range(10):
-        serve(redis_client, spec, core, f"e{i}", float(i), now - 5)
     threaded: list[str] = []
 
     async def on_thread(fn: Any, op: Any) -> Any:
         threaded.append(op.what)
         return fn(op)
 
-    async def steps() -> tuple[Any, Any]:
+    async def main() -> list[Any]:
         loop.aredis = settings.redis_async()
+        aloop = asyncio.get_running_loop()
+
+        def drive(step: Any) -> Any:  # from the path's thread, each step run on the loop
+            return asyncio.run_coroutine_threadsafe(loop._drive_async(step, on_thread), aloop).result(60)
+
         try:
-            first = await loop._drive_async(
-                core.process_step([label_msg(f"e{i}", i % 2, now, offset=i) for i in range(15)], now), on_thread
-            )
-            assert core.joiner.unwritten == 10  # the hits' marks, sent with the next call
-            again = await loop._drive_async(core.process_step([label_msg("e3", 1, now, offset=15)], now), on_thread)
-            return first, again
+            return await asyncio.to_thread(_label_path, spec, redis_client, core, drive)
         finally:
             await loop.aredis.aclose()
 
-    first, again = asyncio.run(steps())
-    assert [r.outcome for r in first.results] == ["hit"] * 10 + ["early"] * 5
-    assert [r.outcome for r in again.results] == ["duplicate"]
+    got = asyncio.run(main())
+    assert got == expected
+    assert got[0] == ["hit"] * 10 + ["early"] * 5 and got[1] == 10
+    assert got[2] == (0, [("resolved", f"e{i}") for i in range(10, 15)])
+    assert got[3] == ["duplicate"] and got[4] == (3, []) and got[5] == (15, 0)
     assert calls == [] and threaded == []
-    assert core.labels_learned == 10 and core.joiner.unwritten == 0
-    joiner = LabelJoiner(spec, redis_client)
-    assert joiner.learned([f"e{i}" for i in range(15)]) == [True] * 10 + [False] * 5
-    keys = Keys(spec)
-    held = sum(redis_client.zcard(keys.early_index_of(b)) for b in range(buckets))
-    assert held == 5 and orjson.loads(redis_client.get(keys.early("e12")))["src"] == "0:12"
     client.close()
