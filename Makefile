@@ -51,8 +51,10 @@ test-cluster: install ## tests against the local cluster (tests/cluster; starts 
 logs: ## tail the servers' logs
 	$(PY) deploy/local/stack.py logs
 
+# bench/common.py by name: the only bench module with doctests, and bench/features.py would
+# shadow the features package under pytest's default import mode.
 test: install ## unit + integration tests against the real stack, and every module's doctests
-	$(PYTEST) -q -p no:cacheprovider --doctest-modules tests/unit tests/integration weir streams models features --durations=15
+	$(PYTEST) -q -p no:cacheprovider --doctest-modules tests/unit tests/integration weir streams models features bench/common.py --durations=15
 
 test-unit: $(STAMP) ## unit tests only (no servers)
 	$(PYTEST) -q tests/unit
