@@ -197,6 +197,9 @@ class LearnerCore:
         self.expiries = 0
         self.labels_seen = 0
         self._learned_at_snapshot = labels_learned
+        #: labels_learned when this run started (restored from its snapshot): what ``weir
+        #: status`` tells from this run's own counts
+        self.learned_at_start = labels_learned
         self._offsets_at_snapshot = dict(self.offsets)
         self._last_snapshot = clock()
         self._pipeline = spec.name
@@ -502,6 +505,7 @@ class LearnerCore:
             "snapshot_created": self.snapshot_created,
             "labels_seen": self.labels_seen,
             "labels_learned": self.labels_learned,
+            "labels_learned_at_start": self.learned_at_start,
             "joins": dict(self.joins),
             "expiries": self.expiries,
             "unscored": self.evaluator.unscored,

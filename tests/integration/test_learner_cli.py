@@ -56,4 +56,6 @@ def test_models_and_status_commands(
     core.write_status(time.time())
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "champion: v1" in out and "latest snapshot: v1.1" in out and "learner: version v1" in out
+    assert "champion: v1" in out and "latest snapshot: v1.1" in out
+    assert "learner: version v1, 0 labels learned in all; this run: 0 seen, 0 learned;" in out
+    assert "joins (this run): (none)" in out

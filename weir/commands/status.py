@@ -53,13 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if not status:
         print("  learner: no status yet (is `weir worker SPEC --role learner` running?)")
         return 0
-    print(
-        f"  learner: version {status['version_id']}, {status['labels_learned']} labels learned "
-        f"of {status['labels_seen']} seen, status {now - status['updated']:.1f}s old"
-    )
+    print(f"  learner: {learner_line(status, now)}")
     joins = status.get("joins", {})
     print(
-        "  joins: "
+        "  joins (this run): "
         + (", ".join(f"{k}={v}" for k, v in sorted(joins.items())) or "(none)")
         + f"; expiries (no label within horizon)={status.get('expiries', 0)}"
     )
@@ -70,3 +67,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name} (n={vals['n']}): {overall}")
         print(f"    rolling: {rolling}")
     return 0
+
+
+def learner_line(status: dict[str, Any], now: float) -> str:
+    """The learner's counts: labels learned by every run (restored from the snapshots), and
+    this run's (since its start: seen, learned). A status written before the start count was
+    kept has the totals only.
+
+    >>> learner_line({"version_id": "v1", "labels_learned": 30000, "labels_learned_at_start": 18061,
+    ...               "labels_seen": 11939, "updated": 9.5}, now=10.0)
+    'version v1, 30000 labels learned in all; this run: 11939 seen, 11939 learned; status 0.5s old'
+    >>> learner_line({"version_id": "v1", "labels_learned": 7, "labels_seen": 7, "updated": 10.0}, now=10.0)
+    'version v1, 7 labels learned in all; this run: 7 seen; status 0.0s old'
+    """
+    run = f"{status['labels_seen']} seen"
+    start = status.get("labels_learned_at_start")
+    if start is not None:
+        run += f", {status['labels_learned'] - start} learned"
+    return (
+        f"version {status['version_id']}, {status['labels_learned']} labels learned in all; "
+        f"this run: {run}; status {now - status['updated']:.1f}s old"
+    )
