@@ -15,7 +15,9 @@ local Redis Cluster (3 masters, Redis 7.0):
   a partial application changes nothing;
 * a backlog of held labels is resolved round robin over the buckets, each label once;
 * River fidelity: a replay over the buckets scores what River's progressive validation
-  scores.
+  scores;
+* role ``all``'s learner awaits the label path on the asyncio cluster client (B == 1 and
+  B == 64) with the outcomes of the blocking driver, nothing sent to its thread.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from models.learner import LearnerCore, run_step
 from models.replay import replay
 from tests.cluster.conftest import REDIS_URL
 from tests.integration.test_fidelity import LOGREG, _phishing
-from tests.integration.test_learner_join import label_msg
+from tests.integration.test_learner_join import label_msg, label_path_both_drivers
 from tests.integration.test_learner_registry import make_spec
 from weir.resilience import Backoff, DependencyHealth, is_transient, retry_sync
 from weir.settings import Settings
@@ -478,3 +480,20 @@ def test_a_slot_moved_mid_stream_is_retried_regrouped_and_nothing_learned_twice(
         for key in redis_client.scan_iter(match=f"*{unique}*", count=1000):  # empty, to move back
             redis_client.unlink(key)
         _set_slot_owner(ports, slots[b], src)
+
+
+@pytest.mark.parametrize("buckets", [1, B])
+def test_role_all_awaits_the_label_path_on_the_asyncio_cluster_client(
+    redis_client: RedisCluster, redis_cluster_settings: Settings, unique: str, buckets: int
+) -> None:
+    """The asyncio variants on a Redis Cluster: ``EVALSHA`` of the join's scripts through
+    the asyncio cluster client (B == 1, one slot), one ``EVAL`` per node at once (B == 64);
+    the same outcomes as the blocking cluster client's, no call on the learner's thread."""
+    expected, got, threaded = label_path_both_drivers(
+        redis_cluster_settings, redis_client, redis_client, unique, buckets
+    )
+    assert got == expected
+    assert got[0] == ["hit"] * 10 + ["early"] * 5
+    assert got[2] == (0, [("resolved", f"e{i}") for i in range(10, 15)])
+    assert got[4] == (3, []) and got[5] == (15, 0)
+    assert threaded == []

@@ -529,31 +529,30 @@ def _label_path(spec: PipelineSpec, redis_client: Any, core: LearnerCore, drive:
     return out
 
 
-@pytest.mark.parametrize("buckets", [1, 4])
-def test_role_all_awaits_the_label_path_on_an_asyncio_client(
-    redis_client: Any, unique: Any, settings: Any, buckets: int
-) -> None:
-    """Role ``all``'s driver (``async_redis``): the join, its holds, the marks, the sweep's
-    expiries and held labels go through the loop's asyncio client: no blocking Redis call
-    and no trip to the worker thread for them, and the same outcomes as the blocking
-    driver of role ``learner`` on the same path."""
+def label_path_both_drivers(
+    settings: Any, redis_client: Any, core_client: Any, name: str, buckets: int
+) -> tuple[list[Any], list[Any], list[str]]:
+    """:func:`_label_path` with role ``learner``'s blocking driver and with role ``all``'s
+    (``async_redis``: an asyncio client of ``settings``, the learning on the loop's
+    thread), each on its own pipeline ``name``-blocking / ``name``-async with ``buckets``.
+    ``core_client`` is the async run's blocking client. Returns (blocking, asyncio,
+    the calls the asyncio run sent to the worker thread)."""
     import asyncio
 
     from streams.learner import LearnerLoop
 
-    def bucketed(name: str) -> PipelineSpec:
-        spec = make_spec(f"{unique}-{name}")
+    def bucketed(tag: str) -> PipelineSpec:
+        spec = make_spec(f"{name}-{tag}")
         return spec.model_copy(update={"redis": spec.redis.model_copy(update={"buckets": buckets})})
 
     blocking_spec = bucketed("blocking")
     blocking = _core(blocking_spec, redis_client)
-    blocking_loop = LearnerLoop(blocking_spec, settings, blocking)
-    expected = _label_path(blocking_spec, redis_client, blocking, blocking_loop._drive)
+    expected = _label_path(
+        blocking_spec, redis_client, blocking, LearnerLoop(blocking_spec, settings, blocking)._drive
+    )
 
-    calls: list[str] = []
-    client = _counting_client(settings, calls)
     spec = bucketed("async")
-    core = _core(spec, client)
+    core = _core(spec, core_client)
     loop = LearnerLoop(spec, settings, core, async_redis=True)
     threaded: list[str] = []
 
@@ -573,7 +572,20 @@ def test_role_all_awaits_the_label_path_on_an_asyncio_client(
         finally:
             await loop.aredis.aclose()
 
-    got = asyncio.run(main())
+    return expected, asyncio.run(main()), threaded
+
+
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_role_all_awaits_the_label_path_on_an_asyncio_client(
+    redis_client: Any, unique: Any, settings: Any, buckets: int
+) -> None:
+    """Role ``all``'s driver (``async_redis``): the join, its holds, the marks, the sweep's
+    expiries and held labels go through the loop's asyncio client: no blocking Redis call
+    and no trip to the worker thread for them, and the same outcomes as the blocking
+    driver of role ``learner`` on the same path."""
+    calls: list[str] = []
+    client = _counting_client(settings, calls)
+    expected, got, threaded = label_path_both_drivers(settings, redis_client, client, unique, buckets)
     assert got == expected
     assert got[0] == ["hit"] * 10 + ["early"] * 5 and got[1] == 10
     assert got[2] == (0, [("resolved", f"e{i}") for i in range(10, 15)])
