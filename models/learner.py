@@ -23,8 +23,9 @@ generators: the CPU work (parsing, learning) runs inside them, and each call to 
 is *yielded* as an :class:`Io` for the driver to run, which sends its result back. So one
 sequence serves every driver: :func:`run_step` runs the calls inline (tests, replays);
 the learner process runs them with bounded retries (a Redis or Kafka outage pauses the
-step at that call, it does not fail the batch); role ``all`` awaits the label join on
-an asyncio Redis client (:mod:`models.steps`) and runs the other calls on a thread, while
+step at that call, it does not fail the batch); role ``all`` awaits the label path (the
+join, the sweep, the held labels) on an asyncio Redis client (:mod:`models.steps`) and
+runs the other calls on a thread, while
 the learning stays on the event loop thread, the only writer of the model the scorer
 reads. Every yielded call is idempotent, so retrying one after a timeout whose writes
 were applied anyway changes nothing: the label join's reads and holds (``SET NX``), the

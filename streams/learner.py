@@ -183,11 +183,11 @@ class LearnerLoop:
             final snapshot: a restart replays from the last one).
         linger_ms: the producer's linger.
         async_redis: in :meth:`run_async`, await the calls that have an asyncio variant
-            (the label join) on an asyncio Redis client of the loop's own, instead of
-            sending them to the worker thread.
+            (the label path: the join, the sweep, the held labels) on an asyncio Redis
+            client of the loop's own, instead of sending them to the worker thread.
 
     Drive it with :meth:`run` (blocking, its own thread) or :meth:`run_async` (on an
-    event loop: the label join awaited on an asyncio Redis client with ``async_redis``, the
+    event loop: the label path awaited on an asyncio Redis client with ``async_redis``, the
     other blocking calls on one worker thread, the learning on the loop's thread). Both
     run the same :meth:`iteration`.
     """
@@ -396,8 +396,9 @@ class LearnerLoop:
         """Run on the running event loop until cancelled or ``stop`` is set.
 
         The consumer, Redis and the producer are called on one worker thread of this
-        loop's own, except the label join with ``async_redis``: awaited on an asyncio Redis
-        client (one round trip per label batch without a thread hop, issue #12). The
+        loop's own, except the label path with ``async_redis`` (the join, the sweep, the
+        held labels): awaited on an asyncio Redis client (one round trip per label batch
+        without a thread hop, issue #12). The
         learning (and so every write to the model) stays on the loop's thread, where the
         scorer reads the model between its awaits.
         """
