@@ -146,7 +146,7 @@ def prefill(client: redis.Redis, spec: PipelineSpec, rates: np.ndarray, t_start:
     width, slots = w / lua.TILES, tile_slots(spec, w)
     rng = np.random.default_rng(seed)
     span = WINDOW + LATENESS
-    p = spec.redis_prefix
+    keys = RedisFeatureStore(spec)  # the engine's key names (bucket prefixes included)
     total = 0
     pipe = client.pipeline(transaction=False)
     for e, r in enumerate(rates):
@@ -158,7 +158,7 @@ def prefill(client: redis.Redis, spec: PipelineSpec, rates: np.ndarray, t_start:
             for k, (t, a) in enumerate(zip(ts.tolist(), amounts.tolist(), strict=True))
         ]
         for chunk in range(0, n, 5000):
-            pipe.zadd(f"{p}:win:u{e}", dict(items[chunk : chunk + 5000]))
+            pipe.zadd(keys.window_key(f"u{e}"), dict(items[chunk : chunk + 5000]))
         tiles: dict[int, list[float]] = {}
         for t, x in zip(ts.tolist(), amounts.tolist(), strict=True):
             i = tile_of(t, width)
@@ -178,7 +178,7 @@ def prefill(client: redis.Redis, spec: PipelineSpec, rates: np.ndarray, t_start:
         top = max(tiles)
         packed = b"".join(struct.pack("<dddddd", i, *s) for i, s in sorted(tiles.items()) if i > top - slots)
         meta["t1"] = packed
-        pipe.hset(f"{p}:meta:u{e}", mapping=meta)
+        pipe.hset(keys.meta_key(f"u{e}"), mapping=meta)
         total += n
         if e % 20 == 19:
             pipe.execute()
@@ -306,7 +306,8 @@ def main() -> int:
                 tiles = run(RedisFeatureStore(spec), client, events[:n], args.batch, args.rate)
                 base = run(legacy(spec), client, events[n:], args.batch, None)
                 k = np.sort(rates * WINDOW)
-                sizes = [client.memory_usage(f"{spec.redis_prefix}:meta:u{e}", samples=0) for e in range(5)]
+                meta_key = RedisFeatureStore(spec).meta_key
+                sizes = [client.memory_usage(meta_key(f"u{e}"), samples=0) for e in range(5)]
                 result[kind] = {
                     "window_events_per_entity": {
                         "median": round(float(np.median(k))),
