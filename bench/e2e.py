@@ -414,6 +414,64 @@ LABELS = {
 }
 
 
+def plot(results: dict[str, Any], path: Path) -> list[str]:
+    """Two panels into ``path`` (PNG): the backlog's events per second of every system
+    (with labels where the system learns), and each system's live p99 per second at 60%
+    of its own rate. Returns the systems drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sysres = results["systems"]
+    drawn = [k for k in TABLE_ORDER if k in sysres]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    rates = [sysres[k].get("backlog", {}).get("events_per_second") or 0.0 for k in drawn]
+    # The floor reads in bursts (10-100x the others): clipped, its figure in the label.
+    top = 1.2 * max([r for k, r in zip(drawn, rates, strict=True) if k != "floor"] or [1.0])
+    bars = left.barh(
+        [LABELS[k] for k in drawn],
+        [min(r, top) for r in rates],
+        color=["C0" if k.startswith("weir") else "C7" for k in drawn],
+    )
+    left.bar_label(
+        bars,
+        labels=[f"{r:,.0f}" + (" (off the scale)" if r > top else "") for r in rates],
+        fontsize=8,
+        padding=3,
+    )
+    left.invert_yaxis()
+    left.set_xlim(0, top * 1.3)
+    left.set_title("backlog: events/s")
+    left.set_xlabel("events/s, backlog (labels flowing for role all and split)")
+    left.grid(axis="x", alpha=0.3)
+    for k in drawn:
+        live = sysres[k].get("live_60pct") or {}
+        by_second = live.get("p99_ms_by_second") or []
+        if by_second:
+            right.plot(
+                range(1, len(by_second) + 1),
+                by_second,
+                marker=".",
+                label=f"{LABELS[k]} ({live.get('rate', 0):,.0f}/s)",
+            )
+    right.axhline(50, color="k", linestyle="--", linewidth=1, label="issue #12 target: 50 ms")
+    right.set_yscale("log")
+    right.set_xlabel("second of the live phase")
+    right.set_ylabel("p99 event -> prediction, ms")
+    right.set_title("live, at 60% of each system's backlog rate")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=8)
+    fig.suptitle(
+        f"weir bench/e2e.py, {results.get('events', '?')} events per system ({results.get('when', '')})"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 def table(results: dict[str, Any]) -> str:
     sysres = results["systems"]
 
@@ -531,9 +589,19 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 events, 5 s live phases")
     ap.add_argument(
-        "--out", default=None, help="JSON output (default bench/results/e2e.json; --quick: a temp file)"
+        "--out",
+        default=None,
+        help="JSON output (default bench/results/e2e.json; --quick: a temp file); a plot beside it (.png)",
+    )
+    ap.add_argument(
+        "--plot", default=None, metavar="JSON", help="only draw the plot of a saved run (JSON -> .png)"
     )
     args = ap.parse_args()
+    if args.plot is not None:
+        saved = Path(args.plot)
+        drawn = plot(json.loads(saved.read_text()), saved.with_suffix(".png"))
+        print(f"saved {saved.with_suffix('.png')} ({', '.join(drawn)})")
+        return 0
     if args.quick:
         args.events, args.live_seconds, args.timeout = 2000, 5.0, 120.0
         args.backlog_label_delay = min(args.backlog_label_delay, 200)
@@ -605,6 +673,8 @@ def main() -> int:
     print("\nratios:", json.dumps(results["ratios"]))
     print("issue #12 targets:", json.dumps(results["targets"]))
     print(f"saved {args.out}")
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(f"saved {Path(args.out).with_suffix('.png')}")
     if args.quick:
         print("(--quick: a smoke run; its figures are not results)")
     return 0
