@@ -303,11 +303,11 @@ def main() -> int:
                 mem = client.info("memory")["used_memory"]
                 n = int(args.rate * args.seconds)
                 events = stream(rates, t_start, n + args.baseline_batches * args.batch, args.rate, seed=8)
-                tiles = run(RedisFeatureStore(spec), client, events[:n], args.batch, args.rate)
+                store = RedisFeatureStore(spec)
+                tiles = run(store, client, events[:n], args.batch, args.rate)
                 base = run(legacy(spec), client, events[n:], args.batch, None)
                 k = np.sort(rates * WINDOW)
-                meta_key = RedisFeatureStore(spec).meta_key
-                sizes = [client.memory_usage(meta_key(f"u{e}"), samples=0) for e in range(5)]
+                sizes = [client.memory_usage(store.meta_key(f"u{e}"), samples=0) for e in range(5)]
                 result[kind] = {
                     "window_events_per_entity": {
                         "median": round(float(np.median(k))),

@@ -971,8 +971,8 @@ class LabelJoiner:
         self._resolved: dict[str, float] = {}
         self._resolved_pruned = 0.0
         self._scripts: dict[str, Any] = {}
-        #: the asyncio client's scripts, per (client, text)
-        self._ascripts: dict[tuple[int, str], Any] = {}
+        #: the same for an asyncio client (each call names its client)
+        self._ascripts: dict[str, Any] = {}
 
     def _script(self, text: str) -> Any:
         s = self._scripts.get(text)
@@ -981,9 +981,9 @@ class LabelJoiner:
         return s
 
     def _ascript(self, client: Any, text: str) -> Any:
-        s = self._ascripts.get((id(client), text))
+        s = self._ascripts.get(text)
         if s is None:
-            s = self._ascripts[(id(client), text)] = client.register_script(text)
+            s = self._ascripts[text] = client.register_script(text)
         return s
 
     def _script_io(
@@ -1012,7 +1012,7 @@ class LabelJoiner:
                 return [([0], self._script(text)(keys=key, args=args))]
 
             async def acall(client: Any) -> list[tuple[list[int], Any]]:
-                return [([0], await self._ascript(client, text)(keys=key, args=args))]
+                return [([0], await self._ascript(client, text)(keys=key, args=args, client=client))]
 
             return Io(call, what, acall)
 

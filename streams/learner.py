@@ -182,14 +182,11 @@ class LearnerLoop:
         stop: set to stop; also ends a retry in progress (the loop then stops without a
             final snapshot: a restart replays from the last one).
         linger_ms: the producer's linger.
-        async_redis: in :meth:`run_async`, await the calls that have an asyncio variant
-            (the label path: the join, the sweep, the held labels) on an asyncio Redis
-            client of the loop's own, instead of sending them to the worker thread.
 
     Drive it with :meth:`run` (blocking, its own thread) or :meth:`run_async` (on an
-    event loop: the label path awaited on an asyncio Redis client with ``async_redis``, the
-    other blocking calls on one worker thread, the learning on the loop's thread). Both
-    run the same :meth:`iteration`.
+    event loop: the label path awaited on an asyncio Redis client, the other blocking
+    calls on one worker thread, the learning on the loop's thread). Both run the same
+    :meth:`iteration`.
     """
 
     def __init__(
@@ -202,7 +199,6 @@ class LearnerLoop:
         stop: threading.Event | None = None,
         linger_ms: int = 20,
         backoff: Backoff = LEARNER_BACKOFF,
-        async_redis: bool = False,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -213,8 +209,8 @@ class LearnerLoop:
         self.topic = spec.topics.labels
         self.emitter = StepEmitter(spec, settings, linger_ms=linger_ms)
         self.consumer: Any = None
-        self.async_redis = async_redis
-        #: the asyncio Redis client of :meth:`run_async` (with ``async_redis``)
+        #: the asyncio Redis client of :meth:`run_async`, which awaits the calls that have an
+        #: asyncio variant (:attr:`models.steps.Io.acall`: the label path) on it
         self.aredis: Any = None
         self.last_sweep = 0.0
         #: False while an iteration is half done (then no final snapshot may be taken)
@@ -225,6 +221,17 @@ class LearnerLoop:
     def _retry(self, op: Io) -> Any:
         return retry_sync(
             op.call, what=f"learner: {op.what}", health=self.health, backoff=self.backoff, stop=self.stop
+        )
+
+    async def _aretry(self, op: Io) -> Any:
+        """:meth:`_retry` of ``op``'s asyncio variant on :attr:`aredis`."""
+        assert op.acall is not None
+        return await retry_async(
+            functools.partial(op.acall, self.aredis),
+            what=f"learner: {op.what}",
+            health=self.health,
+            backoff=self.backoff,
+            stop=self.stop.is_set,
         )
 
     def open(self) -> list[tuple[int, int]]:
@@ -366,13 +373,7 @@ class LearnerLoop:
                 result = None
                 await asyncio.sleep(0)  # let the scorer run between chunks of learning
             elif op.acall is not None and self.aredis is not None:
-                result = await retry_async(
-                    functools.partial(op.acall, self.aredis),
-                    what=f"learner: {op.what}",
-                    health=self.health,
-                    backoff=self.backoff,
-                    stop=self.stop.is_set,
-                )
+                result = await self._aretry(op)
             else:
                 result = await call(self._retry, op)
 
@@ -395,17 +396,15 @@ class LearnerLoop:
     async def run_async(self) -> None:
         """Run on the running event loop until cancelled or ``stop`` is set.
 
-        The consumer, Redis and the producer are called on one worker thread of this
-        loop's own, except the label path with ``async_redis`` (the join, the sweep, the
-        held labels): awaited on an asyncio Redis client (one round trip per label batch
-        without a thread hop, issue #12). The
-        learning (and so every write to the model) stays on the loop's thread, where the
-        scorer reads the model between its awaits.
+        The label path (the join, the sweep, the held labels) is awaited on an asyncio Redis
+        client of its own: one round trip per label batch without a thread hop (issue #12).
+        The consumer, the producer and the other Redis calls run on one worker thread of
+        this loop's own. The learning (and so every write to the model) stays on the loop's
+        thread, where the scorer reads the model between its awaits.
         """
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-learner")
-        if self.async_redis:
-            self.aredis = self.settings.redis_async()
+        self.aredis = self.settings.redis_async()
 
         def call(fn: Callable[..., Any], *args: Any) -> Any:
             return loop.run_in_executor(executor, fn, *args)

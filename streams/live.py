@@ -273,13 +273,10 @@ def live_wiring(
         # Metrics are attached (live.attach_metrics) before the hook runs.
         registry = core.metrics.registry if core.metrics is not None else None
         health = DependencyHealth(registry, spec.name)
-        # The label path awaited on the loop (an asyncio Redis client of the learner's own).
         learner = (
-            LearnerLoop(spec, settings, core, health=health, linger_ms=5, async_redis=True)
+            LearnerLoop(spec, settings, core, health=health, linger_ms=5)
             if sync is None
-            else OrderedLearnerLoop(
-                spec, settings, core, health=health, linger_ms=5, async_redis=True, sync=sync
-            )
+            else OrderedLearnerLoop(spec, settings, core, health=health, linger_ms=5, sync=sync)
         )
 
         @app.task

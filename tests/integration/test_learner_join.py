@@ -533,7 +533,7 @@ def label_path_both_drivers(
     settings: Any, redis_client: Any, core_client: Any, name: str, buckets: int
 ) -> tuple[list[Any], list[Any], list[str]]:
     """:func:`_label_path` with role ``learner``'s blocking driver and with role ``all``'s
-    (``async_redis``: an asyncio client of ``settings``, the learning on the loop's
+    (``run_async``'s: an asyncio client of ``settings``, the learning on the loop's
     thread), each on its own pipeline ``name``-blocking / ``name``-async with ``buckets``.
     ``core_client`` is the async run's blocking client. Returns (blocking, asyncio,
     the calls the asyncio run sent to the worker thread)."""
@@ -553,7 +553,7 @@ def label_path_both_drivers(
 
     spec = bucketed("async")
     core = _core(spec, core_client)
-    loop = LearnerLoop(spec, settings, core, async_redis=True)
+    loop = LearnerLoop(spec, settings, core)
     threaded: list[str] = []
 
     async def on_thread(fn: Any, op: Any) -> Any:
@@ -579,7 +579,7 @@ def label_path_both_drivers(
 def test_role_all_awaits_the_label_path_on_an_asyncio_client(
     redis_client: Any, unique: Any, settings: Any, buckets: int
 ) -> None:
-    """Role ``all``'s driver (``async_redis``): the join, its holds, the marks, the sweep's
+    """Role ``all``'s driver (``run_async``): the join, its holds, the marks, the sweep's
     expiries and held labels go through the loop's asyncio client: no blocking Redis call
     and no trip to the worker thread for them, and the same outcomes as the blocking
     driver of role ``learner`` on the same path."""
