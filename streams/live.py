@@ -203,8 +203,14 @@ class OrderedLearnerLoop(LearnerLoop):
         return 0.0 if self.sync.scorer_waiting else super().fill_seconds()
 
     def _publish(self) -> None:
-        head = self.buffer[0][0] if self.buffer else None
-        self.sync.publish_labels(head, caught_up=not self.buffer and self._at_end)
+        """The labels' frontier. With nothing in hand and not at the end, the learner is
+        behind (between two fetches of a backlog, or flushing, snapshotting, sweeping): the
+        scorer waits for it as for a busy side. A partition that returns nothing for
+        ``max_idle`` is taken as caught up here (:meth:`_stuck`), not by the scorer."""
+        if self.buffer:
+            self.sync.publish_labels(self.buffer[0][0])
+        else:
+            self.sync.publish_labels(None, caught_up=self._at_end, behind=not self._at_end)
 
     def _stuck(self, fetched: bool) -> bool:
         """The labels are behind but nothing came for ``max_idle``: a partition that cannot

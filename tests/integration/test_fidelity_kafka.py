@@ -180,4 +180,5 @@ def test_burst_accuracy_matches_progressive_val_score(
     )
     # Every label found its event served: none was taken before its event was scored.
     assert status["joins"] == {"hit": n}, status["joins"]
-    assert abs(weir - river) <= 0.005, (weir, river)
+    waits = [line for line in worker.tail(400).splitlines() if "have not moved" in line]
+    assert abs(weir - river) <= 0.005, (weir, river, waits)
