@@ -34,15 +34,21 @@ the extra work keeping it behind (issue #12: the benchmark's role ``all`` at 1,1
 **Bounded waits.** A side that waits for the other stops waiting once the other has not
 moved for ``scoring.max_idle`` seconds (a learner stuck on an outage, a labels topic no one
 writes), and waits again only after the other moves (Kafka Streams' idle rule). A side that
-is busy (:meth:`Frontier.busy`: it holds items, is starting, or has nothing in hand but
-knows more wait on the broker) is waited for :data:`BUSY_IDLE` times longer: only a side
+is busy (:meth:`Frontier.busy`: it holds items, is starting, or, the learner, has nothing
+in hand but more labels wait on the broker) is waited for :data:`BUSY_IDLE` times longer: only a side
 with nothing in hand and no known lag is idle (Kafka Streams since KIP-695 waits for a
 partition with known lag). A learner between two fetches of a backlog, flushing its
 training log or taking a snapshot on a loaded machine, was once taken for idle after one
 second: the scorer scored the rest of the backlog before it learned from it (a CI run of the
 burst fidelity test, 0.823 against River's 0.882). The learner itself says when a labels
 partition that returns nothing is to be taken as caught up (:class:`streams.live.OrderedLearnerLoop`).
-With no backlog nothing waits: the labels are caught up, and scoring is as before.
+The scorer does not say it is behind: a learner that gives up on a scorer between two
+batches takes its labels early (held, then resolved by the sweep: nothing lost), while
+making the learner wait for the scorer too cost role ``all`` backlog rate in alternating
+runs of ``bench/e2e.py --systems weir-all`` (1,336, 1,598, 1,223, 1,804 events/s with both
+sides, 1,567 and 1,952 with the learner's side only; the race of the two consumers makes
+these runs noisy). With no backlog nothing waits: the labels are caught up, and scoring is
+as before.
 
 The decisions are pure functions (:func:`ready_count`, :func:`merge_by_time`,
 :class:`Idle`); :class:`EventTimeSync` holds the two sides' :class:`Frontier` for the two
@@ -118,8 +124,9 @@ class Frontier:
         head: ts of the next item this side will process (None: nothing in hand).
         caught_up: nothing in hand and its consumer at the high watermark.
         version: bumps on every change: the other side's idle clock restarts then.
-        behind: nothing in hand, but its consumer knows more items wait on the broker
-            (it is fetching them, or busy between fetches): not idle (:meth:`busy`).
+        behind: nothing in hand, but more items wait on the broker (it is fetching them,
+            or busy between fetches): not idle (:meth:`busy`). The learner says so
+            (:class:`streams.live.OrderedLearnerLoop`); the scorer does not (see below).
     """
 
     head: float | None = None
@@ -235,19 +242,6 @@ def consumed_all(positions: Mapping[K, int], highwaters: Mapping[K, int | None])
         False
     """
     return all(hw is not None and hw >= 0 and positions.get(k, -1) >= hw for k, hw in highwaters.items())
-
-
-def known_lag(positions: Mapping[K, int], highwaters: Mapping[K, int | None]) -> bool:
-    """True when some partition's known high watermark is past its position: items wait on
-    the broker (a side with nothing in hand is then behind, not idle: :meth:`Frontier.busy`).
-
-    Examples:
-        >>> known_lag({0: 10, 1: 4}, {0: 10, 1: 9})
-        True
-        >>> known_lag({0: 10}, {0: 10, 1: None}), known_lag({0: 3}, {0: -1001})
-        (False, False)
-    """
-    return any(hw is not None and hw >= 0 and positions.get(k, 0) < hw for k, hw in highwaters.items())
 
 
 def message_time(value: bytes | None, spec: PipelineSpec, arrived: float | None = None) -> float:

@@ -70,15 +70,7 @@ from typing import Any, Literal
 
 from streams.delivery import Delivery
 from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
-from streams.sync import (
-    UNTIMED,
-    EventTimeSync,
-    consumed_all,
-    known_lag,
-    merge_by_time,
-    message_time,
-    sync_for,
-)
+from streams.sync import UNTIMED, EventTimeSync, consumed_all, merge_by_time, message_time, sync_for
 from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from weir.errors import StackError
 from weir.metrics import MetricsServer, WorkerMetrics
@@ -554,7 +546,7 @@ def create_app(
         if sync is not None:
             for e in batch:
                 scored_to[e.message.tp] = e.message.offset + 1
-            sync.publish_events(None, *events_frontier(full=len(batch) >= spec.scoring.batch_size))
+            sync.publish_events(None, events_caught_up(full=len(batch) >= spec.scoring.batch_size))
         if timed is not None:
             await output.deliver(out, health, backoff, stopping)
         scorer.observe(msgs, out, time.perf_counter() - t0)
@@ -586,23 +578,19 @@ def create_app(
 
     scored_to: dict[Any, int] = {}  # per events partition: the offset after the last scored
 
-    def events_frontier(full: bool) -> tuple[bool, bool]:
-        """``(caught_up, behind)`` with nothing in hand. Caught up: no event waiting to be
-        scored, as far as this worker can tell (the last batch did not fill up, faust's
-        buffer ran dry, and every partition it scored from is scored up to its high
-        watermark as of the consumer's last fetch). Behind: a full batch, or a known high
-        watermark past what was scored (the learner waits for a busy scorer)."""
+    def events_caught_up(full: bool) -> bool:
+        """No event waiting to be scored, as far as this worker can tell: the last batch
+        did not fill up (faust's buffer ran dry) and every partition it scored from is
+        scored up to its high watermark (as of the consumer's last fetch)."""
         if full:
-            return False, True
+            return False
         highs: dict[Any, int | None] = {}
         for tp in list(scored_to):
             try:
                 highs[tp] = app.consumer.highwater(tp)
             except Exception:  # not assigned any more (a rebalance): not ours to wait for
                 del scored_to[tp]
-        if consumed_all(scored_to, highs):
-            return True, False
-        return False, known_lag(scored_to, highs)
+        return consumed_all(scored_to, highs)
 
     following: dict[str, Any] = {"next": 0.0, "failures": 0}
 
@@ -644,7 +632,7 @@ def create_app(
         _observe_model(spec, metrics, scorer.models)  # also ages the snapshot gauge
         if sync is not None and sync.events.head is None and not sync.events.caught_up:
             # An idle scorer after a full batch: caught up once nothing more came.
-            sync.publish_events(None, *events_frontier(full=False))
+            sync.publish_events(None, events_caught_up(full=False))
 
     if learner_hook is not None:
         learner_hook(app)
