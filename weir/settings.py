@@ -346,19 +346,26 @@ class Settings(BaseSettings):
 
         redis-py's own retries are cut to one reconnect on a ``ConnectionError``, so a failure
         reaches the caller's :func:`weir.resilience.retry_async` (and ``weir_dependency_up``)
-        within ``redis_timeout`` seconds instead of about ten times that.
+        within ``redis_timeout`` seconds instead of about ten times that. Its connections
+        pack commands with hiredis, as the blocking client's do (:mod:`weir.redis_packing`).
         """
         import redis
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
+        from weir.redis_packing import use_hiredis_packing
+
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
         if self.redis_cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            return RedisCluster.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
-        return aioredis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
+            return use_hiredis_packing(
+                RedisCluster.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
+            )
+        return use_hiredis_packing(
+            aioredis.Redis.from_url(self.redis_url, retry=retry, **self.redis_kwargs())
+        )
 
     def safe_dump(self) -> dict[str, Any]:
         """Settings for display: secrets masked, and the password of any URL (``WEIR_REDIS_URL``)."""

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import Connection as AsyncConnection
 from redis.cluster import RedisCluster
 from river import evaluate, metrics
 
@@ -50,6 +51,7 @@ from tests.integration.test_learner_registry import (  # noqa: F401 (fixtures an
 from weir.errors import StackError
 from weir.footprint import RedisFootprint
 from weir.metrics import LearnerMetrics
+from weir.redis_packing import hiredis_packing
 from weir.settings import Settings, load_settings
 from weir.types import Label, Prediction
 
@@ -102,6 +104,9 @@ def test_feature_parity_sync_and_async_with_a_script_reload(
                     astore.script += "\n-- reloaded"
                     astore.sha = hashlib.sha1(astore.script.encode()).hexdigest()
                 out.extend(await astore.acompute_batch(aclient, aevents[b : b + 500]))
+            # every node's connections pack with hiredis (weir.redis_packing), as the blocking ones do
+            made = [c for node in aclient.get_nodes() for c in node._connections]
+            assert made and all(isinstance(c, hiredis_packing(AsyncConnection)) for c in made), made
             return out
         finally:
             await aclient.aclose()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from faust.types.auth import AuthProtocol, SASLMechanism
+from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+from redis.connection import SSLConnection
 
 from weir.errors import ConfigError
 from weir.settings import load_settings
@@ -82,7 +84,8 @@ def test_redis_clients_speak_tls_with_the_ca_and_the_acl_user(
     r = getattr(load_settings(), client)()
     pool = r.connection_pool
     kw = pool.connection_kwargs
-    assert pool.connection_class.__name__ == "SSLConnection"
+    assert pool.connection_class.__name__ in ("SSLConnection", "HiredisSSLConnection")
+    assert issubclass(pool.connection_class, (SSLConnection, AsyncSSLConnection))
     assert (kw["username"], kw["password"]) == ("weir", "redis-pw-4Zx")
     assert kw["ssl_ca_certs"] == secure_env["WEIR_REDIS_SSL_CA_CERTS"]
     assert (kw["host"], kw["port"]) == ("127.0.0.1", 16380)
