@@ -428,6 +428,46 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (``/proc/stat``: user,
+    nice, system, irq, softirq, steal): the whole machine's work, this process's too.
+
+    Examples:
+        >>> a = machine_busy_seconds(); b = machine_busy_seconds()
+        >>> 0 < a <= b
+        True
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def server_pids(settings: Any) -> dict[str, int]:
+    """The local stack's servers that every system shares: Redis (its ``INFO`` names its
+    pid) and the Kafka broker (the process whose command line runs ``kafka.Kafka``). A
+    server not found (another host) is left out."""
+    out: dict[str, int] = {}
+    try:
+        client = settings.redis()
+        try:
+            out["redis"] = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+    except Exception:  # a figure left out, not a failed benchmark
+        pass
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in argv:
+            out["kafka"] = int(d)
+            break
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of ``pid`` and its descendants (VmRSS)."""
     total = 0

@@ -24,7 +24,10 @@ For each (but the ceiling, which has no Kafka), in order:
    are reported beside it;
 3. **CPU**: utime + stime of the system's processes (/proc/<pid>/stat, threads and
    children included) from the resume until all outputs are out and all labels learned,
-   per event, in µs;
+   per event, in µs; beside it, over the same window, the shared servers' (Redis, the
+   Kafka broker) and the whole machine's busy CPU per event (``/proc/stat``: every
+   process, this harness's reader too): on C cores no system drains faster than
+   C x 1e6 / the machine's µs per event;
 4. **latency at 60%** of that rate, labels flowing (``--label-delay`` after their
    event): prediction Kafka timestamp - event Kafka timestamp, p50/p99 (ms).
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -69,6 +73,7 @@ from common import (
     live_send,
     live_send_apart,
     machine,
+    machine_busy_seconds,
     make_topics,
     pct,
     pipeline,
@@ -76,6 +81,7 @@ from common import (
     records,
     scrape,
     scrape_by,
+    server_pids,
     spawn,
     wait_until,
     weir_worker,
@@ -231,6 +237,9 @@ def measure(
         preload(settings, spec, recs, args.backlog_label_delay)
         load_s = time.time() - t_load
         cpu0 = {p.name: cpu_seconds(p.pid) for p in run.procs}
+        servers = server_pids(settings)
+        srv0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        busy0 = machine_busy_seconds()
         t_resume = time.time()
         for p in run.procs:
             p.signal(signal.SIGCONT)
@@ -248,6 +257,8 @@ def measure(
             )
             learn_s = round(time.time() - t_resume, 2)
         cpu1 = {p.name: cpu_seconds(p.pid) for p in run.procs}
+        srv1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        busy1 = machine_busy_seconds()
         window = time.time() - t_resume
         joins1, waits1 = run.joins(), run.waits()
         reader.close()
@@ -279,6 +290,12 @@ def measure(
             "window_seconds": round(window, 2),
             "us_per_event_net_of_idle": round(1e6 * (sum(cpu.values()) - idle_rate * window) / len(recs), 1),
             "us_per_event_by_process": {k: round(1e6 * v / len(recs), 1) for k, v in cpu.items()},
+            # The shared servers' work for this system's events, and the whole machine's
+            # (the servers, this harness reading the predictions, anything else running):
+            # on a machine of C cores no system drains faster than C x 1e6 / that figure.
+            "servers_us_per_event": {k: round(1e6 * (srv1[k] - srv0[k]) / len(recs), 1) for k in srv0},
+            "machine_us_per_event": round(1e6 * (busy1 - busy0) / len(recs), 1),
+            "machine_cores": os.cpu_count(),
         }
 
         # 4) latency at 60% of the max rate, labels flowing
@@ -487,7 +504,7 @@ def table(results: dict[str, Any]) -> str:
 
     lines = [
         f"{'system':32s} {'events/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU us/ev':>9s} "
-        f"{'learned':>8s} {'/naive':>7s} {'/floor':>7s} {'/ceil':>7s}"
+        f"{'machine':>8s} {'learned':>8s} {'/naive':>7s} {'/floor':>7s} {'/ceil':>7s}"
     ]
     for k in TABLE_ORDER:
         if k not in sysres:
@@ -503,7 +520,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"{LABELS[k]:32s} {ev if ev is not None else 'n/a':>9} {live.get('p50_ms', '-')!s:>7s} "
             f"{live.get('p99_ms', '-')!s:>7s} {r.get('cpu', {}).get('us_per_event', '-')!s:>9s} "
-            f"{learned_s:>8s} {ratio(ev, naive):>7s} {ratio(ev, floor):>7s} {ratio(ev, ceil):>7s}"
+            f"{r.get('cpu', {}).get('machine_us_per_event', '-')!s:>8s} {learned_s:>8s} "
+            f"{ratio(ev, naive):>7s} {ratio(ev, floor):>7s} {ratio(ev, ceil):>7s}"
         )
     return "\n".join(lines)
 
