@@ -34,21 +34,21 @@ the extra work keeping it behind (issue #12: the benchmark's role ``all`` at 1,1
 **Bounded waits.** A side that waits for the other stops waiting once the other has not
 moved for ``scoring.max_idle`` seconds (a learner stuck on an outage, a labels topic no one
 writes), and waits again only after the other moves (Kafka Streams' idle rule). A side that
-is busy (:meth:`Frontier.busy`: it holds items, is starting, or, the learner, has nothing
-in hand but more labels wait on the broker) is waited for :data:`BUSY_IDLE` times longer: only a side
-with nothing in hand and no known lag is idle (Kafka Streams since KIP-695 waits for a
-partition with known lag). A learner between two fetches of a backlog, flushing its
+is busy (:meth:`Frontier.busy`: it holds items, is starting, or, the learner, has nothing in
+hand but more labels wait on the broker) is waited for :data:`BUSY_IDLE` times longer: only
+a side with nothing in hand and no known lag is idle (Kafka Streams since KIP-695 waits for
+a partition with known lag). A learner between two fetches of a backlog, flushing its
 training log or taking a snapshot on a loaded machine, was once taken for idle after one
 second: the scorer scored the rest of the backlog before it learned from it (a CI run of the
 burst fidelity test, 0.823 against River's 0.882). The learner itself says when a labels
-partition that returns nothing is to be taken as caught up (:class:`streams.live.OrderedLearnerLoop`).
-The scorer does not say it is behind: a learner that gives up on a scorer between two
-batches takes its labels early (held, then resolved by the sweep: nothing lost), while
-making the learner wait for the scorer too cost role ``all`` backlog rate in alternating
-runs of ``bench/e2e.py --systems weir-all`` (1,336, 1,598, 1,223, 1,804 events/s with both
-sides, 1,567 and 1,952 with the learner's side only; the race of the two consumers makes
-these runs noisy). With no backlog nothing waits: the labels are caught up, and scoring is
-as before.
+partition that returns nothing is to be taken as caught up
+(:class:`streams.live.OrderedLearnerLoop`). The scorer does not say it is behind: a learner
+that gives up on a scorer between two batches takes its labels early (held, then resolved by
+the sweep: nothing lost), while making the learner wait for the scorer too cost role ``all``
+backlog rate in alternating runs of ``bench/e2e.py --systems weir-all`` (1,336, 1,598,
+1,223, 1,804 events/s with both sides, 1,567 and 1,952 with the learner's side only; the
+race of the two consumers makes these runs noisy). With no backlog nothing waits: the labels
+are caught up, and scoring is as before.
 
 The decisions are pure functions (:func:`ready_count`, :func:`merge_by_time`,
 :class:`Idle`); :class:`EventTimeSync` holds the two sides' :class:`Frontier` for the two
@@ -354,12 +354,11 @@ class EventTimeSync:
 
     # -- publishing -----------------------------------------------------------------
 
-    def publish_events(self, head: float | None, caught_up: bool = False, behind: bool = False) -> None:
+    def publish_events(self, head: float | None, caught_up: bool = False) -> None:
         with self._cond:
-            old = self.events
-            if (head, caught_up, behind) == (old.head, old.caught_up, old.behind):
+            if (head, caught_up) == (self.events.head, self.events.caught_up):
                 return
-            self.events = Frontier(head, caught_up, old.version + 1, behind)
+            self.events = Frontier(head, caught_up, self.events.version + 1)
             self._cond.notify_all()
 
     def publish_labels(self, head: float | None, caught_up: bool = False, behind: bool = False) -> None:
