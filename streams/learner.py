@@ -249,13 +249,21 @@ class LearnerLoop:
             }
         )
         topic = self.topic
-        md = self._retry(Io(lambda: self.consumer.list_topics(topic, timeout=10), "labels topic metadata"))
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise StackError(
-                f"labels topic {topic!r} does not exist; `weir worker SPEC` and `weir produce SPEC` "
-                "create the pipeline's topics"
-            )
+        meta = self._labels_metadata()
+        if meta is None:
+            # A learner started first on a new pipeline (split roles: the scorers wait for
+            # its first snapshot) creates the pipeline's topics, as `weir worker SPEC` and
+            # `weir produce SPEC` do; it stopped with "does not exist" before.
+            from streams.admin import ensure_topics
+
+            made = ensure_topics(self.settings, self.spec)
+            log.info("learner: created the pipeline's topics: %s", made)
+            meta = self._labels_metadata()
+            if meta is None:
+                raise StackError(
+                    f"labels topic {topic!r} still has no partitions after creating it on "
+                    f"{self.settings.kafka_bootstrap}; check the broker's log (`make logs`)"
+                )
         offsets = self.core.offsets
         assignment = [
             TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in sorted(meta.partitions)
@@ -264,6 +272,13 @@ class LearnerLoop:
         placed = [(tp.partition, tp.offset) for tp in assignment]
         log.info("learner assigned %s at %s (the snapshot's offsets)", topic, placed)
         return placed
+
+    def _labels_metadata(self) -> Any:
+        """The labels topic's metadata, or None when it does not exist (yet)."""
+        topic = self.topic
+        md = self._retry(Io(lambda: self.consumer.list_topics(topic, timeout=10), "labels topic metadata"))
+        meta = md.topics.get(topic)
+        return None if meta is None or meta.error is not None or not meta.partitions else meta
 
     def poll(self, timeout: float = 0.2) -> list[LabelMessage]:
         """Up to :data:`BATCH` label messages: the first to come within ``timeout`` seconds

@@ -20,6 +20,7 @@ from confluent_kafka import Producer
 from models.factory import build_model, predict
 from models.join import ServedStore
 from models.registry import ModelRegistry, registry_key
+from streams.admin import admin_client, delete_topics
 from streams.learner import BATCH, LearnerLoop, run_learner, start_core
 from streams.live import OrderedLearnerLoop
 from streams.sync import EventTimeSync, Frontier
@@ -209,3 +210,36 @@ def test_embedded_learner_between_fetches_of_a_backlog_is_behind_not_idle(
         assert (f.head, f.caught_up, f.behind, f.busy()) == (None, False, True, True), f
     final = sync.labels
     assert (final.head, final.caught_up, final.behind, final.busy()) == (None, True, False, False)
+
+
+def test_a_learner_started_first_on_a_new_pipeline_creates_its_topics(
+    settings: Any, redis_client: Any, unique: str
+) -> None:
+    """Split roles start the learner first (the scorers wait for its first snapshot). On a
+    new pipeline it creates the pipeline's topics, as `weir worker SPEC` does; it stopped
+    with "labels topic ... does not exist" before (found from outside, 2026-12-02)."""
+    spec = make_spec(unique)
+    names = list(spec.topics.names().values())
+    assert not set(names) & set(admin_client(settings).list_topics(timeout=10).topics)
+    stop, ready = threading.Event(), threading.Event()
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(run_learner(spec, settings, stop, 0, ready=ready)))
+    t.start()
+    try:
+        assert ready.wait(60), "the learner did not start"
+        topics = admin_client(settings).list_topics(timeout=10).topics
+        assert set(names) <= set(topics)
+        assert len(topics[spec.topics.labels].partitions) == spec.topics.partitions
+        _produce_labels(settings, spec, range(5), time.time())
+        status_key = f"{spec.redis_prefix}:status"
+
+        def seen() -> bool:
+            raw = redis_client.get(status_key)
+            return raw is not None and orjson.loads(raw)["labels_seen"] == 5
+
+        _wait(seen, 60, "the learner to read the 5 labels")
+    finally:
+        stop.set()
+        t.join(30)
+        delete_topics(settings, names)
+    assert result == [0]
