@@ -77,9 +77,15 @@ def test_the_spec_asks_for_rf3_and_min_insync_2(
     assert admin.ensure_topics(cluster_settings, spec) == dict.fromkeys(names, "created")
     got = replication_of(cluster_settings, names)
     assert got == dict.fromkeys(names, ({3}, "2"))
-    md = admin.admin_client(cluster_settings).list_topics(spec.topics.events, timeout=10)
-    partitions = md.topics[spec.topics.events].partitions
-    assert len(partitions) == 6
+    # Another client may ask another broker, whose metadata can lag the creation for a
+    # moment (a CI run saw no partitions yet): ask until it has them, within 30 s.
+    client, deadline = admin.admin_client(cluster_settings), time.monotonic() + 30
+    while True:
+        partitions = client.list_topics(spec.topics.events, timeout=10).topics[spec.topics.events].partitions
+        if len(partitions) == 6 and all(p.leader >= 0 for p in partitions.values()):
+            break
+        assert time.monotonic() < deadline, f"{spec.topics.events}: {len(partitions)} partitions after 30 s"
+        time.sleep(0.2)
     # Leaders spread over the three brokers, not all on one.
     assert {p.leader for p in partitions.values()} == {1, 2, 3}
 
