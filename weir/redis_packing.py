@@ -2,10 +2,11 @@
 
 redis-py 8.1's blocking connections pack a command with hiredis's C packer when hiredis is
 installed; its asyncio connections always pack in Python (``AbstractConnection.pack_command``:
-one ``bytes.join`` and one ``str(len)`` per argument). The scorer's feature call, its served
-records and role ``all``'s label join are one command of thousands of arguments per batch,
-all on the asyncio client: a join of 2,000 arguments took 2.96 ms to pack in Python and
-0.81 ms with hiredis on this project's machine (issue #12, docs/performance.md).
+one ``bytes.join`` and one ``str(len)`` per argument). Role ``all``'s label join is one
+command of about 2,000 arguments per 500 labels on the asyncio client: it took 3.66 ms to
+pack in Python and 0.82 ms with hiredis on this project's machine, about 1% of role
+``all``'s CPU per event; the scorer's own commands have few arguments per event and moved
+within the noise (issue #12, docs/performance.md).
 
 :func:`use_hiredis_packing` gives an asyncio client's connections (standalone or cluster,
 TCP, TLS or Unix socket) the packer of the blocking client: the same bytes on the wire
