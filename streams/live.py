@@ -28,7 +28,7 @@ from typing import Any
 
 from models.learner import LabelMessage, LearnerCore
 from streams.learner import LearnerLoop
-from streams.sync import BUSY_IDLE, EventTimeSync, consumed_all, merge_by_time, message_time
+from streams.sync import BUSY_IDLE, EmptyFetches, EventTimeSync, consumed_all, merge_by_time, message_time
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -166,8 +166,9 @@ class OrderedLearnerLoop(LearnerLoop):
         self._high: dict[int, int] = {}
         self._at_end = False
         self._asked = 0.0
-        #: since when a fetch has found nothing while the labels are not caught up
-        self._empty_since: float | None = None
+        #: fetches finding nothing while the labels are not caught up (:meth:`_stuck`)
+        self._empty = EmptyFetches(sync.max_idle)
+        self._said_stuck = False
 
     def open(self) -> list[tuple[int, int]]:
         placed = super().open()
@@ -213,19 +214,23 @@ class OrderedLearnerLoop(LearnerLoop):
             self.sync.publish_labels(None, caught_up=self._at_end, behind=not self._at_end)
 
     def _stuck(self, fetched: bool) -> bool:
-        """The labels are behind but nothing came for ``max_idle``: a partition that cannot
-        be read (its leader down, its watermarks unknown) counts as caught up until it can,
-        like a partition Kafka Streams stopped idling for; else the scorer would wait for it
-        again every time the other partitions move."""
-        now = time.monotonic()
-        if fetched:
-            self._empty_since = None
-            return False
-        if self._empty_since is None:
-            self._empty_since = now
-        # before its first label a consumer may just be slow to start (a loaded machine)
-        limit = self.sync.max_idle * (1 if self._fetched else BUSY_IDLE)
-        return now - self._empty_since >= limit
+        """The labels are behind but nothing came for as long as the scorer waits for a busy
+        side (:class:`streams.sync.EmptyFetches`): a partition that cannot be read (its
+        leader down, its watermarks unknown) counts as caught up until it can, like a
+        partition Kafka Streams stopped idling for; else the scorer would wait for it again
+        every time the other partitions move. Logged, as the scorer's own give-ups are."""
+        stuck = self._empty.stuck(fetched, time.monotonic())
+        if stuck and not self._said_stuck:
+            log.warning(
+                "learner: the labels topic %s returned nothing for %gs while behind (offsets %s); "
+                "taking it as caught up until it returns labels: the scorer goes on without "
+                "waiting for them (scoring.max_idle)",
+                self.topic,
+                self._empty.max_idle * BUSY_IDLE,
+                self._fetched or "none fetched yet",
+            )
+        self._said_stuck = stuck
+        return stuck
 
     def _consumed_all(self) -> bool:
         """Every label partition read up to its high watermark (the last known one).

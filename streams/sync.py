@@ -41,8 +41,8 @@ a partition with known lag). A learner between two fetches of a backlog, flushin
 training log or taking a snapshot on a loaded machine, was once taken for idle after one
 second: the scorer scored the rest of the backlog before it learned from it (a CI run of the
 burst fidelity test, 0.823 against River's 0.882). The learner itself says when a labels
-partition that returns nothing is to be taken as caught up
-(:class:`streams.live.OrderedLearnerLoop`). The scorer does not say it is behind: a learner
+partition that returns nothing is to be taken as caught up (:class:`EmptyFetches`: after as
+long as a busy side is waited for, and it says so in the log). The scorer does not say it is behind: a learner
 that gives up on a scorer between two batches takes its labels early (held, then resolved by
 the sweep: nothing lost), while making the learner wait for the scorer too cost role ``all``
 backlog rate in alternating runs of ``bench/e2e.py --systems weir-all`` (1,336, 1,598,
@@ -311,6 +311,42 @@ class Idle:
         if version != self.version:
             self.version, self.since = version, now
         return max(0.0, self.since + self.max_idle * (BUSY_IDLE if busy else 1) - now)
+
+
+@dataclass(slots=True)
+class EmptyFetches:
+    """When a side that is behind (more items wait on the broker) is to be taken as caught up
+    because its fetches keep finding nothing: a partition that cannot be read (its leader
+    down, its watermarks unknown) is then not waited for again every time the other
+    partitions move, as Kafka Streams stops idling for a partition.
+
+    The bound is the one the other side waits for a busy side (:data:`BUSY_IDLE` times
+    ``max_idle``): a consumer whose next fetch is merely slow (a loaded machine, a broker
+    pausing) is still behind, not caught up. It was ``max_idle`` once, which turned a
+    learner whose fetch took over a second into "caught up" without a word, and the scorer
+    then scored on without the labels due first.
+
+    Examples:
+        >>> empty = EmptyFetches(max_idle=1.0)
+        >>> empty.stuck(fetched=False, now=100.0), empty.stuck(fetched=False, now=109.0)
+        (False, False)
+        >>> empty.stuck(fetched=False, now=110.0)  # nothing for 10 x max_idle
+        True
+        >>> empty.stuck(fetched=True, now=111.0), empty.stuck(fetched=False, now=112.0)
+        (False, False)
+    """
+
+    max_idle: float
+    since: float | None = None
+
+    def stuck(self, fetched: bool, now: float) -> bool:
+        """``fetched``: the last fetch returned items (or the side is at its end)."""
+        if fetched:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+        return now - self.since >= self.max_idle * BUSY_IDLE
 
 
 @dataclass
