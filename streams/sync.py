@@ -42,13 +42,13 @@ training log or taking a snapshot on a loaded machine, was once taken for idle a
 second: the scorer scored the rest of the backlog before it learned from it (a CI run of the
 burst fidelity test, 0.823 against River's 0.882). The learner itself says when a labels
 partition that returns nothing is to be taken as caught up (:class:`EmptyFetches`: after as
-long as a busy side is waited for, and it says so in the log). The scorer does not say it is behind: a learner
-that gives up on a scorer between two batches takes its labels early (held, then resolved by
-the sweep: nothing lost), while making the learner wait for the scorer too cost role ``all``
-backlog rate in alternating runs of ``bench/e2e.py --systems weir-all`` (1,336, 1,598,
-1,223, 1,804 events/s with both sides, 1,567 and 1,952 with the learner's side only; the
-race of the two consumers makes these runs noisy). With no backlog nothing waits: the labels
-are caught up, and scoring is as before.
+long as a busy side is waited for, and it logs it). The scorer does not say it is behind: a
+learner that gives up on a scorer between two batches takes its labels early (held, then
+resolved by the sweep: nothing lost), while making the learner wait for the scorer too cost
+role ``all`` backlog rate in alternating runs of ``bench/e2e.py --systems weir-all`` (1,336,
+1,598, 1,223, 1,804 events/s with both sides, 1,567 and 1,952 with the learner's side only;
+the race of the two consumers makes these runs noisy). With no backlog nothing waits: the
+labels are caught up, and scoring is as before.
 
 The decisions are pure functions (:func:`ready_count`, :func:`merge_by_time`,
 :class:`Idle`); :class:`EventTimeSync` holds the two sides' :class:`Frontier` for the two
