@@ -1,11 +1,13 @@
 """A pipeline's Redis memory, sampled on a timer: never per event.
 
-:class:`RedisFootprint` walks the keyspace with ``SCAN MATCH {prefix}:*`` one step per call
-(``COUNT`` :data:`SCAN_COUNT`), counts the pipeline's keys by kind (the segment after the
-prefix: ``win``, ``meta``, ``recent``, ``applied``, ``served``, ``early``, ``join``, ...)
-and takes ``MEMORY USAGE`` of the first :data:`SAMPLE_EVERY` keys of every kind (so a kind
-of a few large keys, such as ``recent`` or ``join``, is measured whole) and of one key in
-:data:`SAMPLE_EVERY` after that, in one script call per step (a pipeline on a cluster).
+:class:`RedisFootprint` walks the keyspace with ``SCAN MATCH {prefix}:*`` (``COUNT``
+:data:`SCAN_COUNT`, up to :data:`SCANS_PER_STEP` calls a step until it holds that many of the
+pipeline's keys: a Redis shared with other keys is walked as fast as a private one), counts
+the pipeline's keys by kind (the segment after the prefix: ``win``, ``meta``, ``recent``,
+``applied``, ``served``, ``early``, ``join``, ...) and takes ``MEMORY USAGE`` of the first
+:data:`SAMPLE_EVERY` keys of every kind (so a kind of a few large keys, such as ``recent`` or
+``join``, is measured whole) and of one key in :data:`SAMPLE_EVERY` after that, in one script
+call per step (a pipeline on a cluster).
 When a pass ends (the cursor is back at 0) it sets ``weir_redis_keys{pipeline,kind}``,
 ``weir_redis_memory_bytes{pipeline,kind}`` (keys x mean sampled size) and
 ``weir_redis_maxmemory_bytes{pipeline}`` (``INFO memory``).
@@ -32,8 +34,11 @@ from typing import Any
 
 from weir.slots import prefix_pattern
 
-#: Keys visited per SCAN step (Redis walks this many slots; the cost is ~1 ms per 10,000).
+#: Keys visited per SCAN call (Redis walks this many slots; the cost is ~1 ms per 10,000),
+#: and the pipeline's keys a step collects before it stops.
 SCAN_COUNT = 10_000
+#: SCAN calls a step makes at most (each a separate command: other clients run between).
+SCANS_PER_STEP = 10
 #: One key in this many gets a MEMORY USAGE (SAMPLES 5: nested values are sampled too).
 SAMPLE_EVERY = 50
 #: Seconds between two steps (the learner's sweep decides when).
@@ -100,22 +105,21 @@ class RedisFootprint:
         self.last: dict[str, tuple[int, int]] = {}
 
     def step(self, client: Any) -> bool:
-        """One SCAN step (and its samples); True when it ended a pass (gauges set)."""
+        """One step (SCAN calls and their samples); True when it ended a pass (gauges set).
+
+        A step scans until it has :data:`SCAN_COUNT` of the pipeline's keys, at most
+        :data:`SCANS_PER_STEP` calls: on a Redis shared with other keys most of a call's
+        slots are someone else's, and one call per step took a pass over 660,000 keys two
+        minutes, the gauges having no series until then.
+        """
         masters = _masters(client)
-        more = False  # a cluster's masters left to scan in this pass
-        if masters is None:
-            cursor, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT)
-        else:
-            # A cluster's SCAN is per node: walk the masters one after the other; the pass
-            # ends with the last one's cursor back at 0.
-            node = masters[min(self._node, len(masters) - 1)]
-            cursors, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT, target_nodes=node)
-            cursor = cursors[node.name]
-            if keys:
-                self._holders.add(node.name)
-            more = self._node < len(masters) - 1
-            if int(cursor) == 0 and more:
-                self._node += 1  # the next master, from its start
+        keys: list[Any] = []
+        ended = False
+        for _ in range(SCANS_PER_STEP):
+            got, ended = self._scan(client, masters)
+            keys += got
+            if ended or len(keys) >= SCAN_COUNT:
+                break
         sample = self._count(keys)
         if sample:
             for (kind, _), used in zip(sample, self._usage(client, masters, sample), strict=True):
@@ -123,12 +127,30 @@ class RedisFootprint:
                     self._sampled[kind] -= 1
                 else:
                     self._bytes[kind] += int(used)
-        self._cursor = int(cursor)
-        if self._cursor != 0 or more:
+        if not ended:
             return False
         self._publish(client, masters)
         self._node, self._holders = 0, set()
         return True
+
+    def _scan(self, client: Any, masters: list[Any] | None) -> tuple[list[Any], bool]:
+        """One SCAN call from the cursor: the pipeline's keys it found, and whether the pass
+        is over (the cursor back at 0; on a cluster, on its last master)."""
+        if masters is None:
+            cursor, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT)
+            self._cursor = int(cursor)
+            return keys, self._cursor == 0
+        # A cluster's SCAN is per node: walk the masters one after the other; the pass
+        # ends with the last one's cursor back at 0.
+        node = masters[min(self._node, len(masters) - 1)]
+        cursors, keys = client.scan(self._cursor, match=self.match, count=SCAN_COUNT, target_nodes=node)
+        self._cursor = int(cursors[node.name])
+        if keys:
+            self._holders.add(node.name)
+        more = self._node < len(masters) - 1
+        if self._cursor == 0 and more:
+            self._node += 1  # the next master, from its start
+        return keys, self._cursor == 0 and not more
 
     def _usage(self, client: Any, masters: list[Any] | None, sample: list[tuple[bytes, Any]]) -> list[Any]:
         """``MEMORY USAGE key SAMPLES 5`` of the sampled keys (-1 or None: gone). On a single

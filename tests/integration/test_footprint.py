@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from weir.footprint import RedisFootprint
+from weir.footprint import SCAN_COUNT, SCANS_PER_STEP, RedisFootprint
 from weir.metrics import LearnerMetrics
 
 
@@ -51,3 +51,32 @@ def test_a_pass_counts_and_sizes_the_pipeline_keys_by_kind(redis_client: Any, un
     finally:
         for key in redis_client.scan_iter(match=f"weir:fp-{unique}*", count=1000):
             redis_client.unlink(key)
+
+
+def test_a_pass_over_a_redis_shared_with_other_keys_takes_few_steps(redis_client: Any, unique: str) -> None:
+    """A step scans until it holds SCAN_COUNT of the pipeline's keys (at most SCANS_PER_STEP
+    calls): 60,000 keys of someone else took one call per step, six steps and more (12 s at
+    the learner's pace, minutes on a Redis of 660,000 keys) before the gauges had a series."""
+    prefix, other = f"weir:fp-{unique}", f"fp-other-{unique}"
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(100):
+        pipe.set(f"{prefix}:served:e{i}", b"x" * 50, ex=120)
+    for i in range(60_000):
+        pipe.set(f"{other}:{i}", b"1", ex=120)
+        if i % 10_000 == 9_999:
+            pipe.execute()
+    pipe.execute()
+    try:
+        size = redis_client.dbsize()
+        footprint = RedisFootprint(prefix, "p")
+        steps = 1
+        while not footprint.step(redis_client):
+            steps += 1
+        assert {k: n for k, (n, _) in footprint.last.items()} == {"served": 100}
+        one_call_a_step = size // SCAN_COUNT  # at least as many steps with one SCAN call each
+        assert steps <= size // (SCAN_COUNT * SCANS_PER_STEP // 3) + 2 < one_call_a_step, (steps, size)
+    finally:
+        for pattern in (f"{prefix}:*", f"{other}:*"):
+            batch = list(redis_client.scan_iter(match=pattern, count=10_000))
+            for at in range(0, len(batch), 10_000):
+                redis_client.unlink(*batch[at : at + 10_000])
