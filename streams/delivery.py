@@ -9,18 +9,35 @@ delivery failed goes back to the pending list and is produced again by the next 
 retrying attempts (:func:`weir.resilience.retry_async`) until none is left delivers everything.
 A record Kafka refuses for good (too large, not authorised, a fatal producer error) raises
 :class:`OutputRejected` instead: retrying could not help.
+
+A producer that acknowledges nothing for :data:`RENEW_AFTER` seconds of attempts is replaced
+when the caller gave a way to make one (``make``): its records, queued or in flight, are
+purged back to the pending list and produced again by the new one. After a Kafka restart in
+CI the learner's idempotent producer (librdkafka 2.16) once stayed stuck on a partition whose
+leader it had dropped from its cache ("new leader-1 not found in cache"): for over two
+minutes it delivered none of its 9 records while every other client had recovered, and the
+learner, which never moves past an undelivered record, learned nothing more. A record
+purged in flight may have been written already: it is then written twice, which the
+delivery contract allows (at least once; consumers de-duplicate by ``event_id``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from weir.errors import WeirError
 
+log = logging.getLogger("weir.delivery")
+
 #: ``(topic, value, key)``
 Record = tuple[str, bytes, bytes | None]
+
+#: Seconds of delivery attempts acknowledging nothing before the producer is replaced.
+RENEW_AFTER = 30.0
 
 
 class OutputRejected(WeirError):
@@ -57,10 +74,20 @@ class Delivery:
     Args:
         producer: a ``confluent_kafka.Producer`` (enable idempotence: a retried batch is
             then written once).
+        make: makes a new producer like it; with it a producer that acknowledges nothing
+            for ``renew_after`` seconds of :meth:`wait` is replaced (see the module doc).
+        renew_after: see ``make``.
     """
 
-    def __init__(self, producer: Any) -> None:
+    def __init__(
+        self, producer: Any, make: Callable[[], Any] | None = None, renew_after: float = RENEW_AFTER
+    ) -> None:
         self.producer = producer
+        self.make = make
+        self.renew_after = renew_after
+        #: since when the waits have timed out with records unacknowledged (None: they did not)
+        self._stuck_since: float | None = None
+        self.renewals = 0
         #: Records to produce on the next :meth:`send`: never handed over, or failed.
         self.pending: list[Record] = []
         self._failed: list[tuple[Record, Any]] = []  # reported since the last wait
@@ -108,6 +135,14 @@ class Delivery:
             delivery errors seen.
         """
         left: int = self.producer.flush(timeout)
+        now = time.monotonic()
+        if not left:
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        elif self.make is not None and now - self._stuck_since >= self.renew_after:
+            self._renew(self.make, left, now - self._stuck_since)
+            left = 0  # purged: the records are pending again
         with self._lock:
             failed, self._failed = self._failed, []
             for rec, err in failed:
@@ -117,5 +152,22 @@ class Delivery:
             unacknowledged = left + len(self.pending)
         return unacknowledged, sorted({str(err) for _, err in failed})[:3]
 
+    def _renew(self, make: Callable[[], Any], left: int, stuck: float) -> None:
+        """Replace the producer: purge its records (their reports put them back in the
+        pending list, as failures) and make a new one for the next :meth:`send`."""
+        old = self.producer
+        log.warning(
+            "the Kafka producer acknowledged none of %d record(s) for %.0fs; replacing it "
+            "(its records are produced again by the new one; a record it wrote before "
+            "may then be written twice)",
+            left,
+            stuck,
+        )
+        old.purge(in_queue=True, in_flight=True, blocking=True)
+        old.poll(0)  # the purged records' reports: back to the pending list
+        self.producer = make()
+        self._stuck_since = None
+        self.renewals += 1
 
-__all__ = ["Delivery", "OutputRejected", "Record", "refused_for_good"]
+
+__all__ = ["RENEW_AFTER", "Delivery", "OutputRejected", "Record", "refused_for_good"]

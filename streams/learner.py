@@ -83,9 +83,9 @@ class StepEmitter:
         from confluent_kafka import Producer
 
         self.spec = spec
-        self.delivery = Delivery(
-            Producer({**settings.producer_config(), "linger.ms": linger_ms})  # acks=all, idempotent
-        )
+        conf = {**settings.producer_config(), "linger.ms": linger_ms}  # acks=all, idempotent
+        # A producer stuck after a broker restart is replaced (streams.delivery.RENEW_AFTER).
+        self.delivery = Delivery(Producer(conf), make=lambda: Producer(conf))
 
     @property
     def producer(self) -> Any:

@@ -163,7 +163,8 @@ class KafkaOutput:
 
         conf = settings.producer_config()  # acks=all, idempotent
         conf.update({"linger.ms": 5, "compression.type": "lz4"})
-        self.delivery = Delivery(Producer(conf))
+        # A producer stuck after a broker restart is replaced (streams.delivery.RENEW_AFTER).
+        self.delivery = Delivery(Producer(conf), make=lambda: Producer(conf))
         self.spec = spec
         self.flush_timeout = flush_timeout
 
