@@ -141,8 +141,7 @@ class Delivery:
         elif self._stuck_since is None:
             self._stuck_since = now
         elif self.make is not None and now - self._stuck_since >= self.renew_after:
-            self._renew(self.make, left, now - self._stuck_since)
-            left = 0  # purged: the records are pending again
+            left = self._renew(self.make, left, now - self._stuck_since)
         with self._lock:
             failed, self._failed = self._failed, []
             for rec, err in failed:
@@ -152,9 +151,14 @@ class Delivery:
             unacknowledged = left + len(self.pending)
         return unacknowledged, sorted({str(err) for _, err in failed})[:3]
 
-    def _renew(self, make: Callable[[], Any], left: int, stuck: float) -> None:
+    def _renew(self, make: Callable[[], Any], left: int, stuck: float) -> int:
         """Replace the producer: purge its records (their reports put them back in the
-        pending list, as failures) and make a new one for the next :meth:`send`."""
+        pending list, as failures) and make a new one for the next :meth:`send`.
+
+        Returns what the old producer still holds unreported (0 once replaced). A producer
+        that has not reported every purged record within 5 s is kept (dropping it would
+        drop those records) and replaced at a later attempt.
+        """
         old = self.producer
         log.warning(
             "the Kafka producer acknowledged none of %d record(s) for %.0fs; replacing it "
@@ -164,10 +168,14 @@ class Delivery:
             stuck,
         )
         old.purge(in_queue=True, in_flight=True, blocking=True)
-        old.poll(0)  # the purged records' reports: back to the pending list
+        unreported: int = old.flush(5.0)  # serves the purged records' reports: pending again
+        if unreported:
+            log.warning("the old producer still holds %d record(s); kept for now", unreported)
+            return unreported
         self.producer = make()
         self._stuck_since = None
         self.renewals += 1
+        return 0
 
 
 __all__ = ["RENEW_AFTER", "Delivery", "OutputRejected", "Record", "refused_for_good"]
