@@ -154,7 +154,9 @@ def test_early_labels_are_held_then_resolved_by_the_sweep(redis_client: Any, uni
     assert not any(redis_client.exists(joiner.keys.early(f"e{i}")) for i in range(5))
 
 
-def test_footprint_and_delete_keys_see_every_master(redis_client: Any, unique: str) -> None:
+def test_footprint_and_delete_keys_see_every_master(
+    redis_client: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ps = make_spec(unique)
     p = ps.redis_prefix
     for i in range(200):
@@ -165,15 +167,27 @@ def test_footprint_and_delete_keys_see_every_master(redis_client: Any, unique: s
         redis_client.set(f"{spread}:served:e{i}", b"x", ex=60)
     assert len({redis_client.get_node_from_key(f"{spread}:served:e{i}").name for i in range(60)}) == 3
 
+    # The masters each SCAN call went to (the real call, recorded on the way).
+    scanned: list[str] = []
+    scan = redis_client.scan
+
+    def recorded_scan(*args: Any, **kwargs: Any) -> Any:
+        scanned.append(kwargs["target_nodes"].name)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "scan", recorded_scan)
+    masters = {n.name for n in redis_client.get_primaries()}
     metrics_ = LearnerMetrics(CollectorRegistry())
     for prefix, n in ((p, 200), (spread, 60)):
+        scanned.clear()
         footprint = RedisFootprint(prefix, "p", metrics_)
         steps = 1
         while not footprint.step(redis_client):
             steps += 1
             assert steps < 10_000
-        assert steps >= 3, "one SCAN pass per master at least"
+        assert set(scanned) == masters, "a pass scans every master"
         assert footprint.last["served"][0] == n
+    monkeypatch.undo()
     assert metrics_.registry.get_sample_value("weir_redis_maxmemory_bytes", {"pipeline": "p"}) is not None
     assert admin.delete_keys(redis_client, p) == 200
     assert admin.delete_keys(redis_client, spread) == 60
