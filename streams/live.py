@@ -28,7 +28,7 @@ from typing import Any
 
 from models.learner import LabelMessage, LearnerCore
 from streams.learner import LearnerLoop
-from streams.sync import BUSY_IDLE, EmptyFetches, EventTimeSync, consumed_all, merge_by_time, message_time
+from streams.sync import EmptyFetches, EventTimeSync, consumed_all, merge_by_time, message_time
 from weir.errors import ModelError
 from weir.metrics import LearnerMetrics
 from weir.settings import Settings
@@ -226,7 +226,7 @@ class OrderedLearnerLoop(LearnerLoop):
                 "taking it as caught up until it returns labels: the scorer goes on without "
                 "waiting for them (scoring.max_idle)",
                 self.topic,
-                self._empty.max_idle * BUSY_IDLE,
+                self._empty.limit,
                 self._fetched or "none fetched yet",
             )
         self._said_stuck = stuck

@@ -339,6 +339,11 @@ class EmptyFetches:
     max_idle: float
     since: float | None = None
 
+    @property
+    def limit(self) -> float:
+        """Seconds of empty fetches after which the side is taken as caught up."""
+        return self.max_idle * BUSY_IDLE
+
     def stuck(self, fetched: bool, now: float) -> bool:
         """``fetched``: the last fetch returned items (or the side is at its end)."""
         if fetched:
@@ -346,7 +351,7 @@ class EmptyFetches:
             return False
         if self.since is None:
             self.since = now
-        return now - self.since >= self.max_idle * BUSY_IDLE
+        return now - self.since >= self.limit
 
 
 @dataclass
