@@ -106,6 +106,7 @@ class _Run:
         self.outcomes: Counter[str] = Counter()
         self.expiries = 0
         self.log: list[tuple[str, Any, Any]] = []  # learned: (event id, label, features)
+        self.held_on: dict[str, set[str]] = {}  # early:*, join:early -> masters, all 50 held
 
     def _labels(self, ids: list[str], t: float) -> list[Any]:
         msgs = []
@@ -129,6 +130,10 @@ class _Run:
         self._take(core.process(self._labels([*self.H, self.H[0]], t)))  # one duplicate within the batch
         self._take(core.process(self._labels(self.H[:20], t)))  # 20 more, already learned
         self._take(core.process(self._labels(self.E, t)))  # early: held
+        # Where the 50 holds are, before 40 of them resolve: 10 keys left afterwards miss
+        # one of 3 masters about one time in 20.
+        for what in ("early:*", "join:early"):
+            self.held_on[what] = _masters(self.client, f"weir:{{{self.spec.name}#j*}}:{what}")[1]
         self.served.write(self.client, [_pred(e, t, 2.0) for e in self.E[:40]], now=t)  # 10 never served
         self._take(core.sweep(now=t, snapshot=False))
         while core.joiner.more_held:
@@ -150,9 +155,11 @@ def test_outcomes_and_examples_with_buckets_equal_those_of_one_slot(redis_client
     spread.before_horizon(t)
     # Before the horizon: served records, pending sets, holds and early indexes on every master.
     name = spread.spec.name
-    for what in ("served:*", "join:pending", "early:*", "join:early"):
+    for what in ("served:*", "join:pending"):
         n, masters = _masters(redis_client, f"weir:{{{name}#j*}}:{what}")
         assert len(masters) == 3, (what, n, masters)
+    for what, masters in spread.held_on.items():
+        assert len(masters) == 3, (what, masters)
     assert not list(redis_client.scan_iter(match=f"weir:{{{name}}}:*")), "keys under the stage-1 prefix"
     for run in (one, spread):  # learned and in a snapshot: records and holds deleted
         k = Keys(run.spec)
