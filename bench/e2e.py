@@ -18,10 +18,12 @@ For each (but the ceiling, which has no Kafka), in order:
 1. warm-up: a few hundred events with labels, until they are answered;
 2. **max sustained rate**: the processes are paused (SIGSTOP), a backlog of ``--events``
    events with their labels (each ``--backlog-label-delay`` events after its event) is
-   written, the processes are resumed; rate = outputs / (last - first output Kafka
-   timestamp). The figure counts only when every event was answered; the labels learned
-   (``weir_labels_learned_total``, naive's counter) and the time until all were learned
-   are reported beside it;
+   written, the processes are resumed; rate = events / seconds from the resume until
+   every event was answered and every label learned (``weir_labels_learned_total``,
+   naive's counter): ``sustained_events_per_second``, the figure of the table, the ratios
+   and the targets. A system that scores fast and learns late has not kept up. The rate
+   of its predictions alone, outputs / (last - first output Kafka timestamp), is
+   ``events_per_second`` beside it, with the learned count per poll (``learned_by_poll``);
 3. **CPU**: utime + stime of the system's processes (/proc/<pid>/stat, threads and
    children included) from the resume until all outputs are out and all labels learned,
    per event, in µs; beside it, over the same window, the shared servers' (Redis, the
@@ -248,13 +250,18 @@ def measure(
         t_out = time.time()
         all_learned = None
         learn_s = None
+        timeline: list[tuple[float, int]] = []
         if labels:
+
+            def learned_all() -> bool:
+                n = int((run.learned() or 0) - learned0)
+                timeline.append((round(time.time() - t_resume, 2), n))
+                return n >= len(recs)
+
             # Once a second: every scrape renders the worker's whole /metrics (~6 ms of its CPU
             # with the fine latency buckets), which at 10/s was 16% of the worker's busy
             # samples while it resolved held labels, counted in its CPU per event.
-            all_learned = wait_until(
-                lambda: (run.learned() or 0) - learned0 >= len(recs), args.timeout, LEARNED_POLL_SECONDS
-            )
+            all_learned = wait_until(learned_all, args.timeout, LEARNED_POLL_SECONDS)
             learn_s = round(time.time() - t_resume, 2)
         cpu1 = {p.name: cpu_seconds(p.pid) for p in run.procs}
         srv1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
@@ -266,6 +273,9 @@ def measure(
         times = sorted(reader.times[i] for i in ids if i in reader.times)
         span = times[-1] - times[0] if len(times) > 1 else float("nan")
         rate = (len(times) - 1) / span if span and span > 0 else float("nan")
+        # Done: every event answered and, with labels, every label learned.
+        done_s = max(t_out - t_resume, learn_s or 0.0)
+        sustained = len(recs) / done_s if complete and all_learned is not False and done_s > 0 else None
         cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
         out["backlog"] = {
             "events": len(recs),
@@ -275,10 +285,12 @@ def measure(
             "complete": complete,
             "first_to_last_seconds": round(span, 3),
             "events_per_second": round(rate, 1),
+            "sustained_events_per_second": None if sustained is None else round(sustained, 1),
             "resume_to_last_output_seconds": round(t_out - t_resume, 2),
             "labels_learned": None if not labels else int((run.learned() or 0) - learned0),
             "all_labels_learned": all_learned,
             "resume_to_all_learned_seconds": learn_s,
+            "learned_by_poll": timeline,
             "label_joins": _delta(joins0, joins1, int),
             "order_wait_seconds": _delta(waits0, waits1, lambda v: round(v, 2)),
             "load_seconds": round(load_s, 2),
@@ -299,7 +311,8 @@ def measure(
         }
 
         # 4) latency at 60% of the max rate, labels flowing
-        if rate == rate and rate > 0:
+        rate = sustained(out) or 0.0
+        if rate > 0:
             live_rate = min(0.6 * rate, args.max_live_rate)
             n = max(50, int(live_rate * args.live_seconds))
             live = records(spec, n, run_id="lv", seed=4, entities=args.entities, labels=labels)
@@ -412,6 +425,7 @@ def ceiling(spec: PipelineSpec, recs: Sequence[Record], delay_events: int) -> di
             "received": len(recs),
             "complete": True,
             "events_per_second": round(len(recs) / wall, 1),
+            "sustained_events_per_second": round(len(recs) / wall, 1),
             "features_seconds": round(t_features, 3),
             "labels_learned": sum(1 for r in recs if r.label is not None),
         },
@@ -443,7 +457,7 @@ def plot(results: dict[str, Any], path: Path) -> list[str]:
     sysres = results["systems"]
     drawn = [k for k in TABLE_ORDER if k in sysres]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    rates = [sysres[k].get("backlog", {}).get("events_per_second") or 0.0 for k in drawn]
+    rates = [sustained(sysres[k]) or 0.0 for k in drawn]
     # The floor reads in bursts (10-100x the others): clipped, its figure in the label.
     top = 1.2 * max([r for k, r in zip(drawn, rates, strict=True) if k != "floor"] or [1.0])
     bars = left.barh(
@@ -460,7 +474,7 @@ def plot(results: dict[str, Any], path: Path) -> list[str]:
     left.invert_yaxis()
     left.set_xlim(0, top * 1.3)
     left.set_title("backlog: events/s")
-    left.set_xlabel("events/s, backlog (labels flowing for role all and split)")
+    left.set_xlabel("events/s, backlog: all answered and (role all, split, naive) all labels learned")
     left.grid(axis="x", alpha=0.3)
     for k in drawn:
         live = sysres[k].get("live_60pct") or {}
@@ -489,13 +503,20 @@ def plot(results: dict[str, Any], path: Path) -> list[str]:
     return drawn
 
 
+def sustained(res: dict[str, Any]) -> float | None:
+    """A system's max sustained rate: its backlog's events over the seconds from the resume
+    until every event was answered and, with labels, every label learned (a run saved
+    before that figure existed: the rate of its predictions). None when incomplete."""
+    b = res.get("backlog", {})
+    v = b.get("sustained_events_per_second", b.get("events_per_second"))
+    return v if b.get("complete") and v is not None and v == v else None
+
+
 def table(results: dict[str, Any]) -> str:
     sysres = results["systems"]
 
     def rate(k: str) -> float | None:
-        r = sysres.get(k, {}).get("backlog", {})
-        v = r.get("events_per_second")
-        return v if r.get("complete") and v == v else None
+        return sustained(sysres.get(k, {}))
 
     naive, floor, ceil = rate("naive"), rate("floor"), rate("ceiling")
 
@@ -503,7 +524,7 @@ def table(results: dict[str, Any]) -> str:
         return f"{a / b:.3g}x" if a and b else "-"
 
     lines = [
-        f"{'system':32s} {'events/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU us/ev':>9s} "
+        f"{'system':32s} {'events/s':>9s} {'output/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU us/ev':>9s} "
         f"{'machine':>8s} {'learned':>8s} {'/naive':>7s} {'/floor':>7s} {'/ceil':>7s}"
     ]
     for k in TABLE_ORDER:
@@ -518,7 +539,8 @@ def table(results: dict[str, Any]) -> str:
         learned = bk.get("labels_learned")
         learned_s = "-" if not bk.get("labels") else f"{learned}/{bk['labels']}"
         lines.append(
-            f"{LABELS[k]:32s} {ev if ev is not None else 'n/a':>9} {live.get('p50_ms', '-')!s:>7s} "
+            f"{LABELS[k]:32s} {ev if ev is not None else 'n/a':>9} {bk.get('events_per_second', '-')!s:>9s} "
+            f"{live.get('p50_ms', '-')!s:>7s} "
             f"{live.get('p99_ms', '-')!s:>7s} {r.get('cpu', {}).get('us_per_event', '-')!s:>9s} "
             f"{r.get('cpu', {}).get('machine_us_per_event', '-')!s:>8s} {learned_s:>8s} "
             f"{ratio(ev, naive):>7s} {ratio(ev, floor):>7s} {ratio(ev, ceil):>7s}"
@@ -527,11 +549,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
-    rates = {
-        k: v["backlog"]["events_per_second"]
-        for k, v in results["systems"].items()
-        if v.get("backlog", {}).get("complete")
-    }
+    rates = {k: r for k, v in results["systems"].items() if (r := sustained(v)) is not None}
     out: dict[str, float | None] = {}
     for a in ("weir-all", "weir-split", "weir-score"):
         for b in ("naive", "floor", "ceiling"):
@@ -547,8 +565,7 @@ def targets(results: dict[str, Any]) -> dict[str, bool | None]:
     s = results["systems"]
 
     def ev(k: str) -> float | None:
-        b = s.get(k, {}).get("backlog", {})
-        return b.get("events_per_second") if b.get("complete") else None
+        return sustained(s.get(k, {}))
 
     def p99_ok(k: str) -> bool | None:
         v = s.get(k, {}).get("live_60pct", {}).get("p99_ms")
@@ -677,7 +694,8 @@ def main() -> int:
         results["systems"][kind] = res
         bk, live = res.get("backlog", {}), res.get("live_60pct", {})
         print(
-            f"  {bk.get('events_per_second')} ev/s (complete {bk.get('complete')}), "
+            f"  {sustained(res)} ev/s answered and learned, {bk.get('events_per_second')} ev/s of "
+            f"predictions (complete {bk.get('complete')}), "
             f"CPU {res.get('cpu', {}).get('us_per_event')} us/ev, "
             f"live p50/p99 {live.get('p50_ms')}/{live.get('p99_ms')} ms",
             flush=True,

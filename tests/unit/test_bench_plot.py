@@ -1,4 +1,5 @@
-"""bench/e2e.py's plot: the saved run drawn (backlog rates, live p99 per second)."""
+"""bench/e2e.py's plot (the saved run drawn: backlog rates, live p99 per second) and the
+rate its table, ratios and targets read."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 _path = list(sys.path)
-from bench.e2e import plot  # noqa: E402
+from bench.e2e import plot, ratios, sustained, table, targets  # noqa: E402
 
 # bench/e2e.py puts bench/ first on sys.path for its sibling modules; bench/features.py
 # would then shadow the features package for whatever imports it next.
@@ -36,3 +37,30 @@ def test_plot_draws_every_system_in_the_table_order_and_the_floor_clipped(tmp_pa
     assert drawn == ["weir-all", "floor", "naive", "ceiling"]
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_system_that_scores_fast_and_learns_late_is_rated_by_when_it_is_done() -> None:
+    # Predictions at 7,000/s but the last label learned 35 s after the resume (issue #12:
+    # the rate of the outputs alone called that role `all` 6,900 events/s).
+    late = {
+        "backlog": {
+            "events": 60_000,
+            "complete": True,
+            "events_per_second": 7000.0,
+            "sustained_events_per_second": round(60_000 / 35.0, 1),
+        }
+    }
+    naive = {
+        "backlog": {"complete": True, "events_per_second": 9000.0, "sustained_events_per_second": 8800.0}
+    }
+    old = {"backlog": {"complete": True, "events_per_second": 3000.0}}  # saved before the figure
+    broken = {
+        "backlog": {"complete": False, "events_per_second": 9000.0, "sustained_events_per_second": None}
+    }
+    assert sustained(late) == 1714.3 and sustained(old) == 3000.0 and sustained(broken) is None
+    results = {"systems": {"weir-all": late, "naive": naive, "weir-score": old, "weir-split": broken}}
+    assert ratios(results)["weir-all/naive"] == round(1714.3 / 8800.0, 3)
+    t = targets(results)
+    assert t["weir-all >= 6000 ev/s"] is False and t["weir-split >= 8000 ev/s"] is None
+    row = next(line for line in table(results).splitlines() if line.startswith("Weir, role all"))
+    assert row.split()[3:5] == ["1714.3", "7000.0"], row
