@@ -275,7 +275,7 @@ def measure(
         rate = (len(times) - 1) / span if span and span > 0 else float("nan")
         # Done: every event answered and, with labels, every label learned.
         done_s = max(t_out - t_resume, learn_s or 0.0)
-        sustained = len(recs) / done_s if complete and all_learned is not False and done_s > 0 else None
+        done_rate = len(recs) / done_s if complete and all_learned is not False and done_s > 0 else None
         cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
         out["backlog"] = {
             "events": len(recs),
@@ -285,7 +285,7 @@ def measure(
             "complete": complete,
             "first_to_last_seconds": round(span, 3),
             "events_per_second": round(rate, 1),
-            "sustained_events_per_second": None if sustained is None else round(sustained, 1),
+            "sustained_events_per_second": None if done_rate is None else round(done_rate, 1),
             "resume_to_last_output_seconds": round(t_out - t_resume, 2),
             "labels_learned": None if not labels else int((run.learned() or 0) - learned0),
             "all_labels_learned": all_learned,

@@ -388,6 +388,20 @@ def test_a_backlog_of_held_labels_goes_on_between_sweeps(
     assert learned == n == core.labels_learned
     assert core.sweep().results == []  # nothing learned twice
     assert not core.joiner.more_held
+    # Five more held behind them; once a snapshot has the first n, a sweep lets their holds
+    # go chunk after chunk and reaches the five at once, not a chunk per sweep.
+    later = [f"e{i}" for i in range(n, n + 5)]
+    core.process([label_msg(e, True, now + 1, n + i) for i, e in enumerate(later)])
+    for e in later:
+        serve(redis_client, spec, core, e, 1.0, now - 1)
+    core.joiner.published(core.labels_learned)
+    out = core.sweep()
+    assert out.results == [] and core.joiner.more_held  # a full chunk of holds let go
+    while core.joiner.more_held:
+        learned += len(run_step(core.held_step()).results)
+    assert learned == n + 5 == core.labels_learned
+    held = {m.decode() for m in redis_client.zrange(Keys(spec).early_index, 0, -1)}
+    assert set(later) <= held  # learned, held until a snapshot has them
 
 
 def test_follow_champion(redis_client: Any, unique: Any) -> None:
