@@ -27,6 +27,7 @@ from streams.delivery import Delivery, OutputRejected
 from streams.scoring import BatchOutput
 from streams.worker import (
     KafkaOutput,
+    _ack,
     _hold,
     claim_instance_id,
     release_instance_ids,
@@ -140,6 +141,83 @@ def test_a_held_batch_is_not_acked_by_the_take_events_finally() -> None:
         e.message.incref()
         e.message.ack(consumer)  # type: ignore[arg-type]
     assert consumer.acked == [0, 1]
+
+
+class _Flow:
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+class _App:
+    """What take_batch reads of a faust app: the consumer, flow control, the generation."""
+
+    def __init__(self) -> None:
+        self.consumer = RecordingConsumer()
+        self.consumer.tracked = []  # type: ignore[attr-defined]
+        self.consumer.track_message = lambda m: self.consumer.tracked.append(m.offset)  # type: ignore[attr-defined]
+        self.flow_control = _Flow()
+        self.consumer_generation_id = 3
+
+
+def _queued(*offsets: int, generation: int = 3) -> list[_Event]:
+    out = []
+    for o in offsets:
+        m = _message(o)
+        m.generation_id = generation
+        m.incref()  # as faust's conductor does, once per channel
+        out.append(_Event(m))
+    return out
+
+
+def test_take_batch_takes_what_is_there_then_waits_within_for_more() -> None:
+    from streams.worker import take_batch
+
+    async def run() -> tuple[list[int], list[int], float, list[int]]:
+        app, queue = _App(), asyncio.Queue[_Event]()
+        for e in _queued(0, 1, 2, 3, 4):
+            queue.put_nowait(e)
+        first = [e.message.offset for e in await take_batch(app, queue, 3, 0.05)]  # full at once
+        t0 = time.monotonic()
+
+        async def later() -> None:
+            await asyncio.sleep(0.02)
+            for e in _queued(5):
+                queue.put_nowait(e)
+
+        task = asyncio.ensure_future(later())
+        second = await take_batch(app, queue, 10, 0.1)  # 3, 4 there; 5 within 0.1 s; then waits out
+        await task
+        waited = time.monotonic() - t0
+        _ack(app, second)
+        return first, [e.message.offset for e in second], waited, app.consumer.acked
+
+    first, second, waited, acked = asyncio.run(run())
+    assert first == [0, 1, 2] and second == [3, 4, 5]
+    assert 0.09 <= waited < 1.0  # the window, from the first event of the batch
+    assert acked == [3, 4, 5]  # acked once done (_ack), not when taken
+
+
+def test_take_batch_tracks_its_messages_and_skips_those_of_an_earlier_assignment() -> None:
+    from streams.worker import take_batch
+
+    async def run() -> tuple[list[int], _App]:
+        app, queue = _App(), asyncio.Queue[_Event]()
+        for e in [*_queued(0), *_queued(1, generation=2), *_queued(2)]:
+            queue.put_nowait(e)
+        got = await take_batch(app, queue, 10, 0.01)
+        app.flow_control.active = False  # a rebalance: what is buffered is skipped
+        for e in _queued(3):
+            queue.put_nowait(e)
+        assert await take_batch(app, queue, 10, 0.01) == []
+        return [e.message.offset for e in got], app
+
+    got, app = asyncio.run(run())
+    assert got == [0, 2]
+    assert app.consumer.tracked == [0, 2]  # type: ignore[attr-defined]  # the shutdown waits for them
+    assert app.consumer.acked == [1, 3]  # skipped ones are acked, as faust's stream does
 
 
 # -- Kafka delivery ------------------------------------------------------------------------------
