@@ -375,8 +375,8 @@ def _hold(batch: Any) -> None:
 
     A message marked acked is skipped by ``Message.ack`` (it tests ``acked`` first)
     without reaching the consumer, so its offset is never committed, whatever acks it
-    later (faust's ``take_events``, when the agent used it, acked a batch in its
-    ``finally`` even when the batch raised).
+    later; and faust's shutdown, which waits for every message handed to the agent to be
+    acked (``Consumer.wait_empty``), drops it from that wait.
     """
     for event in batch:
         event.message.acked = True
