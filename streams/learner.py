@@ -45,6 +45,7 @@ from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput, run_
 from models.registry import ModelRegistry, registry_key
 from streams.delivery import Delivery, Record
 from weir.errors import StackError
+from weir.heap import freeze_startup_heap
 from weir.metrics import LearnerMetrics, MetricsServer
 from weir.resilience import Backoff, DependencyHealth, is_transient, retry_async, retry_sync
 
@@ -513,6 +514,7 @@ def run_learner(
             if stop.is_set() and is_transient(exc):
                 return 0
             raise
+        freeze_startup_heap()  # the model loaded: later full collections skip it (weir.heap)
         try:
             LearnerLoop(spec, settings, core, health=health, stop=stop).run(ready)
         finally:

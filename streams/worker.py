@@ -73,6 +73,7 @@ from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
 from streams.sync import UNTIMED, EventTimeSync, consumed_all, merge_by_time, message_time, sync_for
 from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from weir.errors import StackError
+from weir.heap import freeze_startup_heap
 from weir.metrics import MetricsServer, WorkerMetrics
 from weir.resilience import Backoff, DependencyHealth, dependency_of, is_transient, retry_async
 from weir.settings import Settings
@@ -530,6 +531,8 @@ def create_app(
         # sleep(0), sensors, a context variable and take_events' buffer for each event)
         # was about 43 µs per message on the loop (issue #12; take_batch).
         queue = stream.channel.queue
+        # Started, the model loaded: later full collections skip the start-up heap (weir.heap).
+        freeze_startup_heap()
         try:
             while not app.should_stop:
                 batch = await take_batch(app, queue, spec.scoring.batch_size, spec.scoring.batch_within)
