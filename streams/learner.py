@@ -37,7 +37,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ from weir.metrics import LearnerMetrics, MetricsServer
 from weir.resilience import Backoff, DependencyHealth, is_transient, retry_async, retry_sync
 
 if TYPE_CHECKING:
+    from models.join import JoinResult
     from weir.settings import Settings
     from weir.spec import PipelineSpec
 
@@ -65,6 +66,9 @@ FILL_SECONDS = 0.05
 SWEEP_EVERY = 1.0
 #: How long a poll waits for the first label when there is nothing else to do.
 POLL_SECONDS = 0.2
+#: How long the split roles' learner waits before its next poll after a batch whose labels
+#: were mostly early (their events not served yet): see :func:`early_pause`.
+EARLY_PAUSE = 0.05
 #: Retries of the learner's calls: 0.1 s doubling to 2 s, so it resumes within ~2.5 s of
 #: a server's return (plus the call itself).
 LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
@@ -216,6 +220,8 @@ class LearnerLoop:
         #: asyncio variant (:attr:`models.steps.Io.acall`: the label path) on it
         self.aredis: Any = None
         self.last_sweep = 0.0
+        #: the wait before the next poll (:func:`early_pause` of the last batch)
+        self.early_pause = 0.0
         #: False while an iteration is half done (then no final snapshot may be taken)
         self.consistent = True
 
@@ -347,6 +353,7 @@ class LearnerLoop:
         self.consistent = False
         if batch:
             out = yield from core.process_step(batch, now)
+            self.early_pause = early_pause(out.results)
             self.learned(batch)
             yield from self._produce(out)
         if now - self.last_sweep >= SWEEP_EVERY:
@@ -411,6 +418,8 @@ class LearnerLoop:
             if ready is not None:
                 ready.set()
             while not self.stop.is_set():
+                if self.early_pause and not self.core.joiner.more_held:
+                    self.stop.wait(self.early_pause)  # ahead of the scorers: let them serve
                 batch = self.poll(self.poll_seconds())
                 self._drive(self.iteration(batch, time.time()))
         except Exception as exc:
@@ -474,6 +483,31 @@ class LearnerLoop:
                 if self.consumer is not None:
                     self.consumer.close()
                     self.consumer = None
+
+
+def early_pause(results: Sequence[JoinResult]) -> float:
+    """How long the learner of split roles waits before its next poll: :data:`EARLY_PAUSE`
+    after a batch at least half of whose labels were early, else nothing.
+
+    An early label (its event not served yet) is held in Redis and joined later by the
+    sweep: written, read and joined again. When the learner reads labels faster than the
+    scorers serve their events (a backlog in both topics, the labels topic read at several
+    times the scorers' rate), most labels went that way: ``bench/e2e.py``'s split roles held
+    43-53k of 60,000 and learned the last one 4 s after the last prediction (issue #12).
+    Waiting lets the scorers get ahead again; the labels wait in Kafka meanwhile, at no
+    cost. Role ``all`` orders its two sides by event time instead (:mod:`streams.sync`).
+
+    Examples:
+        >>> from models.join import JoinResult
+        >>> early_pause([JoinResult("early", "e1"), JoinResult("hit", "e2")])
+        0.1
+        >>> early_pause([JoinResult("hit", "e1"), JoinResult("hit", "e2"), JoinResult("early", "e3")])
+        0.0
+    """
+    if not results:
+        return 0.0
+    early = sum(1 for r in results if r.outcome == "early")
+    return EARLY_PAUSE if 2 * early >= len(results) else 0.0
 
 
 def run_learner(
