@@ -1,7 +1,8 @@
 """The per-batch scoring logic, free of Faust: validate, compute features, score, emit.
 
-The Faust agent in :mod:`streams.worker` is a thin loop around :meth:`Scorer.process`;
-tests and benchmarks drive the same code directly.
+The Faust agent in :mod:`streams.worker` is a thin loop around :meth:`Scorer.prepare` and
+:meth:`Scorer.score` (:meth:`Scorer.process` is both); tests and benchmarks drive the same
+code directly.
 
 Failures of a batch fall in two kinds (:func:`weir.resilience.is_transient`, imported here
 as ``is_transient_failure``):
@@ -69,6 +70,16 @@ class BatchOutput:
     duplicates: int = 0
     late_ignored: int = 0
     max_ts: float | None = None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch validated and its features computed, not yet scored (:meth:`Scorer.prepare`)."""
+
+    now: float
+    """When it was validated: the time of its dead letters."""
+    computed: list[tuple[tuple[Event, RawMessage], FeatureResult]]
+    dead_letters: list[DeadLetter]
 
 
 class ModelSource(Protocol):
@@ -330,16 +341,29 @@ class Scorer:
 
         Transient Redis failures are retried until they pass; an event whose features or
         score raise on their own is dead-lettered (``model_error``) and the rest scored.
+        :meth:`prepare` then :meth:`score`: the worker runs the two apart, a batch's features
+        in Redis while the batch before it is scored (:mod:`streams.worker`).
         """
+        return await self.score(await self.prepare(msgs, redis))
+
+    async def prepare(self, msgs: Sequence[RawMessage], redis: Any) -> Prepared:
+        """Validate and compute features (one Redis round trip): the I/O half of :meth:`process`."""
         now = time.time()
         good, dead = validate_batch(self.spec, msgs, now)
-        out = BatchOutput(dead_letters=dead)
+        computed: list[tuple[tuple[Event, RawMessage], FeatureResult]] = []
         if good:
             computed, poison = await self.compute_features(redis, good, now)
-            out.dead_letters.extend(poison)
+            dead.extend(poison)
+        return Prepared(now, computed, dead)
+
+    async def score(self, prepared: Prepared) -> BatchOutput:
+        """Score a prepared batch with the current model: the CPU half of :meth:`process`."""
+        now = prepared.now
+        out = BatchOutput(dead_letters=prepared.dead_letters)
+        if prepared.computed:
             model, name, version = self.models.current()
             model_age = self.models.age_seconds()
-            to_score, routed = route_computed(self.spec, computed, now)
+            to_score, routed = route_computed(self.spec, prepared.computed, now)
             out.dead_letters.extend(routed.dead_letters)
             out.duplicates, out.late_ignored = routed.duplicates, routed.late_ignored
             out.max_ts = routed.max_ts

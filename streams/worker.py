@@ -64,12 +64,13 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from streams.delivery import Delivery
-from streams.scoring import BatchOutput, ModelSource, RawMessage, Scorer
+from streams.scoring import BatchOutput, ModelSource, Prepared, RawMessage, Scorer
 from streams.sync import UNTIMED, EventTimeSync, consumed_all, merge_by_time, message_time, sync_for
 from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
 from weir.errors import StackError
@@ -371,6 +372,21 @@ def without_monitor_sensor(app: Any) -> None:
     app.on_init_dependencies = on_init_dependencies
 
 
+@dataclass(slots=True)
+class Ahead:
+    """A batch taken by the score agent, its features computed (``prepared``) or, to be
+    scored in event-time order with the labels, its events in that order (``timed``)."""
+
+    batch: list[Any]
+    msgs: list[RawMessage]
+    t0: float
+    """When it was taken (``perf_counter``): the start of ``weir_batch_seconds``."""
+    head: float
+    """Its first event's time (``UNTIMED`` without the event-time sync)."""
+    prepared: Prepared | None
+    timed: list[tuple[float, RawMessage]] | None = None
+
+
 def _hold(batch: Any) -> None:
     """Make sure the batch's messages are never acked by this process.
 
@@ -421,6 +437,73 @@ async def take_batch(app: Any, queue: Any, max_: int, within: float) -> list[Any
             consumer.track_message(message)
         out.append(event)
     return out
+
+
+async def run_batches(
+    take: Callable[[], Awaitable[list[Any]]],
+    idle: Callable[[], bool],
+    prepare: Callable[[list[Any]], Awaitable[Ahead]],
+    finish: Callable[[Ahead], Awaitable[None]],
+    in_order: Callable[[Ahead], Awaitable[None]],
+    stopping: Callable[[], bool],
+) -> None:
+    """The score agent's loop: each batch's features computed while the batch before it is
+    scored, delivered, stored and acked (issue #12).
+
+    A batch's features are one Redis round trip the event loop would otherwise only wait
+    for; scoring, the Kafka delivery and the served records of the batch before it run
+    meanwhile, in its own task (``finish``, which acks it). Two batches are in hand at most.
+    Feature calls stay one at a time and in offset order (the feature script tells a
+    redelivery by its offset); predictions, served records and acks stay in batch order
+    (a batch's ``finish`` starts once the one before it ended).
+
+    Args:
+        take: the next batch (empty if every message it got was skipped).
+        idle: True when nothing is waiting to be taken: the batch behind is then finished
+            first (and its failure raised here) rather than left until the next event.
+        prepare: the batch's features (``Ahead.prepared``), or None there when it is to be
+            scored in event-time order with the labels.
+        finish: score, deliver and store a prepared batch, then ack it; it holds its batch
+            (never acked) if it fails or is cancelled.
+        in_order: the same for a batch to be scored in event-time order with the labels,
+            run with nothing behind it.
+        stopping: True once the process stops: the batch behind is finished, no more taken.
+
+    Raises:
+        Whatever a step raised, the batches in hand held (:func:`_hold`), never acked.
+    """
+    behind: asyncio.Future[None] | None = None
+    batch: list[Any] = []
+    try:
+        while not stopping():
+            if behind is not None and idle():
+                task, behind = behind, None
+                await task
+                continue
+            batch = await take()
+            if not batch:
+                continue
+            ahead = await prepare(batch)
+            if behind is not None:
+                task, behind = behind, None
+                await task
+            if ahead.prepared is None:
+                await in_order(ahead)
+            else:
+                behind = asyncio.ensure_future(finish(ahead))
+            batch = []
+        if behind is not None:
+            task, behind = behind, None
+            await task
+    except BaseException:
+        _hold(batch)
+        if behind is not None:
+            if behind.done():
+                if not behind.cancelled():
+                    behind.exception()  # retrieved: failed too, its batch held by finish
+            else:
+                behind.cancel()  # finish holds its batch when cancelled
+        raise
 
 
 def _ack(app: Any, batch: Any) -> None:
@@ -534,40 +617,41 @@ def create_app(
         # Started, the model loaded: later full collections skip the start-up heap (weir.heap).
         freeze_startup_heap()
         try:
-            while not app.should_stop:
-                batch = await take_batch(app, queue, spec.scoring.batch_size, spec.scoring.batch_within)
-                if not batch:
-                    continue
-                try:
-                    await score_batch(batch, output)
-                except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit) as exc:
-                    _hold(batch)  # stopping mid-batch: the batch is redelivered
-                    if app.should_stop:
-                        _release_unfinished(app)
-                    else:  # faust would restart the agent ("Restarting on rebalance")
-                        on_fatal("the score agent (cancelled outside a shutdown)", exc)
-                    raise
-                except BaseException as exc:
-                    _hold(batch)
-                    if app.should_stop:  # retries given up for the shutdown
-                        log.warning(
-                            "stopping with a batch of %d event(s) not done (%s: %s); it will be redelivered",
-                            len(batch),
-                            type(exc).__name__,
-                            exc,
-                        )
-                        _release_unfinished(app)
-                        return
-                    on_fatal("the score agent", exc)
-                    raise
-                _ack(app, batch)  # its records durable: its offsets may be committed
+            await run_batches(
+                lambda: take_batch(app, queue, spec.scoring.batch_size, spec.scoring.batch_within),
+                queue.empty,
+                prepare,
+                lambda ahead: finish(ahead, output),
+                lambda ahead: score_in_order(ahead, output),
+                lambda: bool(app.should_stop),
+            )
+        except (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit) as exc:
+            # Stopping mid-batch (run_batches held the batches in hand): they are redelivered.
+            if app.should_stop:
+                _release_unfinished(app)
+            else:  # faust would restart the agent ("Restarting on rebalance")
+                on_fatal("the score agent (cancelled outside a shutdown)", exc)
+            raise
+        except BaseException as exc:
+            if app.should_stop:  # retries given up for the shutdown
+                log.warning(
+                    "stopping with a batch of events not done (%s: %s); it will be redelivered",
+                    type(exc).__name__,
+                    exc,
+                )
+                _release_unfinished(app)
+                return
+            on_fatal("the score agent", exc)
+            raise
         finally:
             output.producer.flush(1)
             if "redis" in state:
                 await state.pop("redis").aclose()
 
-    async def score_batch(batch: Any, output: KafkaOutput) -> None:
-        """One batch, done in full before the agent takes the next (and faust acks this one)."""
+    async def prepare(batch: Any) -> Ahead:
+        """The batch's features (one Redis round trip), or its events in event-time order
+        (``timed``, no features yet) if it is to be scored in that order with the labels
+        (role ``all`` with labels behind: :func:`score_in_order`)."""
         t0 = time.perf_counter()
         msgs = [
             RawMessage(
@@ -580,9 +664,7 @@ def create_app(
             )
             for e in batch
         ]
-        follow()
-        redis = redis_client()
-        timed: list[tuple[float, RawMessage]] | None = None
+        head = UNTIMED
         if sync is not None:
             if sync.labels.caught_up:  # the usual live case: one ts read, no wait
                 head = message_time(msgs[0].value, spec) if msgs else UNTIMED
@@ -591,38 +673,49 @@ def create_app(
                     [(message_time(m.value, spec), m) for m in msgs], lambda t: t[1].partition, lambda t: t[0]
                 )
                 head = min(ts for ts, _ in timed) if timed else UNTIMED
-                if head >= sync.live_from():  # live events never wait for labels
-                    timed = None
-        if timed is None or sync is None:
+                if head < sync.live_from():  # live events never wait for labels
+                    return Ahead(batch, msgs, t0, head, None, timed)
+        return Ahead(batch, msgs, t0, head, await scorer.prepare(msgs, redis_client()))
+
+    async def finish(ahead: Ahead, output: KafkaOutput) -> None:
+        """Score a prepared batch, deliver it and store what was served, then ack it."""
+        try:
+            follow()
             if sync is not None:
-                sync.publish_events(head)  # labels due after the batch's first event wait for it
-            out = await scorer.process(msgs, redis)
-            # Both durable before the agent returns for the next batch (which acks this one).
+                sync.publish_events(ahead.head)  # labels due after the batch's first event wait for it
+            assert ahead.prepared is not None
+            out = await scorer.score(ahead.prepared)
+            # Both durable before the batch is acked.
             await asyncio.gather(
-                scorer.record_served(out, redis), output.deliver(out, health, backoff, stopping)
+                scorer.record_served(out, redis_client()), output.deliver(out, health, backoff, stopping)
             )
-        else:
-            out = await score_in_order(timed, redis, sync)  # served records stored, run by run
+            done(ahead.batch, ahead.msgs, out, ahead.t0)
+        except BaseException:
+            _hold(ahead.batch)  # never acked: redelivered
+            raise
+        _ack(app, ahead.batch)  # its records durable: its offsets may be committed
+
+    def done(batch: Any, msgs: list[RawMessage], out: BatchOutput, t0: float) -> None:
         if sync is not None:
             for e in batch:
                 scored_to[e.message.tp] = e.message.offset + 1
             sync.publish_events(None, events_caught_up(full=len(batch) >= spec.scoring.batch_size))
-        if timed is not None:
-            await output.deliver(out, health, backoff, stopping)
         scorer.observe(msgs, out, time.perf_counter() - t0)
         _observe_lag(app, spec, metrics, batch)
 
-    async def score_in_order(
-        timed: list[tuple[float, RawMessage]], redis: Any, sync: EventTimeSync
-    ) -> BatchOutput:
-        """Role ``all`` with labels behind: the batch (``(ts, message)`` in event-time
-        order) in event-time order with the labels.
+    async def score_in_order(ahead: Ahead, output: KafkaOutput) -> None:
+        """Role ``all`` with labels behind: the batch in event-time order with the labels
+        (``ahead.timed``, ``(ts, message)`` in event-time order), the batch before it done.
 
         Each run of events with no label due before them is scored and its served records
         stored (the learner joins its labels to them) before the next run waits for the
         labels due before it (:mod:`streams.sync`). The batch's records go to Kafka once,
         after all its runs.
         """
+        assert sync is not None and ahead.timed is not None
+        follow()
+        redis = redis_client()
+        timed = ahead.timed
         times = [ts for ts, _ in timed]
         outs: list[BatchOutput] = []
         i = 0
@@ -634,7 +727,10 @@ def create_app(
             await scorer.record_served(out, redis)
             outs.append(out)
             i += n
-        return merge_outputs(outs)
+        out = merge_outputs(outs)
+        await output.deliver(out, health, backoff, stopping)
+        done(ahead.batch, ahead.msgs, out, ahead.t0)
+        _ack(app, ahead.batch)  # its records durable: its offsets may be committed
 
     scored_to: dict[Any, int] = {}  # per events partition: the offset after the last scored
 

@@ -220,6 +220,114 @@ def test_take_batch_tracks_its_messages_and_skips_those_of_an_earlier_assignment
     assert app.consumer.acked == [1, 3]  # skipped ones are acked, as faust's stream does
 
 
+class _Batches:
+    """Fakes of run_batches' steps over numbered batches, logging when each starts and ends."""
+
+    def __init__(self, n: int, *, in_order: tuple[int, ...] = (), idle_after: tuple[int, ...] = ()) -> None:
+        self.left = [_queued(i) for i in range(1, n + 1)]
+        self.log: list[str] = []
+        self.in_order_batches = in_order
+        self.idle_after = idle_after  # batches after which nothing waits to be taken
+        self.fail: dict[str, int] = {}  # step -> batch that raises there
+
+    @staticmethod
+    def number(batch: list[_Event]) -> int:
+        return batch[0].message.offset
+
+    async def take(self) -> list[_Event]:
+        batch = self.left.pop(0)
+        self.log.append(f"take {self.number(batch)}")
+        return batch
+
+    def idle(self) -> bool:
+        taken = len(self.log and [x for x in self.log if x.startswith("take")])
+        return not self.left or taken in self.idle_after
+
+    async def _step(self, what: str, n: int, seconds: float) -> None:
+        self.log.append(f"{what} {n}")
+        await asyncio.sleep(seconds)
+        if self.fail.get(what) == n:
+            raise RuntimeError(f"{what} {n} failed")
+        self.log.append(f"{what} {n} done")
+
+    async def prepare(self, batch: list[_Event]) -> Any:
+        from streams.scoring import Prepared
+        from streams.worker import Ahead
+
+        n = self.number(batch)
+        await self._step("prepare", n, 0.02)
+        prepared = None if n in self.in_order_batches else Prepared(0.0, [], [])
+        return Ahead(batch, [], 0.0, 0.0, prepared)
+
+    async def finish(self, ahead: Any) -> None:
+        self.finishing = asyncio.current_task()
+        await self._step("finish", self.number(ahead.batch), 0.04)
+
+    async def in_order(self, ahead: Any) -> None:
+        await self._step("in order", self.number(ahead.batch), 0.01)
+
+    def run(self) -> None:
+        from streams.worker import run_batches
+
+        async def main() -> None:
+            try:
+                await run_batches(
+                    self.take, self.idle, self.prepare, self.finish, self.in_order, lambda: not self.left
+                )
+            finally:
+                await asyncio.sleep(0)  # a cancelled task ends on the loop's next turn
+                self.behind_left_running = not self.finishing.done()
+
+        asyncio.run(main())
+
+
+def test_run_batches_computes_a_batchs_features_while_the_one_before_is_finished() -> None:
+    b = _Batches(3)
+    b.run()
+    log = b.log
+    assert log.index("prepare 2") < log.index("finish 1 done")  # the overlap
+    assert (
+        log.index("finish 1 done")
+        < log.index("finish 2")
+        < log.index("finish 2 done")
+        < log.index("finish 3")
+    )
+    assert log.index("prepare 1 done") < log.index("prepare 2") and log.index("prepare 2 done") < log.index(
+        "prepare 3"
+    )
+    assert log[-1] == "finish 3 done"  # the last batch finished before the loop returns
+
+
+def test_run_batches_finishes_the_batch_behind_before_it_waits_or_scores_in_event_time_order() -> None:
+    b = _Batches(3, in_order=(3,), idle_after=(1,))
+    b.run()
+    log = b.log
+    assert log.index("finish 1 done") < log.index("take 2")  # nothing waited: batch 1 done first
+    assert log.index("finish 2 done") < log.index("in order 3")  # nothing behind an in-order batch
+    assert "finish 3" not in log and log[-1] == "in order 3 done"
+
+
+def test_run_batches_holds_the_batch_ahead_when_the_one_behind_fails() -> None:
+    b = _Batches(3)
+    b.fail["finish"] = 1
+    second = b.left[1]
+    with pytest.raises(RuntimeError, match="finish 1 failed"):
+        b.run()
+    assert "prepare 3" not in b.log and "finish 2" not in b.log
+    assert all(e.message.acked for e in second)  # held: never acked, redelivered
+
+
+def test_run_batches_holds_the_batch_behind_when_the_one_ahead_fails() -> None:
+    b = _Batches(3)
+    b.fail["prepare"] = 2
+    second = b.left[1]
+    with pytest.raises(RuntimeError, match="prepare 2 failed"):
+        b.run()
+    assert all(e.message.acked for e in second)
+    assert "finish 1" in b.log and "finish 1 done" not in b.log
+    assert not b.behind_left_running  # cancelled (the real finish then holds its batch)
+
+
 # -- Kafka delivery ------------------------------------------------------------------------------
 
 
