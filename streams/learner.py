@@ -499,8 +499,8 @@ def early_pause(results: Sequence[JoinResult]) -> float:
 
     Examples:
         >>> from models.join import JoinResult
-        >>> early_pause([JoinResult("early", "e1"), JoinResult("hit", "e2")])
-        0.1
+        >>> early_pause([JoinResult("early", "e1"), JoinResult("hit", "e2")]) == EARLY_PAUSE
+        True
         >>> early_pause([JoinResult("hit", "e1"), JoinResult("hit", "e2"), JoinResult("early", "e3")])
         0.0
     """
