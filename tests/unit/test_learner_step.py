@@ -183,6 +183,26 @@ def test_a_label_whose_learning_raises_is_dead_lettered_and_the_rest_learned() -
     assert [eid for eid, _ in marked] == ["e0", "e1", "e2"]
 
 
+def _run_scripted(loop: LearnerLoop, consumer: Any, script: Any, apply: Any) -> None:
+    """Run ``loop`` with no servers: ``consumer`` answers its polls; each iteration ``apply``-es
+    the next item of ``script`` to the loop; the loop stops once the script is done."""
+
+    def iteration(batch: list[LabelMessage], now: float) -> Any:
+        got = next(script, None)
+        if got is None:
+            loop.stop.set()
+        else:
+            apply(got)
+        return
+        yield
+
+    loop.open = lambda: []  # type: ignore[method-assign]
+    loop.close = lambda: None  # type: ignore[method-assign]
+    loop.consumer = consumer
+    loop.iteration = iteration  # type: ignore[method-assign]
+    loop.run()
+
+
 def test_the_loop_polls_without_waiting_while_a_backlog_of_held_labels_is_resolved() -> None:
     """Each chunk of held labels (``joiner.more_held``) follows the last at once: a poll
     waiting 200 ms for labels already read made a 60,000-label backlog learn 26 s after
@@ -199,23 +219,9 @@ def test_the_loop_polls_without_waiting_while_a_backlog_of_held_labels_is_resolv
             waits.append(timeout)
             return []
 
+    # A sweep finds a backlog; each chunk but the last is full and decides some labels.
     held = iter([True, True, True, False, False])
-
-    def iteration(batch: list[LabelMessage], now: float) -> Any:
-        # A sweep finds a backlog; each chunk but the last is full and decides some labels.
-        more = next(held, None)
-        if more is None:
-            loop.stop.set()
-        else:
-            core.joiner.more_held = more
-        return
-        yield
-
-    loop.open = lambda: []  # type: ignore[method-assign]
-    loop.close = lambda: None  # type: ignore[method-assign]
-    loop.consumer = Consumer()
-    loop.iteration = iteration  # type: ignore[method-assign]
-    loop.run()
+    _run_scripted(loop, Consumer(), held, lambda more: setattr(core.joiner, "more_held", more))
     assert waits == [POLL_SECONDS, 0.0, 0.0, 0.0, POLL_SECONDS, POLL_SECONDS]
 
 
@@ -248,20 +254,10 @@ def test_the_split_learner_waits_before_its_next_poll_after_a_batch_of_mostly_ea
     # each iteration's batch outcome, and whether held labels are being resolved after it
     script = iter([(early, False), (hits, False), (early, True), (early, False)])
 
-    def iteration(batch: list[LabelMessage], now: float) -> Any:
-        got = next(script, None)
-        if got is None:
-            loop.stop.set()
-        else:
-            loop.early_pause = early_pause(got[0])
-            core.joiner.more_held = got[1]
-        return
-        yield
+    def apply(got: tuple[list[JoinResult], bool]) -> None:
+        loop.early_pause = early_pause(got[0])
+        core.joiner.more_held = got[1]
 
-    loop.open = lambda: []  # type: ignore[method-assign]
-    loop.close = lambda: None  # type: ignore[method-assign]
-    loop.consumer = Consumer()
-    loop.iteration = iteration  # type: ignore[method-assign]
-    loop.run()
+    _run_scripted(loop, Consumer(), script, apply)
     pause = f"wait {EARLY_PAUSE}"
     assert steps == ["poll", pause, "poll", "poll", "poll", pause, "poll"]

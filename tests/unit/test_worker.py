@@ -240,7 +240,7 @@ class _Batches:
         return batch
 
     def idle(self) -> bool:
-        taken = len(self.log and [x for x in self.log if x.startswith("take")])
+        taken = sum(x.startswith("take") for x in self.log)
         return not self.left or taken in self.idle_after
 
     async def _step(self, what: str, n: int, seconds: float) -> None:
