@@ -229,6 +229,8 @@ class _Batches:
         self.in_order_batches = in_order
         self.idle_after = idle_after  # batches after which nothing waits to be taken
         self.fail: dict[str, int] = {}  # step -> batch that raises there
+        self.finishing: asyncio.Task[Any] | None = None  # the last finish started
+        self.behind_left_running = False
 
     @staticmethod
     def number(batch: list[_Event]) -> int:
@@ -276,7 +278,7 @@ class _Batches:
                 )
             finally:
                 await asyncio.sleep(0)  # a cancelled task ends on the loop's next turn
-                self.behind_left_running = not self.finishing.done()
+                self.behind_left_running = self.finishing is not None and not self.finishing.done()
 
         asyncio.run(main())
 
