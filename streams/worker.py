@@ -374,8 +374,8 @@ def without_monitor_sensor(app: Any) -> None:
 
 @dataclass(slots=True)
 class Ahead:
-    """A batch taken by the score agent, its features computed (``prepared``) or, to be
-    scored in event-time order with the labels, its events in that order (``timed``)."""
+    """A batch taken by the score agent, its features computed (``prepared``); ``timed``,
+    its events in event-time order, when it is to be scored in that order with the labels."""
 
     batch: list[Any]
     msgs: list[RawMessage]
@@ -383,7 +383,7 @@ class Ahead:
     """When it was taken (``perf_counter``): the start of ``weir_batch_seconds``."""
     head: float
     """Its first event's time (``UNTIMED`` without the event-time sync)."""
-    prepared: Prepared | None
+    prepared: Prepared
     timed: list[tuple[float, RawMessage]] | None = None
 
 
@@ -461,8 +461,8 @@ async def run_batches(
         take: the next batch (empty if every message it got was skipped).
         idle: True when nothing is waiting to be taken: the batch behind is then finished
             first (and its failure raised here) rather than left until the next event.
-        prepare: the batch's features (``Ahead.prepared``), or None there when it is to be
-            scored in event-time order with the labels.
+        prepare: the batch's features (``Ahead.prepared``), and its order (``Ahead.timed``)
+            when it is to be scored in event-time order with the labels.
         finish: score, deliver and store a prepared batch, then ack it; it holds its batch
             (never acked) if it fails or is cancelled.
         in_order: the same for a batch to be scored in event-time order with the labels,
@@ -487,7 +487,7 @@ async def run_batches(
             if behind is not None:
                 task, behind = behind, None
                 await task
-            if ahead.prepared is None:
+            if ahead.timed is not None:
                 await in_order(ahead)
             else:
                 behind = asyncio.ensure_future(finish(ahead))
@@ -649,9 +649,10 @@ def create_app(
                 await state.pop("redis").aclose()
 
     async def prepare(batch: Any) -> Ahead:
-        """The batch's features (one Redis round trip), or its events in event-time order
-        (``timed``, no features yet) if it is to be scored in that order with the labels
-        (role ``all`` with labels behind: :func:`score_in_order`)."""
+        """The batch's features (one Redis round trip), computed in event-time order with
+        that order kept (``timed``) if it is to be scored in that order with the labels
+        (role ``all`` with labels behind: :func:`score_in_order`). Features do not depend
+        on the labels, only scores do: the runs share the batch's one feature call."""
         t0 = time.perf_counter()
         msgs = [
             RawMessage(
@@ -674,7 +675,10 @@ def create_app(
                 )
                 head = min(ts for ts, _ in timed) if timed else UNTIMED
                 if head < sync.live_from():  # live events never wait for labels
-                    return Ahead(batch, msgs, t0, head, None, timed)
+                    # A partition's events stay in offset order (the script tells a
+                    # redelivery by its offset); an entity's events are in one partition.
+                    prepared = await scorer.prepare([m for _, m in timed], redis_client())
+                    return Ahead(batch, msgs, t0, head, prepared, timed)
         return Ahead(batch, msgs, t0, head, await scorer.prepare(msgs, redis_client()))
 
     async def finish(ahead: Ahead, output: KafkaOutput) -> None:
@@ -683,7 +687,6 @@ def create_app(
             follow()
             if sync is not None:
                 sync.publish_events(ahead.head)  # labels due after the batch's first event wait for it
-            assert ahead.prepared is not None
             out = await scorer.score(ahead.prepared)
             # Both durable before the batch is acked.
             await asyncio.gather(
@@ -709,24 +712,28 @@ def create_app(
 
         Each run of events with no label due before them is scored and its served records
         stored (the learner joins its labels to them) before the next run waits for the
-        labels due before it (:mod:`streams.sync`). The batch's records go to Kafka once,
-        after all its runs.
+        labels due before it (:mod:`streams.sync`). The features were computed for the whole
+        batch in :func:`prepare`; the batch's records go to Kafka once, after all its runs.
         """
         assert sync is not None and ahead.timed is not None
         follow()
         redis = redis_client()
-        timed = ahead.timed
+        timed, prepared = ahead.timed, ahead.prepared
         times = [ts for ts, _ in timed]
-        outs: list[BatchOutput] = []
-        i = 0
+        place = {id(m): i for i, (_, m) in enumerate(timed)}
+        computed = prepared.computed  # in timed's order, less the invalid and poison events
+        outs = [BatchOutput(dead_letters=prepared.dead_letters)]
+        i = k = 0
         while i < len(timed):
             sync.publish_events(times[i])
             n = await sync.wait_labels(times[i:])
-            run = [m for _, m in timed[i : i + n]]
-            out = await scorer.process(run, redis)
+            j = k
+            while j < len(computed) and place[id(computed[j][0][1])] < i + n:
+                j += 1
+            out = await scorer.score(Prepared(prepared.now, computed[k:j], []))
             await scorer.record_served(out, redis)
             outs.append(out)
-            i += n
+            i, k = i + n, j
         out = merge_outputs(outs)
         await output.deliver(out, health, backoff, stopping)
         done(ahead.batch, ahead.msgs, out, ahead.t0)

@@ -258,8 +258,8 @@ class _Batches:
 
         n = self.number(batch)
         await self._step("prepare", n, 0.02)
-        prepared = None if n in self.in_order_batches else Prepared(0.0, [], [])
-        return Ahead(batch, [], 0.0, 0.0, prepared)
+        timed: list[Any] | None = [] if n in self.in_order_batches else None
+        return Ahead(batch, [], 0.0, 0.0, Prepared(0.0, [], []), timed)
 
     async def finish(self, ahead: Any) -> None:
         self.finishing = asyncio.current_task()
