@@ -17,6 +17,7 @@ enumerations against the code that produces the values.
 
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 import weir
+from weir.errors import ConfigError
 
 if TYPE_CHECKING:
     from weir.spec import PipelineSpec
@@ -489,12 +491,26 @@ class MonitorMetrics:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP for one registry; ``stop()`` shuts it down cleanly."""
+    """``/metrics`` over HTTP for one registry; ``stop()`` shuts it down cleanly.
+
+    Raises:
+        ConfigError: the port is taken (two Weir processes on one host with the default
+            port, say a scorer and a learner), naming the option that moves it.
+    """
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
         self._server: Any
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise ConfigError(
+                f"cannot serve /metrics on {host}:{port}: the port is in use (another Weir process "
+                "on this host?). Give each process its own: --metrics-port N or WEIR_METRICS_PORT=N "
+                "(0 picks a free port)"
+            ) from exc
         self.host = host
         self.port: int = self._server.server_port
 
