@@ -252,7 +252,8 @@ class WorkerMetrics:
         )
         self.batch_seconds = Histogram(
             "weir_batch_processing_seconds",
-            "Wall time to process one batch (validate, features, score, produce).",
+            "Wall time of one batch, taken to acked: validate, features, score, produce, served "
+            "records (and the wait for the batch before it).",
             ["pipeline"],
             buckets=LATENCY_BUCKETS,
             registry=r,
