@@ -359,7 +359,7 @@ class Scorer:
     async def score(self, prepared: Prepared) -> BatchOutput:
         """Score a prepared batch with the current model: the CPU half of :meth:`process`."""
         now = prepared.now
-        out = BatchOutput(dead_letters=prepared.dead_letters)
+        out = BatchOutput(dead_letters=list(prepared.dead_letters))  # prepared stays as it was
         if prepared.computed:
             model, name, version = self.models.current()
             model_age = self.models.age_seconds()
