@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
@@ -547,12 +548,25 @@ def weir_worker(spec_path: Path, role: str, name: str) -> Proc:
     return proc
 
 
+def _only(url: str, name: str) -> str:
+    """``url`` asking for the samples of metric ``name`` only.
+
+    Examples:
+        >>> _only("http://h:1/metrics", "weir_labels_learned_total")
+        'http://h:1/metrics?name%5B%5D=weir_labels_learned_total'
+    """
+    return f"{url}?{urllib.parse.urlencode({'name[]': name})}"
+
+
 def scrape(url: str | None, name: str) -> float | None:
-    """Sum over all series of the counter or gauge ``name`` at a /metrics URL (None if unreachable)."""
+    """Sum over all series of the counter or gauge ``name`` at a /metrics URL (None if unreachable).
+
+    Asks for ``name`` alone (prometheus-client's ``name[]`` filter): the whole page costs
+    the process ~6 ms of CPU to render, one metric well under 1 ms."""
     if not url:
         return None
     try:
-        body = urllib.request.urlopen(url, timeout=3).read().decode()
+        body = urllib.request.urlopen(_only(url, name), timeout=3).read().decode()
     except OSError:
         return None
     total = 0.0
@@ -567,7 +581,7 @@ def scrape_by(url: str | None, name: str, label: str) -> dict[str, float]:
     if not url:
         return {}
     try:
-        body = urllib.request.urlopen(url, timeout=3).read().decode()
+        body = urllib.request.urlopen(_only(url, name), timeout=3).read().decode()
     except OSError:
         return {}
     out: dict[str, float] = {}
