@@ -1310,6 +1310,7 @@ class LabelJoiner:
         if not held:
             self._held_cursor = 0
             self.more_held = False
+            self._walked(False, wrapped=True)
             return []
         ids = [e.decode() for e, _ in held]
         found = read_state((yield from self._call_step(ids, mode="early")), mode="early")
@@ -1322,6 +1323,7 @@ class LabelJoiner:
             yield Io(lambda: _unhold(self.client, k, done), "held labels", lambda c: _unhold(c, k, done))
         self._held_cursor = next_cursor(start, len(held), len(done))
         self.more_held = len(held) == SWEEP_HELD_CHUNK and bool(results or done)
+        self._walked(self._waiting(ids, done), wrapped=self._held_cursor == 0)
         return results
 
     def _resolve_held_buckets_step(self, now: float) -> Step[list[JoinResult]]:
@@ -1346,6 +1348,7 @@ class LabelJoiner:
             for b in window:
                 cursors.pop(b, None)
             self.more_held = False
+            self._walked(False, wrapped=not cursors)
             return []
         found = read_state((yield from self._call_step(ids, mode="early")), mode="early")
         results, done = decide_held(
@@ -1363,7 +1366,24 @@ class LabelJoiner:
             else:
                 cursors.pop(b, None)
         self.more_held = any(n == share for n in looked.values()) and bool(results or done)
+        self._walked(self._waiting(ids, done), wrapped=not cursors)
         return results
+
+    def _waiting(self, ids: Sequence[str], done: Sequence[str]) -> bool:
+        """Whether a chunk of held labels, once decided, still has some waiting for their
+        events (neither resolved by this learner nor gone)."""
+        gone = set(done)
+        mine = self._resolved
+        return any(eid not in mine and eid not in gone for eid in ids)
+
+    def _walked(self, waiting: bool, wrapped: bool) -> None:
+        """Set :attr:`held_waiting` after a chunk: True mid-walk (the rest of the index is
+        not looked at yet), and at the walk's end whether any chunk of it had labels waiting."""
+        self._walk_waiting = self._walk_waiting or waiting
+        if wrapped:
+            self.held_waiting, self._walk_waiting = self._walk_waiting, False
+        else:
+            self.held_waiting = True
 
     def _note_resolved(
         self,
@@ -1396,6 +1416,10 @@ class LabelJoiner:
 
     #: the last chunk of held labels was full and decided some: look at the next one soon
     more_held: bool = False
+    #: the last walk of the early index found labels still waiting for their events (or is
+    #: not at the index's end): look again soon, not a sweep later
+    held_waiting: bool = False
+    _walk_waiting: bool = False
     #: seq of the newest published snapshot of this run (set by the learner)
     published_seq: int = -1
 

@@ -64,6 +64,9 @@ BATCH = 500
 FILL_SECONDS = 0.05
 #: Seconds between sweeps (expiries, held early labels) and status writes.
 SWEEP_EVERY = 1.0
+#: Seconds between looks at the held (early) labels while some wait for their events
+#: (``joiner.held_waiting``), between sweeps: see :meth:`LearnerLoop.held_due`.
+HELD_EVERY = 0.2
 #: How long a poll waits for the first label when there is nothing else to do.
 POLL_SECONDS = 0.2
 #: How long the split roles' learner waits before its next poll after a batch whose labels
@@ -220,6 +223,7 @@ class LearnerLoop:
         #: asyncio variant (:attr:`models.steps.Io.acall`: the label path) on it
         self.aredis: Any = None
         self.last_sweep = 0.0
+        self.last_held = 0.0
         #: the wait before the next poll (:func:`early_pause` of the last batch)
         self.early_pause = 0.0
         #: False while an iteration is half done (then no final snapshot may be taken)
@@ -363,12 +367,35 @@ class LearnerLoop:
             yield Io(core.follow_champion, "champion alias")
             status = core.status(now)
             yield Io(lambda: core.put_status(status), "status")
-            self.last_sweep = now
-        elif core.joiner.more_held:  # a backlog of held labels: the next chunk now
+            self.last_sweep = self.last_held = now
+        elif self.held_due(now):
+            self.last_held = now
             yield from self._produce((yield from core.held_step(now)))
         self.consistent = True
         if core.snapshot_due(now):
             yield from self.snapshot_step(now)
+
+    def held_due(self, now: float) -> bool:
+        """Whether to look at the held labels between two sweeps: at once while a backlog
+        of them is being resolved (``joiner.more_held``), and every :data:`HELD_EVERY`
+        seconds while some wait for their events (``joiner.held_waiting``).
+
+        A held label waited for the next sweep once its walk stopped: split roles' learner
+        learned the last of a 60,000-label backlog up to a second after the scorer answered
+        its event (issue #12).
+
+        Examples:
+            >>> class J: more_held = False; held_waiting = True
+            >>> class C: joiner = J()
+            >>> loop = object.__new__(LearnerLoop); loop.core = C(); loop.last_held = 10.0
+            >>> loop.held_due(10.1), loop.held_due(10.3)
+            (False, True)
+            >>> J.held_waiting = False
+            >>> loop.held_due(11.0)
+            False
+        """
+        joiner = self.core.joiner
+        return joiner.more_held or (joiner.held_waiting and now - self.last_held >= HELD_EVERY)
 
     def _produce(self, out: StepOutput) -> Step[None]:
         """Hand a step's records to the producer; no trip to the thread when there are none

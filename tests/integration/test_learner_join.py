@@ -404,6 +404,45 @@ def test_a_backlog_of_held_labels_goes_on_between_sweeps(
     assert set(later) <= held  # learned, held until a snapshot has them
 
 
+def test_held_labels_waiting_for_their_events_are_looked_at_again(
+    redis_client: Any, unique: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``joiner.held_waiting`` says when a walk of the early index left labels waiting for
+    their events, even in a chunk it walked past (the learner looks again within
+    HELD_EVERY, not a sweep later), and goes False once none waits."""
+    import models.join
+
+    chunk = 20
+    monkeypatch.setattr(models.join, "SWEEP_HELD_CHUNK", chunk)
+    spec = make_spec(unique)
+    core = _core(spec, redis_client)
+    now = time.time()
+    n = 3 * chunk + 7
+    ids = [f"e{i}" for i in range(n)]
+    core.process([label_msg(e, i % 2 == 0, now, i) for i, e in enumerate(ids)])
+    second = set(ids[chunk : 2 * chunk])
+    for i, e in enumerate(ids):
+        if e not in second:
+            serve(redis_client, spec, core, e, float(i), now - 1)
+    learned = len(core.sweep().results)
+    walk = 0
+    while core.joiner.more_held or walk == 0:  # to the index's end, past the second chunk
+        learned += len(run_step(core.held_step()).results)
+        walk += 1
+    assert learned == n - chunk
+    assert core.joiner.held_waiting  # the second chunk's labels wait, walked past
+    for i, e in enumerate(ids):
+        if e in second:
+            serve(redis_client, spec, core, e, float(i), now - 1)
+    steps = 0
+    while core.joiner.held_waiting and steps < 20:
+        learned += len(run_step(core.held_step()).results)
+        steps += 1
+    assert learned == n == core.labels_learned
+    assert not core.joiner.held_waiting and steps < 20
+    assert run_step(core.held_step()).results == []  # nothing learned twice
+
+
 def test_follow_champion(redis_client: Any, unique: Any) -> None:
     spec = make_spec(unique)
     registry = ModelRegistry(redis_client, spec)
