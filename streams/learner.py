@@ -72,6 +72,15 @@ POLL_SECONDS = 0.2
 #: How long the split roles' learner waits before its next poll after a batch whose labels
 #: were mostly early (their events not served yet): see :func:`early_pause`.
 EARLY_PAUSE = 0.05
+#: Bytes fetched per labels partition per fetch request (librdkafka's
+#: ``max.partition.fetch.bytes``, 1 MiB by default). A labels topic's backlog was read a
+#: partition at a time, each 1 MiB fetch ~10,000 labels of one partition, so the learner
+#: ran far ahead of the scorers on that partition's labels (events keyed by entity, labels
+#: by event id): most went early, held and joined again. With 64 KiB each fetch takes a
+#: few hundred of each partition (at least one producer batch): split roles in
+#: ``bench/e2e.py`` held 10-13k of 60,000 labels instead of 22k, and learned the last one
+#: 0.8-1.4 s after the last prediction instead of 2.2-2.7 s (issue #12).
+PARTITION_FETCH_BYTES = 64 * 1024
 #: Retries of the learner's calls: 0.1 s doubling to 2 s, so it resumes within ~2.5 s of
 #: a server's return (plus the call itself).
 LEARNER_BACKOFF = Backoff(initial=0.1, maximum=2.0, jitter=0.2)
@@ -259,6 +268,7 @@ class LearnerLoop:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
+                "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
             }
         )
         topic = self.topic
