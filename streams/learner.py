@@ -65,7 +65,8 @@ FILL_SECONDS = 0.05
 #: Seconds between sweeps (expiries, held early labels) and status writes.
 SWEEP_EVERY = 1.0
 #: Seconds between looks at the held (early) labels while some wait for their events
-#: (``joiner.held_waiting``), between sweeps: see :meth:`LearnerLoop.held_due`.
+#: (``joiner.held_waiting``), between sweeps: see :meth:`LearnerLoop.held_due`. Doubled
+#: after each look that resolved none, up to :data:`SWEEP_EVERY`.
 HELD_EVERY = 0.2
 #: How long a poll waits for the first label when there is nothing else to do.
 POLL_SECONDS = 0.2
@@ -233,6 +234,8 @@ class LearnerLoop:
         self.aredis: Any = None
         self.last_sweep = 0.0
         self.last_held = 0.0
+        #: the wait between looks at waiting held labels (:meth:`held_due`)
+        self.held_every = HELD_EVERY
         #: the wait before the next poll (:func:`early_pause` of the last batch)
         self.early_pause = 0.0
         #: False while an iteration is half done (then no final snapshot may be taken)
@@ -367,6 +370,8 @@ class LearnerLoop:
         self.consistent = False
         if batch:
             out = yield from core.process_step(batch, now)
+            if any(r.outcome == "early" for r in out.results):
+                self.held_every = HELD_EVERY  # new holds: look soon again
             self.early_pause = early_pause(out.results)
             self.learned(batch)
             yield from self._produce(out)
@@ -380,15 +385,21 @@ class LearnerLoop:
             self.last_sweep = self.last_held = now
         elif self.held_due(now):
             self.last_held = now
-            yield from self._produce((yield from core.held_step(now)))
+            held = yield from core.held_step(now)
+            resolved = any(r.outcome == "resolved" for r in held.results)
+            self.held_every = HELD_EVERY if resolved else min(2 * self.held_every, SWEEP_EVERY)
+            yield from self._produce(held)
         self.consistent = True
         if core.snapshot_due(now):
             yield from self.snapshot_step(now)
 
     def held_due(self, now: float) -> bool:
         """Whether to look at the held labels between two sweeps: at once while a backlog
-        of them is being resolved (``joiner.more_held``), and every :data:`HELD_EVERY`
-        seconds while some wait for their events (``joiner.held_waiting``).
+        of them is being resolved (``joiner.more_held``), and every :attr:`held_every`
+        seconds while some wait for their events (``joiner.held_waiting``): :data:`HELD_EVERY`
+        after new holds or a look that resolved some, doubled after each look that resolved
+        none, up to :data:`SWEEP_EVERY` (labels whose events never come, held until their
+        horizon, cost no more than before).
 
         A held label waited for the next sweep once its walk stopped: split roles' learner
         learned the last of a 60,000-label backlog up to a second after the scorer answered
@@ -397,15 +408,19 @@ class LearnerLoop:
         Examples:
             >>> class J: more_held = False; held_waiting = True
             >>> class C: joiner = J()
-            >>> loop = object.__new__(LearnerLoop); loop.core = C(); loop.last_held = 10.0
+            >>> loop = object.__new__(LearnerLoop); loop.core = C()
+            >>> loop.last_held, loop.held_every = 10.0, HELD_EVERY
             >>> loop.held_due(10.1), loop.held_due(10.3)
+            (False, True)
+            >>> loop.held_every = 0.8
+            >>> loop.held_due(10.3), loop.held_due(10.9)
             (False, True)
             >>> J.held_waiting = False
             >>> loop.held_due(11.0)
             False
         """
         joiner = self.core.joiner
-        return joiner.more_held or (joiner.held_waiting and now - self.last_held >= HELD_EVERY)
+        return joiner.more_held or (joiner.held_waiting and now - self.last_held >= self.held_every)
 
     def _produce(self, out: StepOutput) -> Step[None]:
         """Hand a step's records to the producer; no trip to the thread when there are none

@@ -7,10 +7,12 @@ its markers written, and only then do its offsets move; the records are delivere
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
 import orjson
+import pytest
 
 from models.factory import build_model
 from models.join import JoinResult
@@ -261,3 +263,40 @@ def test_the_split_learner_waits_before_its_next_poll_after_a_batch_of_mostly_ea
     _run_scripted(loop, Consumer(), script, apply)
     pause = f"wait {EARLY_PAUSE}"
     assert steps == ["poll", pause, "poll", "poll", "poll", pause, "poll"]
+
+
+def test_held_labels_that_wait_are_looked_at_less_often_while_none_resolves() -> None:
+    """Between sweeps, held labels that wait for their events are looked at every 0.2 s,
+    doubling after each look that resolves none up to the sweep's second (labels whose
+    events never come cost no more than before); a look that resolves some, or new holds,
+    bring it back to 0.2 s."""
+    from streams.learner import HELD_EVERY, SWEEP_EVERY
+
+    spec = _spec()
+    core = LearnerCore(spec, build_model(spec.model), registry=None, client=None, version_id="v1")  # type: ignore[arg-type]
+    loop = LearnerLoop(spec, load_settings(kafka_bootstrap="127.0.0.1:1"), core)
+    core.joiner.held_waiting = True
+    loop.last_sweep = 1e12  # no sweep here
+
+    clock = {"t": 0.0}
+
+    def looks(until: float, answer: list[JoinResult]) -> list[float]:
+        """Iterations every 10 ms from the last ``until`` to this one; when a look was made."""
+        at = []
+        for i in range(round(clock["t"] * 100), round(until * 100)):
+            answers = Answers(**{"held labels": answer})
+            answers.drive(loop.iteration([], i / 100))
+            if answers.calls:
+                at.append(i / 100)
+        clock["t"] = until
+        return at
+
+    def gaps(seen: list[float]) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(seen)]
+
+    seen = looks(4.0, [])  # nothing resolved: 0.2 s after the start, then 0.4, 0.8, 1, 1
+    assert seen[0] == pytest.approx(HELD_EVERY, abs=0.015)
+    expected = [2 * HELD_EVERY, 4 * HELD_EVERY, SWEEP_EVERY, SWEEP_EVERY]
+    assert gaps(seen) == pytest.approx(expected, abs=0.015), seen
+    seen = looks(6.0, [JoinResult("resolved", "e1", _hit("e1", True).example)])
+    assert gaps(seen)[:3] == pytest.approx([HELD_EVERY] * 3, abs=0.015), seen
