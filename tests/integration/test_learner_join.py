@@ -362,11 +362,11 @@ def test_early_labels_are_held_in_one_call(redis_client: Any, unique: Any, setti
     client.close()
 
 
-def test_a_backlog_of_held_labels_goes_on_between_sweeps(
+def _held_backlog(
     redis_client: Any, unique: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After a full chunk that resolved labels, the next chunks are looked at at once
-    (held_step), not one chunk per sweep; each label is learned once."""
+) -> tuple[int, Any, Any, float]:
+    """A learner whose sweep looks at chunks of 20 held labels, with 3 chunks and 7 labels
+    (``e0``...) held, none served yet: ``(chunk, spec, core, now)``."""
     import models.join
 
     chunk = 20
@@ -374,8 +374,17 @@ def test_a_backlog_of_held_labels_goes_on_between_sweeps(
     spec = make_spec(unique)
     core = _core(spec, redis_client)
     now = time.time()
+    core.process([label_msg(f"e{i}", i % 2 == 0, now, i) for i in range(3 * chunk + 7)])
+    return chunk, spec, core, now
+
+
+def test_a_backlog_of_held_labels_goes_on_between_sweeps(
+    redis_client: Any, unique: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a full chunk that resolved labels, the next chunks are looked at at once
+    (held_step), not one chunk per sweep; each label is learned once."""
+    chunk, spec, core, now = _held_backlog(redis_client, unique, monkeypatch)
     n = 3 * chunk + 7
-    core.process([label_msg(f"e{i}", i % 2 == 0, now, i) for i in range(n)])
     for i in range(n):
         serve(redis_client, spec, core, f"e{i}", float(i), now - 1)
     learned = len(core.sweep().results)
@@ -410,16 +419,9 @@ def test_held_labels_waiting_for_their_events_are_looked_at_again(
     """``joiner.held_waiting`` says when a walk of the early index left labels waiting for
     their events, even in a chunk it walked past (the learner looks again within
     HELD_EVERY, not a sweep later), and goes False once none waits."""
-    import models.join
-
-    chunk = 20
-    monkeypatch.setattr(models.join, "SWEEP_HELD_CHUNK", chunk)
-    spec = make_spec(unique)
-    core = _core(spec, redis_client)
-    now = time.time()
+    chunk, spec, core, now = _held_backlog(redis_client, unique, monkeypatch)
     n = 3 * chunk + 7
     ids = [f"e{i}" for i in range(n)]
-    core.process([label_msg(e, i % 2 == 0, now, i) for i, e in enumerate(ids)])
     second = set(ids[chunk : 2 * chunk])
     for i, e in enumerate(ids):
         if e not in second:
