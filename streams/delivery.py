@@ -27,9 +27,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weir.errors import WeirError
+
+if TYPE_CHECKING:
+    from weir.settings import Settings
 
 log = logging.getLogger("weir.delivery")
 
@@ -178,4 +181,14 @@ class Delivery:
         return 0
 
 
-__all__ = ["RENEW_AFTER", "Delivery", "OutputRejected", "Record", "refused_for_good"]
+def renewing(settings: Settings, overrides: dict[str, Any], renew_after: float = RENEW_AFTER) -> Delivery:
+    """A :class:`Delivery` over a new ``confluent_kafka.Producer`` of
+    ``settings.producer_config()`` (acks=all, idempotent) with ``overrides``, replaced by
+    another of the same configuration when it acknowledges nothing for ``renew_after`` s."""
+    from confluent_kafka import Producer
+
+    conf = {**settings.producer_config(), **overrides}
+    return Delivery(Producer(conf), make=lambda: Producer(conf), renew_after=renew_after)
+
+
+__all__ = ["RENEW_AFTER", "Delivery", "OutputRejected", "Record", "refused_for_good", "renewing"]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.learner import Io, LabelMessage, LearnerCore, Step, StepOutput, run_step
 from models.registry import ModelRegistry, registry_key
-from streams.delivery import Delivery, Record
+from streams.delivery import Record, renewing
 from weir.errors import StackError
 from weir.heap import freeze_startup_heap
 from weir.metrics import LearnerMetrics, MetricsServer
@@ -100,12 +100,10 @@ class StepEmitter:
     """
 
     def __init__(self, spec: PipelineSpec, settings: Settings, linger_ms: int = 20) -> None:
-        from confluent_kafka import Producer
-
         self.spec = spec
-        conf = {**settings.producer_config(), "linger.ms": linger_ms}  # acks=all, idempotent
-        # A producer stuck after a broker restart is replaced (streams.delivery.RENEW_AFTER).
-        self.delivery = Delivery(Producer(conf), make=lambda: Producer(conf))
+        # acks=all, idempotent; a producer stuck after a broker restart is replaced
+        # (streams.delivery.RENEW_AFTER).
+        self.delivery = renewing(settings, {"linger.ms": linger_ms})
 
     @property
     def producer(self) -> Any:

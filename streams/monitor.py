@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 # _Shadow and _Guard: checkpoints written before the core moved to models.monitor pickled
 # them under this module's name; importing them here keeps those checkpoints readable.
 from models.monitor import Intake, Monitor, _Guard, _Shadow  # noqa: F401
+from streams.delivery import Delivery, renewing
 from streams.recovery import CHECKPOINT, Offsets, RetryingRegistry, restore
 from weir.contracts import DriftRecord, encode_drift_record, encode_retrain_request
 from weir.errors import StackError
@@ -68,6 +69,7 @@ def run_monitor(
     checkpoint_seconds: float = 2.0,
     backoff: Backoff = Backoff(),
     on_ready: Callable[[Monitor], None] | None = None,
+    delivery: Delivery | None = None,
 ) -> Monitor:
     """Run the monitor until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
 
@@ -82,11 +84,13 @@ def run_monitor(
         backoff: the retry backoff while Redis or Kafka is unreachable.
         on_ready: called with the :class:`Monitor` once it is built and restored from
             its checkpoint (tests watch it).
+        delivery: what publishes the drift records; default a :func:`streams.delivery.renewing`
+            producer (tests give one whose first producer is stuck).
 
     Returns:
         The Monitor, after a clean stop (consumer closed, producer flushed).
     """
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
     from prometheus_client import CollectorRegistry
 
     from weir.metrics import MetricsServer, MonitorMetrics
@@ -107,34 +111,28 @@ def run_monitor(
     server = MetricsServer(metrics.registry, settings.metrics_host, port)
     log.info("monitor %s: /metrics on %s", spec.name, server.url)
 
-    # message.timeout.ms 0: a drift record waits for Kafka's return instead of expiring;
-    # idempotence: the retries of an outage write it once.
-    producer = Producer(
-        {
-            **settings.producer_config(),  # acks=all, idempotent
-            "linger.ms": 20,
-            "message.timeout.ms": 0,
-        }
-    )
-
-    def delivered(err: Any, msg: Any) -> None:
-        if err is not None:
-            log.error("drift record not delivered to %s: %s", msg.topic(), err)
+    # Every drift record is kept until Kafka acknowledges it (streams.delivery): one that
+    # failed is produced again, a producer stuck after a broker restart is replaced, and a
+    # checkpoint waits for them all. message.timeout.ms 0: a record waits for Kafka's
+    # return instead of expiring; idempotence: the retries of an outage write it once.
+    if delivery is None:
+        delivery = renewing(settings, {"linger.ms": 20, "message.timeout.ms": 0})  # acks=all, idempotent
+    out = delivery
 
     def publish(rec: DriftRecord) -> None:
-        while True:
-            try:
-                producer.produce(spec.topics.drift, encode_drift_record(rec), rec.key, on_delivery=delivered)
-                break
-            except BufferError:  # the local queue is full while Kafka is away: wait
-                health.failed("kafka")
-                producer.poll(0.5)
-        producer.poll(0)
+        out.add([(spec.topics.drift, encode_drift_record(rec), rec.key)])
+        out.send()  # what the producer's full queue does not take waits for the next send
+        out.producer.poll(0)
 
     def flush_producer() -> None:
-        left = producer.flush(5)
+        out.send()
+        left, errors = out.wait(5)
         if left:
-            raise StackError(f"{left} drift records not yet delivered to {spec.topics.drift!r} (kafka)")
+            health.failed("kafka")
+            raise StackError(
+                f"{left} drift records not yet delivered to {spec.topics.drift!r} "
+                f"({errors[0] if errors else 'kafka'}); is Kafka at {settings.kafka_bootstrap} up?"
+            )
 
     def read_history(upto: dict[int, int]) -> Any:
         # The retrain's window, read back from the training log (durable across restarts);
@@ -256,7 +254,7 @@ def run_monitor(
                     applied and time.monotonic() - last_checkpoint >= checkpoint_seconds
                 ):
                     checkpoint()
-                producer.poll(0)
+                out.producer.poll(0)
             clean = True
         except Exception:
             if not stop.is_set():
@@ -271,7 +269,13 @@ def run_monitor(
         except Exception as exc:  # stopped during an outage: the last checkpoint stands
             log.warning("no final checkpoint (%s); the restart resumes from the previous one", exc)
         consumer.close()
-        producer.flush(10)
+        try:
+            out.send()
+            left, _ = out.wait(10)
+            if left:
+                log.warning("%d drift records not delivered at the stop (the restart publishes again)", left)
+        except Exception as exc:  # refused for good: said, and the stop goes on
+            log.error("drift records not delivered at the stop: %s", exc)
         server.stop()
         log.info(
             "monitor %s stopped: %d predictions, %d examples (%d kept out of the performance "

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from streams.delivery import Delivery
+from streams.delivery import renewing
 from streams.scoring import BatchOutput, ModelSource, Prepared, RawMessage, Scorer
 from streams.sync import UNTIMED, EventTimeSync, consumed_all, merge_by_time, message_time, sync_for
 from weir.contracts import dead_letter_key, encode_dead_letter, encode_prediction
@@ -161,12 +161,9 @@ class KafkaOutput:
     """
 
     def __init__(self, spec: PipelineSpec, settings: Settings, flush_timeout: float = 5.0) -> None:
-        from confluent_kafka import Producer
-
-        conf = settings.producer_config()  # acks=all, idempotent
-        conf.update({"linger.ms": 5, "compression.type": "lz4"})
-        # A producer stuck after a broker restart is replaced (streams.delivery.RENEW_AFTER).
-        self.delivery = Delivery(Producer(conf), make=lambda: Producer(conf))
+        # acks=all, idempotent; a producer stuck after a broker restart is replaced
+        # (streams.delivery.RENEW_AFTER).
+        self.delivery = renewing(settings, {"linger.ms": 5, "compression.type": "lz4"})
         self.spec = spec
         self.flush_timeout = flush_timeout
 

@@ -27,7 +27,8 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])  # closed again when the socket is: nobody listens
 
 
-def _stuck_producer(settings: Settings) -> Any:
+def stuck_producer(settings: Settings) -> Any:
+    """A producer pointed at a port where no broker listens: it never acknowledges anything."""
     conf = {**settings.producer_config(), "bootstrap.servers": f"127.0.0.1:{_closed_port()}"}
     return Producer({**conf, "log_level": 0, "error_cb": lambda _err: None})
 
@@ -37,7 +38,7 @@ def test_a_producer_acknowledging_nothing_is_replaced_and_its_records_land(
 ) -> None:
     (topic,) = make_topics("renew")
     delivery = Delivery(
-        _stuck_producer(settings), make=lambda: Producer(settings.producer_config()), renew_after=1.0
+        stuck_producer(settings), make=lambda: Producer(settings.producer_config()), renew_after=1.0
     )
     records = [(topic, orjson.dumps({"event_id": f"e{i}"}), f"e{i}".encode()) for i in range(50)]
     delivery.add(records)
@@ -55,7 +56,7 @@ def test_a_producer_acknowledging_nothing_is_replaced_and_its_records_land(
 
 
 def test_without_a_way_to_make_one_the_producer_is_kept(settings: Settings) -> None:
-    stuck = _stuck_producer(settings)
+    stuck = stuck_producer(settings)
     delivery = Delivery(stuck, renew_after=0.0)
     delivery.add([("weir-renew-none", b"{}", None)])
     delivery.send()

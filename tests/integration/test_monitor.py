@@ -20,8 +20,10 @@ from models.drift import DriftRecord
 from models.monitor import Monitor
 from models.registry import ModelRegistry
 from streams.admin import delete_keys
+from streams.delivery import Delivery
 from streams.monitor import request_retrain, run_monitor
 from tests.integration.conftest import wait_for
+from tests.integration.test_delivery_renew import stuck_producer
 from tests.unit.test_retrain_monitor import agrawal_examples, make_spec, trained_champion
 from weir.settings import Settings
 from weir.spec import PipelineSpec
@@ -195,6 +197,33 @@ def test_stationary_stream_causes_no_retrain(
         assert decisions and not any(r.drifted for r in decisions)
         assert not any(r.kind == "performance" and r.drifted for r in out)
     finally:
+        _cleanup(redis_client, spec)
+
+
+def test_drift_records_land_when_the_producer_is_stuck_and_replaced(
+    settings: Settings, make_topics: Any, redis_client: Any, consume_all: Any
+) -> None:
+    """The monitor's drift records go through a Delivery (streams/delivery.py): a producer
+    that acknowledges nothing (as the learner's once did after a Kafka restart) is replaced
+    and every record it held lands. Before, the monitor's own producer was kept: its
+    checkpoints retried the flush for as long as it ran, and its drift records never came."""
+    spec, champion, registry = _setup(make_topics, redis_client)
+    stuck = stuck_producer(settings)
+    delivery = Delivery(stuck, make=lambda: Producer(settings.producer_config()), renew_after=1.0)
+    try:
+        running = Running(spec, settings, registry, delivery=delivery)
+        _produce(settings, spec, agrawal_examples(spec, champion, [(6, N)]))
+        mon = running.monitor
+        assert mon is not None
+        wait_for(lambda: mon.examples_seen >= N, 40, f"the monitor to read {N} examples")
+        wait_for(lambda: delivery.renewals >= 1, 30, "the stuck producer to be replaced")
+        running.stop()  # its final checkpoint waits for every drift record
+        assert delivery.producer is not stuck
+        out = drift_records(settings, consume_all, spec)
+        assert [r for r in out if r.kind == "decision"], "no decision record on the drift topic"
+        assert delivery.wait(1) == (0, []), "drift records left undelivered"
+    finally:
+        stuck.purge()
         _cleanup(redis_client, spec)
 
 
