@@ -208,7 +208,10 @@ class ScoringSpec(_Strict):
     """The scoring worker's batching and input limits."""
 
     batch_size: int = Field(500, ge=1, le=100_000)
-    batch_within: Duration = 0.05
+    batch_within: Duration = 0.002
+    """After a batch's first event, how long to wait for more (``batch_size`` at most): the
+    events of one Kafka fetch, handed over one at a time, come within 2 ms; a longer wait
+    adds itself to the latency of a stream too slow to fill batches (docs/spec.md)."""
     max_idle: Duration = 1.0
     """Role ``all``: how long the scorer waits for labels (and the learner for events) to
     take both topics in event-time order when they hold a backlog; 0 never waits."""
