@@ -115,9 +115,7 @@ def run_monitor(
     # failed is produced again, a producer stuck after a broker restart is replaced, and a
     # checkpoint waits for them all. message.timeout.ms 0: a record waits for Kafka's
     # return instead of expiring; idempotence: the retries of an outage write it once.
-    if delivery is None:
-        delivery = renewing(settings, {"linger.ms": 20, "message.timeout.ms": 0})  # acks=all, idempotent
-    out = delivery
+    out = delivery if delivery is not None else renewing(settings, {"linger.ms": 20, "message.timeout.ms": 0})
 
     def publish(rec: DriftRecord) -> None:
         out.add([(spec.topics.drift, encode_drift_record(rec), rec.key)])
