@@ -7,6 +7,9 @@ predictions (:class:`bench.common.OutputReader`). Systems:
 * ``weir-all``    ``weir worker SPEC --role all`` (one process scores and learns);
 * ``weir-split``  ``--role scorer`` + ``--role learner`` (two processes);
 * ``weir-score``  ``--role all`` with no labels sent: scoring only;
+* ``weir-split2``, ``weir-score2`` (on request, ``--systems``): scale-out on Kafka's
+  partitions, two ``--role scorer`` processes in one consumer group + ``--role learner``,
+  with labels and without;
 * ``floor``       (a) confluent-kafka consume -> produce, no work (bench/naive.py --floor);
 * ``naive``       (b) a per-event loop: consume, one Redis HINCRBY, River predict, learn per
                   label, produce (bench/naive.py);
@@ -93,9 +96,22 @@ from weir.settings import load_settings
 from weir.spec import PipelineSpec
 
 #: Run order: the baselines first, so a Weir failure still leaves them measured.
-SYSTEMS = ("ceiling", "floor", "naive", "weir-all", "weir-split", "weir-score")
-TABLE_ORDER = ("weir-all", "weir-split", "weir-score", "floor", "naive", "ceiling")
+SYSTEMS = ("ceiling", "floor", "naive", "weir-all", "weir-split", "weir-score", "weir-split2", "weir-score2")
+#: What a run measures unless ``--systems`` says otherwise (the scale-out ones on request).
+DEFAULT_SYSTEMS = SYSTEMS[:6]
+TABLE_ORDER = (
+    "weir-all",
+    "weir-split",
+    "weir-score",
+    "weir-split2",
+    "weir-score2",
+    "floor",
+    "naive",
+    "ceiling",
+)
 WARMUP_EVENTS = 300
+#: Warm-ups sent at most until every scorer of a multi-scorer system has answered some.
+WARMUP_ROUNDS = 5
 #: Seconds the idle processes are watched for their CPU use at rest.
 IDLE_SECONDS = 3.0
 #: Seconds between scrapes of the labels-learned counter while waiting for the labels (the
@@ -118,14 +134,19 @@ class Running:
 # -- starting each system -------------------------------------------------------------------
 
 
+#: Split systems: how many ``--role scorer`` processes beside the one ``--role learner``.
+SCORERS = {"weir-split": 1, "weir-split2": 2, "weir-score2": 2}
+
+
 def start_weir(kind: str, path: Path, tag: str) -> Running:
-    if kind == "weir-split":
+    if kind in SCORERS:
         learner = weir_worker(path, "learner", f"{tag}-learner")
-        scorer = weir_worker(path, "scorer", f"{tag}-scorer")
+        n = SCORERS[kind]
+        scorers = [weir_worker(path, "scorer", f"{tag}-scorer{i + 1 if n > 1 else ''}") for i in range(n)]
         return Running(
-            [scorer, learner],
+            [*scorers, learner],
             lambda: scrape(learner.metrics_url, "weir_labels_learned_total"),
-            True,
+            kind != "weir-score2",
             lambda: scrape_by(learner.metrics_url, "weir_label_joins_total", "outcome"),
         )
     proc = weir_worker(path, "all", f"{tag}-all")
@@ -195,6 +216,36 @@ def _p99_by_second(answered: list[tuple[float, float]], t0: float) -> list[float
     return [round(pct(per[i], 0.99) * 1000, 1) if i in per else None for i in range(last + 1)]  # type: ignore[operator]
 
 
+def warm_up(
+    kind: str, run: Running, reader: OutputReader, settings: Any, spec: PipelineSpec, entities: int
+) -> None:
+    """Warm-up events (with labels if the system learns) until they are answered; for a system
+    of several scorers, again until each has answered some (its consumer group settled)."""
+    scorers = [p for p in run.procs if "-scorer" in p.name] if SCORERS.get(kind, 1) > 1 else []
+    for round_ in range(WARMUP_ROUNDS):
+        warm = records(
+            spec,
+            WARMUP_EVENTS,
+            run_id=f"warm{round_ or ''}",
+            seed=1 + round_,
+            entities=entities,
+            labels=run.labels,
+        )
+        ids = {r.event_id for r in warm}
+        live_send(settings, spec, warm, 100.0, LabelDelay(events=50))
+        if not wait_until(
+            lambda ids=ids: reader.count(ids) >= len(ids) or not all(p.alive() for p in run.procs), 240
+        ):
+            check_alive(run)
+            raise RuntimeError(f"{kind}: no answer to the warm-up within 240 s; logs in {run.procs[0].log}")
+        check_alive(run)
+        if all((scrape(p.metrics_url, "weir_events_total") or 0) > 0 for p in scorers):
+            return
+    raise RuntimeError(
+        f"{kind}: a scorer answered none of {WARMUP_ROUNDS} warm-ups (its group never settled)"
+    )
+
+
 def measure(
     kind: str, settings: Any, spec: PipelineSpec, path: Path, tag: str, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -206,17 +257,9 @@ def measure(
     try:
         # 1) warm-up: started, assigned, answering (and learning)
         t0 = time.time()
-        warm = records(spec, WARMUP_EVENTS, run_id="warm", seed=1, entities=args.entities, labels=labels)
         reader = OutputReader(settings, spec.topics.predictions)
         reader.start()
-        ids = {r.event_id for r in warm}
-        live_send(settings, spec, warm, 100.0, LabelDelay(events=50))
-        if not wait_until(
-            lambda: reader.count(ids) >= len(ids) or not all(p.alive() for p in run.procs), 240
-        ):
-            check_alive(run)
-            raise RuntimeError(f"{kind}: no answer to the warm-up within 240 s; logs in {run.procs[0].log}")
-        check_alive(run)
+        warm_up(kind, run, reader, settings, spec, args.entities)
         reader.close()
         out["startup_seconds"] = round(time.time() - t0, 1)
         if args.profile:
@@ -440,6 +483,8 @@ LABELS = {
     "weir-all": "Weir, role all",
     "weir-split": "Weir, scorer + learner",
     "weir-score": "Weir, scoring only (no labels)",
+    "weir-split2": "Weir, 2 scorers + learner",
+    "weir-score2": "Weir, 2 scorers, no labels",
     "floor": "(a) floor: consume->produce",
     "naive": "(b) naive per-event loop",
     "ceiling": "(c) in-process ceiling",
@@ -552,7 +597,7 @@ def table(results: dict[str, Any]) -> str:
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     rates = {k: r for k, v in results["systems"].items() if (r := sustained(v)) is not None}
     out: dict[str, float | None] = {}
-    for a in ("weir-all", "weir-split", "weir-score"):
+    for a in ("weir-all", "weir-split", "weir-score", "weir-split2", "weir-score2"):
         for b in ("naive", "floor", "ceiling"):
             out[f"{a}/{b}"] = round(rates[a] / rates[b], 3) if a in rates and b in rates else None
     out["naive/floor"] = (
@@ -614,7 +659,9 @@ def main() -> int:
     )
     ap.add_argument("--entities", type=int, default=50_000, help="distinct entities (default 50,000)")
     ap.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}"
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default {','.join(DEFAULT_SYSTEMS)})",
     )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a backlog to drain")
     ap.add_argument(

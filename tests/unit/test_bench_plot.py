@@ -30,11 +30,12 @@ def test_plot_draws_every_system_in_the_table_order_and_the_floor_clipped(tmp_pa
             "floor": _system(170_000.0, [10.0, 12.0]),  # bursts: clipped on the bars
             "weir-all": _system(1900.0, [120.0, 300.0, 250.0]),
             "ceiling": _system(12_000.0, None),  # no live phase
+            "weir-score2": _system(5000.0, [40.0]),  # a scale-out system, on request
         },
     }
     path = tmp_path / "sub" / "e2e.png"
     drawn = plot(results, path)
-    assert drawn == ["weir-all", "floor", "naive", "ceiling"]
+    assert drawn == ["weir-all", "weir-score2", "floor", "naive", "ceiling"]
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -58,8 +59,18 @@ def test_a_system_that_scores_fast_and_learns_late_is_rated_by_when_it_is_done()
         "backlog": {"complete": False, "events_per_second": 9000.0, "sustained_events_per_second": None}
     }
     assert sustained(late) == 1714.3 and sustained(old) == 3000.0 and sustained(broken) is None
-    results = {"systems": {"weir-all": late, "naive": naive, "weir-score": old, "weir-split": broken}}
+    results = {
+        "systems": {
+            "weir-all": late,
+            "naive": naive,
+            "weir-score": old,
+            "weir-split": broken,
+            "weir-split2": old,
+        }
+    }
     assert ratios(results)["weir-all/naive"] == round(1714.3 / 8800.0, 3)
+    assert ratios(results)["weir-split2/naive"] == round(3000.0 / 8800.0, 3)
+    assert any(line.startswith("Weir, 2 scorers + learner") for line in table(results).splitlines())
     t = targets(results)
     assert t["weir-all >= 6000 ev/s"] is False and t["weir-split >= 8000 ev/s"] is None
     row = next(line for line in table(results).splitlines() if line.startswith("Weir, role all"))
