@@ -1,8 +1,9 @@
 """A pipeline's Redis memory, sampled on a timer: never per event.
 
 :class:`RedisFootprint` walks the keyspace with ``SCAN MATCH {prefix}:*`` (``COUNT``
-:data:`SCAN_COUNT`, up to :data:`SCANS_PER_STEP` calls a step until it holds that many of the
-pipeline's keys: a Redis shared with other keys is walked as fast as a private one), counts
+:data:`SCAN_COUNT`, short calls that hold Redis ~2 ms; up to :data:`SCANS_PER_STEP` calls a
+step until it holds :data:`STEP_KEYS` of the pipeline's keys: a Redis shared with other keys
+is walked as fast as a private one), counts
 the pipeline's keys by kind (the segment after the prefix: ``win``, ``meta``, ``recent``,
 ``applied``, ``served``, ``early``, ``join``, ...) and takes ``MEMORY USAGE`` of the first
 :data:`SAMPLE_EVERY` keys of every kind (so a kind of a few large keys, such as ``recent`` or
@@ -34,11 +35,15 @@ from typing import Any
 
 from weir.slots import prefix_pattern
 
-#: Keys visited per SCAN call (Redis walks this many slots; the cost is ~1 ms per 10,000),
-#: and the pipeline's keys a step collects before it stops.
-SCAN_COUNT = 10_000
+#: Slots a SCAN call walks (its ``COUNT``). Redis runs one call at a time, so a call blocks
+#: the scorers' feature calls for its length: measured 2026-12-02 on a Redis of 214,000 keys
+#: (104,000 the pipeline's), a whole pass in 22 calls of 10,000 took ~12 ms a call (up to 19),
+#: in 108 calls of 2,000 ~2.3 ms a call (up to 3.5), the pass ~250 ms either way.
+SCAN_COUNT = 2_000
+#: The pipeline's keys a step collects before it stops.
+STEP_KEYS = 10_000
 #: SCAN calls a step makes at most (each a separate command: other clients run between).
-SCANS_PER_STEP = 10
+SCANS_PER_STEP = 50
 #: One key in this many gets a MEMORY USAGE (SAMPLES 5: nested values are sampled too).
 SAMPLE_EVERY = 50
 #: Seconds between two steps (the learner's sweep decides when).
@@ -107,7 +112,7 @@ class RedisFootprint:
     def step(self, client: Any) -> bool:
         """One step (SCAN calls and their samples); True when it ended a pass (gauges set).
 
-        A step scans until it has :data:`SCAN_COUNT` of the pipeline's keys, at most
+        A step scans until it has :data:`STEP_KEYS` of the pipeline's keys, at most
         :data:`SCANS_PER_STEP` calls: on a Redis shared with other keys most of a call's
         slots are someone else's, and one call per step took a pass over 660,000 keys two
         minutes, the gauges having no series until then.
@@ -118,7 +123,7 @@ class RedisFootprint:
         for _ in range(SCANS_PER_STEP):
             got, ended = self._scan(client, masters)
             keys += got
-            if ended or len(keys) >= SCAN_COUNT:
+            if ended or len(keys) >= STEP_KEYS:
                 break
         sample = self._count(keys)
         if sample:

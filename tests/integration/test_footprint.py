@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from weir.footprint import SCAN_COUNT, SCANS_PER_STEP, RedisFootprint
+from weir.footprint import SCAN_COUNT, SCANS_PER_STEP, STEP_KEYS, RedisFootprint
 from weir.metrics import LearnerMetrics
 
 
@@ -54,7 +54,7 @@ def test_a_pass_counts_and_sizes_the_pipeline_keys_by_kind(redis_client: Any, un
 
 
 def test_a_pass_over_a_redis_shared_with_other_keys_takes_few_steps(redis_client: Any, unique: str) -> None:
-    """A step scans until it holds SCAN_COUNT of the pipeline's keys (at most SCANS_PER_STEP
+    """A step scans until it holds STEP_KEYS of the pipeline's keys (at most SCANS_PER_STEP
     calls): 60,000 keys of someone else took one call per step, six steps and more (12 s at
     the learner's pace, minutes on a Redis of 660,000 keys) before the gauges had a series."""
     prefix, other = f"weir:fp-{unique}", f"fp-other-{unique}"
@@ -80,3 +80,43 @@ def test_a_pass_over_a_redis_shared_with_other_keys_takes_few_steps(redis_client
             batch = list(redis_client.scan_iter(match=pattern, count=10_000))
             for at in range(0, len(batch), 10_000):
                 redis_client.unlink(*batch[at : at + 10_000])
+
+
+class _ScanSpy:
+    """The real client, its SCAN calls' COUNT recorded (nothing else changed)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.counts: list[int] = []
+
+    def scan(self, cursor: int, match: str, count: int) -> Any:
+        self.counts.append(count)
+        return self.client.scan(cursor, match=match, count=count)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_a_step_collects_its_keys_in_short_scan_calls(redis_client: Any, unique: str) -> None:
+    """A SCAN call holds Redis for its length (a call of 10,000 slots ~12 ms on a loaded
+    2-core machine, in the scorers' way): a step collects STEP_KEYS of the pipeline's keys in
+    several calls of SCAN_COUNT slots, not in one call of STEP_KEYS."""
+    prefix = f"weir:fp-{unique}"
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(STEP_KEYS + 2_000):
+        pipe.set(f"{prefix}:served:e{i}", b"x", ex=120)
+    pipe.execute()
+    try:
+        spy = _ScanSpy(redis_client)
+        footprint = RedisFootprint(prefix, "p")
+        footprint.step(spy)
+        assert spy.counts and set(spy.counts) == {SCAN_COUNT} and SCAN_COUNT <= 2_000, spy.counts
+        assert len(spy.counts) >= 3, spy.counts  # ~STEP_KEYS / SCAN_COUNT calls for a step's keys
+        steps = 1
+        while not footprint.step(spy):
+            steps += 1
+        assert footprint.last["served"][0] == STEP_KEYS + 2_000
+    finally:
+        batch = list(redis_client.scan_iter(match=f"{prefix}:*", count=10_000))
+        for at in range(0, len(batch), 10_000):
+            redis_client.unlink(*batch[at : at + 10_000])
