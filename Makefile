@@ -92,6 +92,7 @@ else
 	$(PY) bench/e2e.py $(BENCH_ARGS)
 	$(PY) bench/features.py
 	$(PY) bench/drift_overhead.py
+	$(PY) bench/join.py
 endif
 
 bench-hot: ## windowed aggregates of hot entities: tiles vs the previous engine (private Redis, ~10 min, docs/features.md)
