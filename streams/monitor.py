@@ -42,6 +42,7 @@ from streams.delivery import Delivery, renewing
 from streams.recovery import CHECKPOINT, Offsets, RetryingRegistry, restore
 from weir.contracts import DriftRecord, encode_drift_record, encode_retrain_request
 from weir.errors import StackError
+from weir.heap import freeze_startup_heap
 from weir.resilience import Backoff, DependencyHealth, retry_sync
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ def run_monitor(
             except KafkaException as exc:
                 log.warning("offset commit failed (kept in the checkpoint): %s", exc)
 
+    freeze_startup_heap()  # the state restored: later full collections skip it (weir.heap)
     kafka_errors = 0
     clean = False
     try:
