@@ -597,8 +597,9 @@ def table(results: dict[str, Any]) -> str:
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     rates = {k: r for k, v in results["systems"].items() if (r := sustained(v)) is not None}
     out: dict[str, float | None] = {}
-    for a in ("weir-all", "weir-split", "weir-score", "weir-split2", "weir-score2"):
-        for b in ("naive", "floor", "ceiling"):
+    baselines = ("naive", "floor", "ceiling")
+    for a in (k for k in TABLE_ORDER if k not in baselines):
+        for b in baselines:
             out[f"{a}/{b}"] = round(rates[a] / rates[b], 3) if a in rates and b in rates else None
     out["naive/floor"] = (
         round(rates["naive"] / rates["floor"], 3) if {"naive", "floor"} <= rates.keys() else None
