@@ -536,14 +536,14 @@ def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc
     return Proc(name, popen, log)
 
 
-def weir_worker(spec_path: Path, role: str, name: str) -> Proc:
-    """``weir worker SPEC --role ROLE`` with its own /metrics port."""
+def weir_worker(spec_path: Path, role: str, name: str, env: dict[str, str] | None = None) -> Proc:
+    """``weir worker SPEC --role ROLE`` with its own /metrics port (``env``: more variables)."""
     port = free_port()
     argv = [sys.executable, "-m", "weir.cli", "worker", str(spec_path), "--role", role]
     argv += ["--metrics-port", str(port)]
     if role != "learner":
         argv += ["--", "--without-web", "-l", "warn"]
-    proc = spawn(name, argv)
+    proc = spawn(name, argv, env)
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
     return proc
 

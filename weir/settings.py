@@ -96,7 +96,9 @@ class Settings(BaseSettings):
         le=60_000,
         description="`WEIR_KAFKA_FETCH_MAX_WAIT_MS`: the longest a scoring worker's fetch waits "
         "for `WEIR_KAFKA_FETCH_MIN_BYTES`: the latency it may add to an event when the stream is "
-        "slow, and how often an idle worker asks (20 ms: 50 fetches a second).",
+        "slow, and how often an idle worker asks (20 ms: 50 fetches a second). A live worker "
+        "scores a batch per fetch, each with a fixed cost: 50 or 100 cuts its CPU by a third "
+        "to a half at 500 events/s for that much more latency (bench/fetch_wait.py).",
     )
     topic_replication_factor: int | None = Field(
         None,
