@@ -14,8 +14,8 @@ alternating rounds, each on a fresh pipeline's served records:
 
 Each round's Redis time is ``INFO commandstats``' ``evalsha`` time over the round, per
 label, so the Redis it runs on should be otherwise idle (``make up``, nothing else running).
-Saves ``bench/results/join.json``; docs/performance.md ("Where the join's Redis time
-goes") quotes it.
+Saves ``bench/results/join.json``; docs/performance.md ("Redis per event, live with
+labels") and docs/scaling.md quote it.
 
 Usage: python bench/join.py [--labels 40000] [--batch 500] [--rounds 3]
 """
