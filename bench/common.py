@@ -641,6 +641,17 @@ def high_watermarks(settings: Settings, topic: str) -> int | None:
         c.close()
 
 
+def shown(path: str | Path) -> str:
+    """``path`` as a result file names it: relative to the repository when it is inside it.
+
+    Examples:
+        >>> shown(REPO / "examples" / "loan-lr.yaml"), shown("/tmp/x.json")
+        ('examples/loan-lr.yaml', '/tmp/x.json')
+    """
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def machine() -> dict[str, Any]:
     import platform
 

@@ -87,6 +87,7 @@ from common import (
     scrape,
     scrape_by,
     server_pids,
+    shown,
     spawn,
     wait_until,
     weir_worker,
@@ -706,9 +707,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
-        "spec": str(Path(args.spec).resolve().relative_to(REPO))
-        if Path(args.spec).resolve().is_relative_to(REPO)
-        else args.spec,
+        "spec": shown(args.spec),
         "events": args.events,
         "entities": args.entities,
         "backlog_label_delay_events": args.backlog_label_delay,

@@ -35,12 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
+    Proc,
     cleanup,
     cpu_seconds,
     machine,
     pipeline,
     scrape,
     scrape_by,
+    shown,
     spawn,
     wait_until,
     weir_worker,
@@ -70,21 +72,23 @@ def bucket_quantile(before: Mapping[str, float], after: Mapping[str, float], q: 
     return None
 
 
-def sample(url: str | None, pid: int) -> tuple[float, float | None, float | None, dict[str, float]]:
+def sample(worker: Proc) -> tuple[float, float, float, dict[str, float]]:
     """The worker's CPU seconds, events, batches and latency histogram now."""
+    url = worker.metrics_url
     events, batches = scrape(url, "weir_events_total"), scrape(url, "weir_batch_size_events_count")
-    return cpu_seconds(pid), events, batches, scrape_by(url, LATENCY, "le")
+    if events is None or batches is None or not worker.alive():
+        raise SystemExit(f"the worker stopped answering /metrics:\n{worker.tail()}")
+    return cpu_seconds(worker.pid), events, batches, scrape_by(url, LATENCY, "le")
 
 
 def one_run(base: dict[str, Any], rate: int, wait_ms: int, warm: float, seconds: float) -> dict[str, Any]:
-    settings = load_settings(kafka_fetch_max_wait_ms=wait_ms)
+    settings = load_settings()
     spec, path = pipeline(base, f"fw-{uuid.uuid4().hex[:8]}")
     env = {"WEIR_KAFKA_FETCH_MAX_WAIT_MS": str(wait_ms)}
     worker = weir_worker(path, "all", f"{spec.name}-worker", env=env)
     producer = None
     try:
-        url = worker.metrics_url
-        if not wait_until(lambda: scrape(url, "weir_events_total") is not None, 60):
+        if not wait_until(lambda: scrape(worker.metrics_url, "weir_events_total") is not None, 60):
             raise SystemExit(f"the worker did not serve /metrics within 60 s:\n{worker.tail()}")
         time.sleep(8)  # joined its group; then its CPU at rest
         c0 = cpu_seconds(worker.pid)
@@ -99,12 +103,9 @@ def one_run(base: dict[str, Any], rate: int, wait_ms: int, warm: float, seconds:
             ],
         )
         time.sleep(warm)
-        c0, e0, b0, h0 = sample(url, worker.pid)
+        c0, e0, b0, h0 = sample(worker)
         time.sleep(seconds)
-        c1, e1, b1, h1 = sample(url, worker.pid)
-        if None in (e0, e1, b0, b1) or not worker.alive():
-            raise SystemExit(f"the worker stopped answering /metrics:\n{worker.tail()}")
-        assert e0 is not None and e1 is not None and b0 is not None and b1 is not None
+        c1, e1, b1, h1 = sample(worker)
         events, batches = (e1 - e0) / seconds, (b1 - b0) / seconds
         cores = (c1 - c0) / seconds
         return {
@@ -172,7 +173,7 @@ def main() -> int:
             print(" ".join(f"{v!s:>9}" for v in row.values()))
     out = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "spec": str(args.spec.relative_to(REPO)) if args.spec.is_relative_to(REPO) else str(args.spec),
+        "spec": shown(args.spec),
         "role": "all",
         "label_delay_s": 2,
         "machine": machine(),
@@ -180,7 +181,7 @@ def main() -> int:
         "runs": runs,
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"saved {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    print(f"saved {shown(args.out)}")
     return 0
 
 

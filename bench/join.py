@@ -37,8 +37,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, shown  # noqa: E402
 from models.join import LabelJoiner, ServedStore  # noqa: E402
+from streams.admin import delete_keys  # noqa: E402
 from weir.settings import load_settings  # noqa: E402
 from weir.spec import PipelineSpec, parse_spec  # noqa: E402
 from weir.types import Label, Prediction  # noqa: E402
@@ -95,8 +96,7 @@ def one_round(client: Any, base: dict[str, Any], mode: str, n: int, batch: int, 
         joiner.flush()
         wall, usec = time.perf_counter() - t0, evalsha_usec(client) - u0
     finally:
-        for k in client.scan_iter(match=f"{spec.redis_prefix}:*", count=5_000):
-            client.unlink(k)
+        delete_keys(client, spec.redis_prefix)
     if outcomes.get("hit", 0) != n:
         raise SystemExit(f"{mode}: expected {n} hits, got {outcomes}: is another process using the pipeline?")
     return {"mode": mode, "redis_us_per_label": usec / n, "client_us_per_label": wall * 1e6 / n}
@@ -131,7 +131,7 @@ def main() -> int:
     }
     print("\nRedis µs per label (medians):", ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     out = {
-        "spec": str(args.spec.relative_to(REPO)) if args.spec.is_relative_to(REPO) else str(args.spec),
+        "spec": shown(args.spec),
         "labels": args.labels,
         "batch": args.batch,
         "redis": client.info("server")["redis_version"],
@@ -141,7 +141,7 @@ def main() -> int:
         "rounds": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in rounds],
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"saved {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    print(f"saved {shown(args.out)}")
     return 0
 
 
